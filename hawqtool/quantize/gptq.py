@@ -1,0 +1,182 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"), math only, following IST-DASLab/gptq's gptq.py.
+
+Notation: W [rows=out, columns=in], H = (2/n) Σ x xᵀ [in, in], Hinv = upper Cholesky factor
+U of H⁻¹ (H⁻¹ = UᵀU). Quantizing column j with error err = (w − q)/U_jj and updating the later
+columns by −err·U[j, j+1:] is the OBS update with the inverse Hessian of the not-yet-quantized
+columns; blocks of `blocksize` columns apply the updates to later blocks lazily (one matmul).
+
+Precision: W and the recurrence are float32 (float64 when W is float64, as the tests use);
+H⁻¹ and its Cholesky factor are computed in float64 and cast back (O(in³) once per layer).
+
+One deliberate difference from the reference: when column j starts a group, the reference
+reads W[:, j:j+g] from the global W, which lacks the updates of earlier columns of the same
+block whenever groups and blocks are not aligned. Here the group parameters come from the
+fully error-updated columns, so the result does not depend on `blocksize` (identical to the
+reference when group_size is a multiple of blocksize or the groups start at block starts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .quantizer import QuantizedWeight, QuantSpec, qparams, quant_codes
+
+
+class GPTQError(RuntimeError):
+    """GPTQ could not run on this layer (H unusable even after extra damping)."""
+
+
+class HessianAccumulator:
+    """Running H = (2/n) Σ x xᵀ over all rows x of the inputs seen (any leading shape).
+
+    Each batch's XᵀX is formed in float32 (the costly part) and summed in float64, so many
+    batches do not drift; `.H` is float32. n counts rows (tokens, or unfolded conv patches).
+    """
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.n_samples = 0
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+
+    def add_batch(self, X: torch.Tensor) -> None:
+        """Add the rows of X [..., in] to the running sum."""
+        if X.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(X.shape)}")
+        X = X.detach().reshape(-1, self.in_features).float()
+        if X.shape[0] == 0:
+            return
+        self._sum = self._sum.to(X.device)
+        self._sum += (X.t() @ X).double()
+        self.n_samples += X.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """(2/n) Σ x xᵀ as float32 [in, in]."""
+        if self.n_samples == 0:
+            raise RuntimeError("HessianAccumulator.H requested before any input rows were added")
+        return (self._sum * (2.0 / self.n_samples)).float()
+
+
+@dataclass
+class GPTQResult:
+    """Quantized layer plus how the run went."""
+
+    weight: QuantizedWeight
+    dequantized: torch.Tensor  # [out, in], equals weight.dequantize() exactly
+    damp: float  # relative damping finally used (fraction of mean(diag H))
+    retries: int
+    notes: list[str] = field(default_factory=list)
+    proxy_loss: float = 0.0  # ½ Σ err²/d² = ½ tr(ΔW H_damped ΔWᵀ): mean ‖(W−Q)x‖² under damped H
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp ×10 on failure."""
+    H64 = H.double()
+    mean_diag = float(H64.diagonal().mean())
+    damp, notes = percdamp, []
+    for attempt in range(max_retries + 1):
+        Hd = H64.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        try:
+            L = torch.linalg.cholesky(Hd)
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            reason = "" if torch.isfinite(Hinv).all() else "non-finite factor"
+        except torch.linalg.LinAlgError:
+            reason = "not positive definite"
+        if not reason:
+            return Hinv.to(H.dtype), damp, notes
+        if attempt < max_retries:
+            notes.append(f"Cholesky failed at damp {damp:g} ({reason}), retried at {damp * 10:g}")
+        damp *= 10
+    raise GPTQError(f"Cholesky of the damped Hessian failed {max_retries + 1} times (relative damping "
+                    f"{percdamp:g} to {damp / 10:g}, mean diag {mean_diag:g}); H is far from positive definite")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  max_retries: int = 4) -> GPTQResult:
+    """Quantize W [out, in] column by column with GPTQ given H = (2/n) Σ x xᵀ; W, H untouched."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(device=W.device, dtype=dtype).clone()
+    rows, columns = W.shape
+    if H.shape != (columns, columns):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({columns}, {columns}) for W {tuple(W.shape)}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if not torch.isfinite(H).all():
+        raise GPTQError("H has non-finite entries (NaN/inf); the calibration activations are broken")
+    if not torch.isfinite(W).all():
+        raise GPTQError("W has non-finite entries (NaN/inf)")
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    grouped = spec.group_size != -1
+    gw = spec.group_width(columns)
+    if not grouped:
+        scale, zero = qparams(W, spec)
+    elif static_groups:
+        groups = [qparams(W[:, c:c + gw], spec) for c in range(0, columns, gw)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, damp, notes = _inverse_cholesky(H, percdamp, max_retries)
+
+    codes = torch.zeros_like(W)
+    Losses = torch.zeros(rows, dtype=dtype, device=W.device)
+    scales, zeros = [], []
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            j = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if grouped and static_groups:
+                scale, zero = groups[int(perm[j] if perm is not None else j) // gw]
+            elif grouped and j % gw == 0:
+                cols = W1[:, i:i + gw]
+                if j + gw > i2:  # group spills into later blocks: apply their pending update
+                    tail = W[:, i2:j + gw] - Err1[:, :i] @ Hinv[i1:j, i2:j + gw]
+                    cols = torch.cat([cols, tail], dim=1)
+                scale, zero = qparams(cols, spec)
+                scales.append(scale)
+                zeros.append(zero)
+            c = quant_codes(w, scale, zero, spec.maxq)
+            q = scale * (c - zero)
+            codes[:, j] = c
+            err1 = (w - q) / d
+            Losses += err1 ** 2
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    if not grouped:
+        scales, zeros = [scale], [zero]
+    elif static_groups:
+        scales, zeros = [s for s, _ in groups], [z for _, z in groups]
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if grouped and not static_groups:
+            g_idx = (torch.arange(columns, device=W.device) // gw)[invperm].to(torch.int32)
+    weight = QuantizedWeight(
+        q=codes.to(torch.int32),
+        scales=torch.stack(scales, dim=1).float(),
+        zeros=torch.stack(zeros, dim=1).to(torch.int32),
+        spec=spec,
+        g_idx=g_idx,
+    )
+    return GPTQResult(weight, weight.dequantize(), damp, len(notes), notes, float(Losses.sum() / 2))

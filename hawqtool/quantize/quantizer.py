@@ -1,0 +1,152 @@
+"""Uniform weight quantizer shared by allocation (Ω table) and quantization (RTN/GPTQ).
+
+Convention (also quant_kernels'): integer codes q in [0, 2^b-1], integer zero z,
+dequantized weight w = scale * (q - z). Scales are rounded to float16 at creation so the
+fake-quantized model and the checkpoint (fp16 scales) agree bit for bit.
+Groups run along the input dimension; group_size=-1 means one group per output row.
+The last group may be partial (e.g. 576 inputs at group size 128).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+
+SCALE_BITS = 16  # scales are stored as float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one layer's weights are quantized."""
+
+    bits: int
+    group_size: int = 128  # -1: per output channel
+    symmetric: bool = False
+    clip_search: bool = False  # MSE search over shrunk ranges (GPTQ's `mse` option)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {self.bits}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric)."""
+        groups = out_features * self.n_groups(in_features)
+        per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
+        return out_features * in_features * self.bits + groups * per_group
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _range_to_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero from a per-group range (GPTQ's rule: the range always contains 0)."""
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if spec.symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / spec.maxq).to(torch.float16).to(torch.float32)
+    scale = torch.where(scale == 0, torch.full_like(scale, 2**-14), scale)  # fp16 underflow guard
+    if spec.symmetric:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2)
+    else:
+        zero = torch.clamp(torch.round(-xmin / scale), 0, spec.maxq)
+    return scale, zero
+
+
+def qparams(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (one group) scale and zero for a 2-D slice W [rows, cols]; shapes [rows]."""
+    W = W.float()
+    xmin, xmax = W.min(dim=1).values, W.max(dim=1).values
+    scale, zero = _range_to_qparams(xmin, xmax, spec)
+    if spec.clip_search:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(100):
+            p = 1 - i / 100
+            if p < 0.2:
+                break
+            s, z = _range_to_qparams(p * xmin, p * xmax, spec)
+            err = (fake_quant(W, s[:, None], z[:, None], spec.maxq) - W).abs().pow(2.4).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quant_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq] (as float tensor; callers cast)."""
+    return torch.clamp(torch.round(W / scale) + zero, 0, maxq)
+
+
+def fake_quant(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize with broadcastable scale/zero."""
+    return scale * (quant_codes(W, scale, zero, maxq) - zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and group parameters of one layer, ready for packing.
+
+    q: int32 [out, in]; scales: float32 [out, n_groups] (fp16-exact); zeros: int32
+    [out, n_groups]; g_idx: int32 [in] group of each input column, or None when
+    column j is in group j // group_size.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: QuantSpec
+    g_idx: torch.Tensor | None = None
+
+    def group_index(self) -> torch.Tensor:
+        in_features = self.q.shape[1]
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(in_features) // self.spec.group_width(in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_index()
+        return self.scales[:, g] * (self.q.float() - self.zeros[:, g].float())
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight [out, in], groupwise along inputs."""
+    W = W.detach().float()
+    out_f, in_f = W.shape
+    gw = spec.group_width(in_f)
+    scales, zeros, codes = [], [], []
+    for start in range(0, in_f, gw):
+        Wg = W[:, start:start + gw]
+        s, z = qparams(Wg, spec)
+        codes.append(quant_codes(Wg, s[:, None], z[:, None], spec.maxq))
+        scales.append(s)
+        zeros.append(z)
+    return QuantizedWeight(
+        q=torch.cat(codes, dim=1).to(torch.int32),
+        scales=torch.stack(scales, dim=1),
+        zeros=torch.stack(zeros, dim=1).to(torch.int32),
+        spec=spec,
+    )
+
+
+def quant_error(W: torch.Tensor, spec: QuantSpec) -> float:
+    """‖Q_b(W) − W‖² (squared Frobenius) under RTN with this spec: the Ω table's ΔW term."""
+    W = W.detach().float()
+    return float((rtn(W, spec).dequantize() - W).pow(2).sum())
