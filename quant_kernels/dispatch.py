@@ -1,0 +1,33 @@
+"""Backend selection: `qmatmul` routes to the kernel for the input's device."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .cpu import dequantize_rows, matmul_cpu
+from .layout import PackedWeight
+
+__all__ = ["qmatmul", "dequantize"]
+
+Backend = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
+
+# device type -> kernel. Add a GPU kernel here (e.g. "cuda": matmul_cuda) when one exists.
+_BACKENDS: dict[str, Backend] = {"cpu": matmul_cpu}
+
+
+def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) with the packed weight, on the backend for x's device; result in x's dtype."""
+    dev = x.device.type
+    backend = _BACKENDS.get(dev)
+    if backend is None:
+        raise NotImplementedError(f"no quant_kernels kernel for device '{dev}' yet (no GPU kernel is available); "
+                                  "run on CPU")
+    if pw.device.type != dev:
+        raise ValueError(f"input is on {x.device} but the packed weight is on {pw.device}")
+    return backend(x, pw, bias)
+
+
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Whole dequantized weight [out, in] in `dtype` (computed exactly in fp32, then cast)."""
+    return dequantize_rows(pw, 0, pw.out_features).to(dtype)
