@@ -1,0 +1,4 @@
+"""`python -m hawqtool` (also what torchrun launches)."""
+from .cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""Versioned JSON artifacts passed between stages, written atomically.
+
+Each artifact is a dataclass with a `kind`, a `schema_version` and a `fingerprint` of the
+inputs that produced it, so `hawqtool run` can skip a stage whose artifact is current.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+def tool_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable sha256 over JSON-serialisable parts (plus the tool version)."""
+    blob = json.dumps([tool_version(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def files_digest(paths) -> str:
+    """sha256 over file names, sizes and contents (model weights, configs)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        h.update(str(p.stat().st_size).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer's Hessian-trace estimate."""
+
+    name: str
+    shape: list[int]  # [out, in]
+    n_params: int
+    trace: float  # mean Hutchinson estimate of Tr(H_l)
+    stderr: float
+    probes: int
+    samples: list[float] = field(default_factory=list)
+    qerror: dict[str, float] = field(default_factory=dict)  # "bits/group/asym|sym" -> ‖Q(W)−W‖²
+
+
+def qerror_key(bits: int, group_size: int, symmetric: bool) -> str:
+    return f"{bits}/{group_size}/{'sym' if symmetric else 'asym'}"
+
+
+@dataclass
+class SensitivityReport:
+    """Output of the sensitivity stage."""
+
+    model: str
+    objective: str
+    estimator: str
+    settings: dict
+    layers: list[LayerSensitivity]
+    seconds: float
+    fingerprint: str = ""
+    kind: str = "sensitivity"
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass
+class LayerPlan:
+    """Bits chosen for one layer and the numbers behind the choice."""
+
+    name: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    n_params: int
+    storage_bytes: float
+    omega: float  # predicted perturbation at the chosen bits
+    omega_by_bits: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Output of the allocate stage: per-layer bit widths under a budget."""
+
+    model: str
+    budget: dict  # {"kind": "avg_bits"|"bytes", "value": float, "max_bytes": float}
+    bit_choices: list[int]
+    group_size: int
+    symmetric: bool
+    layers: list[LayerPlan]
+    avg_bits: float  # storage bits per weight, scales/zeros included
+    total_bytes: float
+    predicted_omega: float
+    solve_seconds: float
+    sensitivity_fingerprint: str = ""
+    fingerprint: str = ""
+    kind: str = "plan"
+    schema_version: int = SCHEMA_VERSION
+
+    def bits_of(self) -> dict[str, int]:
+        return {lp.name: lp.bits for lp in self.layers}
+
+
+_TYPES = {"sensitivity": (SensitivityReport, {"layers": LayerSensitivity}),
+          "plan": (Plan, {"layers": LayerPlan})}
+
+
+def save(obj, path: Path) -> None:
+    """Write an artifact dataclass as pretty JSON, atomically."""
+    write_atomic(Path(path), json.dumps(dataclasses.asdict(obj), indent=1))
+
+
+def load(path: Path, kind: str):
+    """Read an artifact of the given kind; one-line UserError if missing, corrupt or wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{kind} file {path} does not exist; create it with `hawqtool {_STAGE[kind]}`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.__class__.__name__}); re-create it with "
+                        f"`hawqtool {_STAGE[kind]}`") from e
+    if not isinstance(raw, dict) or raw.get("kind") != kind:
+        raise UserError(f"{path} is not a {kind} file (kind={raw.get('kind') if isinstance(raw, dict) else None!r}); "
+                        f"pass the output of `hawqtool {_STAGE[kind]}`")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {raw.get('schema_version')}, this hawqtool reads "
+                        f"{SCHEMA_VERSION}; re-create it with `hawqtool {_STAGE[kind]}`")
+    cls, nested = _TYPES[kind]
+    try:
+        for key, sub in nested.items():
+            raw[key] = [sub(**x) for x in raw[key]]
+        return cls(**raw)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{path} is a malformed {kind} file ({e}); re-create it with "
+                        f"`hawqtool {_STAGE[kind]}`") from e
+
+
+_STAGE = {"sensitivity": "sensitivity", "plan": "allocate"}

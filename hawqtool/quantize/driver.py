@@ -1,0 +1,255 @@
+"""Orchestration of GPTQ/RTN over a whole model, block by block (the math is in gptq.py).
+
+Inputs of block i are the outputs of the already-quantized blocks 0..i-1; inside a block
+layers are quantized in groups that share an input (true-sequential). Peak memory is one
+block plus the calibration hidden states. After every block the finished layers and the
+next block's inputs go to `state_dir`, so a killed run resumes at the next block.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..blocks import BlockInputs, _Stop, capture_block_inputs, find_blocks, run_block, sequential_groups, stop_after
+from ..models import quantizable_layers, set_weight_matrix, weight_matrix
+from .gptq import GPTQError, HessianAccumulator, gptq_quantize
+from .quantizer import QuantizedWeight, QuantSpec, rtn
+
+log = logging.getLogger("hawqtool")
+
+
+@dataclass
+class QuantizeOptions:
+    """How the quantize stage runs (per-layer bits come from the plan)."""
+
+    method: str = "gptq"  # gptq | rtn
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    batch_size: int = 8
+    first_token_weight: float = 1.0  # weight of each window's first position in H (attention sink)
+
+
+@dataclass
+class LayerResult:
+    """What quantizing one layer produced and cost."""
+
+    name: str
+    weight: QuantizedWeight
+    method: str
+    error: float  # mean over calibration tokens of ‖(W−Q)x‖²
+    rtn_error: float  # the same for round-to-nearest at the same spec (reference point)
+    damp: float = 0.0
+    retries: int = 0
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        s = self.weight.spec
+        return dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method=self.method,
+                    error=self.error, rtn_error=self.rtn_error, damp=self.damp, retries=self.retries,
+                    notes=self.notes, seconds=round(self.seconds, 3), act_order=self.weight.g_idx is not None)
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """Mean ‖(W−Q)x‖² over the samples behind H = (2/n) Σ x xᵀ."""
+    D = (W - Q).double()
+    return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
+
+
+def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
+                   opts: QuantizeOptions) -> LayerResult:
+    """Quantize one [out, in] weight with GPTQ (needs H) or RTN."""
+    t0 = time.perf_counter()
+    base = rtn(W, spec)
+    rtn_err = output_error(W, base.dequantize(), H) if H is not None else float("nan")
+    if opts.method == "rtn":
+        return LayerResult(name, base, "rtn", rtn_err, rtn_err, seconds=time.perf_counter() - t0)
+    try:
+        res = gptq_quantize(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp,
+                            act_order=opts.act_order, static_groups=opts.static_groups)
+    except GPTQError as e:
+        raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
+    for note in res.notes:
+        log.warning("%s: %s", name, note)
+    err = output_error(W, res.dequantized, H)
+    return LayerResult(name, res.weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
+                       notes=list(res.notes), seconds=time.perf_counter() - t0)
+
+
+def _batches(ids: torch.Tensor, bs: int) -> list[dict]:
+    return [{"input_ids": ids[i:i + bs]} for i in range(0, len(ids), bs)]
+
+
+def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: torch.Tensor,
+                   opts: QuantizeOptions, *, state_dir: Path | None = None, state_key: str = "",
+                   progress: Callable[[str], None] | None = None) -> dict[str, LayerResult]:
+    """Quantize every layer in `specs` in place (weights become their dequantized values)
+    and return the per-layer results. Layers outside the repeated blocks go last."""
+    layers = quantizable_layers(model)
+    _, blocks = find_blocks(model)
+    batches = _batches(calib_ids, opts.batch_size)
+    results: dict[str, LayerResult] = {}
+    done_blocks, hidden = _resume(state_dir, state_key, model, blocks, layers, specs, results)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    if hidden is not None:
+        inputs.hidden = hidden
+    for i in range(done_blocks, len(blocks)):
+        block = blocks[i]
+        prefix = _prefix_of(model, block)
+        in_block = {n: layers[n] for n in layers if n.startswith(prefix) and n in specs}
+        if opts.true_sequential:
+            groups = sequential_groups(block, in_block, inputs)
+        else:
+            groups = [list(in_block)]
+        for group in groups:
+            # H is collected for RTN too: it gives the per-layer output error in the manifest.
+            Hs = _collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
+                                   first_weight=opts.first_token_weight)
+            for n in group:
+                W = weight_matrix(layers[n]).float()
+                results[n] = quantize_layer(n, W, Hs[n].H, specs[n], opts)
+                set_weight_matrix(layers[n], results[n].weight.dequantize().to(layers[n].weight.dtype))
+                if progress:
+                    progress(n)
+        with torch.no_grad():
+            inputs.hidden = [run_block(block, inputs, j) for j in range(len(inputs.hidden))]
+        if state_dir is not None:
+            _save_block(state_dir, state_key, i, {n: results[n] for n in in_block}, inputs.hidden)
+    rest = {n: layers[n] for n in specs if n not in results}
+    if rest:
+        Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight)
+        for n, layer in rest.items():
+            W = weight_matrix(layer).float()
+            results[n] = quantize_layer(n, W, Hs[n].H, specs[n], opts)
+            set_weight_matrix(layer, results[n].weight.dequantize().to(layer.weight.dtype))
+            if progress:
+                progress(n)
+    return results
+
+
+def _prefix_of(model: nn.Module, block: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is block:
+            return name + "."
+    raise ValueError("block not found in model")
+
+
+def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs | None, *,
+                      early_stop: bool, batches: list[dict] | None = None,
+                      first_weight: float = 1.0) -> dict[str, HessianAccumulator]:
+    """Accumulate H = 2/n Σ x xᵀ for each layer's input while running the module."""
+    acc = {n: HessianAccumulator(weight_matrix(m).shape[1]) for n, m in group.items()}
+    seen: dict[tuple, tuple] = {}  # input of this batch -> (first layer, tensor kept alive so its
+    # memory cannot be reused by a different tensor within the same forward)
+    alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: its XᵀX is computed once
+
+    def hook(_m, a, n):
+        x = a[0]
+        key = (x.data_ptr(), tuple(x.shape))
+        first = seen.setdefault(key, (n, x))[0]
+        if first != n:
+            alias[n] = first
+        else:
+            x = x.detach()
+            if first_weight != 1.0 and x.dim() == 3:
+                x = torch.cat([x[:, :1] * first_weight ** 0.5, x[:, 1:]], dim=1)
+            acc[n].add_batch(x)
+
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(_m, a, n)) for n, m in group.items()]
+    try:
+        with torch.no_grad():
+            if inputs is None:
+                for b in batches:
+                    seen.clear()
+                    module(**b, use_cache=False)
+            else:
+                with stop_after(list(group.values())) if early_stop else _nullctx() as ctx:
+                    for j in range(len(inputs.hidden)):
+                        seen.clear()
+                        if early_stop:
+                            ctx.reset()
+                        try:
+                            run_block(module, inputs, j)
+                        except _Stop:
+                            pass
+    finally:
+        for h in handles:
+            h.remove()
+    for n, first in alias.items():
+        acc[n] = acc[first]
+    return acc
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- resume state: one file per finished block plus the next block's inputs ----
+
+def _save_block(state_dir: Path, key: str, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {}
+    for n, r in res.items():
+        w = r.weight
+        tensors[f"{n}.q"] = w.q.to(torch.uint8).contiguous()
+        tensors[f"{n}.scales"] = w.scales.contiguous()
+        tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8).contiguous()
+        if w.g_idx is not None:
+            tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32).contiguous()
+        meta[n] = {**r.summary(), "spec": w.spec.to_dict()}
+    _atomic_save(tensors, state_dir / f"block_{i:04d}.safetensors")
+    _atomic_save({f"h{j}": h.contiguous() for j, h in enumerate(hidden)}, state_dir / f"hidden_{i:04d}.safetensors")
+    tmp = state_dir / f".block_{i:04d}.json.tmp"
+    tmp.write_text(json.dumps({"key": key, "block": i, "layers": meta}))
+    os.replace(tmp, state_dir / f"block_{i:04d}.json")  # the commit point of block i
+    (state_dir / f"hidden_{i - 1:04d}.safetensors").unlink(missing_ok=True)
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _resume(state_dir, key, model, blocks, layers, specs, results) -> tuple[int, list[torch.Tensor] | None]:
+    """Reload finished blocks from state_dir (same key only); returns (next block, its inputs)."""
+    if state_dir is None or not Path(state_dir).is_dir():
+        return 0, None
+    done = 0
+    while (Path(state_dir) / f"block_{done:04d}.json").exists():
+        meta = json.loads((Path(state_dir) / f"block_{done:04d}.json").read_text())
+        if meta.get("key") != key:
+            break
+        done += 1
+    last_hidden = Path(state_dir) / f"hidden_{done - 1:04d}.safetensors"
+    if done == 0 or not last_hidden.exists():
+        return 0, None
+    for i in range(done):
+        meta = json.loads((Path(state_dir) / f"block_{i:04d}.json").read_text())
+        t = load_file(str(Path(state_dir) / f"block_{i:04d}.safetensors"))
+        for n, m in meta["layers"].items():
+            spec = QuantSpec(**m["spec"])
+            qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
+                                 spec, t.get(f"{n}.g_idx"))
+            results[n] = LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"],
+                                     m["notes"], m["seconds"])
+            set_weight_matrix(layers[n], qw.dequantize().to(layers[n].weight.dtype))
+    h = load_file(str(last_hidden))
+    log.info("resuming quantization at block %d of %d", done, len(blocks))
+    return done, [h[f"h{j}"] for j in range(len(h))]

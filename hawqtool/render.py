@@ -1,0 +1,44 @@
+"""rich tables for the CLI's end-of-command summaries."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from .artifacts import Plan, SensitivityReport
+
+
+def sensitivity_table(report: SensitivityReport, top: int = 20) -> Table:
+    """Layers sorted by trace per parameter (most sensitive first)."""
+    t = Table(title=f"Hessian trace ({report.objective}, Hutchinson) — top {top} of {len(report.layers)}")
+    for col in ("layer", "params", "trace", "± s.e.", "trace/param", "probes"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for ls in sorted(report.layers, key=lambda x: -x.trace / x.n_params)[:top]:
+        t.add_row(ls.name, f"{ls.n_params:,}", f"{ls.trace:.4g}", f"{ls.stderr:.2g}",
+                  f"{ls.trace / ls.n_params:.3g}", str(ls.probes))
+    return t
+
+
+def plan_table(plan: Plan) -> Table:
+    """Bits histogram and totals of a plan."""
+    t = Table(title=f"plan: {plan.avg_bits:.3f} avg bits, {plan.total_bytes / 1e6:.2f} MB, "
+                    f"Ω={plan.predicted_omega:.4g}, solved in {plan.solve_seconds:.2f}s")
+    t.add_column("bits", justify="right")
+    t.add_column("layers", justify="right")
+    t.add_column("params", justify="right")
+    for b in plan.bit_choices:
+        ls = [lp for lp in plan.layers if lp.bits == b]
+        t.add_row(str(b), str(len(ls)), f"{sum(lp.n_params for lp in ls):,}")
+    return t
+
+
+def summary_table(s: dict) -> Table:
+    """Baseline vs uniform vs mixed: perplexity, bits, size, seconds."""
+    t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
+    for col in ("model", "ppl", "avg bits", "MB (quantized layers)"):
+        t.add_column(col, justify="right")
+    t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-")
+    t.add_row(f"uniform {s['uniform_bits']}-bit", f"{s['uniform_ppl']:.3f}", f"{s['uniform_avg_bits']:.3f}",
+              f"{s['uniform_bytes'] / 1e6:.2f}")
+    t.add_row("mixed (HAWQ)", f"{s['mixed_ppl']:.3f}", f"{s['mixed_avg_bits']:.3f}", f"{s['mixed_bytes'] / 1e6:.2f}")
+    secs = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
+    t.caption = f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB"
+    return t

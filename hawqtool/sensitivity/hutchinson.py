@@ -1,0 +1,183 @@
+"""Per-layer Hessian traces by Hutchinson's estimator, Tr(H_ll) = E[v_lᵀ H_ll v_l], v Rademacher.
+
+One probe draws a Rademacher vector for every layer, computes one Hessian-vector product over all
+layers at once (double backward through the objective), and records v_l·(Hv)_l per layer. Probes
+continue until every major layer's standard error is below `target_rel_se`·|mean| (after at least
+`min_probes`), or `max_probes`, or `max_seconds`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .ggn import ggn_vector_product, math_attention
+from .objectives import Batch, Objective, get_objective, model_inputs
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass
+class LayerTrace:
+    """Hutchinson estimate of one layer's Hessian diagonal-block trace (not divided by n_params)."""
+
+    name: str
+    n_params: int
+    mean: float
+    stderr: float
+    probes: int
+    samples: list[float] = field(default_factory=list)
+
+
+def mean_stderr(samples: list[float]) -> tuple[float, float]:
+    """Sample mean and standard error (std with ddof=1 / √n; inf for fewer than 2 samples)."""
+    n = len(samples)
+    if n == 0:
+        return math.nan, math.inf
+    mean = math.fsum(samples) / n
+    if n < 2:
+        return mean, math.inf
+    var = math.fsum((x - mean) ** 2 for x in samples) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def relative_se(mean: float, stderr: float) -> float:
+    """stderr / |mean|, with 0/0 → 0 and x/0 → inf."""
+    if stderr == 0:
+        return 0.0
+    if mean == 0 or math.isnan(mean):
+        return math.inf
+    return stderr / abs(mean)
+
+
+def rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """±1 tensor shaped like `p` (drawn on CPU from `gen`, then moved to p's device/dtype)."""
+    r = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8)
+    return (r * 2 - 1).to(device=p.device, dtype=p.dtype)
+
+
+@contextlib.contextmanager
+def estimating(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Eval mode and requires_grad only on `params`; both restored on exit."""
+    wanted = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    owned = {id(p) for p, _ in saved}
+    extra = [(p, p.requires_grad) for p in params if id(p) not in owned]
+    try:
+        model.eval()
+        for p, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved + extra:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def autograd_hvp(model: nn.Module, params: list[torch.Tensor], batch: Batch, reference: Any,
+                 objective: Objective, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hv for all params at once: g = ∂loss/∂θ (create_graph), then Hv = ∂(Σ g_l·v_l)/∂θ."""
+    with torch.enable_grad(), math_attention():
+        loss = objective.loss(model, batch, reference)
+        gs = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
+        hv: list[torch.Tensor | None] = [None] * len(params)
+        if live:
+            hv = list(torch.autograd.grad([gs[i] for i in live], params, grad_outputs=[vs[i] for i in live],
+                                          allow_unused=True))
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def _ggn_hvp(model: nn.Module, params: list[torch.Tensor], names: list[str], batch: Batch,
+             objective: Objective, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hv via the exact Gauss-Newton product of ggn.py (self-kl / output-mse at the own point)."""
+    ps = dict(zip(names, params))
+    Hv = ggn_vector_product(model, ps, model_inputs(batch), dict(zip(names, vs)), objective.name)
+    return [Hv[n].detach() for n in names]
+
+
+def _model_names(model: nn.Module, params: list[torch.Tensor]) -> list[str]:
+    """Each param's name inside `model` (needed by functional_call)."""
+    by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError("hvp='ggn' needs parameters that belong to the model")
+    return [by_id[id(p)] for p in params]
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    """Tensors of the batch moved to `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batches: list[Batch],
+                      objective: str | Objective = "self-kl", *, target_rel_se: float = 0.10, min_probes: int = 8,
+                      max_probes: int = 64, max_seconds: float | None = None, major_fraction: float = 0.01,
+                      seed: int = 0, progress: ProgressFn | None = None,
+                      hvp: str = "autograd") -> dict[str, LayerTrace]:
+    """Hutchinson estimates of Tr(H_ll) for every named parameter, with an adaptive stopping rule.
+
+    Major layers are those holding ≥ `major_fraction` of all given parameters (all layers if none
+    does). At least 2 probes are run even under `max_seconds` so that a standard error exists.
+    `hvp="ggn"` uses ggn.py's cheaper exact product (self-kl / output-mse, [B, T, ·] outputs only)."""
+    obj = get_objective(objective)
+    if not params:
+        raise ValueError("no parameters to estimate")
+    if not batches:
+        raise ValueError("no calibration batches")
+    if max_probes < 1:
+        raise ValueError("max_probes must be ≥ 1")
+    if hvp not in ("autograd", "ggn"):
+        raise ValueError(f"unknown hvp method {hvp!r}; use 'autograd' or 'ggn'")
+    if hvp == "ggn" and not obj.own_point:
+        raise ValueError(f"hvp='ggn' is exact only for self-kl / output-mse, not {obj.name!r}")
+    min_probes = min(max(min_probes, 1), max_probes)
+    names = list(params)
+    plist = [params[n] for n in names]
+    model_names = _model_names(model, plist) if hvp == "ggn" else names
+    sizes = {n: params[n].numel() for n in names}
+    total = sum(sizes.values())
+    major = [n for n in names if sizes[n] >= major_fraction * total] or names
+    device = plist[0].device
+    gen = torch.Generator().manual_seed(seed)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    dev_batches: dict[int, Batch] = {}
+    refs: dict[int, Any] = {}
+    t0 = time.perf_counter()
+    with estimating(model, plist):
+        for k in range(max_probes):
+            bi = k % len(batches)
+            if bi not in dev_batches:
+                dev_batches[bi] = _to_device(batches[bi], device)
+                with torch.no_grad():
+                    refs[bi] = obj.prepare(model, dev_batches[bi])
+            batch = dev_batches[bi]
+            vs = [rademacher(p, gen) for p in plist]
+            if hvp == "ggn":
+                hv = _ggn_hvp(model, plist, model_names, batch, obj, vs)
+            else:
+                hv = autograd_hvp(model, plist, batch, refs[bi], obj, vs)
+            for n, v, h in zip(names, vs, hv):
+                samples[n].append(float((v.double() * h.double()).sum()))
+            done = k + 1
+            worst = max(relative_se(*mean_stderr(samples[n])) for n in major)
+            if progress is not None:
+                progress(done, max_probes, worst)
+            if done >= min_probes and worst <= target_rel_se:
+                break
+            if max_seconds is not None and done >= 2 and time.perf_counter() - t0 >= max_seconds:
+                break
+    out: dict[str, LayerTrace] = {}
+    for n in names:
+        mean, se = mean_stderr(samples[n])
+        out[n] = LayerTrace(n, sizes[n], mean, se, len(samples[n]), samples[n])
+    return out

@@ -1,0 +1,166 @@
+"""The pipeline's stages as library calls over plain objects; the CLI wraps these."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, qerror_key
+from .checkpoint import save_checkpoint
+from .errors import UserError
+from .models import LoadedModel, quantizable_layers, weight_matrix
+from .quantize.driver import QuantizeOptions, quantize_model
+from .allocate.plan import plan_specs
+from .quantize.quantizer import QuantSpec, quant_error
+
+log = logging.getLogger("hawqtool")
+
+
+def model_digest(loaded: LoadedModel) -> str:
+    """Fingerprint of the model's files (or its id when it has no local files)."""
+    return files_digest(loaded.files) if loaded.files else loaded.source
+
+
+def check_finite_ids(ids: torch.Tensor, what: str) -> None:
+    if ids.numel() == 0:
+        raise UserError(f"{what} is empty; give more text")
+
+
+def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objective: str = "self-kl",
+                        batch_size: int = 2, target_rel_se: float = 0.10, min_probes: int = 8,
+                        max_probes: int = 64, max_seconds: float | None = None, seed: int = 0,
+                        progress: Callable | None = None, data_key: str = "",
+                        qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
+                        qerror_groups: tuple[int, ...] = (128,)) -> SensitivityReport:
+    """Per-layer Hutchinson traces of the objective's Hessian over the quantizable layers,
+    plus ‖Q_b(W)−W‖² for the given widths/groups (sym and asym) so `allocate` needs no model."""
+    from .sensitivity import hutchinson_traces
+
+    model = loaded.model
+    layers = quantizable_layers(model)
+    if not layers:
+        raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)")
+    params = {n: m.weight for n, m in layers.items()}
+    batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
+    t0 = time.perf_counter()
+    traces = hutchinson_traces(model, params, batches, objective, target_rel_se=target_rel_se,
+                               min_probes=min_probes, max_probes=max_probes, max_seconds=max_seconds,
+                               seed=seed, progress=progress, hvp=hvp_for(objective))
+    bad = [n for n, t in traces.items() if not (t.mean == t.mean)]
+    if bad:
+        raise UserError(f"calibration produced NaN Hessian traces (e.g. {bad[0]}); check the model and data for NaN")
+    out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
+                            trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
+                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups))
+           for n, t in traces.items()]
+    settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
+                    qerror_groups=list(qerror_groups), n_samples=len(calib_ids),
+                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se, min_probes=min_probes,
+                    max_probes=max_probes, seed=seed)
+    report = SensitivityReport(model=loaded.source, objective=objective,
+                               estimator=f"hutchinson ({hvp_for(objective)} Hessian-vector products)",
+                               settings=settings, layers=out, seconds=time.perf_counter() - t0)
+    report.fingerprint = fingerprint("sensitivity", model_digest(loaded), data_key, settings)
+    return report
+
+
+def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...]) -> dict[str, float]:
+    return {qerror_key(b, g, sym): quant_error(W, QuantSpec(b, g, sym))
+            for b in bits for g in groups for sym in (False, True)}
+
+
+def hvp_for(objective: str) -> str:
+    """Exact Gauss-Newton products where the objective is measured at the model's own point
+    (self-kl, output-mse: identical to the Hessian there, ~2.5× cheaper), autograd otherwise."""
+    return "ggn" if objective in ("self-kl", "output-mse") else "autograd"
+
+
+def layer_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """[out, in] weight of every quantizable layer."""
+    return {n: weight_matrix(m).detach().float() for n, m in quantizable_layers(loaded.model).items()}
+
+
+def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
+    """One-line error when a plan names layers the model lacks (or misses some)."""
+    names = set(quantizable_layers(loaded.model))
+    planned = {lp.name for lp in plan.layers}
+    unknown, missing = sorted(planned - names), sorted(names - planned)
+    if unknown:
+        raise UserError(f"plan does not match the model: {len(unknown)} planned layers are not in it "
+                        f"(e.g. {unknown[0]}); re-run `hawqtool allocate` on this model's sensitivity report")
+    if missing:
+        log.info("%d quantizable layers are not in the plan and stay full precision", len(missing))
+
+
+def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opts: QuantizeOptions,
+                   out_dir: Path, *, progress: Callable | None = None, data_key: str = "",
+                   extra: dict | None = None) -> Path:
+    """Quantize the model per the plan and write the checkpoint folder (atomically).
+
+    Finished blocks are kept in OUT.partial/ so an interrupted run resumes there."""
+    check_plan_matches(plan, loaded)
+    out_dir = Path(out_dir)
+    state_dir = out_dir.with_name(out_dir.name + ".partial")
+    key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
+                      [asdict(lp) for lp in plan.layers])
+    t0 = time.perf_counter()
+    results = quantize_model(loaded.model, plan_specs(plan), calib_ids, opts, state_dir=state_dir,
+                             state_key=key, progress=progress)
+    info = {n: r.summary() for n, r in results.items()}
+    retried = [n for n, r in results.items() if r.retries]
+    meta = {"source_model": loaded.source, "method": opts.method, "options": asdict(opts),
+            "plan": {"fingerprint": plan.fingerprint, "budget": plan.budget, "avg_bits": plan.avg_bits,
+                     "total_bytes": plan.total_bytes, "predicted_omega": plan.predicted_omega},
+            "calibration": {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "data": data_key},
+            "retried_layers": retried, "quantize_seconds": time.perf_counter() - t0, "fingerprint": key,
+            **(extra or {})}
+    path = save_checkpoint(out_dir, loaded.model, {n: r.weight for n, r in results.items()},
+                           layer_info=info, extra=meta, tokenizer=loaded.tokenizer)
+    import shutil
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return path
+
+
+def lazy_weights(model_ref: str | None, trust_remote_code: bool = False) -> Callable[[], dict[str, torch.Tensor]]:
+    """A loader that reads the model's layer weights once, only if called."""
+    cache: dict = {}
+
+    def get() -> dict[str, torch.Tensor]:
+        if "w" not in cache:
+            from .models import load_model
+
+            cache["w"] = layer_weights(load_model(model_ref, trust_remote_code=trust_remote_code))
+        return cache["w"]
+
+    return get
+
+
+def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep,
+                 trust_remote_code: bool = False) -> dict:
+    """Perplexity of a model reference or a hawqtool checkpoint folder, as a dict."""
+    from .checkpoint import is_checkpoint
+    from .data import eval_windows
+    from .evaluate import perplexity
+    from .models import load_model
+
+    if ref is not None and is_checkpoint(ref):
+        from transformers import AutoTokenizer
+
+        from .runtime import load_quantized
+
+        model = load_quantized(ref)
+        try:
+            tok = AutoTokenizer.from_pretrained(ref)
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint {ref} has no tokenizer files; copy them from the source model") from e
+    else:
+        loaded = load_model(ref, trust_remote_code=trust_remote_code)
+        model, tok = loaded.model, loaded.tokenizer
+    windows = eval_windows(tok, data, seqlen, max_windows)
+    with rep.bar("eval windows", len(windows)) as adv:
+        res = perplexity(model, windows, progress=adv)
+    return asdict(res)

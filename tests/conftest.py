@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny Llama built from a config with its own small tokenizer, and text."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(1)  # tiny models: one thread is faster and immune to a busy neighbour
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    """~150k characters of real English text from the built-in corpus."""
+    from hawqtool.data import builtin_wiki_text
+
+    return builtin_wiki_text()[:150_000]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, corpus_text) -> Path:
+    p = tmp_path_factory.mktemp("data") / "text.txt"
+    p.write_text(corpus_text, encoding="utf-8")
+    return p
+
+
+def make_tiny_llama(folder: Path, corpus: str, *, vocab: int = 320, hidden: int = 32, layers: int = 2,
+                    seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama + a byte-level BPE tokenizer trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([corpus[i:i + 2000] for i in range(0, len(corpus), 2000)],
+                           trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=0, bos_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, corpus_text) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), corpus_text)
