@@ -23,6 +23,7 @@ from .paths import cache_dir
 BUILTIN = "wiki"
 CALIB_FRACTION = (0.0, 0.6)
 EVAL_FRACTION = (0.8, 1.0)
+VALID_FRACTION = (0.6, 0.8)  # untouched by calibration and evaluation: for choosing options
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -112,9 +113,11 @@ def calibration_windows(tokenizer, ref: str, n: int, seqlen: int, seed: int = 0)
     return torch.stack([sl.tokens[s:s + seqlen] for s in starts.tolist()])
 
 
-def eval_windows(tokenizer, ref: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of seqlen tokens from the start of the evaluation slice, [k, seqlen]."""
-    sl = token_slice(tokenizer, ref, EVAL_FRACTION)
+def eval_windows(tokenizer, ref: str, seqlen: int, max_windows: int | None = None,
+                 fraction: tuple[float, float] = EVAL_FRACTION) -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens from the start of the evaluation slice, [k, seqlen]
+    (pass fraction=VALID_FRACTION for the validation slice used to choose options)."""
+    sl = token_slice(tokenizer, ref, fraction)
     k = len(sl.tokens) // seqlen
     if max_windows is not None:
         k = min(k, max_windows)

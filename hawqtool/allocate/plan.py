@@ -115,6 +115,21 @@ def uniform_plan(report: SensitivityReport, weights: WeightSource, bits: int, *,
                          symmetric=symmetric)
 
 
+def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int = 128, symmetric: bool = False,
+               model: str = "") -> Plan:
+    """Every layer at `bits` without any sensitivity (uniform baselines, benchmarks)."""
+    spec = QuantSpec(bits, group_size, symmetric)
+    layers = [LayerPlan(name=n, bits=bits, group_size=group_size, symmetric=symmetric, n_params=o * i,
+                        storage_bytes=spec.storage_bits(o, i) / 8, omega=float("nan")) for n, (o, i) in shapes.items()]
+    total = sum(lp.storage_bytes for lp in layers)
+    plan = Plan(model=model, budget={"kind": "uniform", "value": bits, "max_bytes": total}, bit_choices=[bits],
+                group_size=group_size, symmetric=symmetric, layers=layers,
+                avg_bits=8 * total / sum(lp.n_params for lp in layers), total_bytes=total,
+                predicted_omega=float("nan"), solve_seconds=0.0)
+    plan.fingerprint = fingerprint("fixed-plan", sorted(shapes.items()), bits, group_size, symmetric)
+    return plan
+
+
 def plan_specs(plan: Plan) -> dict[str, QuantSpec]:
     """Per-layer quantizer specs of a plan."""
     return {lp.name: QuantSpec(lp.bits, lp.group_size, lp.symmetric) for lp in plan.layers}
