@@ -21,8 +21,8 @@ from .errors import UserError
 log = logging.getLogger("hawqtool")
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "accelerate", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -128,7 +128,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, target, min_p
     from .render import sensitivity_table
     from .stages import compute_sensitivity
 
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed + 1)
@@ -169,7 +169,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     from .render import plan_table
     from .stages import lazy_weights
 
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose)
     report = artifacts.load(sensitivity_file, "sensitivity")
     plan = allocate_bits(report, lazy_weights(model or report.model), avg_bits=avg_bits, max_bytes=max_bytes,
                          bit_choices=_bits(bits), group_size=group_size, symmetric=sym)
@@ -179,6 +179,38 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     elif not quiet:
         Reporter().console.print(plan_table(plan))
         click.echo(f"wrote {output}", err=True)
+
+
+@main.command(name="report")
+@click.argument("sensitivity_file", type=click.Path(path_type=Path))
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+              help="Plan JSON from `hawqtool allocate`: adds bits per layer.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Folder for sensitivity.md/.html (default: the JSON's folder).")
+@common
+@guarded
+def report_cmd(sensitivity_file, plan_file, output, as_json, verbose, quiet):
+    """Markdown + self-contained HTML report (embedded plots) of a sensitivity run.
+
+    \b
+    hawqtool report sens.json --plan plan.json -o reports/
+    """
+    from . import artifacts
+    from .progress import Reporter
+    from .render import sensitivity_table
+    from .report import write_sensitivity_report
+
+    _setup_logging(verbose)
+    sens = artifacts.load(sensitivity_file, "sensitivity")
+    plan = artifacts.load(plan_file, "plan") if plan_file is not None else None
+    paths = write_sensitivity_report(sens, output if output is not None else Path(sensitivity_file).parent, plan)
+    if as_json:
+        click.echo(json.dumps({k: str(p) for k, p in paths.items()}))
+    elif not quiet:
+        rep = Reporter()
+        rep.console.print(sensitivity_table(sens))
+        for p in paths.values():
+            rep.say(f"wrote {p}")
 
 
 @main.command()
@@ -192,10 +224,13 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
 @click.option("--blocksize", default=128, show_default=True)
+@click.option("--first-token-weight", default=None, type=float,
+              help="Weight of each window's first token (attention sink) in GPTQ's H.")
 @calib_options
 @common
 @guarded
-def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize, seed,
+def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize,
+             first_token_weight, seed,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
 
@@ -209,13 +244,15 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     from .quantize.driver import QuantizeOptions
     from .stages import check_plan_matches, quantize_stage
 
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     plan = artifacts.load(plan_file, "plan")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     check_plan_matches(plan, loaded)
     ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize)
+    if first_token_weight is not None:
+        opts.first_token_weight = first_token_weight
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
                               data_key=artifacts.fingerprint(data_fingerprint(calib), seed))
@@ -242,7 +279,7 @@ def eval_cmd(model, data, seqlen, max_windows, trust_remote_code, as_json, verbo
     from .stages import evaluate_any
     from .progress import Reporter
 
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code)
     if as_json:
@@ -285,7 +322,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     from .render import summary_table
     from .run import RunConfig, run_pipeline
 
-    _setup_logging(verbose, quiet or as_json)
+    _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     cfg = RunConfig(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
                     group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,

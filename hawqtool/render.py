@@ -3,17 +3,29 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .artifacts import Plan, SensitivityReport
+from .artifacts import LayerSensitivity, Plan, SensitivityReport
+
+SENSITIVITY_COLUMNS = ("layer", "params", "trace", "± s.e.", "trace/param", "probes")
+
+
+def most_sensitive(layers: list[LayerSensitivity], top: int | None = None) -> list[LayerSensitivity]:
+    """Layers by trace per parameter, most sensitive first: the one order every table and report uses."""
+    return sorted(layers, key=lambda x: -x.trace / x.n_params)[:top]
+
+
+def sensitivity_row(ls: LayerSensitivity) -> list[str]:
+    """One layer's cells for SENSITIVITY_COLUMNS, so the CLI table and the Markdown/HTML report agree."""
+    return [ls.name, f"{ls.n_params:,}", f"{ls.trace:.4g}", f"{ls.stderr:.2g}", f"{ls.trace / ls.n_params:.3g}",
+            str(ls.probes)]
 
 
 def sensitivity_table(report: SensitivityReport, top: int = 20) -> Table:
     """Layers sorted by trace per parameter (most sensitive first)."""
     t = Table(title=f"Hessian trace ({report.objective}, Hutchinson) — top {top} of {len(report.layers)}")
-    for col in ("layer", "params", "trace", "± s.e.", "trace/param", "probes"):
+    for col in SENSITIVITY_COLUMNS:
         t.add_column(col, justify="left" if col == "layer" else "right")
-    for ls in sorted(report.layers, key=lambda x: -x.trace / x.n_params)[:top]:
-        t.add_row(ls.name, f"{ls.n_params:,}", f"{ls.trace:.4g}", f"{ls.stderr:.2g}",
-                  f"{ls.trace / ls.n_params:.3g}", str(ls.probes))
+    for ls in most_sensitive(report.layers, top):
+        t.add_row(*sensitivity_row(ls))
     return t
 
 

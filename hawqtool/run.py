@@ -22,6 +22,7 @@ from .data import calibration_windows, data_fingerprint, eval_windows
 from .evaluate import perplexity
 from .models import load_model
 from .progress import Reporter
+from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
 from .runtime import load_quantized
 from .stages import compute_sensitivity, layer_weights, model_digest, quantize_stage
@@ -123,6 +124,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                                                    bit_choices=cfg.bit_choices, group_size=cfg.group_size,
                                                    symmetric=cfg.symmetric))
     artifacts.save(plan, out / "plan.json")
+    timed("report", lambda: write_sensitivity_report(report, out, plan))
     _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
     ubits = max(b for b in cfg.bit_choices
                 if uniform_bytes(nbytes, sorted(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))

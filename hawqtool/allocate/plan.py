@@ -54,7 +54,7 @@ def omega_table(report: SensitivityReport, weights: WeightSource, bit_choices: l
     if negative:
         log.warning("%d layers have a negative trace estimate, treated as 0: %s", len(negative), ", ".join(negative[:5]))
     order = np.argsort(bit_choices)
-    omega[:, order] = np.minimum.accumulate(omega[:, order][:, ::-1], axis=1)[:, ::-1]  # non-increasing in bits
+    omega[:, order] = np.minimum.accumulate(omega[:, order], axis=1)  # running min: non-increasing in bits
     return omega, nbytes
 
 
