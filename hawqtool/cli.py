@@ -24,7 +24,7 @@ log = logging.getLogger("hawqtool")
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "gguf"):
+    for noisy in ("transformers", "accelerate", "gguf", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:  # transformers' own weight-loading bars would interleave with ours
@@ -153,32 +153,55 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, target, min_p
 @click.option("--group-size", default=128, show_default=True, help="Group size along inputs (-1: per channel).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
 @click.option("--model", default=None, help="Model for quantization errors the report lacks (default: the report's).")
+@click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS",
+              help="Fix the bits of layers whose name matches the regex (repeatable; first match wins).")
+@click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2",
+              help="Restrict matching layers to these widths (repeatable; first match wins; --pin overrides).")
+@click.option("--tie", "ties", multiple=True, metavar="PATTERN",
+              help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
+@click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
+@click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontier of size vs Ω.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
 @common
 @guarded
-def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, output, as_json, verbose, quiet):
+def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
+             sweep, output, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
     \b
     hawqtool allocate sens.json --avg-bits 3.0 -o plan.json
     hawqtool allocate sens.json --max-bytes 40e6 --bits 3,4,8 -o plan.json
+    hawqtool allocate sens.json --avg-bits 3 --pin lm_head=8 --auto-ties --sweep -o plan.json
     """
     from . import artifacts
-    from .allocate.plan import allocate_bits
+    from .allocate.plan import allocate_bits, parse_allowed, parse_pins
     from .progress import Reporter
     from .render import plan_table
     from .stages import lazy_weights
 
     _setup_logging(verbose)
+    cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
-    plan = allocate_bits(report, lazy_weights(model or report.model), avg_bits=avg_bits, max_bytes=max_bytes,
-                         bit_choices=_bits(bits), group_size=group_size, symmetric=sym)
+    weights, bit_choices = lazy_weights(model or report.model), _bits(bits)
+    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes,
+                         bit_choices=bit_choices, group_size=group_size, symmetric=sym, **cons)
     artifacts.save(plan, output)
+    written = [output]
+    if sweep:
+        from .allocate.sweep import sweep_plans, write_sweep
+
+        res = sweep_plans(report, weights, bit_choices, group_size, sym,
+                          extra_budgets=[plan.budget["max_bytes"]], **cons)
+        base = output.with_suffix("") if output.suffix == ".json" else output
+        paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),
+                            plan)
+        written += list(paths.values())
     if as_json:
         click.echo(json.dumps(asdict(plan)))
     elif not quiet:
         Reporter().console.print(plan_table(plan))
-        click.echo(f"wrote {output}", err=True)
+        for p in written:
+            click.echo(f"wrote {p}", err=True)
 
 
 @main.command(name="report")

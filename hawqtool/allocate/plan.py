@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from typing import Callable
-
 from ..artifacts import LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
 from ..errors import UserError
 from ..quantize.quantizer import QuantSpec, quant_error
-from .ilp import InfeasibleBudget, solve_allocation
+from .ilp import InfeasibleBudget, _groups, solve_allocation
 
 log = logging.getLogger("hawqtool")
 
@@ -72,24 +73,141 @@ def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> fl
     return at(lo) + (bits - lo) * (at(hi) - at(lo))
 
 
+AUTO_TIES = (r"(q|k|v)_proj", r"(gate|up)_proj")  # fused at run time by most runtimes (qkv, gate_up)
+
+
+@dataclass
+class Constraints:
+    """Per-layer allowed mask [L, C] (None = all), tie groups of layer indices, and what to record in the plan."""
+
+    mask: np.ndarray | None = None
+    groups: list[list[int]] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+
+
+def _regex(pattern: str, what: str) -> re.Pattern:
+    """Compile a user regex; one-line UserError if it is not valid."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{what} pattern {pattern!r} is not a valid regular expression ({e})") from e
+
+
+def tie_groups(names: Sequence[str], patterns: Sequence[str], what: str = "--tie") -> list[list[int]]:
+    """Layers whose names are equal after deleting the pattern's (first) match form one group (size >= 2)."""
+    out: list[list[int]] = []
+    for pat in patterns:
+        rx, keyed = _regex(pat, what), {}
+        for i, n in enumerate(names):
+            m = rx.search(n)
+            if m:
+                keyed.setdefault(n[:m.start()] + n[m.end():], []).append(i)
+        found = [g for g in keyed.values() if len(g) > 1]
+        if not found and what == "--tie":
+            log.warning("--tie %s ties no two layers (names differ outside the match)", pat)
+        out += found
+    return out
+
+
+def build_constraints(names: Sequence[str], bit_choices: list[int], *, pins: Mapping[str, int] | None = None,
+                      allowed: Mapping[str, Sequence[int]] | None = None, ties: Sequence[str] = (),
+                      auto_ties: bool = False) -> Constraints:
+    """Turn regex pins/allowed widths/ties into ILP masks and groups; first matching pattern wins per layer.
+
+    A pin overrides an --allow on the same layer; a pinned or allowed width outside bit_choices is an error."""
+    pins, allowed = dict(pins or {}), dict(allowed or {})
+    mask = np.ones((len(names), len(bit_choices)), dtype=bool)
+    for what, rules in (("--allow", allowed), ("--pin", pins)):  # pins last, so they override
+        done = np.zeros(len(names), dtype=bool)
+        for pat, widths in rules.items():
+            widths = [int(widths)] if what == "--pin" else [int(b) for b in widths]
+            bad = sorted(set(widths) - set(bit_choices))
+            if bad:
+                raise UserError(f"{what} {pat}={','.join(map(str, widths))} uses width {bad[0]} that is not in "
+                                f"--bits {','.join(map(str, bit_choices))}; add it to --bits")
+            rx = _regex(pat, what)
+            found = np.array([bool(rx.search(n)) for n in names], dtype=bool)
+            if not found.any():
+                raise UserError(f"{what} pattern {pat!r} matches no layer name (e.g. {names[:1]})")
+            hit = found & ~done
+            if not hit.any():
+                log.warning("%s %s only matches layers an earlier pattern already set; ignored", what, pat)
+            mask[hit] = np.isin(bit_choices, widths)
+            done |= hit
+    groups = tie_groups(names, list(ties)) + (tie_groups(names, AUTO_TIES, "auto-tie") if auto_ties else [])
+    for g in _groups(len(names), groups):  # union-find over overlapping tie lists, as the ILP merges them
+        if len(g) > 1 and not mask[g].all(axis=0).any():
+            raise UserError(f"tied layers {', '.join(names[i] for i in g[:4])} have no common allowed width "
+                            "under the pins/--allow; drop a tie or make their pins agree")
+    record = {k: v for k, v in (("pins", {p: int(b) for p, b in pins.items()}),
+                                ("allowed", {p: [int(x) for x in b] for p, b in allowed.items()}),
+                                ("ties", list(ties)), ("auto_ties", bool(auto_ties))) if v}
+    if record:
+        record["tie_groups"] = [[names[i] for i in g] for g in groups]
+    return Constraints(mask=None if mask.all() else mask, groups=groups, record=record)
+
+
+def parse_pins(items: Sequence[str]) -> dict[str, int]:
+    """CLI `PATTERN=BITS` strings -> {pattern: bits}; one-line UserError on bad syntax."""
+    out: dict[str, int] = {}
+    for item in items:
+        pat, eq, b = item.rpartition("=")
+        if not eq or not pat or not b.strip().isdigit() or not 1 <= int(b) <= 8:
+            raise UserError(f"--pin must look like PATTERN=BITS with BITS in 1..8, e.g. 'lm_head=8', got {item!r}")
+        out[pat] = int(b)
+    return out
+
+
+def parse_allowed(items: Sequence[str]) -> dict[str, list[int]]:
+    """CLI `PATTERN=B1,B2` strings -> {pattern: [widths]}; one-line UserError on bad syntax."""
+    out: dict[str, list[int]] = {}
+    for item in items:
+        pat, eq, bs = item.rpartition("=")
+        widths = [x.strip() for x in bs.split(",")]
+        if not eq or not pat or not all(w.isdigit() and 1 <= int(w) <= 8 for w in widths):
+            raise UserError(f"--allow must look like PATTERN=B1,B2 with widths in 1..8, e.g. 'mlp=3,4', got {item!r}")
+        out[pat] = sorted({int(w) for w in widths})
+    return out
+
+
+def avg_bits_for_bytes(nbytes: np.ndarray, bit_choices: list[int], target: float) -> float:
+    """Smallest --avg-bits (3 decimals, rounded up) whose uniform size is >= target bytes, for error hints."""
+    lo_b, hi_b = min(bit_choices), max(bit_choices)
+    if target <= uniform_bytes(nbytes, bit_choices, lo_b):
+        return float(lo_b)
+    for b in range(lo_b, hi_b):
+        lo, hi = uniform_bytes(nbytes, bit_choices, b), uniform_bytes(nbytes, bit_choices, b + 1)
+        if target <= hi:
+            exact = b + (target - lo) / (hi - lo)
+            return math.ceil(exact * 1000 - 1e-6) / 1000
+    return float(hi_b)
+
+
 def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits: float | None = None,
                   max_bytes: float | None = None, bit_choices: tuple[int, ...] = (2, 3, 4, 8),
-                  group_size: int = 128, symmetric: bool = False) -> Plan:
-    """Solve the ILP for one budget and return the plan artifact."""
+                  group_size: int = 128, symmetric: bool = False, pins: Mapping[str, int] | None = None,
+                  allowed: Mapping[str, Sequence[int]] | None = None, ties: Sequence[str] = (),
+                  auto_ties: bool = False) -> Plan:
+    """Solve the ILP for one budget (plus optional pins/allowed widths/ties) and return the plan artifact."""
     if (avg_bits is None) == (max_bytes is None):
         raise UserError("give exactly one budget: --avg-bits B or --max-bytes N")
     bit_choices = sorted(set(int(b) for b in bit_choices))
+    cons = build_constraints([ls.name for ls in report.layers], bit_choices, pins=pins, allowed=allowed,
+                             ties=ties, auto_ties=auto_ties)
     omega, nbytes = omega_table(report, weights, bit_choices, group_size, symmetric)
     budget = max_bytes if max_bytes is not None else uniform_bytes(nbytes, bit_choices, avg_bits)
     try:
-        alloc = solve_allocation(omega, {"bytes": nbytes}, {"bytes": budget * (1 + 1e-9)})
+        alloc = solve_allocation(omega, {"bytes": nbytes}, {"bytes": budget * (1 + 1e-9)}, allowed=cons.mask,
+                                 ties=cons.groups)
     except InfeasibleBudget as e:
         smallest = e.minimum["bytes"]
+        under = " under these pins/allowed widths/ties" if cons.record else ""
         if avg_bits is not None:
-            raise UserError(f"budget --avg-bits {avg_bits} is below the smallest possible plan; use at least "
-                            f"--avg-bits {min(bit_choices)} ({smallest:.0f} bytes)") from e
-        raise UserError(f"budget --max-bytes {max_bytes:.0f} is below the smallest possible plan; use at least "
-                        f"--max-bytes {math.ceil(smallest)}") from e
+            need = avg_bits_for_bytes(nbytes, bit_choices, smallest)
+            raise UserError(f"budget --avg-bits {avg_bits} is below the smallest possible plan{under}; use at least "
+                            f"--avg-bits {need:g} ({smallest:.0f} bytes)") from e
+        raise UserError(f"budget --max-bytes {max_bytes:.0f} is below the smallest possible plan{under}; use at "
+                        f"least --max-bytes {math.ceil(smallest)}") from e
     n_total = sum(ls.n_params for ls in report.layers)
     layers = []
     for i, ls in enumerate(report.layers):
@@ -98,9 +216,11 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                 n_params=ls.n_params, storage_bytes=float(nbytes[i, j]), omega=float(omega[i, j]),
                                 omega_by_bits={str(b): float(omega[i, k]) for k, b in enumerate(bit_choices)}))
     total = float(sum(lp.storage_bytes for lp in layers))
-    plan = Plan(model=report.model,
-                budget={"kind": "avg_bits" if avg_bits is not None else "bytes",
-                        "value": avg_bits if avg_bits is not None else max_bytes, "max_bytes": budget},
+    plan_budget = {"kind": "avg_bits" if avg_bits is not None else "bytes",
+                   "value": avg_bits if avg_bits is not None else max_bytes, "max_bytes": budget}
+    if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
+        plan_budget["constraints"] = cons.record
+    plan = Plan(model=report.model, budget=plan_budget,
                 bit_choices=bit_choices, group_size=group_size, symmetric=symmetric, layers=layers,
                 avg_bits=8 * total / n_total, total_bytes=total, predicted_omega=float(alloc.objective),
                 solve_seconds=alloc.solve_seconds, sensitivity_fingerprint=report.fingerprint)
