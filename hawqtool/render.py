@@ -45,12 +45,13 @@ def plan_table(plan: Plan) -> Table:
 def summary_table(s: dict) -> Table:
     """Baseline vs uniform vs mixed: perplexity, bits, size, seconds."""
     t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
-    for col in ("model", "ppl", "avg bits", "MB (quantized layers)"):
+    for col in ("model", "ppl", "avg bits", "MB (quantized layers)", "quantize s", "eval s"):
         t.add_column(col, justify="right")
-    t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-")
-    t.add_row(f"uniform {s['uniform_bits']}-bit", f"{s['uniform_ppl']:.3f}", f"{s['uniform_avg_bits']:.3f}",
-              f"{s['uniform_bytes'] / 1e6:.2f}")
-    t.add_row("mixed (HAWQ)", f"{s['mixed_ppl']:.3f}", f"{s['mixed_avg_bits']:.3f}", f"{s['mixed_bytes'] / 1e6:.2f}")
+    sec = s.get("seconds", {})
+    t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", "-", f"{sec.get('baseline_eval', 0):.0f}")
+    for key, label in (("uniform", f"uniform {s['uniform_bits']}-bit"), ("mixed", "mixed (HAWQ)")):
+        t.add_row(label, f"{s[key + '_ppl']:.3f}", f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}",
+                  f"{sec.get(key + '_quantize', 0):.0f}", f"{sec.get(key + '_eval', 0):.0f}")
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
     t.caption = f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB"
     return t

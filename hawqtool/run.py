@@ -147,6 +147,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                                                          progress=lambda _n: adv(1)))
             del fresh
         results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck)))
+        results[name]["quantize_seconds"] = read_manifest(ck, verify=False).get("quantize_seconds", 0.0)
 
     summary = {
         "model": loaded.source, "method": cfg.method, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
@@ -155,6 +156,9 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         "uniform_avg_bits": uplan.avg_bits,
         "mixed_avg_bits": plan.avg_bits, "mixed_ppl": results["mixed"]["ppl"], "mixed_bytes": plan.total_bytes,
         "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices},
+        "seconds": {"baseline_eval": base["seconds"], "uniform_quantize": results["uniform"]["quantize_seconds"],
+                    "uniform_eval": results["uniform"]["seconds"], "mixed_quantize": results["mixed"]["quantize_seconds"],
+                    "mixed_eval": results["mixed"]["seconds"]},
         "budget": plan.budget, "eval_tokens": base["tokens"], "eval_windows": base["windows"],
         "eval_seqlen": base["seqlen"], "calib_samples": cfg.nsamples, "calib_seqlen": cfg.seqlen,
         "sensitivity_probes": max(ls.probes for ls in report.layers),
