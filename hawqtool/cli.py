@@ -95,6 +95,7 @@ def main() -> None:
     hawqtool allocate sens.json --avg-bits 3.0 -o plan.json
     hawqtool quantize MODEL --plan plan.json --calib wiki -o ckpt/
     hawqtool eval ckpt/ --data wiki
+    hawqtool export ckpt/ --format compressed-tensors -o ckpt-ct/
     """
 
 
@@ -105,6 +106,9 @@ def main() -> None:
 @click.option("--nsamples", default=8, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=256, show_default=True, help="Tokens per window.")
 @click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
+@click.option("--estimator", type=click.Choice(["hutchinson", "fisher"]), default="hutchinson", show_default=True,
+              help="fisher: sampled-label Fisher, one backward per probe (self-kl/output-mse); for models "
+                   "without double-backward/forward-mode support.")
 @click.option("--target", default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
 @click.option("--min-probes", default=8, show_default=True)
 @click.option("--max-probes", default=32, show_default=True)
@@ -114,7 +118,7 @@ def main() -> None:
 @calib_options
 @common
 @guarded
-def sensitivity(model, calib, output, nsamples, seqlen, objective, target, min_probes, max_probes, max_seconds,
+def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, target, min_probes, max_probes, max_seconds,
                 bits, group_size, seed, trust_remote_code, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
@@ -133,7 +137,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, target, min_p
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed + 1)
     with rep.probe_bar(max_probes) as cb:
-        report = compute_sensitivity(loaded, ids, objective=objective, target_rel_se=target, min_probes=min_probes,
+        report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator,
+                                     target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,))
@@ -309,6 +314,30 @@ def eval_cmd(model, data, seqlen, max_windows, trust_remote_code, as_json, verbo
         click.echo(json.dumps(res))
     else:
         click.echo(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} × {res['seqlen']})")
+
+
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
+              help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 layout.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder to write (atomically).")
+@common
+@guarded
+def export_cmd(checkpoint, fmt, output, as_json, verbose, quiet):
+    """Convert a hawqtool checkpoint for other runtimes.
+
+    \b
+    hawqtool export ckpt/ --format compressed-tensors -o ckpt-ct/
+    hawqtool export ckpt/ --format gptq -o ckpt-gptq/
+    """
+    from .export import export_checkpoint
+
+    _setup_logging(verbose)
+    path = export_checkpoint(checkpoint, output, fmt)
+    if as_json:
+        click.echo(json.dumps({"export": str(path), "format": fmt}))
+    elif not quiet:
+        click.echo(f"wrote {path}", err=True)
 
 
 @main.command()

@@ -35,10 +35,20 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         max_probes: int = 64, max_seconds: float | None = None, seed: int = 0,
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
-                        qerror_groups: tuple[int, ...] = (128,)) -> SensitivityReport:
-    """Per-layer Hutchinson traces of the objective's Hessian over the quantizable layers,
-    plus ‖Q_b(W)−W‖² for the given widths/groups (sym and asym) so `allocate` needs no model."""
-    from .sensitivity import hutchinson_traces
+                        qerror_groups: tuple[int, ...] = (128,),
+                        estimator: str = "hutchinson") -> SensitivityReport:
+    """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
+    for the given widths/groups (sym and asym) so `allocate` needs no model.
+
+    `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward
+    per probe; self-kl / output-mse only, for models without cheap or supported HVPs)."""
+    from .sensitivity import fisher_traces, hutchinson_traces
+
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if estimator == "fisher" and objective not in FISHER_OBJECTIVES:
+        raise UserError(f"estimator 'fisher' supports objectives {', '.join(FISHER_OBJECTIVES)}, not "
+                        f"{objective!r} (the empirical Fisher needs per-position gradients); use 'hutchinson'")
 
     model = loaded.model
     layers = quantizable_layers(model)
@@ -47,9 +57,14 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     params = {n: m.weight for n, m in layers.items()}
     batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
     t0 = time.perf_counter()
-    traces = hutchinson_traces(model, params, batches, objective, target_rel_se=target_rel_se,
-                               min_probes=min_probes, max_probes=max_probes, max_seconds=max_seconds,
-                               seed=seed, progress=progress, hvp=hvp_for(objective))
+    common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
+                  max_seconds=max_seconds, seed=seed, progress=progress)
+    if estimator == "fisher":
+        traces = fisher_traces(model, params, batches, objective, **common)
+        described = "fisher (sampled labels, one backward per probe)"
+    else:
+        traces = hutchinson_traces(model, params, batches, objective, hvp=hvp_for(objective), **common)
+        described = f"hutchinson ({hvp_for(objective)} Hessian-vector products)"
     bad = [n for n, t in traces.items() if not (t.mean == t.mean)]
     if bad:
         raise UserError(f"calibration produced NaN Hessian traces (e.g. {bad[0]}); check the model and data for NaN")
@@ -61,11 +76,17 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                     qerror_groups=list(qerror_groups), n_samples=len(calib_ids),
                     seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se, min_probes=min_probes,
                     max_probes=max_probes, seed=seed)
+    if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
+        settings["estimator"] = estimator
     report = SensitivityReport(model=loaded.source, objective=objective,
-                               estimator=f"hutchinson ({hvp_for(objective)} Hessian-vector products)",
+                               estimator=described,
                                settings=settings, layers=out, seconds=time.perf_counter() - t0)
     report.fingerprint = fingerprint("sensitivity", model_digest(loaded), data_key, settings)
     return report
+
+
+ESTIMATORS = ("hutchinson", "fisher")
+FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 
 def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...]) -> dict[str, float]:

@@ -140,42 +140,58 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
         raise ValueError(f"unknown hvp method {hvp!r}; use 'autograd' or 'ggn'")
     if hvp == "ggn" and not obj.own_point:
         raise ValueError(f"hvp='ggn' is exact only for self-kl / output-mse, not {obj.name!r}")
-    min_probes = min(max(min_probes, 1), max_probes)
     names = list(params)
     plist = [params[n] for n in names]
     model_names = _model_names(model, plist) if hvp == "ggn" else names
+    device = plist[0].device
+    gen = torch.Generator().manual_seed(seed)
+    dev_batches: dict[int, Batch] = {}
+    refs: dict[int, Any] = {}
+
+    def probe(k: int) -> list[float]:
+        bi = k % len(batches)
+        if bi not in dev_batches:
+            dev_batches[bi] = _to_device(batches[bi], device)
+            with torch.no_grad():
+                refs[bi] = obj.prepare(model, dev_batches[bi])
+        batch = dev_batches[bi]
+        vs = [rademacher(p, gen) for p in plist]
+        if hvp == "ggn":
+            hv = _ggn_hvp(model, plist, model_names, batch, obj, vs)
+        else:
+            hv = autograd_hvp(model, plist, batch, refs[bi], obj, vs)
+        return [float((v.double() * h.double()).sum()) for v, h in zip(vs, hv)]
+
+    with estimating(model, plist):
+        return adaptive_probes(params, probe, target_rel_se=target_rel_se, min_probes=min_probes,
+                               max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
+                               progress=progress)
+
+
+def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list[float]], *,
+                    target_rel_se: float, min_probes: int, max_probes: int, max_seconds: float | None,
+                    major_fraction: float, progress: ProgressFn | None) -> dict[str, LayerTrace]:
+    """The stopping rule: call `probe(k)` (one value per param, in `params` order) for k = 0, 1, …
+    until every major layer's relative s.e. ≤ `target_rel_se` (after `min_probes`), `max_probes`,
+    or `max_seconds` (never before 2 probes). Major layers hold ≥ `major_fraction` of all params."""
+    min_probes = min(max(min_probes, 1), max_probes)
+    names = list(params)
     sizes = {n: params[n].numel() for n in names}
     total = sum(sizes.values())
     major = [n for n in names if sizes[n] >= major_fraction * total] or names
-    device = plist[0].device
-    gen = torch.Generator().manual_seed(seed)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    dev_batches: dict[int, Batch] = {}
-    refs: dict[int, Any] = {}
     t0 = time.perf_counter()
-    with estimating(model, plist):
-        for k in range(max_probes):
-            bi = k % len(batches)
-            if bi not in dev_batches:
-                dev_batches[bi] = _to_device(batches[bi], device)
-                with torch.no_grad():
-                    refs[bi] = obj.prepare(model, dev_batches[bi])
-            batch = dev_batches[bi]
-            vs = [rademacher(p, gen) for p in plist]
-            if hvp == "ggn":
-                hv = _ggn_hvp(model, plist, model_names, batch, obj, vs)
-            else:
-                hv = autograd_hvp(model, plist, batch, refs[bi], obj, vs)
-            for n, v, h in zip(names, vs, hv):
-                samples[n].append(float((v.double() * h.double()).sum()))
-            done = k + 1
-            worst = max(relative_se(*mean_stderr(samples[n])) for n in major)
-            if progress is not None:
-                progress(done, max_probes, worst)
-            if done >= min_probes and worst <= target_rel_se:
-                break
-            if max_seconds is not None and done >= 2 and time.perf_counter() - t0 >= max_seconds:
-                break
+    for k in range(max_probes):
+        for n, x in zip(names, probe(k)):
+            samples[n].append(x)
+        done = k + 1
+        worst = max(relative_se(*mean_stderr(samples[n])) for n in major)
+        if progress is not None:
+            progress(done, max_probes, worst)
+        if done >= min_probes and worst <= target_rel_se:
+            break
+        if max_seconds is not None and done >= 2 and time.perf_counter() - t0 >= max_seconds:
+            break
     out: dict[str, LayerTrace] = {}
     for n in names:
         mean, se = mean_stderr(samples[n])

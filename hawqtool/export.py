@@ -1,0 +1,242 @@
+"""Export a hawqtool checkpoint to formats other runtimes load: compressed-tensors and GPTQ.
+
+compressed-tensors ("pack-quantized"): per quantized layer NAME.weight_packed (int32
+[out, ceil(in*b/32)], signed codes q - 2^(b-1) offset back to unsigned and packed as one
+dense little-endian bit stream per row, the library's own `pack_to_int32`), NAME.weight_scale
+[out, groups] and NAME.weight_shape; config.json gets a `quantization_config` with one config
+group per (bits, group_size) whose `targets` list the module names, written by the library's
+`ModelCompressor.update_config`. It needs in % group_size == 0, so a partial last group is
+re-expressed losslessly with a smaller group (gcd) and repeated scales. Symmetric layers only: transformers' loader fails on packed
+zero points, so asymmetric layers are refused; act-order (g_idx) layers are refused too.
+
+GPTQ (v1 checkpoint format, AutoGPTQ / GPTQModel): NAME.qweight int32 [in*b/32, out] packed
+along the input dim, NAME.qzeros int32 [groups, out*b/32] packed along the output dim holding
+zero - 1 (the v1 convention; readers add 1 back), NAME.scales fp16 [groups, out], NAME.g_idx
+int32 [in]; quantize_config.json with the most common (bits, group_size, sym) as defaults and
+GPTQModel-style `dynamic` overrides ("+:^name$" -> {"bits", "group_size", "sym"}) for the rest.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant_kernels import PackedWeight, unpack
+
+from .checkpoint import MANIFEST, WEIGHTS, read_manifest
+from .errors import UserError
+from .runtime import _packed_from
+
+FORMATS = ("compressed-tensors", "gptq")
+_U32 = 0xFFFFFFFF
+
+
+def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
+    """Write CKPT as an OUT folder in format `fmt`, atomically (OUT.tmp-PID renamed at the end)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    ckpt, out = Path(ckpt), Path(out)
+    if out.resolve() == ckpt.resolve():
+        raise UserError(f"export output {out} is the checkpoint itself; pass another folder with -o")
+    manifest = read_manifest(ckpt)
+    tensors = load_file(str(ckpt / WEIGHTS))
+    layers = {name: _packed_from(tensors, name, meta) for name, meta in manifest["layers"].items()}
+    rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    writer = _write_compressed_tensors if fmt == "compressed-tensors" else _write_gptq
+    _refuse_unsupported(layers, fmt)  # before anything is written
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in sorted(ckpt.iterdir()):  # config, tokenizer, generation config ...
+            if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
+                shutil.copy2(f, tmp / f.name)
+        writer(tmp, layers, rest, ckpt)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:
+    """One-line UserError for the first layer the target format (or its loader) cannot hold."""
+    for name, pw in layers.items():
+        if fmt == "compressed-tensors":
+            if not pw.symmetric:
+                raise UserError(f"layer {name} is asymmetric, which transformers cannot load from a packed "
+                                "compressed-tensors checkpoint; re-quantize with `hawqtool allocate --sym`")
+            if pw.g_idx is not None:
+                raise UserError(f"layer {name} uses act-order (g_idx), which the compressed-tensors export does "
+                                "not support; re-quantize without --act-order")
+        elif fmt == "gptq":
+            if pw.bits not in (2, 3, 4, 8):
+                raise UserError(f"layer {name} has {pw.bits} bits; GPTQ supports 2, 3, 4 and 8 bits; "
+                                "re-allocate with --bits 2,3,4,8")
+            if not pw.symmetric and bool((unpack(pw.qzeros, pw.bits, pw.n_groups) == 0).any()):
+                raise UserError(f"layer {name} has a zero point of 0, which GPTQ v1 (stores zero-1) cannot "
+                                "represent; re-quantize with --sym")
+
+
+def _save(folder: Path, tensors: dict[str, torch.Tensor], fmt: str) -> None:
+    """Write model.safetensors (contiguous tensors) with a provenance note in its metadata."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS),
+              metadata={"format": "pt", "exported_by": f"hawqtool ({fmt})"})
+
+
+# ---------------------------------------------------------------- compressed-tensors
+
+
+def ct_layer_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one symmetric layer (library packing)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = unpack(pw.qweight, pw.bits, pw.in_features)  # unsigned codes, zero 2^(b-1)
+    signed = (q - pw.implicit_zero).to(torch.int8)  # compressed-tensors: w = scale * q_signed
+    gs = ct_group_size(pw)
+    scales = pw.scales if gs in (-1, pw.group_size) else pw.scales[:, torch.arange(pw.in_features // gs) * gs
+                                                                      // pw.group_size]
+    return {f"{name}.weight_packed": pack_to_int32(signed, pw.bits),
+            f"{name}.weight_scale": scales.contiguous(),
+            f"{name}.weight_shape": torch.tensor([pw.out_features, pw.in_features], dtype=torch.int64)}
+
+
+def ct_group_size(pw: PackedWeight) -> int:
+    """Group size for compressed-tensors, which needs in % group == 0: a partial last group is
+    re-expressed losslessly with group gcd(group, in) and each scale repeated (576/128 -> 64)."""
+    if pw.group_size == -1 or pw.group_size >= pw.in_features:
+        return -1
+    return math.gcd(pw.group_size, pw.in_features)
+
+
+def ct_quantization_config(layers: dict[str, PackedWeight]):
+    """QuantizationConfig with one config group per (bits, group_size), targets = module names."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    by_key: dict[tuple[int, int], list[str]] = {}
+    for name, pw in layers.items():
+        by_key.setdefault((pw.bits, ct_group_size(pw)), []).append(name)
+    groups = {}
+    for i, ((bits, gs), names) in enumerate(sorted(by_key.items())):
+        args = (QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel") if gs == -1 else
+                QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs))
+        groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=[])
+
+
+def _write_compressed_tensors(tmp: Path, layers: dict[str, PackedWeight], rest: dict[str, torch.Tensor],
+                              ckpt: Path) -> None:
+    """Packed tensors + config.json's quantization_config, via the compressed-tensors library."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+    except ImportError as e:
+        raise UserError("exporting to compressed-tensors needs the compressed-tensors package; "
+                        "pip install 'hawqtool[export]'") from e
+    tensors = dict(rest)
+    for name, pw in layers.items():
+        tensors.update(ct_layer_tensors(name, pw))
+    _save(tmp, tensors, "compressed-tensors")
+    ModelCompressor(quantization_config=ct_quantization_config(layers)).update_config(str(tmp))
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def gptq_pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes [n, cols] along dim 0 into int32 [ceil(n*bits/32), cols], AutoGPTQ's layout.
+
+    Follows AutoGPTQ's `QuantLinear.pack` (auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py):
+    for 2/4/8 bits word r holds rows r*(32/b)+i at bits [i*b, (i+1)*b); for 3 bits each block
+    of 32 rows fills 3 words: rows 0-9 at bits 3i, row 10 split (low 2 bits at 30-31 of word 0,
+    bit 2 at bit 0 of word 1), rows 11-20 at bits 3i+1, row 21 split (low bit at bit 31 of word
+    1, bits 1-2 at bits 0-1 of word 2), rows 22-31 at bits 3i+2. Rows are zero-padded to a
+    multiple of 32 and the words truncated to ceil(n*bits/32).
+    """
+    n, cols = values.shape
+    v = values.to(torch.int64) & (2**bits - 1)
+    pad = (-n) % 32
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad, cols)])
+    blocks = v.reshape(-1, 32, cols)  # [n_blocks, 32, cols]
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        shifts = (torch.arange(per) * bits).view(1, 1, per, 1)
+        words = (blocks.reshape(blocks.shape[0], bits, per, cols) << shifts).sum(2)  # disjoint fields
+    elif bits == 3:
+        sh = (torch.arange(10) * 3).view(1, 10, 1)
+        w0 = (blocks[:, 0:10] << sh).sum(1) | ((blocks[:, 10] << 30) & _U32)
+        w1 = ((blocks[:, 10] >> 2) & 1) | (blocks[:, 11:21] << (sh + 1)).sum(1) | ((blocks[:, 21] << 31) & _U32)
+        w2 = ((blocks[:, 21] >> 1) & 3) | (blocks[:, 22:32] << (sh + 2)).sum(1)
+        words = torch.stack([w0, w1, w2], 1)
+    else:
+        raise ValueError(f"GPTQ packs 2, 3, 4 or 8 bits, got {bits}")
+    words = words.reshape(-1, cols)[: (n * bits + 31) // 32]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def gptq_layer_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors of one layer: qweight, qzeros (zero - 1), scales, g_idx (all transposed)."""
+    q = unpack(pw.qweight, pw.bits, pw.in_features)  # [out, in]
+    zeros = (torch.full((pw.out_features, pw.n_groups), pw.implicit_zero, dtype=torch.int32) if pw.symmetric
+             else unpack(pw.qzeros, pw.bits, pw.n_groups))  # [out, groups]
+    return {f"{name}.qweight": gptq_pack(q.T, pw.bits),
+            f"{name}.qzeros": gptq_pack(zeros - 1, pw.bits).T.contiguous(),  # v1: stored = zero - 1
+            f"{name}.scales": pw.scales.T.contiguous(),
+            f"{name}.g_idx": pw.group_index().to(torch.int32)}
+
+
+def gptq_quantize_config(layers: dict[str, PackedWeight], unquantized: list[str]) -> dict:
+    """quantize_config.json: the most common (bits, group, sym) as default, `dynamic` for the rest."""
+    keys = {n: (pw.bits, pw.group_size, pw.symmetric) for n, pw in layers.items()}
+    weight = Counter()
+    for n, k in keys.items():
+        weight[k] += layers[n].in_features * layers[n].out_features
+    bits, group, sym = weight.most_common(1)[0][0] if weight else (4, 128, True)
+    dynamic: dict[str, dict] = {f"-:^{re.escape(n)}$": {} for n in unquantized}
+    for n, (b, g, s) in keys.items():
+        if (b, g, s) != (bits, group, sym):
+            dynamic[f"+:^{re.escape(n)}$"] = {"bits": b, "group_size": g, "sym": s}
+    return {"bits": bits, "group_size": group, "sym": sym,
+            "desc_act": any(pw.g_idx is not None for pw in layers.values()),
+            "dynamic": dynamic, "quant_method": "gptq", "checkpoint_format": "gptq", "true_sequential": True,
+            "zero_point": "v1: qzeros store zero - 1; w = scale * (q - (stored + 1))"}
+
+
+def _unquantized_block_linears(ckpt: Path, layers: dict[str, PackedWeight]) -> list[str]:
+    """Linear layers inside decoder blocks that the plan left in full precision (GPTQ must skip them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import quantizable_layers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(ckpt)))
+    out_emb = model.get_output_embeddings()
+    return [n for n, m in quantizable_layers(model).items() if n not in layers and m is not out_emb]
+
+
+def _write_gptq(tmp: Path, layers: dict[str, PackedWeight], rest: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """GPTQ tensors, quantize_config.json, and the same dict as config.json's quantization_config."""
+    tensors = dict(rest)
+    for name, pw in layers.items():
+        tensors.update(gptq_layer_tensors(name, pw))
+    _save(tmp, tensors, "gptq")
+    qcfg = gptq_quantize_config(layers, _unquantized_block_linears(ckpt, layers))
+    (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["quantization_config"] = qcfg
+    cfg_path.write_text(json.dumps(cfg, indent=2))

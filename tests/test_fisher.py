@@ -1,0 +1,187 @@
+"""Sampled-label Fisher traces against exact self-KL Hessian / Fisher block traces (tiny MLP, tiny
+Llama), plus the stopping rule, determinism, unsupported objectives and compute_sensitivity."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hutchinson import exact_traces, llama_setup, mlp_setup
+
+from hawqtool.sensitivity import fisher_traces, model_logits
+from hawqtool.sensitivity.hutchinson import estimating
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_fisher(model, params, batches, which) -> dict[str, float]:
+    """Tr F_ll = (1/N) Σ_t Σ_y p_t(y) ‖∇_l log p_t(y)‖², enumerating the tiny vocabulary; mean over batches."""
+    out = {n: 0.0 for n in which}
+    plist = [params[n] for n in which]
+    with estimating(model, plist):
+        for batch in batches:
+            logp = torch.log_softmax(model_logits(model, batch), -1)
+            flat = logp.reshape(-1, logp.shape[-1])
+            for t in range(flat.shape[0]):
+                for y in range(flat.shape[1]):
+                    gs = torch.autograd.grad(flat[t, y], plist, retain_graph=True)
+                    w = float(flat[t, y].detach().exp()) / flat.shape[0] / len(batches)
+                    for n, g in zip(which, gs):
+                        out[n] += w * float(g.pow(2).sum())
+    return out
+
+
+CASES = {"mlp": (mlp_setup, ["fc1", "fc1.bias", "fc2"]), "llama": (llama_setup, ["q_proj", "v_proj", "down_proj"])}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    setup, which = CASES[request.param]
+    model, params, batches = setup()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    return model, params, batches, exact_fisher(model, params, batches, which)
+
+
+def test_exact_fisher_is_the_self_kl_hessian_block():
+    """The enumerated Fisher equals the double-backward self-KL Hessian trace (own point)."""
+    model, params, batches = mlp_setup()
+    batches = [{"x": b["x"]} for b in batches]
+    hess = exact_traces(model, params, batches, "self-kl", list(params))
+    fish = exact_fisher(model, params, batches, list(params))
+    for n in params:
+        assert fish[n] == pytest.approx(hess[n], rel=1e-9), n
+
+
+def test_estimate_brackets_exact_trace(case):
+    model, params, batches, exact = case
+    tr = fisher_traces(model, params, batches, target_rel_se=0.0, min_probes=200, max_probes=200, seed=0)
+    for n, t in exact.items():
+        est = tr[n]
+        assert est.probes == 200 and len(est.samples) == 200 and est.n_params == params[n].numel()
+        assert min(est.samples) >= 0
+        assert abs(est.mean - t) <= 3 * est.stderr, (n, est.mean, est.stderr, t)
+
+
+def test_interval_coverage_over_seeds(case):
+    """Across 20 seeds, ≥ 85% of the ±1.96·s.e. intervals contain the exact trace."""
+    model, params, batches, exact = case
+    hits = total = 0
+    for seed in range(20):
+        tr = fisher_traces(model, params, batches, target_rel_se=0.0, min_probes=24, max_probes=24, seed=seed)
+        for n, t in exact.items():
+            hits += abs(tr[n].mean - t) <= 1.96 * tr[n].stderr
+            total += 1
+    assert hits >= 0.85 * total, f"{hits}/{total}"
+
+
+def test_more_draws_per_probe_same_mean_less_spread():
+    model, params, batches = mlp_setup()
+    one = fisher_traces(model, params, batches, target_rel_se=0.0, min_probes=64, max_probes=64, seed=1)
+    four = fisher_traces(model, params, batches, target_rel_se=0.0, min_probes=64, max_probes=64, seed=1,
+                         samples_per_batch=4)
+    for n in params:
+        assert four[n].probes == 64
+        assert four[n].stderr < one[n].stderr, n
+        assert abs(four[n].mean - one[n].mean) <= 3 * (one[n].stderr + four[n].stderr), n
+
+
+def test_masked_positions_are_not_scored():
+    """With attention_mask, padding positions neither count in N nor contribute gradient."""
+    model, params, batches = llama_setup()
+    ids = batches[0]["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[:, 5:] = 0
+    cut = exact_fisher(model, params, [{"input_ids": ids[:, :5]}], list(params))
+    tr = fisher_traces(model, params, [{"input_ids": ids, "attention_mask": mask}], target_rel_se=0.0,
+                       min_probes=200, max_probes=200, seed=2)
+    for n, t in cut.items():
+        assert abs(tr[n].mean - t) <= 3 * tr[n].stderr, (n, tr[n].mean, tr[n].stderr, t)
+
+
+def test_output_mse_matches_exact_hessian():
+    model, params, batches = mlp_setup()
+    batches = [{"x": b["x"]} for b in batches]
+    exact = exact_traces(model, params, batches, "output-mse", list(params))
+    tr = fisher_traces(model, params, batches, "output-mse", target_rel_se=0.0, min_probes=200, max_probes=200)
+    for n, t in exact.items():
+        assert abs(tr[n].mean - t) <= 3 * tr[n].stderr, (n, tr[n].mean, tr[n].stderr, t)
+
+
+def test_stopping_rule_and_progress():
+    model, params, batches = mlp_setup()
+    calls = []
+    loose = fisher_traces(model, params, batches, target_rel_se=0.5, min_probes=4, max_probes=64,
+                          progress=lambda d, m, w: calls.append((d, m, w)))
+    probes = {t.probes for t in loose.values()}
+    assert len(probes) == 1 and 4 <= probes.pop() < 64
+    assert [c[0] for c in calls] == list(range(1, len(calls) + 1)) and all(c[1] == 64 for c in calls)
+    assert calls[-1][2] <= 0.5
+    tight = fisher_traces(model, params, batches, target_rel_se=1e-6, min_probes=2, max_probes=10)
+    assert all(t.probes == 10 for t in tight.values())
+    timed = fisher_traces(model, params, batches, target_rel_se=0.0, max_probes=1000, max_seconds=0.0)
+    assert all(t.probes == 2 for t in timed.values())
+
+
+def test_deterministic_and_restores_state():
+    model, params, batches = mlp_setup()
+    model.train()
+    model.fc2.bias.requires_grad_(True)
+    model.fc1.weight.requires_grad_(False)
+    a = fisher_traces(model, params, batches, min_probes=8, max_probes=8, seed=3)
+    b = fisher_traces(model, params, batches, min_probes=8, max_probes=8, seed=3)
+    c = fisher_traces(model, params, batches, min_probes=8, max_probes=8, seed=4)
+    assert {n: t.samples for n, t in a.items()} == {n: t.samples for n, t in b.items()}
+    assert a["fc1"].samples != c["fc1"].samples
+    assert model.training and model.fc2.bias.requires_grad and not model.fc1.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_unsupported_objective_and_arguments():
+    model, params, batches = mlp_setup()
+    with pytest.raises(ValueError, match="per-position"):
+        fisher_traces(model, params, batches, "labels")
+    with pytest.raises(ValueError):
+        fisher_traces(model, params, batches, samples_per_batch=0)
+    with pytest.raises(ValueError):
+        fisher_traces(model, {}, batches)
+
+
+def test_compute_sensitivity_estimator():
+    from hawqtool.errors import UserError
+    from hawqtool.models import LoadedModel
+    from hawqtool.stages import compute_sensitivity
+    from test_hutchinson import tiny_llama
+
+    loaded = LoadedModel(model=tiny_llama(dtype=torch.float32), tokenizer=None, source="tiny", files=[])
+    ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(min_probes=3, max_probes=3, qerror_bits=(4,), qerror_groups=(16,))
+    hut = compute_sensitivity(loaded, ids, **kw)
+    fis = compute_sensitivity(loaded, ids, estimator="fisher", **kw)
+    assert hut.estimator.startswith("hutchinson") and "estimator" not in hut.settings
+    assert fis.estimator == "fisher (sampled labels, one backward per probe)"
+    assert fis.settings["estimator"] == "fisher" and fis.fingerprint != hut.fingerprint
+    assert [lay.name for lay in fis.layers] == [lay.name for lay in hut.layers]
+    assert all(lay.probes == 3 and lay.trace > 0 for lay in fis.layers)
+    with pytest.raises(UserError):
+        compute_sensitivity(loaded, ids, estimator="fisher", objective="labels", **kw)
+    with pytest.raises(UserError):
+        compute_sensitivity(loaded, ids, estimator="nope", **kw)
+
+
+def test_sdpa_attention_matches_eager():
+    """First-order only: default SDPA attention needs no math backend."""
+    from torch import nn
+    from test_hutchinson import tiny_llama
+
+    batches = [{"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))}]
+    res = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_llama(attn, hidden=32, layers=2, heads=4, inter=64, vocab=64, dtype=torch.float32)
+        params = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n}
+        res[attn] = fisher_traces(model, params, batches, min_probes=3, max_probes=3, seed=7)
+    for n, t in res["eager"].items():
+        assert res["sdpa"][n].mean == pytest.approx(t.mean, rel=1e-4), n
