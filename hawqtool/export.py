@@ -32,7 +32,7 @@ from quant_kernels import PackedWeight, unpack
 
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
-from .runtime import _packed_from
+from .runtime import packed_from_tensors
 
 FORMATS = ("compressed-tensors", "gptq")
 _U32 = 0xFFFFFFFF
@@ -47,7 +47,7 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
         raise UserError(f"export output {out} is the checkpoint itself; pass another folder with -o")
     manifest = read_manifest(ckpt)
     tensors = load_file(str(ckpt / WEIGHTS))
-    layers = {name: _packed_from(tensors, name, meta) for name, meta in manifest["layers"].items()}
+    layers = {name: packed_from_tensors(tensors, name, meta) for name, meta in manifest["layers"].items()}
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     writer = _write_compressed_tensors if fmt == "compressed-tensors" else _write_gptq
     _refuse_unsupported(layers, fmt)  # before anything is written

@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
 
 
-def _packed_from(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
+def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
     try:
         pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=t[f"{name}.scales"], qzeros=t.get(f"{name}.qzeros"),
                           bits=int(meta["bits"]), group_size=int(meta["group_size"]),
@@ -73,7 +73,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         raise UserError(f"{path}/config.json is unreadable; re-create the checkpoint") from e
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     for name, meta in manifest["layers"].items():
-        _set_module(model, name, QuantLinear(_packed_from(tensors, name, meta), tensors.get(f"{name}.bias")))
+        _set_module(model, name, QuantLinear(packed_from_tensors(tensors, name, meta), tensors.get(f"{name}.bias")))
     rest = {k: v for k, v in tensors.items()
             if not any(k.startswith(n + ".") for n in manifest["layers"])}
     model_keys = set(model.state_dict().keys())
