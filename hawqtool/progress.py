@@ -22,7 +22,20 @@ class Reporter:
 
     @contextlib.contextmanager
     def bar(self, description: str, total: int):
-        """Yields advance(n) for a loop of `total` steps."""
+        """Yields advance(n) for a loop of `total` steps (plain 10% lines when not on a terminal,
+        so batch-job logs show progress)."""
+        if not self.quiet and not is_tty():
+            done = [0, 0]
+
+            def advance(n: int = 1) -> None:
+                done[0] += n
+                decile = 10 * done[0] // max(total, 1)
+                if decile > done[1]:
+                    done[1] = decile
+                    self.console.print(f"{description}: {done[0]}/{total}")
+
+            yield advance
+            return
         with self._progress() as p:
             task = p.add_task(description, total=total, info="")
             yield lambda n=1: p.advance(task, n)
@@ -30,6 +43,12 @@ class Reporter:
     @contextlib.contextmanager
     def probe_bar(self, max_probes: int):
         """Yields callback(done, max_probes, worst_rel_se) for the Hutchinson loop."""
+        if not self.quiet and not is_tty():
+            def line(done: int, total: int, worst: float) -> None:
+                self.console.print(f"sensitivity probe {done}/{total}: worst rel. s.e. {worst:.1%}")
+
+            yield line
+            return
         with self._progress() as p:
             task = p.add_task("sensitivity probes", total=max_probes, info="")
 
