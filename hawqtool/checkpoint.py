@@ -26,7 +26,7 @@ from torch import nn
 
 from quant_kernels import PackedWeight
 
-from .artifacts import SCHEMA_VERSION, tool_version
+from .artifacts import SCHEMA_VERSION, replace_dir, tool_version
 from .errors import UserError
 from .quantize.quantizer import QuantizedWeight
 
@@ -97,14 +97,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
                 "packing": "per output row, little-endian bit stream of b-bit codes in int32 words",
                 "layers": layers_meta, "tied": tied, "files": files, **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_kernels import PackedWeight, unpack
 
+from .artifacts import replace_dir
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 from .runtime import packed_from_tensors
@@ -62,14 +63,7 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:

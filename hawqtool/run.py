@@ -118,8 +118,10 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,)))
         artifacts.save(report, sens_path)
 
-    _w = layer_weights(loaded)
-    weights = lambda: _w  # noqa: E731
+    layer_w = layer_weights(loaded)  # views of the loaded model's weights, no copy
+
+    def weights() -> dict:
+        return layer_w
     plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits,
                                                    bit_choices=cfg.bit_choices, group_size=cfg.group_size,
                                                    symmetric=cfg.symmetric))
@@ -130,7 +132,6 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                 if uniform_bytes(nbytes, sorted(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
     uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric)
     artifacts.save(uplan, out / "plan_uniform.json")
-    del _w, weights
 
     calib_ids = timed("data", lambda: calibration_windows(tok, cfg.calib, cfg.nsamples, cfg.seqlen, seed=cfg.seed))
     opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order)
