@@ -3,8 +3,8 @@
 For self-KL, KL(p_θ0 ‖ p_θ), and for output-MSE, ½‖f(θ) − f(θ0)‖², the gradient w.r.t.
 the outputs vanishes at θ = θ0, so the Hessian there is exactly the Gauss-Newton matrix
 H = Jᵀ H_out J. One product Hv = Jᵀ(H_out (J v)) costs a forward-mode jvp plus one
-backward pass, about 2.5× cheaper on SmolLM2 than double backward (FACTS, and
-benchmarks/RESULTS.md), and it never differentiates softmax twice.
+backward pass: 1.6× cheaper than double backward on SmolLM2 (benchmarks/RESULTS.md,
+scripts/bench_sensitivity.py), and it never differentiates softmax twice.
 """
 from __future__ import annotations
 
