@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hutchinson import LayerTrace, ProgressFn, _to_device, adaptive_probes, estimating
+from .hutchinson import LayerTrace, ProgressFn, _to_device, adaptive_probes, check_probe_args, estimating
 from .objectives import Batch, Objective, get_objective, model_logits, upcast
 
 SUPPORTED = ("self-kl", "output-mse")
@@ -88,12 +88,7 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
     if obj.name not in SUPPORTED:
         raise ValueError(f"fisher estimator supports {', '.join(SUPPORTED)}, not {obj.name!r}: the empirical "
                          "Fisher needs per-position gradients; use hutchinson_traces for this objective")
-    if not params:
-        raise ValueError("no parameters to estimate")
-    if not batches:
-        raise ValueError("no calibration batches")
-    if max_probes < 1:
-        raise ValueError("max_probes must be ≥ 1")
+    check_probe_args(params, batches, max_probes)
     if samples_per_batch < 1:
         raise ValueError("samples_per_batch must be ≥ 1")
     plist = list(params.values())

@@ -130,12 +130,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
     does). At least 2 probes are run even under `max_seconds` so that a standard error exists.
     `hvp="ggn"` uses ggn.py's cheaper exact product (self-kl / output-mse, [B, T, ·] outputs only)."""
     obj = get_objective(objective)
-    if not params:
-        raise ValueError("no parameters to estimate")
-    if not batches:
-        raise ValueError("no calibration batches")
-    if max_probes < 1:
-        raise ValueError("max_probes must be ≥ 1")
+    check_probe_args(params, batches, max_probes)
     if hvp not in ("autograd", "ggn"):
         raise ValueError(f"unknown hvp method {hvp!r}; use 'autograd' or 'ggn'")
     if hvp == "ggn" and not obj.own_point:
@@ -166,6 +161,16 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
         return adaptive_probes(params, probe, target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
                                progress=progress)
+
+
+def check_probe_args(params: dict, batches: list, max_probes: int) -> None:
+    """The checks every trace estimator makes before its first probe."""
+    if not params:
+        raise ValueError("no parameters to estimate")
+    if not batches:
+        raise ValueError("no calibration batches")
+    if max_probes < 1:
+        raise ValueError("max_probes must be ≥ 1")
 
 
 def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list[float]], *,
