@@ -25,7 +25,8 @@ from .progress import Reporter
 from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
 from .runtime import load_quantized
-from .stages import compute_sensitivity, layer_weights, model_digest, quantize_stage
+from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
+                     sensitivity_settings)
 
 log = logging.getLogger("hawqtool")
 
@@ -101,11 +102,11 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     base = timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
 
     sens_path = out / "sensitivity.json"
-    sens_settings = dict(objective="self-kl", batch_size=2, qerror_bits=list(cfg.bit_choices),
-                         qerror_groups=[cfg.group_size], n_samples=cfg.sens_samples, seqlen=cfg.sens_seqlen,
-                         target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
-                         max_probes=cfg.sens_max_probes, seed=cfg.seed)
-    sens_fp = fingerprint("sensitivity", mdig, ckey, sens_settings)
+    sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
+                                         qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
+                                         seqlen=cfg.sens_seqlen, target_rel_se=cfg.sens_target,
+                                         min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed)
+    sens_fp = sensitivity_fingerprint(mdig, ckey, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")
         report = artifacts.load(sens_path, "sensitivity")

@@ -72,17 +72,32 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
                             qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups))
            for n, t in traces.items()]
-    settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
-                    qerror_groups=list(qerror_groups), n_samples=len(calib_ids),
-                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se, min_probes=min_probes,
-                    max_probes=max_probes, seed=seed)
-    if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
-        settings["estimator"] = estimator
+    settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,
+                                    qerror_groups=qerror_groups, n_samples=len(calib_ids),
+                                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
+                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
                                settings=settings, layers=out, seconds=time.perf_counter() - t0)
-    report.fingerprint = fingerprint("sensitivity", model_digest(loaded), data_key, settings)
+    report.fingerprint = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     return report
+
+
+def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
+                         seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
+                         estimator: str = "hutchinson") -> dict:
+    """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
+    settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
+                    qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
+                    target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed)
+    if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
+        settings["estimator"] = estimator
+    return settings
+
+
+def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
+    """Fingerprint of a sensitivity report: what `hawqtool run` compares to skip the stage."""
+    return fingerprint("sensitivity", model_fp, data_key, settings)
 
 
 ESTIMATORS = ("hutchinson", "fisher")
