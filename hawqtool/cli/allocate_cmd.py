@@ -1,0 +1,101 @@
+"""`hawqtool allocate` (bits per layer under a budget) and `hawqtool report`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ._base import _bits, _setup_logging, common, guarded, main
+
+
+@main.command()
+@click.argument("sensitivity_file", type=click.Path(path_type=Path))
+@click.option("--avg-bits", type=float, default=None, help="Size budget: at most the bytes of uniform B-bit.")
+@click.option("--max-bytes", type=float, default=None, help="Size budget in bytes of the quantized layers.")
+@click.option("--bits", default="2,3,4,8", show_default=True, help="Allowed bit widths.")
+@click.option("--group-size", default=128, show_default=True, help="Group size along inputs (-1: per channel).")
+@click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
+@click.option("--model", default=None, help="Model for quantization errors the report lacks (default: the report's).")
+@click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS",
+              help="Fix the bits of layers whose name matches the regex (repeatable; first match wins).")
+@click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2",
+              help="Restrict matching layers to these widths (repeatable; first match wins; --pin overrides).")
+@click.option("--tie", "ties", multiple=True, metavar="PATTERN",
+              help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
+@click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
+@click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontier of size vs Ω.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
+@common
+@guarded
+def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
+             sweep, output, as_json, verbose, quiet):
+    """Choose bits per layer by an integer program under a size budget.
+
+    \b
+    hawqtool allocate sens.json --avg-bits 3.0 -o plan.json
+    hawqtool allocate sens.json --max-bytes 40e6 --bits 3,4,8 -o plan.json
+    hawqtool allocate sens.json --avg-bits 3 --pin lm_head=8 --auto-ties --sweep -o plan.json
+    """
+    from .. import artifacts
+    from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
+    from ..progress import Reporter
+    from ..render import plan_table
+    from ..stages import lazy_weights
+
+    _setup_logging(verbose)
+    cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
+    report = artifacts.load(sensitivity_file, "sensitivity")
+    weights, bit_choices = lazy_weights(model or report.model), _bits(bits)
+    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes,
+                         bit_choices=bit_choices, group_size=group_size, symmetric=sym, **cons)
+    artifacts.save(plan, output)
+    written = [output]
+    if sweep:
+        from ..allocate.sweep import sweep_plans, write_sweep
+
+        res = sweep_plans(report, weights, bit_choices, group_size, sym,
+                          extra_budgets=[plan.budget["max_bytes"]], **cons)
+        base = output.with_suffix("") if output.suffix == ".json" else output
+        paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),
+                            plan)
+        written += list(paths.values())
+    if as_json:
+        click.echo(json.dumps(asdict(plan)))
+    elif not quiet:
+        Reporter().console.print(plan_table(plan))
+        for p in written:
+            click.echo(f"wrote {p}", err=True)
+
+
+@main.command(name="report")
+@click.argument("sensitivity_file", type=click.Path(path_type=Path))
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+              help="Plan JSON from `hawqtool allocate`: adds bits per layer.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Folder for sensitivity.md/.html (default: the JSON's folder).")
+@common
+@guarded
+def report_cmd(sensitivity_file, plan_file, output, as_json, verbose, quiet):
+    """Markdown + self-contained HTML report (embedded plots) of a sensitivity run.
+
+    \b
+    hawqtool report sens.json --plan plan.json -o reports/
+    """
+    from .. import artifacts
+    from ..progress import Reporter
+    from ..render import sensitivity_table
+    from ..report import write_sensitivity_report
+
+    _setup_logging(verbose)
+    sens = artifacts.load(sensitivity_file, "sensitivity")
+    plan = artifacts.load(plan_file, "plan") if plan_file is not None else None
+    paths = write_sensitivity_report(sens, output if output is not None else Path(sensitivity_file).parent, plan)
+    if as_json:
+        click.echo(json.dumps({k: str(p) for k, p in paths.items()}))
+    elif not quiet:
+        rep = Reporter()
+        rep.console.print(sensitivity_table(sens))
+        for p in paths.values():
+            rep.say(f"wrote {p}")

@@ -1,0 +1,108 @@
+"""`hawqtool quantize`, `eval` and `export`: produce, measure and convert checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._base import _setup_logging, calib_options, common, guarded, main
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), required=True)
+@click.option("--calib", default="wiki", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--nsamples", default=32, show_default=True)
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
+@click.option("--blocksize", default=128, show_default=True)
+@click.option("--first-token-weight", default=None, type=float,
+              help="Weight of each window's first token (attention sink) in GPTQ's H.")
+@calib_options
+@common
+@guarded
+def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize,
+             first_token_weight, seed,
+             trust_remote_code, as_json, verbose, quiet):
+    """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
+
+    \b
+    hawqtool quantize HuggingFaceTB/SmolLM2-135M --plan plan.json --calib wiki -o ckpt/
+    """
+    from .. import artifacts
+    from ..data import calibration_windows, data_fingerprint
+    from ..models import load_model
+    from ..progress import Reporter
+    from ..quantize.driver import QuantizeOptions
+    from ..stages import check_plan_matches, quantize_stage
+
+    _setup_logging(verbose)
+    rep = Reporter(quiet or as_json)
+    plan = artifacts.load(plan_file, "plan")
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    check_plan_matches(plan, loaded)
+    ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed)
+    opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize)
+    if first_token_weight is not None:
+        opts.first_token_weight = first_token_weight
+    with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
+        path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
+                              data_key=artifacts.fingerprint(data_fingerprint(calib), seed))
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(path)}))
+    else:
+        rep.say(f"wrote {path}")
+
+
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.option("--data", default="wiki", show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--windows", "max_windows", default=40, show_default=True, help="At most this many windows.")
+@click.option("--trust-remote-code", is_flag=True)
+@common
+@guarded
+def eval_cmd(model, data, seqlen, max_windows, trust_remote_code, as_json, verbose, quiet):
+    """Perplexity of a model or a hawqtool checkpoint (pinned protocol, see README).
+
+    \b
+    hawqtool eval ckpt/ --data wiki --json
+    """
+    from ..stages import evaluate_any
+    from ..progress import Reporter
+
+    _setup_logging(verbose)
+    rep = Reporter(quiet or as_json)
+    res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} × {res['seqlen']})")
+
+
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
+              help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 layout.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder to write (atomically).")
+@common
+@guarded
+def export_cmd(checkpoint, fmt, output, as_json, verbose, quiet):
+    """Convert a hawqtool checkpoint for other runtimes.
+
+    \b
+    hawqtool export ckpt/ --format compressed-tensors -o ckpt-ct/
+    hawqtool export ckpt/ --format gptq -o ckpt-gptq/
+    """
+    from ..export import export_checkpoint
+
+    _setup_logging(verbose)
+    path = export_checkpoint(checkpoint, output, fmt)
+    if as_json:
+        click.echo(json.dumps({"export": str(path), "format": fmt}))
+    elif not quiet:
+        click.echo(f"wrote {path}", err=True)

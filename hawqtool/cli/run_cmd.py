@@ -1,0 +1,58 @@
+"""`hawqtool run`: the whole pipeline in one command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._base import _bits, _setup_logging, calib_options, common, guarded, main
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
+@click.option("--avg-bits", type=float, default=3.0, show_default=True)
+@click.option("--bits", default="2,3,4,8", show_default=True)
+@click.option("--group-size", default=128, show_default=True)
+@click.option("--sym", is_flag=True)
+@click.option("--calib", default="wiki", show_default=True)
+@click.option("--data", default="wiki", show_default=True)
+@click.option("--nsamples", default=32, show_default=True, help="GPTQ calibration windows.")
+@click.option("--seqlen", default=512, show_default=True, help="GPTQ calibration window length.")
+@click.option("--sens-samples", default=8, show_default=True)
+@click.option("--sens-seqlen", default=256, show_default=True)
+@click.option("--max-probes", default=32, show_default=True)
+@click.option("--eval-windows", default=40, show_default=True)
+@click.option("--eval-seqlen", default=512, show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--act-order", is_flag=True)
+@calib_options
+@common
+@guarded
+def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
+        max_probes, eval_windows, eval_seqlen, method, act_order, seed, trust_remote_code, as_json, verbose, quiet):
+    """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
+
+    Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text.
+
+    \b
+    hawqtool run --avg-bits 3.0 -o out/
+    """
+    from ..progress import Reporter
+    from ..render import summary_table
+    from ..run import RunConfig, run_pipeline
+
+    _setup_logging(verbose)
+    rep = Reporter(quiet or as_json)
+    cfg = RunConfig(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
+                    group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
+                    sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
+                    eval_windows=eval_windows, eval_seqlen=eval_seqlen, seed=seed, method=method, act_order=act_order,
+                    trust_remote_code=trust_remote_code)
+    summary = run_pipeline(cfg, rep)
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        rep.console.print(summary_table(summary))
+        rep.say(f"wrote {Path(output) / 'summary.json'}")

@@ -1,0 +1,61 @@
+"""`hawqtool sensitivity`: per-layer Hessian/Fisher traces of a model."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ._base import _bits, _setup_logging, calib_options, common, guarded, main
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--calib", default="wiki", show_default=True, help="Calibration text: `wiki` or a .txt/.jsonl file.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sensitivity.json"), show_default=True)
+@click.option("--nsamples", default=8, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", default=256, show_default=True, help="Tokens per window.")
+@click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
+@click.option("--estimator", type=click.Choice(["hutchinson", "fisher"]), default="hutchinson", show_default=True,
+              help="fisher: sampled-label Fisher, one backward per probe (self-kl/output-mse); for models "
+                   "without double-backward/forward-mode support.")
+@click.option("--target", default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
+@click.option("--min-probes", default=8, show_default=True)
+@click.option("--max-probes", default=32, show_default=True)
+@click.option("--max-seconds", type=float, default=None, help="Time budget for the probes.")
+@click.option("--bits", default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
+@click.option("--group-size", default=128, show_default=True)
+@calib_options
+@common
+@guarded
+def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, target, min_probes, max_probes, max_seconds,
+                bits, group_size, seed, trust_remote_code, as_json, verbose, quiet):
+    """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
+
+    \b
+    hawqtool sensitivity HuggingFaceTB/SmolLM2-135M --calib wiki -o sens.json
+    """
+    from .. import artifacts
+    from ..data import calibration_windows, data_fingerprint
+    from ..models import load_model
+    from ..progress import Reporter
+    from ..render import sensitivity_table
+    from ..stages import compute_sensitivity
+
+    _setup_logging(verbose)
+    rep = Reporter(quiet or as_json)
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed + 1)
+    with rep.probe_bar(max_probes) as cb:
+        report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator,
+                                     target_rel_se=target, min_probes=min_probes,
+                                     max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
+                                     data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
+                                     qerror_bits=_bits(bits), qerror_groups=(group_size,))
+    artifacts.save(report, output)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+    elif not quiet:
+        rep.console.print(sensitivity_table(report))
+        rep.say(f"wrote {output}")
