@@ -125,3 +125,13 @@ def eval_windows(tokenizer, ref: str, seqlen: int, max_windows: int | None = Non
         raise UserError(f"evaluation text {ref} has {len(sl.tokens)} tokens in its evaluation slice "
                         f"(last 20%), fewer than one window of {seqlen}; give more text or lower --seqlen")
     return sl.tokens[: k * seqlen].view(k, seqlen)
+
+
+def with_special_tokens(windows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Wrap each window in the tokenizer's [CLS] ... [SEP] (encoders expect them), keeping the length:
+    the window's last two tokens make room."""
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is None or sep is None:
+        return windows
+    k = windows.shape[0]
+    return torch.cat([torch.full((k, 1), cls), windows[:, :-2], torch.full((k, 1), sep)], dim=1)

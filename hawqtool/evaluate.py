@@ -1,9 +1,11 @@
-"""Stage 5 (evaluate): perplexity with a pinned protocol.
+"""Stage 5 (evaluate): perplexity (causal LMs) and embedding fidelity (encoders), pinned protocols.
 
 Protocol (GPTQ-style, documented in the README): the evaluation slice (last 20% of the
 source's tokens) is cut into non-overlapping windows of `seqlen` tokens from its start,
 at most `max_windows`; each window is scored independently (no context carried over);
 ppl = exp(Σ NLL / Σ predicted tokens), with seqlen−1 predicted tokens per window.
+Encoders get the same windows wrapped in [CLS] … [SEP]; the score is the mean cosine of
+mean-pooled embeddings against the full-precision model.
 """
 from __future__ import annotations
 
@@ -50,3 +52,39 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     nll = total / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(windows),
                             seqlen=windows.shape[1], seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class FidelityResult:
+    """Agreement of an encoder's embeddings with its full-precision reference."""
+
+    cosine: float  # mean over windows of cos(mean-pooled embedding, reference's)
+    cosine_min: float
+    windows: int
+    seqlen: int
+    seconds: float
+
+
+def mean_pooled(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean of the last hidden state over positions (sentence-transformers' pooling for MiniLM-style encoders)."""
+    return model(input_ids=ids).last_hidden_state.float().mean(dim=1)
+
+
+def embedding_fidelity(reference: nn.Module, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                       progress: Callable[[int], None] | None = None) -> FidelityResult:
+    """Cosine similarity of mean-pooled embeddings of `model` and `reference` over [k, seqlen] token windows."""
+    t0 = time.perf_counter()
+    cos = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids = windows[i:i + batch_size]
+            a, b = mean_pooled(reference, ids), mean_pooled(model, ids)
+            c = F.cosine_similarity(a.double(), b.double(), dim=-1)
+            if not torch.isfinite(c).all():
+                raise FloatingPointError(f"non-finite embeddings in evaluation window {i}; the model produces NaN/inf")
+            cos.append(c)
+            if progress:
+                progress(len(ids))
+    c = torch.cat(cos)
+    return FidelityResult(cosine=float(c.mean()), cosine_min=float(c.min()), windows=len(windows),
+                          seqlen=windows.shape[1], seconds=time.perf_counter() - t0)

@@ -33,6 +33,7 @@ class LoadedModel:
     tokenizer: object | None
     source: str  # resolved local path or hub id
     files: list[Path]  # files that define the weights (for fingerprints)
+    task: str = "causal-lm"  # "causal-lm" (perplexity) or "encoder" (embedding fidelity)
 
 
 def default_model_path() -> Path:
@@ -130,10 +131,30 @@ def _hub_like(ref: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not ref.startswith(".")
 
 
+def model_task(config) -> str:
+    """"causal-lm" or "encoder". The config's `architectures` decide when present (BERT configs also map
+    to a causal-LM head class, but a checkpoint saved as BertModel is an encoder); otherwise whether
+    transformers has a causal-LM class for the config."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
+    return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
+
+
+def model_class(task: str):
+    """transformers Auto class for a task from `model_task`."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModel
+
+
 def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "eager") -> LoadedModel:
-    """Load a causal LM and tokenizer from a reference (see `resolve`), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM (or, when the config is not one, an encoder via AutoModel) and its tokenizer
+    from a reference (see `resolve`), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, is_gguf = resolve(ref)
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code,
@@ -146,8 +167,10 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
             if hasattr(model.config, "quantization_config"):
                 delattr(model.config, "quantization_config")
             files = [p]
+            task = "causal-lm"
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            task = model_task(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+            model = model_class(task).from_pretrained(source, **kwargs)
             tok = _load_tokenizer(source, trust_remote_code)
             files = _weight_files(source)
     except OSError as e:
@@ -160,7 +183,7 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
             raise UserError(f"{source} needs custom code; pass --trust-remote-code if you trust it") from e
         raise
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, source=source, files=files)
+    return LoadedModel(model=model, tokenizer=tok, source=source, files=files, task=task)
 
 
 def _load_tokenizer(source: str, trust_remote_code: bool):

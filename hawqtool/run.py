@@ -19,6 +19,7 @@ from .allocate.plan import allocate_bits, uniform_bytes, uniform_plan, omega_tab
 from .artifacts import fingerprint, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .data import calibration_windows, data_fingerprint, eval_windows
+from .errors import UserError
 from .evaluate import perplexity
 from .models import load_model
 from .progress import Reporter
@@ -82,6 +83,9 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         return r
 
     loaded = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    if loaded.task != "causal-lm":
+        raise UserError(f"`hawqtool run` scores perplexity, and {loaded.source} is an encoder; run the stages "
+                        "instead: sensitivity --objective output-mse, allocate, quantize, eval")
     mdig = timed("load", lambda: model_digest(loaded))
     tok = loaded.tokenizer
     ckey = fingerprint(data_fingerprint(cfg.calib), cfg.seed)

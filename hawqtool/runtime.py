@@ -59,7 +59,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .models import model_class, model_task
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
@@ -71,7 +73,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}/config.json is unreadable; re-create the checkpoint") from e
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model = model_class(model_task(config)).from_config(config, dtype=torch.float32, attn_implementation="eager")
     for name, meta in manifest["layers"].items():
         _set_module(model, name, QuantLinear(packed_from_tensors(tensors, name, meta), tensors.get(f"{name}.bias")))
     rest = {k: v for k, v in tensors.items()

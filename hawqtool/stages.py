@@ -176,27 +176,39 @@ def lazy_weights(model_ref: str | None, trust_remote_code: bool = False) -> Call
 
 
 def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep,
-                 trust_remote_code: bool = False) -> dict:
-    """Perplexity of a model reference or a hawqtool checkpoint folder, as a dict."""
-    from .checkpoint import is_checkpoint
-    from .data import eval_windows
-    from .evaluate import perplexity
-    from .models import load_model
+                 trust_remote_code: bool = False, reference: str | None = None) -> dict:
+    """Evaluate a model reference or a hawqtool checkpoint folder, as a dict: perplexity for causal
+    LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model)."""
+    from .checkpoint import is_checkpoint, read_manifest
+    from .data import eval_windows, with_special_tokens
+    from .evaluate import embedding_fidelity, perplexity
+    from .models import load_model, model_task
 
+    source = ref
     if ref is not None and is_checkpoint(ref):
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         from .runtime import load_quantized
 
         model = load_quantized(ref)
+        task = model_task(AutoConfig.from_pretrained(ref))
+        source = read_manifest(ref, verify=False).get("source_model")
         try:
             tok = AutoTokenizer.from_pretrained(ref)
         except (OSError, ValueError) as e:
             raise UserError(f"checkpoint {ref} has no tokenizer files; copy them from the source model") from e
     else:
         loaded = load_model(ref, trust_remote_code=trust_remote_code)
-        model, tok = loaded.model, loaded.tokenizer
+        model, tok, task = loaded.model, loaded.tokenizer, loaded.task
     windows = eval_windows(tok, data, seqlen, max_windows)
+    if task == "causal-lm":
+        with rep.bar("eval windows", len(windows)) as adv:
+            res = perplexity(model, windows, progress=adv)
+        return {"task": task, **asdict(res)}
+    reference = reference or source
+    if reference is None:
+        raise UserError("an encoder is scored against its full-precision model; pass --reference MODEL")
+    ref_model = load_model(reference, trust_remote_code=trust_remote_code).model
     with rep.bar("eval windows", len(windows)) as adv:
-        res = perplexity(model, windows, progress=adv)
-    return asdict(res)
+        fid = embedding_fidelity(ref_model, model, with_special_tokens(windows, tok), progress=adv)
+    return {"task": task, "reference": str(reference), **asdict(fid)}

@@ -49,6 +49,8 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize)
     if first_token_weight is not None:
         opts.first_token_weight = first_token_weight
+    elif loaded.task != "causal-lm":
+        opts.first_token_weight = 1.0  # the attention-sink weighting is for causal LMs
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
                               data_key=artifacts.fingerprint(data_fingerprint(calib), seed))
@@ -63,23 +65,31 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
 @click.option("--data", default="wiki", show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
 @click.option("--seqlen", default=512, show_default=True)
 @click.option("--windows", "max_windows", default=40, show_default=True, help="At most this many windows.")
+@click.option("--reference", default=None,
+              help="Encoders: full-precision model to compare embeddings with (default: the checkpoint's source).")
 @click.option("--trust-remote-code", is_flag=True)
 @common
 @guarded
-def eval_cmd(model, data, seqlen, max_windows, trust_remote_code, as_json, verbose, quiet):
-    """Perplexity of a model or a hawqtool checkpoint (pinned protocol, see README).
+def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_json, verbose, quiet):
+    """Perplexity of a causal LM, or embedding cosine of an encoder against full precision, for a
+    model or a hawqtool checkpoint (pinned protocols, see README).
 
     \b
     hawqtool eval ckpt/ --data wiki --json
+    hawqtool eval minilm-ckpt/ --seqlen 128      # encoder: cosine to its source model
     """
     from ..stages import evaluate_any
     from ..progress import Reporter
 
     _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
-    res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code)
+    res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code,
+                       reference=reference)
     if as_json:
         click.echo(json.dumps(res))
+    elif res["task"] == "encoder":
+        click.echo(f"embedding cosine to {res['reference']}: mean {res['cosine']:.5f}, min {res['cosine_min']:.5f} "
+                   f"({res['windows']} × {res['seqlen']} tokens)")
     else:
         click.echo(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} × {res['seqlen']})")
 

@@ -1,0 +1,92 @@
+"""Encoders (BERT-style, like all-MiniLM-L6-v2) go through every stage; eval scores embedding cosine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hawqtool.cli import main
+from hawqtool.data import with_special_tokens
+from hawqtool.evaluate import embedding_fidelity
+from hawqtool.models import load_model
+
+
+def make_tiny_bert(folder: Path, corpus: str, *, vocab: int = 300, hidden: int = 32, layers: int = 2) -> Path:
+    """Randomly initialised tiny BertModel + a WordPiece tokenizer with [CLS]/[SEP], trained on `corpus`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator([corpus[i:i + 2000] for i in range(0, len(corpus), 2000)],
+                           trainers.WordPieceTrainer(vocab_size=vocab,
+                                                     special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=128, architectures=["BertModel"])
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, corpus_text) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), corpus_text)
+
+
+def test_encoder_loads_as_encoder(tiny_bert):
+    loaded = load_model(str(tiny_bert))
+    assert loaded.task == "encoder"
+    assert type(loaded.model).__name__ == "BertModel"
+
+
+def test_special_tokens_wrap_windows(tiny_bert):
+    tok = load_model(str(tiny_bert)).tokenizer
+    w = torch.arange(20).view(2, 10) + 10
+    out = with_special_tokens(w, tok)
+    assert out.shape == w.shape
+    assert (out[:, 0] == tok.cls_token_id).all() and (out[:, -1] == tok.sep_token_id).all()
+    assert torch.equal(out[:, 1:-1], w[:, :-2])
+
+
+def test_fidelity_is_one_against_itself_and_drops_with_noise(tiny_bert):
+    model = load_model(str(tiny_bert)).model
+    ids = torch.randint(5, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    assert embedding_fidelity(model, model, ids, batch_size=4).cosine == pytest.approx(1.0, abs=1e-9)
+    noisy = load_model(str(tiny_bert)).model
+    with torch.no_grad():
+        for p in noisy.encoder.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    r = embedding_fidelity(model, noisy, ids, batch_size=4)
+    assert r.cosine < 0.999 and r.cosine_min <= r.cosine and r.windows == 6
+
+
+def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path):
+    run = CliRunner().invoke
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ckpt"
+    r = run(main, ["sensitivity", str(tiny_bert), "--calib", str(text_file), "--objective", "output-mse",
+                   "--nsamples", "4", "--seqlen", "32", "--max-probes", "8", "-q", "-o", str(sens)])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["allocate", str(sens), "--avg-bits", "4", "-q", "-o", str(plan), "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["quantize", str(tiny_bert), "--plan", str(plan), "--calib", str(text_file), "--nsamples", "4",
+                   "--seqlen", "32", "-q", "-o", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((ckpt / "hawqtool_manifest.json").read_text())
+    assert manifest["options"]["first_token_weight"] == 1.0  # no attention-sink weighting for encoders
+    r = run(main, ["eval", str(ckpt), "--data", str(text_file), "--seqlen", "32", "--windows", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["task"] == "encoder" and res["windows"] == 8
+    assert 0.5 < res["cosine"] < 1.0  # 4-bit changes the embeddings a little, not completely
+
+
+def test_run_refuses_encoders_with_a_hint(tiny_bert, tmp_path):
+    r = CliRunner().invoke(main, ["run", str(tiny_bert), "-o", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 1
+    assert "encoder" in r.output and "output-mse" in r.output
