@@ -10,7 +10,7 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 
 
 @main.command()
-@click.argument("model", required=False)
+@click.argument("model", required=False, metavar="[MODEL | RECIPE.yaml]")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
 @click.option("--avg-bits", type=float, default=3.0, show_default=True)
 @click.option("--bits", default="2,3,4,8", show_default=True)
@@ -34,25 +34,38 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
         max_probes, eval_windows, eval_seqlen, method, act_order, seed, trust_remote_code, as_json, verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
-    Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text.
+    Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text. A YAML recipe
+    (recipes/*.yaml; keys are the settings below) sets defaults; options given here win.
 
     \b
     hawqtool run --avg-bits 3.0 -o out/
+    hawqtool run recipes/smollm2-135m.yaml --avg-bits 3.5
     """
     from ..progress import Reporter
+    from ..recipe import is_recipe, load_recipe
     from ..render import summary_table
     from ..run import RunConfig, run_pipeline
 
     _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
-    cfg = RunConfig(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
-                    group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
-                    sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
-                    eval_windows=eval_windows, eval_seqlen=eval_seqlen, seed=seed, method=method, act_order=act_order,
-                    trust_remote_code=trust_remote_code)
+    given = dict(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
+                 group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
+                 sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
+                 eval_windows=eval_windows, eval_seqlen=eval_seqlen, seed=seed, method=method, act_order=act_order,
+                 trust_remote_code=trust_remote_code)
+    if is_recipe(model):
+        recipe = load_recipe(model)
+        given["model"] = None
+        ctx = click.get_current_context()
+        param_of = {"out": "output", "bit_choices": "bits", "symmetric": "sym", "sens_max_probes": "max_probes"}
+        for key, value in recipe.items():
+            src = ctx.get_parameter_source(param_of.get(key, key)) if key != "model" else None
+            if src in (None, click.core.ParameterSource.DEFAULT):
+                given[key] = value
+    cfg = RunConfig(**given)
     summary = run_pipeline(cfg, rep)
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
         rep.console.print(summary_table(summary))
-        rep.say(f"wrote {Path(output) / 'summary.json'}")
+        rep.say(f"wrote {Path(cfg.out) / 'summary.json'}")

@@ -1,0 +1,70 @@
+"""Recipes: YAML files holding `hawqtool run` settings (RunConfig field names), one per model family.
+
+A recipe sets defaults; options given on the command line win. Unknown keys and wrongly
+typed values are one-line errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .run import RunConfig
+
+_INTERNAL = {"stage_seconds"}
+
+
+def recipe_fields() -> dict[str, Any]:
+    """RunConfig fields a recipe may set, with their defaults."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+            for f in dataclasses.fields(RunConfig) if f.name not in _INTERNAL}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a recipe value against the field's default type (ints may stand for floats)."""
+    if key == "bit_choices":
+        if not isinstance(value, list) or not value or not all(isinstance(b, int) and 1 <= b <= 8 for b in value):
+            raise UserError(f"recipe key bit_choices must be a list of widths 1..8 like [2, 3, 4, 8], got {value!r}")
+        return tuple(sorted(set(value)))
+    if key == "out":
+        return Path(value)
+    if default is None:  # model: a string or null
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"recipe key {key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        raise UserError(f"recipe key {key} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Validated {RunConfig field: value} from a YAML recipe."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe {p} does not exist; pass a YAML file (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {p} must be a mapping of settings, like `avg_bits: 3.0`")
+    fields = recipe_fields()
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"recipe {p} has unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
+    return {k: _coerce(k, v, fields[k]) for k, v in data.items()}
+
+
+def is_recipe(ref: str | None) -> bool:
+    """True if a `hawqtool run` argument names a YAML recipe rather than a model."""
+    return ref is not None and ref.endswith((".yaml", ".yml"))

@@ -1,0 +1,56 @@
+"""Recipes set `hawqtool run` defaults; command-line options win; bad recipes are one-line errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hawqtool.cli import main
+from hawqtool.errors import UserError
+from hawqtool.recipe import load_recipe
+from hawqtool.run import RunConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_default_recipe_is_the_default_job():
+    cfg = RunConfig(**load_recipe(RECIPES / "smollm2-135m.yaml"))
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(RunConfig())
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("avg_bit: 3.0\n", "unknown key 'avg_bit'"),
+    ("avg_bits: three\n", "avg_bits must be float"),
+    ("bit_choices: [2, 9]\n", "bit_choices"),
+    ("act_order: 1\n", "act_order must be bool"),
+    ("nsamples: 3.5\n", "nsamples must be int"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("avg_bits: [\n", "not valid YAML"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=None) as e:
+        load_recipe(p)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_recipe_exits_1(tmp_path):
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_recipe_sets_defaults_and_flags_win(tiny_llama, text_file, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"model: {tiny_llama}\ncalib: {text_file}\ndata: {text_file}\navg_bits: 4.0\nnsamples: 8\n"
+                      f"seqlen: 64\nsens_samples: 4\nsens_seqlen: 32\nsens_max_probes: 8\neval_windows: 3\n"
+                      f"eval_seqlen: 64\nout: {tmp_path / 'from-recipe'}\n")
+    r = CliRunner().invoke(main, ["run", str(recipe), "--avg-bits", "3.0", "-o", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["budget"]["value"] == 3.0  # the flag, not the recipe's 4.0
+    assert s["eval_tokens"] == 3 * 63 and s["calib_samples"] == 8  # the recipe's, not the defaults
+    assert (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "from-recipe").exists()
