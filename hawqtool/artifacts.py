@@ -110,7 +110,8 @@ class LayerPlan:
     n_params: int
     storage_bytes: float
     omega: float  # predicted perturbation at the chosen bits
-    omega_by_bits: dict[str, float] = field(default_factory=dict)
+    omega_by_bits: dict[str, float] = field(default_factory=dict)  # by width, or by option label (w4g128a16)
+    act_bits: int = 16  # 16: weight-only; 8: W8A8 (dynamic per-token int8 activations)
 
 
 @dataclass
@@ -129,6 +130,9 @@ class Plan:
     solve_seconds: float
     sensitivity_fingerprint: str = ""
     fingerprint: str = ""
+    costs: dict = field(default_factory=dict)  # achieved totals: bytes, bops (per token/image), latency_ms
+    options: list = field(default_factory=list)  # option labels when more than one per width (or trace_ucb)
+    trace_ucb: float = 0.0  # z of the pessimistic trace max(Tr,0)+z·s.e. used, 0 = the estimate itself
     kind: str = "plan"
     schema_version: int = SCHEMA_VERSION
 

@@ -12,15 +12,21 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..artifacts import LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
 from ..errors import UserError
+from ..macs import LayerProfile
 from ..quantize.quantizer import QuantSpec, quant_error
 from .ilp import InfeasibleBudget, _groups, solve_allocation
+from .budgets import Budgets, budget_record, cost_tables, infeasible_message
+from .options import FULL_ACT, Option, make_options
+
+if TYPE_CHECKING:
+    from ..latency import LatencyTable
 
 log = logging.getLogger("hawqtool")
 
@@ -28,12 +34,22 @@ log = logging.getLogger("hawqtool")
 WeightSource = Callable[[], dict[str, torch.Tensor]]
 
 
-def omega_table(report: SensitivityReport, weights: WeightSource, bit_choices: list[int],
-                group_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Ω [L, C] and storage bytes [L, C] for the report's layers (in report order).
+def act_noise_ratio(act_bits: int, crest: float) -> float:
+    """E‖δx‖²/E‖x‖² of symmetric dynamic per-row quantization at `act_bits`: step max|x|/(2^(a−1)−1),
+    noise step²/12 per element, so the ratio is crest/(12·(2^(a−1)−1)²) with crest = max(x²)/mean(x²)."""
+    return crest / (12.0 * (2 ** (act_bits - 1) - 1) ** 2)
 
-    ‖Q_b(W)−W‖² comes from the report when it was measured there, else from `weights()`."""
-    L, C = len(report.layers), len(bit_choices)
+
+def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequence[Option], symmetric: bool,
+                 profile: Mapping[str, LayerProfile] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ω [L, C] and storage bytes [L, C] for the report's layers (in report order) and the options.
+
+    Weight term: Tr/n·‖Q(W)−W‖², with ‖Q(W)−W‖² from the report when measured there, else from
+    `weights()`. Activation term (options with act_bits < 16), a first-order proxy: input noise δx
+    acts like a weight error of energy ‖W‖²·E‖δx‖²/E‖x‖² (isotropic inputs), so it adds
+    Tr/n·‖W‖²·act_noise_ratio(a, crest), with ‖W‖² and the crest factor from the measured profile.
+    Ω is made non-increasing in bits within each (group size, activation bits, symmetry) family."""
+    L, C = len(report.layers), len(options)
     omega, nbytes = np.zeros((L, C)), np.zeros((L, C))
     negative = []
     for i, ls in enumerate(report.layers):
@@ -41,22 +57,37 @@ def omega_table(report: SensitivityReport, weights: WeightSource, bit_choices: l
         if trace < 0:
             negative.append(ls.name)
             trace = 0.0
-        for j, b in enumerate(bit_choices):
-            spec = QuantSpec(b, group_size, symmetric)
-            err = ls.qerror.get(qerror_key(b, group_size, symmetric))
+        for j, opt in enumerate(options):
+            spec = opt.spec(symmetric)
+            err = ls.qerror.get(qerror_key(spec.bits, spec.group_size, spec.symmetric))
             if err is None:
                 W = weights().get(ls.name)
                 if W is None:
                     raise UserError(f"sensitivity report names layer {ls.name} that the model lacks; "
                                     "re-run `hawqtool sensitivity` on this model")
                 err = quant_error(W, spec)
+            if opt.act_bits < FULL_ACT:
+                if profile is None or ls.name not in profile:
+                    raise UserError("activation bits need the layers' measured input statistics; pass --model "
+                                    "(or run allocate where the model can be loaded)")
+                err += profile[ls.name].weight_sq * act_noise_ratio(opt.act_bits, profile[ls.name].crest)
             omega[i, j] = trace / ls.n_params * err
             nbytes[i, j] = spec.storage_bits(*ls.shape) / 8
     if negative:
         log.warning("%d layers have a negative trace estimate, treated as 0: %s", len(negative), ", ".join(negative[:5]))
-    order = np.argsort(bit_choices)
-    omega[:, order] = np.minimum.accumulate(omega[:, order], axis=1)  # running min: non-increasing in bits
+    families: dict[tuple, list[int]] = {}
+    for j, opt in enumerate(options):
+        families.setdefault((opt.group_size, opt.act_bits, opt.symmetric), []).append(j)
+    for cols in families.values():
+        cols = sorted(cols, key=lambda j: options[j].bits)
+        omega[:, cols] = np.minimum.accumulate(omega[:, cols], axis=1)  # running min: non-increasing in bits
     return omega, nbytes
+
+
+def omega_table(report: SensitivityReport, weights: WeightSource, bit_choices: list[int],
+                group_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ω [L, C] and bytes [L, C] for weight-only widths at one group size (columns in bit_choices order)."""
+    return layer_tables(report, weights, [Option(b, group_size) for b in bit_choices], symmetric)
 
 
 def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> float:
@@ -187,45 +218,69 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                   max_bytes: float | None = None, bit_choices: tuple[int, ...] = (2, 3, 4, 8),
                   group_size: int = 128, symmetric: bool = False, pins: Mapping[str, int] | None = None,
                   allowed: Mapping[str, Sequence[int]] | None = None, ties: Sequence[str] = (),
-                  auto_ties: bool = False) -> Plan:
-    """Solve the ILP for one budget (plus optional pins/allowed widths/ties) and return the plan artifact."""
-    if (avg_bits is None) == (max_bytes is None):
-        raise UserError("give exactly one budget: --avg-bits B or --max-bytes N")
-    bit_choices = sorted(set(int(b) for b in bit_choices))
-    cons = build_constraints([ls.name for ls in report.layers], bit_choices, pins=pins, allowed=allowed,
-                             ties=ties, auto_ties=auto_ties)
-    omega, nbytes = omega_table(report, weights, bit_choices, group_size, symmetric)
-    budget = max_bytes if max_bytes is not None else uniform_bytes(nbytes, bit_choices, avg_bits)
+                  auto_ties: bool = False, group_sizes: Sequence[int] | None = None,
+                  act_bits: Sequence[int] = (FULL_ACT,), budgets: Budgets | None = None,
+                  profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
+                  trace_ucb: float = 0.0) -> Plan:
+    """Solve the ILP under every given budget (plus optional pins/allowed widths/ties) and return the plan.
+
+    Options are (bits, group size, activation bits) triples from `make_options`; `trace_ucb` z > 0 uses
+    the pessimistic trace max(Tr, 0) + z·s.e. for every layer (noisy near-zero traces then cannot buy
+    a layer 2 bits for free)."""
+    budgets = budgets or Budgets()
+    budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
+    budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes
+    options = make_options(bit_choices, group_sizes or [group_size], act_bits)
+    if trace_ucb:
+        report = ucb_report(report, trace_ucb)
+    names = [ls.name for ls in report.layers]
+    cons = build_constraints(names, [o.bits for o in options], pins=pins, allowed=allowed, ties=ties,
+                             auto_ties=auto_ties)
+    omega, nbytes = layer_tables(report, weights, options, symmetric, profile)
+    costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets)
     try:
-        alloc = solve_allocation(omega, {"bytes": nbytes}, {"bytes": budget * (1 + 1e-9)}, allowed=cons.mask,
+        alloc = solve_allocation(omega, costs, {k: v * (1 + 1e-9) for k, v in limits.items()}, allowed=cons.mask,
                                  ties=cons.groups)
     except InfeasibleBudget as e:
-        smallest = e.minimum["bytes"]
         under = " under these pins/allowed widths/ties" if cons.record else ""
-        if avg_bits is not None:
-            need = avg_bits_for_bytes(nbytes, bit_choices, smallest)
-            raise UserError(f"budget --avg-bits {avg_bits} is below the smallest possible plan{under}; use at least "
-                            f"--avg-bits {need:g} ({smallest:.0f} bytes)") from e
-        raise UserError(f"budget --max-bytes {max_bytes:.0f} is below the smallest possible plan{under}; use at "
-                        f"least --max-bytes {math.ceil(smallest)}") from e
+        raise UserError(infeasible_message(e, budgets, under, nbytes, options)) from e
     n_total = sum(ls.n_params for ls in report.layers)
+    one_per_width = len({o.bits for o in options}) == len(options)
+    keys = [str(o.bits) if one_per_width else o.label for o in options]  # Ω per option, as recorded
     layers = []
     for i, ls in enumerate(report.layers):
         j = int(alloc.choice[i])
-        layers.append(LayerPlan(name=ls.name, bits=bit_choices[j], group_size=group_size, symmetric=symmetric,
+        o = options[j]
+        layers.append(LayerPlan(name=ls.name, bits=o.bits, group_size=o.group_size,
+                                symmetric=symmetric if o.symmetric is None else o.symmetric,
                                 n_params=ls.n_params, storage_bytes=float(nbytes[i, j]), omega=float(omega[i, j]),
-                                omega_by_bits={str(b): float(omega[i, k]) for k, b in enumerate(bit_choices)}))
+                                omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)},
+                                act_bits=o.act_bits))
     total = float(sum(lp.storage_bytes for lp in layers))
-    plan_budget = {"kind": "avg_bits" if avg_bits is not None else "bytes",
-                   "value": avg_bits if avg_bits is not None else max_bytes, "max_bytes": budget}
+    plan_budget = budget_record(budgets, limits)
     if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
         plan_budget["constraints"] = cons.record
-    plan = Plan(model=report.model, budget=plan_budget,
-                bit_choices=bit_choices, group_size=group_size, symmetric=symmetric, layers=layers,
-                avg_bits=8 * total / n_total, total_bytes=total, predicted_omega=float(alloc.objective),
-                solve_seconds=alloc.solve_seconds, sensitivity_fingerprint=report.fingerprint)
-    plan.fingerprint = fingerprint("plan", report.fingerprint, plan.budget, bit_choices, group_size, symmetric)
+    extra = {}
+    if len(options) != len(bit_choices) or trace_ucb:
+        extra = {"options": [o.label for o in options], "trace_ucb": trace_ucb}
+    plan = Plan(model=report.model, budget=plan_budget, bit_choices=sorted({o.bits for o in options}),
+                group_size=group_size if group_sizes is None else int(group_sizes[0]), symmetric=symmetric,
+                layers=layers, avg_bits=8 * total / n_total, total_bytes=total, predicted_omega=float(alloc.objective),
+                solve_seconds=alloc.solve_seconds, sensitivity_fingerprint=report.fingerprint,
+                costs={k: float(v) for k, v in alloc.costs.items()}, **extra)
+    plan.fingerprint = fingerprint("plan", report.fingerprint, plan.budget, plan.bit_choices, plan.group_size,
+                                   symmetric, *([extra] if extra else []))
     return plan
+
+
+def ucb_report(report: SensitivityReport, z: float) -> SensitivityReport:
+    """Copy of the report with each trace replaced by max(trace, 0) + z·stderr."""
+    import copy
+
+    out = copy.deepcopy(report)
+    for ls in out.layers:
+        ls.trace = max(ls.trace, 0.0) + z * ls.stderr
+    return out
 
 
 def uniform_plan(report: SensitivityReport, weights: WeightSource, bits: int, *,

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ._base import _bits, _setup_logging, common, guarded, main
+
+
+def _int_list(s: str, flag: str) -> list[int]:
+    """'32,64,128' -> [32, 64, 128]; one-line error otherwise."""
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of integers, got {s!r}")
+    if not out:
+        raise UserError(f"{flag} needs at least one value")
+    return out
 
 
 @main.command()
@@ -25,11 +37,23 @@ from ._base import _bits, _setup_logging, common, guarded, main
 @click.option("--tie", "ties", multiple=True, metavar="PATTERN",
               help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
+@click.option("--group-sizes", default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
+@click.option("--act-bits", default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
+@click.option("--max-bops", type=float, default=None, help="BOPs budget per token (MACs × weight bits × act bits).")
+@click.option("--bops-frac", type=float, default=None, help="BOPs budget as a fraction of 16×16-bit BOPs.")
+@click.option("--latency-table", type=click.Path(path_type=Path), default=None,
+              help="Layer × option → ms table (from `hawqtool bench --latency-table`).")
+@click.option("--max-latency-ms", type=float, default=None, help="Latency budget: sum of the layers' table times.")
+@click.option("--latency-frac", type=float, default=None, help="Latency budget as a fraction of the table's fp32 time.")
+@click.option("--trace-ucb", type=float, default=0.0, show_default=True,
+              help="Use the pessimistic trace max(Tr,0)+Z·s.e. (0: the estimate itself).")
+@click.option("--calib", default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
 @click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontier of size vs Ω.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
 @common
 @guarded
 def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
+             group_sizes, act_bits, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
              sweep, output, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
@@ -37,9 +61,14 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --avg-bits 3.0 -o plan.json
     hawqtool allocate sens.json --max-bytes 40e6 --bits 3,4,8 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --pin lm_head=8 --auto-ties --sweep -o plan.json
+    hawqtool allocate sens.json --avg-bits 4 --group-sizes 32,64,128 -o plan.json
+    hawqtool allocate sens.json --bops-frac 0.2 --act-bits 8,16 --avg-bits 4.5 -o plan.json
+    hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
     """
     from .. import artifacts
+    from ..allocate.budgets import Budgets
     from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
+    from ..latency import load_latency_table
     from ..progress import Reporter
     from ..render import plan_table
     from ..stages import lazy_weights
@@ -48,15 +77,25 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
     weights, bit_choices = lazy_weights(model or report.model), _bits(bits)
-    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes,
-                         bit_choices=bit_choices, group_size=group_size, symmetric=sym, **cons)
+    acts = _int_list(act_bits, "--act-bits")
+    groups = _int_list(group_sizes, "--group-sizes") if group_sizes else None
+    profile = None
+    if max_bops is not None or bops_frac is not None or min(acts) < 16:
+        from ..macs import load_or_measure_profile
+
+        profile = load_or_measure_profile(report, model, calib, Path(sensitivity_file).with_suffix(".profile.json"))
+    latency = load_latency_table(latency_table) if latency_table is not None else None
+    budgets = Budgets(max_bops=max_bops, bops_frac=bops_frac, max_latency_ms=max_latency_ms, latency_frac=latency_frac)
+    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes, bit_choices=bit_choices,
+                         group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, budgets=budgets,
+                         profile=profile, latency=latency, trace_ucb=trace_ucb, **cons)
     artifacts.save(plan, output)
     written = [output]
     if sweep:
         from ..allocate.sweep import sweep_plans, write_sweep
 
         res = sweep_plans(report, weights, bit_choices, group_size, sym,
-                          extra_budgets=[plan.budget["max_bytes"]], **cons)
+                          extra_budgets=[plan.total_bytes], **cons)
         base = output.with_suffix("") if output.suffix == ".json" else output
         paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),
                             plan)

@@ -1,0 +1,134 @@
+"""Budgets of the allocate stage: size (avg bits / bytes), BOPs and latency, as ILP cost tables and limits.
+
+All given budgets hold at once. An infeasible combination is reported in one line naming, for
+each budget, the smallest value it could have on its own, in the user's own flag.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from ..artifacts import SensitivityReport
+from ..errors import UserError
+from ..macs import LayerProfile
+from .ilp import InfeasibleBudget, _fmt_up
+from .options import FULL_ACT, Option
+
+if TYPE_CHECKING:
+    from ..latency import LatencyTable
+
+
+_CLI_FLAG = {"bytes": "--max-bytes", "bops": "--max-bops", "latency_ms": "--max-latency-ms"}
+
+
+@dataclass
+class Budgets:
+    """Limits on the plan's totals; any subset may be given and all given ones hold at once.
+
+    avg_bits B: bytes of uniform B-bit at the first group size; bops_frac F: F × the BOPs of
+    16-bit weights × 16-bit activations; latency_frac F: F × the table's fp32 latency."""
+
+    avg_bits: float | None = None
+    max_bytes: float | None = None
+    max_bops: float | None = None
+    bops_frac: float | None = None
+    max_latency_ms: float | None = None
+    latency_frac: float | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+def _size_ref(options: Sequence[Option]) -> list[int]:
+    """Columns of the weight-only options at the first group size: what --avg-bits B is measured against."""
+    return [j for j, o in enumerate(options)
+            if o.act_bits == FULL_ACT and o.group_size == options[0].group_size and o.symmetric is None]
+
+
+def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,
+                 profile: Mapping[str, LayerProfile] | None, latency: LatencyTable | None,
+                 budgets: Budgets) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Cost tables [L, C] and limits for every budget given."""
+    costs, limits = {"bytes": nbytes}, {}
+    if budgets.avg_bits is not None and budgets.max_bytes is not None:
+        raise UserError("give --avg-bits or --max-bytes, not both (they are the same budget)")
+    if budgets.avg_bits is not None:
+        ref = _size_ref(options)
+        if not ref:
+            raise UserError("--avg-bits is measured against weight-only layers; add 16 to --act-bits or use --max-bytes")
+        from .plan import uniform_bytes
+
+        limits["bytes"] = uniform_bytes(nbytes[:, ref], [options[j].bits for j in ref], budgets.avg_bits)
+    elif budgets.max_bytes is not None:
+        limits["bytes"] = budgets.max_bytes
+    if budgets.max_bops is not None or budgets.bops_frac is not None:
+        if budgets.max_bops is not None and budgets.bops_frac is not None:
+            raise UserError("give --max-bops or --bops-frac, not both")
+        if profile is None:
+            raise UserError("a BOPs budget needs the layers' MACs; pass --model so they can be measured")
+        macs = np.array([profile[ls.name].macs for ls in report.layers])
+        costs["bops"] = macs[:, None] * np.array([[o.bits * o.act_bits for o in options]], dtype=float)
+        limits["bops"] = budgets.max_bops if budgets.max_bops is not None else budgets.bops_frac * 256.0 * macs.sum()
+    if budgets.max_latency_ms is not None or budgets.latency_frac is not None:
+        if latency is None:
+            raise UserError("a latency budget needs a table: pass --latency-table FILE "
+                            "(write one with `hawqtool bench --latency-table FILE MODEL`)")
+        if budgets.max_latency_ms is not None and budgets.latency_frac is not None:
+            raise UserError("give --max-latency-ms or --latency-frac, not both")
+        names = [ls.name for ls in report.layers]
+        costs["latency_ms"] = latency.costs(names, [o.label for o in options])
+        limits["latency_ms"] = (budgets.max_latency_ms if budgets.max_latency_ms is not None
+                                else budgets.latency_frac * latency.fp32_total(names))
+    if not limits:
+        raise UserError("give a budget: --avg-bits/--max-bytes, --max-bops/--bops-frac, or "
+                        "--max-latency-ms/--latency-frac with --latency-table")
+    return costs, limits
+
+
+def infeasible_message(e: InfeasibleBudget, budgets: Budgets, under: str, nbytes: np.ndarray,
+                       options: Sequence[Option]) -> str:
+    """One line naming the smallest feasible value of every budget given, in the user's own flags."""
+    parts, too_low = [], []
+    for k, limit in e.budgets.items():
+        need = e.minimum[k]
+        if k == "bytes" and budgets.avg_bits is not None:
+            from .plan import avg_bits_for_bytes
+
+            ref = _size_ref(options)
+            flag, given = "--avg-bits", f"{budgets.avg_bits:g}"
+            least = f"{avg_bits_for_bytes(nbytes[:, ref], [options[j].bits for j in ref], need):g} ({need:.0f} bytes)"
+        elif k == "bytes":
+            flag, given, least = "--max-bytes", f"{limit:.0f}", f"{math.ceil(need)}"
+        elif k == "bops" and budgets.bops_frac is not None:
+            flag, given, least = "--bops-frac", f"{budgets.bops_frac:g}", _fmt_up(need / (limit / budgets.bops_frac))
+        elif k == "latency_ms" and budgets.latency_frac is not None:
+            flag, given = "--latency-frac", f"{budgets.latency_frac:g}"
+            least = _fmt_up(need / (limit / budgets.latency_frac))
+        else:
+            flag, given, least = _CLI_FLAG[k], f"{limit:.6g}", _fmt_up(need)
+        if need > limit * (1 + 1e-9):
+            too_low.append(f"{flag} {given} is below the smallest possible plan{under}; use at least {flag} {least}")
+        parts.append(f"{flag} {given} (alone it needs at least {flag} {least})")
+    if too_low:
+        return "; ".join(too_low)
+    return f"the budgets cannot all be met together{under}: " + ", ".join(parts) + "; relax at least one of them"
+
+
+def budget_record(budgets: Budgets, limits: dict[str, float]) -> dict:
+    """The plan's `budget` field: kind/value of the size budget as before, plus any other limits."""
+    rec: dict = {}
+    if budgets.avg_bits is not None:
+        rec = {"kind": "avg_bits", "value": budgets.avg_bits, "max_bytes": limits["bytes"]}
+    elif budgets.max_bytes is not None:
+        rec = {"kind": "bytes", "value": budgets.max_bytes, "max_bytes": limits["bytes"]}
+    for k in ("bops", "latency_ms"):
+        if k in limits:
+            rec[f"max_{k}"] = limits[k]
+            rec.setdefault("kind", k)
+    for k in ("bops_frac", "latency_frac"):
+        if getattr(budgets, k) is not None:
+            rec[k] = getattr(budgets, k)
+    return rec

@@ -1,0 +1,58 @@
+"""Candidate quantization options per layer: (weight bits, group size, activation bits).
+
+The ILP picks one option per layer. Widths alone (`--bits`) give one option per width at
+one group size; `--group-sizes` makes the group size part of the choice; `--act-bits 8`
+adds W8A8 (symmetric per-channel 8-bit weights, dynamic per-token 8-bit activations)
+next to the weight-only options: W8A8 is the activation-quantized layer type that has an
+integer kernel, so it is the pair worth choosing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import UserError
+from ..quantize.quantizer import QuantSpec
+
+FULL_ACT = 16  # activation bits of a weight-only layer (fp16/bf16/fp32 activations)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One column of the ILP."""
+
+    bits: int
+    group_size: int = 128
+    act_bits: int = FULL_ACT
+    symmetric: bool | None = None  # None: the plan's setting; W8A8 weights are symmetric per channel
+
+    @property
+    def label(self) -> str:
+        g = "c" if self.group_size == -1 else str(self.group_size)
+        return f"w{self.bits}g{g}a{self.act_bits}"
+
+    def spec(self, symmetric: bool) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, symmetric if self.symmetric is None else self.symmetric)
+
+
+def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
+                 act_bits: Sequence[int] = (FULL_ACT,)) -> list[Option]:
+    """Every (width, group size) pair as weight-only options, plus W8A<a> for each activation width a < 16."""
+    bits = sorted({int(b) for b in bits})
+    groups = list(dict.fromkeys(int(g) for g in group_sizes))
+    acts = sorted({int(a) for a in act_bits})
+    if not bits or not groups:
+        raise UserError("give at least one bit width (--bits) and one group size (--group-sizes)")
+    bad_act = [a for a in acts if a not in (8, FULL_ACT)]
+    if bad_act:
+        raise UserError(f"--act-bits must be 8 (W8A8) or 16 (weight-only), got {bad_act[0]}")
+    for g in groups:
+        if g == 0 or g < -1:
+            raise UserError(f"group sizes must be -1 (per channel) or positive, got {g}")
+    opts = [Option(b, g) for b in bits for g in groups] if FULL_ACT in acts else []
+    for a in acts:
+        if a < FULL_ACT:  # the runtime's integer kernel: symmetric per-channel int8 weights
+            opts.append(Option(8, -1, a, symmetric=True))
+    if not opts:
+        raise UserError("no options left: give --act-bits 16 (weight-only) and/or 8 (W8A8)")
+    return opts
