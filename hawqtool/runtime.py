@@ -10,18 +10,20 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quant_kernels import PackedWeight, dequantize, qmatmul
+from quant_kernels.activation import fake_quant_per_token
 
 from .checkpoint import WEIGHTS, read_manifest
 from .errors import UserError
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is kept packed; forward calls quant_kernels."""
+    """A Linear whose weight is kept packed; forward calls quant_kernels. act_bits < 16 quantizes the
+    input per token first (W8A8: dynamic symmetric int8 activations)."""
 
-    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None):
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16):
         super().__init__()
         self.in_features, self.out_features = pw.in_features, pw.out_features
-        self.bits, self.group_size = pw.bits, pw.group_size
+        self.bits, self.group_size, self.act_bits = pw.bits, pw.group_size, int(act_bits)
         self.register_buffer("qweight", pw.qweight)
         self.register_buffer("scales", pw.scales)
         self.register_buffer("qzeros", pw.qzeros)
@@ -30,13 +32,16 @@ class QuantLinear(nn.Module):
         self.pw = pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits < 16:
+            x = fake_quant_per_token(x, self.act_bits)
         return qmatmul(x, self.pw, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+        act = f", act_bits={self.act_bits}" if self.act_bits < 16 else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{act}"
 
 
 def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
@@ -75,7 +80,12 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         raise UserError(f"{path}/config.json is unreadable; re-create the checkpoint") from e
     model = model_class(model_task(config)).from_config(config, dtype=torch.float32, attn_implementation="eager")
     for name, meta in manifest["layers"].items():
-        _set_module(model, name, QuantLinear(packed_from_tensors(tensors, name, meta), tensors.get(f"{name}.bias")))
+        act_bits = meta.get("act_bits", 16)
+        if not isinstance(act_bits, int) or isinstance(act_bits, bool) or act_bits not in (8, 16):
+            raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 8 or 16); "
+                            "re-create it with `hawqtool quantize`")
+        _set_module(model, name, QuantLinear(packed_from_tensors(tensors, name, meta), tensors.get(f"{name}.bias"),
+                                             act_bits=act_bits))
     rest = {k: v for k, v in tensors.items()
             if not any(k.startswith(n + ".") for n in manifest["layers"])}
     model_keys = set(model.state_dict().keys())

@@ -146,7 +146,8 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     t0 = time.perf_counter()
     results = quantize_model(loaded.model, plan_specs(plan), calib_ids, opts, state_dir=state_dir,
                              state_key=key, progress=progress)
-    info = {n: r.summary() for n, r in results.items()}
+    act = {lp.name: lp.act_bits for lp in plan.layers}
+    info = {n: {**r.summary(), "act_bits": act.get(n, 16)} for n, r in results.items()}
     retried = [n for n, r in results.items() if r.retries]
     meta = {"source_model": loaded.source, "method": opts.method, "options": asdict(opts),
             "plan": {"fingerprint": plan.fingerprint, "budget": plan.budget, "avg_bits": plan.avg_bits,

@@ -6,7 +6,7 @@ use the implicit zero 2^(bits-1). Packing layout: see `quant_kernels.packing`.
 from __future__ import annotations
 
 from .cpu import matmul_cpu
-from .dispatch import dequantize, qmatmul
+from .dispatch import backend_info, dequantize, qmatmul
 from .layout import PackedWeight
 from .packing import n_words, pack, unpack
 from .reference import dequantize_reference, matmul_reference
@@ -18,6 +18,7 @@ __all__ = [
     "n_words",
     "qmatmul",
     "dequantize",
+    "backend_info",
     "matmul_cpu",
     "dequantize_reference",
     "matmul_reference",

@@ -8,7 +8,7 @@ import torch
 from .cpu import dequantize_rows, matmul_cpu
 from .layout import PackedWeight
 
-__all__ = ["qmatmul", "dequantize"]
+__all__ = ["qmatmul", "dequantize", "backend_info"]
 
 Backend = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
 
@@ -31,3 +31,8 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None)
 def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Whole dequantized weight [out, in] in `dtype` (computed exactly in fp32, then cast)."""
     return dequantize_rows(pw, 0, pw.out_features).to(dtype)
+
+
+def backend_info() -> dict[str, str]:
+    """Which kernel each device type runs (for benchmark records and latency tables)."""
+    return {dev: f"{fn.__module__}.{fn.__name__}" for dev, fn in _BACKENDS.items()}
