@@ -12,6 +12,7 @@ Objective variants (`--variants`), all at the same byte budgets:
   fisher  the same Ω with the Fisher trace, from --fisher-sens
   trace-only  Ω = Tr(H)·4^(−b): the trace alone ranks layers, no measured weight error
               (written as a modified report whose ‖ΔW‖² entries are n·4^(−b))
+  ucb     Ω with a pessimistic trace, max(Tr, 0) + 2·s.e. (upper 97.5% bound), from --sens
 Finished points are cached as JSON in --workdir, so a killed run resumes.
 """
 from __future__ import annotations
@@ -45,6 +46,15 @@ def trace_only_report(src: Path, dst: Path) -> Path:
     d = json.loads(src.read_text())
     for layer in d["layers"]:
         layer["qerror"] = {k: layer["n_params"] * 4.0 ** -int(k.split("/")[0]) for k in layer["qerror"]}
+    dst.write_text(json.dumps(d))
+    return dst
+
+
+def ucb_report(src: Path, dst: Path, z: float = 2.0) -> Path:
+    """Copy of a sensitivity report whose traces are replaced by max(trace, 0) + z·stderr."""
+    d = json.loads(src.read_text())
+    for layer in d["layers"]:
+        layer["trace"] = max(layer["trace"], 0.0) + z * layer["stderr"]
     dst.write_text(json.dumps(d))
     return dst
 
@@ -133,7 +143,8 @@ def main() -> None:
     uniform = [point(work, f"uniform-{b}", args.sens, ["--bits", b, "--avg-bits", b], args.model)
                for b in args.uniform.split(",")]
     reports = {"trace": args.sens, "fisher": args.fisher_sens,
-               "trace-only": trace_only_report(args.sens, work / "trace_only.sensitivity.json")}
+               "trace-only": trace_only_report(args.sens, work / "trace_only.sensitivity.json"),
+               "ucb": ucb_report(args.sens, work / "ucb.sensitivity.json")}
     rows: dict[str, list[dict]] = {}
     for variant in args.variants.split(","):
         if reports.get(variant) is None:

@@ -1,0 +1,177 @@
+"""Stage 5 (bench): latency of a quantized checkpoint against its full-precision model, in one process.
+
+End to end (causal LMs): prefill latency of a prompt and greedy decode tokens/s with the KV
+cache, both median of repeats, for the checkpoint (layers on quant_kernels) and for the
+source model in fp32. Per layer: each quantized layer's forward at 1 token (decode) and at
+the prompt length (prefill) against an fp32 Linear of the same shape. Memory: resident
+bytes added by loading each model (psutil RSS delta) and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass
+class ModelTiming:
+    """End-to-end figures of one model."""
+
+    prefill_ms: float  # median, one prompt of `prompt_tokens`
+    decode_tokens_per_s: float  # median over repeats of decode_tokens / seconds
+    load_rss_bytes: int  # RSS added by loading the model
+
+
+@dataclass
+class LayerTiming:
+    """One quantized layer's forward time against an fp32 Linear of the same shape (ms, median)."""
+
+    name: str
+    bits: int
+    shape: tuple[int, int]  # [out, in]
+    decode_ms: float
+    decode_fp32_ms: float
+    prefill_ms: float
+    prefill_fp32_ms: float
+
+
+@dataclass
+class BenchResult:
+    """`hawqtool bench CKPT` output."""
+
+    checkpoint: str
+    reference: str
+    prompt_tokens: int
+    decode_tokens: int
+    repeats: int
+    threads: int
+    backend: str
+    quantized: ModelTiming
+    full_precision: ModelTiming
+    layers: list[LayerTiming] = field(default_factory=list)
+    peak_rss_bytes: int = 0
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.quantized.decode_tokens_per_s / self.full_precision.decode_tokens_per_s
+
+    @property
+    def prefill_speedup(self) -> float:
+        return self.full_precision.prefill_ms / self.quantized.prefill_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decode_speedup": self.decode_speedup, "prefill_speedup": self.prefill_speedup}
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms, decode tokens/s) of a causal LM: one forward over the prompt, then greedy steps
+    of one token each through the KV cache."""
+    def prefill():
+        return model(input_ids=prompt, use_cache=True)
+
+    def decode() -> float:
+        out = prefill()
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return decode_tokens / (time.perf_counter() - t0)
+
+    pre = median_ms(prefill, repeats)
+    decode()  # warm-up
+    tps = statistics.median(decode() for _ in range(repeats))
+    return pre, tps
+
+
+@torch.no_grad()
+def time_layers(model: nn.Module, prompt_tokens: int, repeats: int) -> list[LayerTiming]:
+    """Every quantized layer (anything with a packed `pw`) against an fp32 Linear of its shape."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, m in model.named_modules():
+        pw = getattr(m, "pw", None)
+        if pw is None:
+            continue
+        ref = nn.Linear(pw.in_features, pw.out_features, bias=getattr(m, "bias", None) is not None)
+        x1 = torch.randn(1, pw.in_features, generator=g)
+        xp = torch.randn(prompt_tokens, pw.in_features, generator=g)
+        rows.append(LayerTiming(
+            name=name, bits=pw.bits, shape=(pw.out_features, pw.in_features),
+            decode_ms=median_ms(lambda: m(x1), repeats), decode_fp32_ms=median_ms(lambda: ref(x1), repeats),
+            prefill_ms=median_ms(lambda: m(xp), repeats), prefill_fp32_ms=median_ms(lambda: ref(xp), repeats)))
+    return rows
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, prompt_tokens: int = 128,
+                     decode_tokens: int = 32, repeats: int = 5, layers: bool = True,
+                     progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Time a hawqtool checkpoint and its full-precision model (default: the manifest's source) in this process."""
+    from quant_kernels import backend_info
+
+    from .checkpoint import read_manifest
+    from .models import load_model
+    from .runtime import load_quantized
+
+    say = progress or (lambda _m: None)
+    manifest = read_manifest(checkpoint)
+    reference = reference or manifest.get("source_model")
+    if reference is None:
+        raise UserError(f"{checkpoint} does not name its source model; pass --reference MODEL")
+    if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
+        raise UserError("--prompt-tokens, --decode-tokens and --repeats must be positive")
+    say("loading the checkpoint")
+    r0 = _rss()
+    qmodel = load_quantized(checkpoint)
+    q_rss = _rss() - r0
+    vocab = int(getattr(qmodel.config, "vocab_size", 1000))
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    if getattr(qmodel.config, "is_encoder_decoder", False) or not hasattr(qmodel, "generation_config"):
+        raise UserError("`hawqtool bench` times decoding of causal LMs; this checkpoint is not one")
+    say("timing the checkpoint")
+    q_pre, q_tps = time_model(qmodel, prompt, decode_tokens, repeats)
+    rows = time_layers(qmodel, prompt_tokens, repeats) if layers else []
+    del qmodel
+    gc.collect()
+
+    say("loading the full-precision model")
+    r0 = _rss()
+    fmodel = load_model(reference).model
+    f_rss = _rss() - r0
+    say("timing the full-precision model")
+    f_pre, f_tps = time_model(fmodel, prompt, decode_tokens, repeats)
+    del fmodel
+    gc.collect()
+    return BenchResult(checkpoint=str(checkpoint), reference=str(reference), prompt_tokens=prompt_tokens,
+                       decode_tokens=decode_tokens, repeats=repeats, threads=torch.get_num_threads(),
+                       backend=str(backend_info()),
+                       quantized=ModelTiming(q_pre, q_tps, q_rss), full_precision=ModelTiming(f_pre, f_tps, f_rss),
+                       layers=rows, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -1,0 +1,71 @@
+"""`hawqtool bench`: end-to-end latency of a checkpoint vs full precision, or the allocator's latency table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._base import _bits, _setup_logging, common, guarded, main
+
+
+@main.command(name="bench")
+@click.argument("target", required=False)
+@click.option("--latency-table", type=click.Path(path_type=Path), default=None,
+              help="Write the layer × option → ms table of TARGET (a model) for `allocate --latency-table`.")
+@click.option("--bits", default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
+@click.option("--group-sizes", default="128", show_default=True, help="Latency table: group sizes to time.")
+@click.option("--act-bits", default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
+@click.option("--sym", is_flag=True, help="Latency table: symmetric weights.")
+@click.option("--tokens", default=1, show_default=True, help="Latency table: input rows (1 = decode).")
+@click.option("--reference", default=None, help="Full-precision model to compare with (default: the checkpoint's).")
+@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--decode-tokens", default=32, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Timed repeats (median reported).")
+@click.option("--no-layers", is_flag=True, help="Skip the per-layer timings.")
+@click.option("--trust-remote-code", is_flag=True)
+@common
+@guarded
+def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, reference, prompt_tokens,
+              decode_tokens, repeats, no_layers, trust_remote_code, as_json, verbose, quiet):
+    """Latency on this machine: a checkpoint end to end against its full-precision model, or a table.
+
+    \b
+    hawqtool bench ckpt/                                  # prefill ms, decode tokens/s, per layer, RSS
+    hawqtool bench --latency-table lat.json               # embedded model's layers × 2/3/4/8-bit
+    hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
+    """
+    from ..progress import Reporter
+
+    _setup_logging(verbose)
+    rep = Reporter(quiet or as_json)
+    if latency_table is not None:
+        from ..allocate.options import make_options
+        from ..latency import measure_latency_table, save_latency_table
+        from ..models import load_model, quantizable_layers, weight_matrix
+        from .allocate_cmd import _int_list
+
+        loaded = load_model(target, trust_remote_code=trust_remote_code)
+        shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
+        options = make_options(_bits(bits), _int_list(group_sizes, "--group-sizes"), _int_list(act_bits, "--act-bits"))
+        with rep.bar("latency table (distinct shapes)", len(set(shapes.values()))) as adv:
+            table = measure_latency_table(shapes, options, symmetric=sym, tokens=tokens, repeats=max(repeats, 5),
+                                          progress=adv)
+        save_latency_table(table, latency_table)
+        if as_json:
+            click.echo(json.dumps({"latency_table": str(latency_table), "layers": len(shapes)}))
+        else:
+            rep.say(f"wrote {latency_table} ({len(shapes)} layers × {len(options)} options, {tokens} token(s))")
+        return
+    from ..bench import bench_checkpoint
+    from ..errors import UserError
+    from ..render import bench_table
+
+    if target is None:
+        raise UserError("give a checkpoint folder to bench, or --latency-table FILE [MODEL]")
+    res = bench_checkpoint(target, reference=reference, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                           repeats=repeats, layers=not no_layers, progress=rep.say)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+    else:
+        rep.console.print(bench_table(res))

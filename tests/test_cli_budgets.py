@@ -1,0 +1,69 @@
+"""CLI: BOPs/latency budgets, group-size and W8A8 choices, latency tables and `hawqtool bench` on a tiny Llama."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from hawqtool.cli import main
+
+
+def invoke(*args, code: int = 0):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def sens(tiny_llama, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("budgets") / "sens.json"
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "--nsamples", 4, "--seqlen", 32, "--max-probes", 8,
+           "--bits", "2,3,4,8", "--group-size", 32, "-q", "-o", out)
+    return out
+
+
+def test_bops_and_w8a8_plan_quantizes_and_runs(sens, tiny_llama, text_file, tmp_path):
+    plan_path, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
+    invoke("allocate", sens, "--model", tiny_llama, "--calib", text_file, "--bits", "2,4,8", "--group-sizes", "32,16",
+           "--act-bits", "8,16", "--bops-frac", 0.2, "--avg-bits", 5, "-q", "-o", plan_path)
+    plan = json.loads(plan_path.read_text())
+    assert plan["costs"]["bops"] <= plan["budget"]["max_bops"] * (1 + 1e-9)
+    assert plan["costs"]["bytes"] <= plan["budget"]["max_bytes"] * (1 + 1e-9)
+    assert sens.with_suffix(".profile.json").exists()  # MACs cached beside the report for re-allocations
+    invoke("quantize", tiny_llama, "--plan", plan_path, "--calib", text_file, "--nsamples", 4, "--seqlen", 32,
+           "-q", "-o", ckpt)
+    manifest = json.loads((ckpt / "hawqtool_manifest.json").read_text())
+    for lp in plan["layers"]:  # every layer at its own planned width, group and activation bits
+        m = manifest["layers"][lp["name"]]
+        assert (m["bits"], m["group_size"], m["act_bits"]) == (lp["bits"], lp["group_size"], lp["act_bits"])
+    res = json.loads(invoke("eval", ckpt, "--data", text_file, "--seqlen", 32, "--windows", 2, "--json").stdout)
+    assert res["ppl"] > 1
+
+
+def test_latency_table_then_latency_budget(sens, tiny_llama, tmp_path):
+    table, plan_path = tmp_path / "lat.json", tmp_path / "plan.json"
+    invoke("bench", tiny_llama, "--latency-table", table, "--bits", "2,3,4,8", "--group-sizes", 128, "--repeats", 5,
+           "-q")
+    t = json.loads(table.read_text())
+    assert t["kind"] == "latency-table" and all(len(r) == 4 for r in t["layers"].values())
+    invoke("allocate", sens, "--latency-table", table, "--latency-frac", 100, "-q", "-o", plan_path)
+    plan = json.loads(plan_path.read_text())
+    assert plan["costs"]["latency_ms"] <= plan["budget"]["max_latency_ms"] * (1 + 1e-9)
+    r = invoke("allocate", sens, "--latency-table", table, "--max-latency-ms", 1e-9, "-q", "-o", plan_path, code=1)
+    assert "use at least --max-latency-ms" in r.output and r.output.count("\n") == 1
+
+
+def test_bench_checkpoint_reports_speed_against_full_precision(tiny_llama, text_file, tmp_path):
+    plan_path, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "--nsamples", 2, "--seqlen", 32, "--max-probes", 8,
+           "-q", "-o", tmp_path / "s.json")
+    invoke("allocate", tmp_path / "s.json", "--avg-bits", 4, "-q", "-o", plan_path)
+    invoke("quantize", tiny_llama, "--plan", plan_path, "--calib", text_file, "--method", "rtn", "-q", "-o", ckpt)
+    res = json.loads(invoke("bench", ckpt, "--prompt-tokens", 8, "--decode-tokens", 4, "--repeats", 2,
+                            "--json").stdout)
+    assert res["quantized"]["decode_tokens_per_s"] > 0 and res["full_precision"]["prefill_ms"] > 0
+    assert len(res["layers"]) == len(json.loads(plan_path.read_text())["layers"])
+    assert res["decode_speedup"] > 0 and res["peak_rss_bytes"] > 0
+    r = invoke("bench", tmp_path / "nope", code=1)
+    assert "not a hawqtool checkpoint" in r.output
