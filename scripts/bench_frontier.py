@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench-frontier"))
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "frontier_smollm2.png")
+    ap.add_argument("--alloc-args", default="", help="Extra `hawqtool allocate` options for the mixed points, "
+                    "e.g. '--group-sizes 128,32'.")
+    ap.add_argument("--tag", default="", help="Suffix for the mixed points' names (cache keys) when --alloc-args is used.")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40)
     args = ap.parse_args()
@@ -149,8 +152,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         if reports.get(variant) is None:
             sys.exit(f"variant {variant!r} needs its report (--fisher-sens for fisher)")
-        rows[variant] = [point(work, f"{variant}-{b}", reports[variant], ["--avg-bits", b], args.model)
-                         for b in args.avg_bits.split(",")]
+        rows[variant + args.tag] = [point(work, f"{variant}{args.tag}-{b}", reports[variant],
+                                          ["--avg-bits", b, *args.alloc_args.split()], args.model)
+                                    for b in args.avg_bits.split(",")]
     plot(rows, uniform, baseline, args.plot)
     label = "ppl" if base.get("task", "causal-lm") == "causal-lm" else "1 − cosine"
     cmd = "python scripts/bench_frontier.py " + " ".join(sys.argv[1:])
