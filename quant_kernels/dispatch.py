@@ -6,14 +6,22 @@ from typing import Callable
 import torch
 
 from .cpu import dequantize_rows, matmul_cpu
+from .fast_cpu import backend_reason, extension, matmul_fast
 from .layout import PackedWeight
 
 __all__ = ["qmatmul", "dequantize", "backend_info"]
 
 Backend = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
 
+def _cpu(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The AVX2 extension when it is available (built on first use), else the portable torch path."""
+    if x.dtype in (torch.float32, torch.bfloat16) and extension() is not None:
+        return matmul_fast(x, pw, bias)
+    return matmul_cpu(x, pw, bias)
+
+
 # device type -> kernel. Add a GPU kernel here (e.g. "cuda": matmul_cuda) when one exists.
-_BACKENDS: dict[str, Backend] = {"cpu": matmul_cpu}
+_BACKENDS: dict[str, Backend] = {"cpu": _cpu}
 
 
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,4 +43,9 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Te
 
 def backend_info() -> dict[str, str]:
     """Which kernel each device type runs (for benchmark records and latency tables)."""
-    return {dev: f"{fn.__module__}.{fn.__name__}" for dev, fn in _BACKENDS.items()}
+    info = {dev: f"{fn.__module__}.{fn.__name__}" for dev, fn in _BACKENDS.items()}
+    if extension() is not None:
+        info["cpu"] = "AVX2/FMA extension (quant_kernels.fast_cpu)"
+    else:
+        info["cpu"] = f"portable torch path (quant_kernels.cpu): {backend_reason()}"
+    return info

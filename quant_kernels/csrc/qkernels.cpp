@@ -1,0 +1,230 @@
+// AVX2/FMA CPU kernels for hawqtool's packed low-bit weights (see quant_kernels/fast_cpu.py for the layout).
+//
+// Kernel layout ("unit" = 16 input columns of one output row, already permuted so groups are contiguous):
+//   nibble class (bits <= 4): 8 bytes per unit, byte b = code(unit col b) | code(unit col 8+b) << 4
+//   byte class   (bits 5..8): 16 bytes per unit, byte b = code(unit col b)
+// Groups are ranges of units [gunit[g], gunit[g+1]); per (row, group) fp32 scale s and zs = s * zero, so
+//   y[m, n] = sum_g s[n,g] * sum_{k in g} q[n,k] x[m,k]  -  zs[n,g] * sum_{k in g} x[m,k].
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+
+// dot of one row's codes over units [u0, u1) with x (16 floats per unit)
+template <bool NIBBLE>
+inline float unit_dot(const uint8_t* codes, const float* x, int64_t u0, int64_t u1) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  for (int64_t u = u0; u < u1; ++u) {
+    const float* xu = x + u * 16;
+    if (NIBBLE) {
+      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + u * 8)));
+      __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+      __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xu), a0);
+      a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xu + 8), a1);
+    } else {
+      const uint8_t* c = codes + u * 16;
+      __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+      __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8)))) ;
+      a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xu), a0);
+      a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xu + 8), a1);
+    }
+  }
+  return hsum(_mm256_add_ps(a0, a1));
+}
+
+template <bool NIBBLE>
+void gemv_impl(const float* x, const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit,
+               const float* xsum, float* y, int64_t M, int64_t N, int64_t G, int64_t units) {
+  const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* cr = codes + n * row_bytes;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * units * 16;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          float d = unit_dot<NIBBLE>(cr, xm, gunit[g], gunit[g + 1]);
+          acc += s[n * G + g] * d - zs[n * G + g] * xsum[m * G + g];
+        }
+        y[m * N + n] = acc;
+      }
+    }
+  });
+}
+
+template <bool NIBBLE>
+void dequant_impl(const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit, float* out,
+                  int64_t r0, int64_t r1, int64_t G, int64_t units) {
+  const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  // serial on purpose: it runs between multithreaded torch.mm calls, and two thread pools spinning
+  // against each other on a busy 2-core machine cost far more than the dequantization itself
+  {
+    const int64_t n0 = r0, n1 = r1;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* cr = codes + n * row_bytes;
+      float* o = out + (n - r0) * units * 16;
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 sv = _mm256_set1_ps(s[n * G + g]), zv = _mm256_set1_ps(zs[n * G + g]);
+        for (int64_t u = gunit[g]; u < gunit[g + 1]; ++u) {
+          __m256 lo, hi;
+          if (NIBBLE) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cr + u * 8)));
+            lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+            hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+          } else {
+            const uint8_t* c = cr + u * 16;
+            lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+            hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8))));
+          }
+          _mm256_storeu_ps(o + u * 16, _mm256_fmsub_ps(lo, sv, zv));
+          _mm256_storeu_ps(o + u * 16 + 8, _mm256_fmsub_ps(hi, sv, zv));
+        }
+      }
+    }
+  }
+}
+
+// dequantize one row (all groups) into o[units*16]
+template <bool NIBBLE>
+inline void dequant_row(const uint8_t* cr, const float* s, const float* zs, const int32_t* gunit, int64_t G,
+                        float* o) {
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(zs[g]);
+    for (int64_t u = gunit[g]; u < gunit[g + 1]; ++u) {
+      __m256 lo, hi;
+      if (NIBBLE) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cr + u * 8)));
+        lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+        hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+      } else {
+        const uint8_t* c = cr + u * 16;
+        lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+        hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8))));
+      }
+      _mm256_storeu_ps(o + u * 16, _mm256_fmsub_ps(lo, sv, zv));
+      _mm256_storeu_ps(o + u * 16 + 8, _mm256_fmsub_ps(hi, sv, zv));
+    }
+  }
+}
+
+// y [M, N] for larger M: each thread dequantizes RB output rows into an L1/L2-resident buffer once and
+// multiplies them with every input row (one x load feeds RB FMAs), so the codes are decoded once per call.
+template <bool NIBBLE>
+void gemm_impl(const float* x, const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit,
+               float* y, int64_t M, int64_t N, int64_t G, int64_t units) {
+  constexpr int RB = 4;
+  const int64_t Kp = units * 16, row_bytes = units * (NIBBLE ? 8 : 16);
+  const int64_t blocks = (N + RB - 1) / RB;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(RB * Kp);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * RB, nr = std::min<int64_t>(RB, N - n0);
+      for (int64_t r = 0; r < nr; ++r)
+        dequant_row<NIBBLE>(codes + (n0 + r) * row_bytes, s + (n0 + r) * G, zs + (n0 + r) * G, gunit, G,
+                            buf.data() + r * Kp);
+      for (int64_t r = nr; r < RB; ++r) std::fill(buf.begin() + r * Kp, buf.begin() + (r + 1) * Kp, 0.f);
+      const float* w0 = buf.data();
+      const float* w1 = w0 + Kp;
+      const float* w2 = w1 + Kp;
+      const float* w3 = w2 + Kp;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * Kp;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < Kp; k += 8) {
+          __m256 xv = _mm256_loadu_ps(xm + k);
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
+          a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
+          a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
+        }
+        float out[RB] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+        for (int64_t r = 0; r < nr; ++r) y[m * N + n0 + r] = out[r];
+      }
+    }
+  });
+}
+
+void check(const torch::Tensor& t, c10::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous CPU tensor of the right dtype");
+}
+
+}  // namespace
+
+// y [M, N] = per-group dot products of x [M, units*16] (permuted, padded) with the codes; xsum [M, G]
+torch::Tensor gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit,
+                   torch::Tensor xsum, bool nibble) {
+  check(x, at::kFloat, "x"); check(codes, at::kByte, "codes"); check(s, at::kFloat, "scales");
+  check(zs, at::kFloat, "zs"); check(gunit, at::kInt, "gunit"); check(xsum, at::kFloat, "xsum");
+  const int64_t M = x.size(0), N = s.size(0), G = s.size(1), units = x.size(1) / 16;
+  TORCH_CHECK(x.size(1) == units * 16 && gunit.numel() == G + 1 && xsum.size(0) == M && xsum.size(1) == G,
+              "inconsistent kernel operands");
+  TORCH_CHECK(codes.size(0) == N && codes.size(1) == units * (nibble ? 8 : 16), "codes have the wrong shape");
+  auto y = torch::empty({M, N}, x.options());
+  if (nibble)
+    gemv_impl<true>(x.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(),
+                    gunit.data_ptr<int32_t>(), xsum.data_ptr<float>(), y.data_ptr<float>(), M, N, G, units);
+  else
+    gemv_impl<false>(x.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(),
+                     gunit.data_ptr<int32_t>(), xsum.data_ptr<float>(), y.data_ptr<float>(), M, N, G, units);
+  return y;
+}
+
+// fp32 dequantized rows [r0, r1) in the kernel's permuted, padded column order: [r1-r0, units*16]
+torch::Tensor dequant(torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit, int64_t r0,
+                      int64_t r1, bool nibble) {
+  check(codes, at::kByte, "codes"); check(s, at::kFloat, "scales"); check(zs, at::kFloat, "zs");
+  check(gunit, at::kInt, "gunit");
+  const int64_t G = s.size(1), units = codes.size(1) / (nibble ? 8 : 16);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= s.size(0), "row range out of bounds");
+  auto out = torch::empty({r1 - r0, units * 16}, s.options());
+  if (nibble)
+    dequant_impl<true>(codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gunit.data_ptr<int32_t>(),
+                       out.data_ptr<float>(), r0, r1, G, units);
+  else
+    dequant_impl<false>(codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(),
+                        gunit.data_ptr<int32_t>(), out.data_ptr<float>(), r0, r1, G, units);
+  return out;
+}
+
+// y [M, N] = x [M, units*16] (permuted, padded) @ W^T, decoding each weight row once (for M > a few rows)
+torch::Tensor gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit,
+                   bool nibble) {
+  check(x, at::kFloat, "x"); check(codes, at::kByte, "codes"); check(s, at::kFloat, "scales");
+  check(zs, at::kFloat, "zs"); check(gunit, at::kInt, "gunit");
+  const int64_t M = x.size(0), N = s.size(0), G = s.size(1), units = x.size(1) / 16;
+  TORCH_CHECK(x.size(1) == units * 16 && gunit.numel() == G + 1, "inconsistent kernel operands");
+  TORCH_CHECK(codes.size(0) == N && codes.size(1) == units * (nibble ? 8 : 16), "codes have the wrong shape");
+  auto y = torch::empty({M, N}, x.options());
+  if (nibble)
+    gemm_impl<true>(x.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(),
+                    gunit.data_ptr<int32_t>(), y.data_ptr<float>(), M, N, G, units);
+  else
+    gemm_impl<false>(x.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(),
+                     gunit.data_ptr<int32_t>(), y.data_ptr<float>(), M, N, G, units);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
+  m.def("gemm", &gemm, "low-bit GEMM decoding each weight row once (AVX2/FMA)");
+  m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
+}

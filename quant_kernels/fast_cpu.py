@@ -1,0 +1,160 @@
+"""Fast CPU path: an AVX2/FMA C++ extension (csrc/qkernels.cpp) on a one-time repack of each weight.
+
+Repack (cached on the PackedWeight): columns are reordered so every group is a contiguous run
+of 16-column units (a group is padded with columns that read a zero input), codes become
+bytes (two 4-bit codes per byte for widths <= 4, one code per byte above), and scales and
+scale*zero become fp32. Then for each call:
+
+* M <= GEMV_MAX_ROWS input rows: one pass over the codes per row, fp32 FMA per group, and
+  y = Σ_g s·(q·x)_g − s·z·(Σx)_g: never a dequantized matrix.
+* larger M: each thread decodes 4 weight rows into an L1-resident fp32 buffer once and multiplies
+  them with every input row (one x load feeds 4 FMAs).
+
+The extension is compiled once on first use (~1 min) into the cache folder; without a C++
+compiler or without AVX2/FMA the portable torch path (quant_kernels.cpu) is used and
+`backend_info()` and a warning say so. HAWQTOOL_KERNELS=torch forces the portable path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .layout import PackedWeight
+from .packing import unpack
+
+log = logging.getLogger("quant_kernels")
+
+GEMV_MAX_ROWS = 4
+_STATE: dict = {}
+
+
+def cpu_has_avx2_fma() -> bool:
+    """True if this CPU reports AVX2 and FMA (Linux /proc/cpuinfo; other systems: False)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _build_dir() -> Path:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("HAWQTOOL_CACHE", os.path.expanduser("~/.cache/hawqtool")), "ext")
+    d = Path(base) / f"qkernels-torch{torch.__version__.split('+')[0]}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def extension():
+    """The compiled extension, or None (reason in backend_reason()). Builds once, then loads from cache."""
+    if "ext" in _STATE:
+        return _STATE["ext"]
+    _STATE["ext"], _STATE["reason"] = None, ""
+    if os.environ.get("HAWQTOOL_KERNELS", "").lower() == "torch":
+        _STATE["reason"] = "HAWQTOOL_KERNELS=torch"
+        return None
+    if not cpu_has_avx2_fma():
+        _STATE["reason"] = "CPU lacks AVX2/FMA"
+    else:
+        from torch.utils.cpp_extension import load
+
+        src = Path(__file__).with_name("csrc") / "qkernels.cpp"
+        d = _build_dir()
+        fresh = not any(d.glob("*.so"))
+        if fresh:
+            print("quant_kernels: building the AVX2 CPU extension (once, about a minute)...", file=sys.stderr,
+                  flush=True)
+        t0 = time.perf_counter()
+        try:
+            _STATE["ext"] = load(name="hawq_qkernels", sources=[str(src)], build_directory=str(d),
+                                 extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+            if fresh:
+                print(f"quant_kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path, loudly
+            _STATE["reason"] = f"extension build failed ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
+    if _STATE["ext"] is None:
+        log.warning("quant_kernels: using the portable torch CPU path (%s); expect slower low-bit layers",
+                    _STATE["reason"])
+    return _STATE["ext"]
+
+
+def backend_reason() -> str:
+    """Why the fast path is off ('' when it is on or not yet tried)."""
+    return _STATE.get("reason", "")
+
+
+@dataclass
+class KernelWeight:
+    """A PackedWeight in the extension's layout (see module docstring)."""
+
+    codes: torch.Tensor  # uint8 [N, units*8] (nibble) or [N, units*16]
+    scales: torch.Tensor  # fp32 [N, G]
+    zs: torch.Tensor  # fp32 [N, G], scale * zero
+    gunit: torch.Tensor  # int32 [G+1], group g = units [gunit[g], gunit[g+1])
+    xidx: torch.Tensor  # int64 [units*16], input column of each kernel column (in_features = the zero column)
+    nibble: bool
+
+
+def repack(pw: PackedWeight) -> KernelWeight:
+    """Kernel layout of a PackedWeight (cached on the object; the PackedWeight itself is unchanged)."""
+    kw = getattr(pw, "_kernel_weight", None)
+    if kw is not None:
+        return kw
+    K, G = pw.in_features, pw.n_groups
+    q = unpack(pw.qweight, pw.bits, K).to(torch.uint8)
+    gidx = pw.group_index()
+    scales = pw.scales.float()
+    if pw.symmetric:
+        zeros = torch.full_like(scales, float(pw.implicit_zero))
+    else:
+        zeros = unpack(pw.qzeros, pw.bits, G).float()
+    cols, gunit = [], [0]
+    order = torch.argsort(gidx, stable=True)
+    counts = torch.bincount(gidx, minlength=G).tolist()
+    start = 0
+    for g in range(G):
+        c = order[start:start + counts[g]]
+        start += counts[g]
+        pad = (-len(c)) % 16
+        cols.append(torch.cat([c, torch.full((pad,), K, dtype=torch.int64)]))
+        gunit.append(gunit[-1] + (len(c) + pad) // 16)
+    xidx = torch.cat(cols)
+    qp = torch.cat([q, torch.zeros(q.shape[0], 1, dtype=torch.uint8)], dim=1).index_select(1, xidx)
+    nibble = pw.bits <= 4
+    if nibble:
+        u = qp.view(q.shape[0], -1, 16)
+        codes = (u[:, :, :8] | (u[:, :, 8:] << 4)).reshape(q.shape[0], -1).contiguous()
+    else:
+        codes = qp.contiguous()
+    kw = KernelWeight(codes=codes, scales=scales.contiguous(), zs=(scales * zeros).contiguous(),
+                      gunit=torch.tensor(gunit, dtype=torch.int32), xidx=xidx, nibble=nibble)
+    pw._kernel_weight = kw
+    return kw
+
+
+def matmul_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) through the extension; x (..., in) fp32/bf16, result in x's dtype."""
+    ext = extension()
+    kw = repack(pw)
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    x2 = x.reshape(M, pw.in_features).to(torch.float32)
+    xp = torch.cat([x2, x2.new_zeros(M, 1)], dim=1).index_select(1, kw.xidx)
+    unit_sums = xp.view(M, len(kw.xidx) // 16, 16).sum(dim=2)
+    cs = torch.cat([unit_sums.new_zeros(M, 1), unit_sums.cumsum(dim=1)], dim=1)
+    g = kw.gunit.long()
+    xsum = (cs[:, g[1:]] - cs[:, g[:-1]]).contiguous()
+    if M <= GEMV_MAX_ROWS:  # the xsum correction is only needed here
+        y = ext.gemv(xp, kw.codes, kw.scales, kw.zs, kw.gunit, xsum, kw.nibble)
+    else:
+        y = ext.gemm(xp, kw.codes, kw.scales, kw.zs, kw.gunit, kw.nibble)
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    return y.to(x.dtype).reshape(*lead, pw.out_features)

@@ -1,0 +1,86 @@
+"""quant_kernels CPU matmul speed vs fp32 torch.matmul and fbgemm dynamic int8, measured in one process.
+
+    python scripts/bench_kernels.py [--repeats 30] [--append]
+
+Weights are RTN-quantized random matrices (group 128, asymmetric) in hawqtool's packed layout and
+run through `quant_kernels.qmatmul` (the path a checkpoint uses). Times are medians of `--repeats`
+calls after a warm-up, on the same inputs; ratios are against the baselines timed in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 1536, 576), (1, 576, 1536), (128, 3072, 768), (2048, 768, 768)]
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--bits", default="2,3,4,8")
+    ap.add_argument("--append", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
+    args = ap.parse_args()
+    from hawqtool.checkpoint import pack_layer
+    from hawqtool.quantize.quantizer import QuantSpec, rtn
+    from quant_kernels import backend_info, qmatmul
+
+    torch.manual_seed(0)
+    rows = []
+    for m, n, k in SHAPES:  # x [m, k] @ W^T, W [n, k]
+        W = torch.randn(n, k) * 0.02
+        x = torch.randn(m, k)
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.data = W
+        dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+        fp = median_ms(lambda: torch.matmul(x, W.T), args.repeats)
+        i8 = median_ms(lambda: dyn(x), args.repeats)
+        row = {"shape": f"{m}×{n}×{k}", "fp32": fp, "fbgemm": i8}
+        for b in map(int, args.bits.split(",")):
+            pw = pack_layer(rtn(W, QuantSpec(b, 128, False)))
+            row[b] = median_ms(lambda: qmatmul(x, pw), args.repeats)
+        rows.append(row)
+        print(row, flush=True)
+    bits = list(map(int, args.bits.split(",")))
+    head = ("| x × W shape (m×n×k) | fp32 ms | fbgemm int8 ms | "
+            + " | ".join(f"{b}-bit ms (vs fp32, vs int8)" for b in bits) + " |")
+    lines = [head, "|" + "---|" * (3 + len(bits))]
+    for r in rows:
+        cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits]
+        lines.append(f"| {r['shape']} | {r['fp32']:.3f} | {r['fbgemm']:.3f} | " + " | ".join(cells) + " |")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    header = (f"\n### quant_kernels CPU matmul — {datetime.now():%Y-%m-%d %H:%M}\n\n"
+              f"`python scripts/bench_kernels.py {' '.join(sys.argv[1:])}`  \n"
+              f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"{platform.python_version()}; kernels: {backend_info()['cpu']}; median of {args.repeats}; "
+              f"load at the end: `{load}`\n")
+    text = header + "\n".join(lines) + "\n"
+    print(text)
+    if args.append:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
