@@ -95,6 +95,7 @@ class SensitivityReport:
     layers: list[LayerSensitivity]
     seconds: float
     fingerprint: str = ""
+    convergence: dict = field(default_factory=dict)  # stop reason, major-layer rule, unconverged, negative
     kind: str = "sensitivity"
     schema_version: int = SCHEMA_VERSION
 

@@ -185,6 +185,13 @@ def sections(report: SensitivityReport, plan: Plan | None) -> list[Section]:
         f"probes: {probes[-1] if len(probes) == 1 else f'{probes[0]}–{probes[-1]}'} "
         "(one Hessian-vector product per probe, shared by all layers)" if probes else "probes: none",
         f"layers: {len(report.layers)}, parameters: {sum(ls.n_params for ls in report.layers):,}"])
+    c = report.convergence
+    if c:
+        summary.lines.append(
+            f"stopped: {c.get('stop_reason')} after {c.get('probes')} probes; rule: every major layer's s.e. ≤ "
+            f"{c.get('target_rel_se', 0):.0%} of max(|trace|, its size × the mean |trace| per parameter); "
+            f"major layers: {c.get('major_layers')} ({c.get('major_rule')}); "
+            f"{len(c.get('not_converged', {}))} of them above the target")
     if plan is not None:
         hist = Counter(lp.bits for lp in plan.layers)
         summary.lines.append(f"plan: {plan.avg_bits:.3f} avg bits, {plan.total_bytes / 1e6:.2f} MB, "

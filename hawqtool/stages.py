@@ -57,8 +57,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     params = {n: m.weight for n, m in layers.items()}
     batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
     t0 = time.perf_counter()
+    info: dict = {}
     common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
-                  max_seconds=max_seconds, seed=seed, progress=progress)
+                  max_seconds=max_seconds, seed=seed, progress=progress, info=info)
     if estimator == "fisher":
         traces = fisher_traces(model, params, batches, objective, **common)
         described = "fisher (sampled labels, one backward per probe)"
@@ -78,9 +79,18 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                                     min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
-                               settings=settings, layers=out, seconds=time.perf_counter() - t0)
+                               settings=settings, layers=out, seconds=time.perf_counter() - t0,
+                               convergence=convergence_summary(info, out))
     report.fingerprint = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     return report
+
+
+def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
+    """Why probing stopped, the major layers that did not reach the target, and the layers whose
+    trace estimate is negative (a PSD objective's true trace is ≥ 0: noise), with 95% intervals."""
+    negative = {ls.name: [ls.trace - 1.96 * ls.stderr, ls.trace + 1.96 * ls.stderr]
+                for ls in layers if ls.trace < 0}
+    return {**info, "negative": negative}
 
 
 def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,

@@ -219,3 +219,34 @@ def test_objectives():
         assert float(full) > 0 and float(full) == pytest.approx(float(cut), rel=1e-8), name
     with pytest.raises(ValueError):
         get_objective("nope")
+
+
+def test_major_layers_fall_back_to_the_largest_half_when_none_holds_one_percent():
+    from hawqtool.sensitivity.hutchinson import major_layers
+
+    sizes = {f"l{i}": 100 + i for i in range(200)}  # each < 1% of the total
+    major, rule = major_layers(sizes, 0.01)
+    assert "half" in rule and sum(sizes[n] for n in major) >= sum(sizes.values()) / 2
+    assert min(sizes[n] for n in major) >= max(sizes[n] for n in sizes if n not in major)
+    big = {"a": 1000, "b": 5, "c": 5}
+    assert major_layers(big, 0.01) == (["a"], "layers holding ≥ 1% of the parameters")
+
+
+def test_convergence_error_judges_near_zero_traces_against_the_typical_size():
+    from hawqtool.sensitivity.hutchinson import convergence_error
+
+    assert convergence_error(10.0, 1.0, 0.5) == pytest.approx(0.1)  # ordinary relative s.e.
+    assert convergence_error(0.01, 1.0, 20.0) == pytest.approx(0.05)  # tiny trace: judged against the floor
+    assert convergence_error(0.0, 0.0, 0.0) == 0.0
+
+
+def test_stop_info_names_the_reason_and_the_unconverged():
+    from hawqtool.sensitivity.hutchinson import adaptive_probes
+
+    params = {"big": torch.zeros(1000), "noisy": torch.zeros(1000)}
+    vals = iter([(1.0 + 0.001 * (k % 2), 5.0 * (-1) ** k) for k in range(100)])
+    info: dict = {}
+    adaptive_probes(params, lambda k: list(next(vals)), target_rel_se=0.1, min_probes=4, max_probes=6,
+                    max_seconds=None, major_fraction=0.01, progress=None, info=info)
+    assert info["stop_reason"] == "max_probes" and info["probes"] == 6
+    assert set(info["not_converged"]) == {"noisy"}

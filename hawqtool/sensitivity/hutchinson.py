@@ -2,8 +2,9 @@
 
 One probe draws a Rademacher vector for every layer, computes one Hessian-vector product over all
 layers at once (double backward through the objective), and records v_l·(Hv)_l per layer. Probes
-continue until every major layer's standard error is below `target_rel_se`·|mean| (after at least
-`min_probes`), or `max_probes`, or `max_seconds`.
+continue until every major layer's standard error is below `target_rel_se`·|mean| (or, for traces
+far below the model's typical size, that fraction of the typical size; see `adaptive_probes`) after
+at least `min_probes`, or `max_probes`, or `max_seconds`.
 """
 from __future__ import annotations
 
@@ -123,11 +124,10 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
                       objective: str | Objective = "self-kl", *, target_rel_se: float = 0.10, min_probes: int = 8,
                       max_probes: int = 64, max_seconds: float | None = None, major_fraction: float = 0.01,
                       seed: int = 0, progress: ProgressFn | None = None,
-                      hvp: str = "autograd") -> dict[str, LayerTrace]:
+                      hvp: str = "autograd", info: dict | None = None) -> dict[str, LayerTrace]:
     """Hutchinson estimates of Tr(H_ll) for every named parameter, with an adaptive stopping rule.
 
-    Major layers are those holding ≥ `major_fraction` of all given parameters (all layers if none
-    does). At least 2 probes are run even under `max_seconds` so that a standard error exists.
+    Major layers: see `major_layers`; `info` receives the stop reason and unconverged layers. At least 2 probes are run even under `max_seconds` so that a standard error exists.
     `hvp="ggn"` uses ggn.py's cheaper exact product (self-kl / output-mse, [B, T, ·] outputs only)."""
     obj = get_objective(objective)
     check_probe_args(params, batches, max_probes)
@@ -160,7 +160,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
     with estimating(model, plist):
         return adaptive_probes(params, probe, target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
-                               progress=progress)
+                               progress=progress, info=info)
 
 
 def check_probe_args(params: dict, batches: list, max_probes: int) -> None:
@@ -173,30 +173,73 @@ def check_probe_args(params: dict, batches: list, max_probes: int) -> None:
         raise ValueError("max_probes must be ≥ 1")
 
 
+def major_layers(sizes: dict[str, int], fraction: float) -> tuple[list[str], str]:
+    """Layers the stopping rule waits for, and the rule that chose them: those holding ≥ `fraction`
+    of all parameters; if none does (e.g. SmolLM2-135M, 210 layers of < 1% each), the largest layers
+    that together hold half of the parameters."""
+    total = sum(sizes.values())
+    major = [n for n in sizes if sizes[n] >= fraction * total]
+    if major:
+        return major, f"layers holding ≥ {fraction:.0%} of the parameters"
+    out, covered = [], 0
+    for n in sorted(sizes, key=lambda n: -sizes[n]):
+        if covered >= total / 2:
+            break
+        out.append(n)
+        covered += sizes[n]
+    return out, f"no layer holds {fraction:.0%} of the parameters: the largest layers holding half of them"
+
+
+def convergence_error(mean: float, stderr: float, floor: float) -> float:
+    """stderr / max(|mean|, floor): the relative s.e., except that a trace far below the model's typical
+    size is judged against that size (`floor`), since allocation weighs Tr/n·‖ΔW‖² and a near-zero trace
+    known to ±10% of a typical layer's trace can never change a plan."""
+    scale = max(abs(mean), floor)
+    if stderr == 0:
+        return 0.0
+    return stderr / scale if scale > 0 and not math.isnan(mean) else math.inf
+
+
 def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list[float]], *,
                     target_rel_se: float, min_probes: int, max_probes: int, max_seconds: float | None,
-                    major_fraction: float, progress: ProgressFn | None) -> dict[str, LayerTrace]:
+                    major_fraction: float, progress: ProgressFn | None,
+                    info: dict | None = None) -> dict[str, LayerTrace]:
     """The stopping rule: call `probe(k)` (one value per param, in `params` order) for k = 0, 1, …
-    until every major layer's relative s.e. ≤ `target_rel_se` (after `min_probes`), `max_probes`,
-    or `max_seconds` (never before 2 probes). Major layers hold ≥ `major_fraction` of all params."""
+    until every major layer (see `major_layers`) has convergence_error ≤ `target_rel_se` (after
+    `min_probes`), or `max_probes`, or `max_seconds` (never before 2 probes). The floor of a layer is
+    its size times the mean |trace| per parameter over all layers. `info` receives why it stopped."""
     min_probes = min(max(min_probes, 1), max_probes)
     names = list(params)
     sizes = {n: params[n].numel() for n in names}
     total = sum(sizes.values())
-    major = [n for n in names if sizes[n] >= major_fraction * total] or names
+    major, rule = major_layers(sizes, major_fraction)
     samples: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.perf_counter()
+    reason = "max_probes"
+
+    def errors() -> dict[str, float]:
+        stats = {n: mean_stderr(samples[n]) for n in names}
+        per_param = sum(abs(m) for m, _ in stats.values() if not math.isnan(m)) / total
+        return {n: convergence_error(*stats[n], per_param * sizes[n]) for n in major}
+
     for k in range(max_probes):
         for n, x in zip(names, probe(k)):
             samples[n].append(x)
         done = k + 1
-        worst = max(relative_se(*mean_stderr(samples[n])) for n in major)
+        worst = max(errors().values())
         if progress is not None:
             progress(done, max_probes, worst)
         if done >= min_probes and worst <= target_rel_se:
+            reason = "converged"
             break
         if max_seconds is not None and done >= 2 and time.perf_counter() - t0 >= max_seconds:
+            reason = "max_seconds"
             break
+    if info is not None:
+        errs = errors()
+        info.update(stop_reason=reason, probes=len(samples[names[0]]), target_rel_se=target_rel_se,
+                    major_rule=rule, major_layers=len(major),
+                    not_converged={n: e for n, e in errs.items() if not e <= target_rel_se})
     out: dict[str, LayerTrace] = {}
     for n in names:
         mean, se = mean_stderr(samples[n])
