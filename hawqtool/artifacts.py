@@ -78,6 +78,8 @@ class LayerSensitivity:
     probes: int
     samples: list[float] = field(default_factory=list)
     qerror: dict[str, float] = field(default_factory=dict)  # "bits/group/asym|sym" -> ‖Q(W)−W‖²
+    top_eigenvalue: float | None = None  # power iteration on the layer's Hessian block (--eigen)
+    eigen_iterations: int = 0
 
 
 def qerror_key(bits: int, group_size: int, symmetric: bool) -> str:

@@ -85,6 +85,23 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     return report
 
 
+def add_top_eigenvalues(report: SensitivityReport, loaded: LoadedModel, calib_ids: torch.Tensor, objective: str,
+                        *, batch_size: int = 2, max_iters: int = 20, tol: float = 1e-3, seed: int = 0,
+                        progress: Callable | None = None) -> None:
+    """Fill each layer's top Hessian eigenvalue (power iteration on its diagonal block) into the report."""
+    from .sensitivity.eigen import top_eigenvalues
+
+    layers = quantizable_layers(loaded.model)
+    params = {ls.name: layers[ls.name].weight for ls in report.layers}
+    batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
+    eig = top_eigenvalues(loaded.model, params, batches, objective, max_iters=max_iters, tol=tol, seed=seed,
+                          hvp=hvp_for(objective), progress=progress)
+    for ls in report.layers:
+        ls.top_eigenvalue, ls.eigen_iterations = eig[ls.name].eigenvalue, eig[ls.name].iterations
+    report.settings["eigen"] = {"max_iters": max_iters, "tol": tol,
+                                "unconverged": [n for n, e in eig.items() if not e.converged]}
+
+
 def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
     """Why probing stopped, the major layers that did not reach the target, and the layers whose
     trace estimate is negative (a PSD objective's true trace is ≥ 0: noise), with 95% intervals."""

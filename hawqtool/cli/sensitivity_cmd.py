@@ -26,11 +26,13 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--max-seconds", type=float, default=None, help="Time budget for the probes.")
 @click.option("--bits", default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
 @click.option("--group-size", default=128, show_default=True)
+@click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
+@click.option("--eigen-iters", default=20, show_default=True, help="Power-iteration limit per layer.")
 @calib_options
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, seed, trust_remote_code, as_json, verbose, quiet):
+                bits, group_size, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
@@ -53,6 +55,11 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, ta
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,))
+    if eigen:
+        from ..stages import add_top_eigenvalues
+
+        with rep.bar("top eigenvalues (power iteration)", len(report.layers)) as adv:
+            add_top_eigenvalues(report, loaded, ids, objective, max_iters=eigen_iters, seed=seed, progress=adv)
     artifacts.save(report, output)
     if as_json:
         click.echo(json.dumps(asdict(report)))
