@@ -26,18 +26,29 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--max-seconds", type=float, default=None, help="Time budget for the probes.")
 @click.option("--bits", default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
 @click.option("--group-size", default=128, show_default=True)
+@click.option("--nproc", default=1, show_default=True,
+              help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
 @click.option("--eigen-iters", default=20, show_default=True, help="Power-iteration limit per layer.")
 @calib_options
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
+                bits, group_size, nproc, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
     hawqtool sensitivity HuggingFaceTB/SmolLM2-135M --calib wiki -o sens.json
+    hawqtool sensitivity MODEL --nproc 2 -o sens.json        # = torchrun --nproc-per-node 2 -m hawqtool ...
     """
+    import os
+
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _relaunch_under_torchrun(nproc)
+    from ..sensitivity.distributed import world
+
+    rank, size = world()
+    quiet = quiet or rank != 0
     from .. import artifacts
     from ..data import calibration_windows, data_fingerprint
     from ..models import load_model
@@ -55,6 +66,9 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, ta
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,))
+    if rank != 0:
+        return  # rank 0 writes the report; the others only contributed probes
+    report.settings["ranks"] = size
     if eigen:
         from ..stages import add_top_eigenvalues
 
@@ -66,3 +80,21 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, ta
     elif not quiet:
         rep.console.print(sensitivity_table(report))
         rep.say(f"wrote {output}")
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """Run this same command under torch.distributed.run with `nproc` processes, then exit with its code."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "hawqtool", *args]
+    sys.exit(subprocess.call(cmd))

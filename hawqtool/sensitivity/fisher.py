@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import probe_seed, round_robin, world
 from .hutchinson import LayerTrace, ProgressFn, _to_device, adaptive_probes, check_probe_args, estimating
 from .objectives import Batch, Objective, get_objective, model_logits, upcast
 
@@ -93,16 +94,16 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
         raise ValueError("samples_per_batch must be ≥ 1")
     plist = list(params.values())
     device = plist[0].device
-    gen = torch.Generator().manual_seed(seed)
     dev_batches: dict[int, Batch] = {}
 
     def probe(k: int) -> list[float]:
         bi = k % len(batches)
         if bi not in dev_batches:
             dev_batches[bi] = _to_device(batches[bi], device)
+        gen = torch.Generator().manual_seed(probe_seed(seed, k))
         return fisher_probe(model, plist, dev_batches[bi], obj.name, gen, samples_per_batch)
 
     with estimating(model, plist):
-        return adaptive_probes(params, probe, target_rel_se=target_rel_se, min_probes=min_probes,
+        return adaptive_probes(params, round_robin(probe, *world()), target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
                                progress=progress, info=info)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .distributed import probe_seed, round_robin, world
 from .ggn import ggn_vector_product, math_attention
 from .objectives import Batch, Objective, get_objective, model_inputs
 
@@ -139,7 +140,6 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
     plist = [params[n] for n in names]
     model_names = _model_names(model, plist) if hvp == "ggn" else names
     device = plist[0].device
-    gen = torch.Generator().manual_seed(seed)
     dev_batches: dict[int, Batch] = {}
     refs: dict[int, Any] = {}
 
@@ -150,6 +150,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
             with torch.no_grad():
                 refs[bi] = obj.prepare(model, dev_batches[bi])
         batch = dev_batches[bi]
+        gen = torch.Generator().manual_seed(probe_seed(seed, k))
         vs = [rademacher(p, gen) for p in plist]
         if hvp == "ggn":
             hv = _ggn_hvp(model, plist, model_names, batch, obj, vs)
@@ -158,7 +159,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
         return [float((v.double() * h.double()).sum()) for v, h in zip(vs, hv)]
 
     with estimating(model, plist):
-        return adaptive_probes(params, probe, target_rel_se=target_rel_se, min_probes=min_probes,
+        return adaptive_probes(params, round_robin(probe, *world()), target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
                                progress=progress, info=info)
 
