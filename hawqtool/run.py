@@ -120,7 +120,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
             report = timed("sensitivity", lambda: compute_sensitivity(
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=ckey,
-                qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,)))
+                qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,),
+                resume_path=Path(str(sens_path) + ".partial")))
         artifacts.save(report, sens_path)
 
     layer_w = layer_weights(loaded)  # views of the loaded model's weights, no copy

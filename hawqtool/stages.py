@@ -36,10 +36,11 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
-                        estimator: str = "hutchinson") -> SensitivityReport:
+                        estimator: str = "hutchinson", resume_path: Path | None = None) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
+    `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run.
     `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward
     per probe; self-kl / output-mse only, for models without cheap or supported HVPs)."""
     from .sensitivity import fisher_traces, hutchinson_traces
@@ -58,8 +59,19 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
     t0 = time.perf_counter()
     info: dict = {}
+    settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,
+                                    qerror_groups=qerror_groups, n_samples=len(calib_ids),
+                                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
+                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
+    fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
+    log_ = None
+    if resume_path is not None:
+        from .sensitivity.distributed import world
+        from .sensitivity.hutchinson import ProbeLog
+
+        log_ = ProbeLog(resume_path, fp, writer=world()[0] == 0)
     common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
-                  max_seconds=max_seconds, seed=seed, progress=progress, info=info)
+                  max_seconds=max_seconds, seed=seed, progress=progress, info=info, resume=log_)
     if estimator == "fisher":
         traces = fisher_traces(model, params, batches, objective, **common)
         described = "fisher (sampled labels, one backward per probe)"
@@ -73,15 +85,13 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
                             qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups))
            for n, t in traces.items()]
-    settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,
-                                    qerror_groups=qerror_groups, n_samples=len(calib_ids),
-                                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
-                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
                                settings=settings, layers=out, seconds=time.perf_counter() - t0,
                                convergence=convergence_summary(info, out))
-    report.fingerprint = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
+    report.fingerprint = fp
+    if log_ is not None:
+        log_.clear()
     return report
 
 

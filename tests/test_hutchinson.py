@@ -250,3 +250,26 @@ def test_stop_info_names_the_reason_and_the_unconverged():
                     max_seconds=None, major_fraction=0.01, progress=None, info=info)
     assert info["stop_reason"] == "max_probes" and info["probes"] == 6
     assert set(info["not_converged"]) == {"noisy"}
+
+
+def test_interrupted_probes_resume_to_the_uninterrupted_result(tmp_path):
+    from hawqtool.sensitivity.hutchinson import ProbeLog
+
+    model, params, batches = mlp_setup()
+    kw = dict(objective="labels", min_probes=10, max_probes=10, target_rel_se=1e-9, seed=3)
+    full = hutchinson_traces(model, params, batches, **kw)
+    log = ProbeLog(tmp_path / "s.json.partial", key="fp")
+
+    def stop_after_4(done, total, worst):
+        if done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hutchinson_traces(model, params, batches, progress=stop_after_4, resume=log, **kw)
+    assert len(log.load(list(params))["fc1"]) == 4
+    seen = []
+    resumed = hutchinson_traces(model, params, batches, resume=log, progress=lambda d, t, w: seen.append(d), **kw)
+    assert seen[0] == 5  # probes 1-4 came from the log
+    for n in params:
+        assert resumed[n].samples == full[n].samples
+    assert ProbeLog(tmp_path / "s.json.partial", key="other").load(list(params)) is None  # other settings: ignored

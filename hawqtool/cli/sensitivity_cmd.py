@@ -65,7 +65,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, ta
                                      target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
-                                     qerror_bits=_bits(bits), qerror_groups=(group_size,))
+                                     qerror_bits=_bits(bits), qerror_groups=(group_size,),
+                                     resume_path=Path(str(output) + ".partial"))
     if rank != 0:
         return  # rank 0 writes the report; the others only contributed probes
     report.settings["ranks"] = size

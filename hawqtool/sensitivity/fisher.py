@@ -76,7 +76,8 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
                   objective: str | Objective = "self-kl", *, samples_per_batch: int = 1,
                   target_rel_se: float = 0.10, min_probes: int = 8, max_probes: int = 64,
                   max_seconds: float | None = None, major_fraction: float = 0.01, seed: int = 0,
-                  progress: ProgressFn | None = None, info: dict | None = None) -> dict[str, LayerTrace]:
+                  progress: ProgressFn | None = None, info: dict | None = None,
+                  resume=None) -> dict[str, LayerTrace]:
     """Sampled-label Fisher estimates of Tr(H_ll) (= the objective's Hessian block trace at the own
     point) for every named parameter, with hutchinson_traces' adaptive stopping rule.
 
@@ -106,4 +107,4 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
     with estimating(model, plist):
         return adaptive_probes(params, round_robin(probe, *world()), target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
-                               progress=progress, info=info)
+                               progress=progress, info=info, resume=resume)

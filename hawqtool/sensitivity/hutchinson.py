@@ -125,7 +125,8 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
                       objective: str | Objective = "self-kl", *, target_rel_se: float = 0.10, min_probes: int = 8,
                       max_probes: int = 64, max_seconds: float | None = None, major_fraction: float = 0.01,
                       seed: int = 0, progress: ProgressFn | None = None,
-                      hvp: str = "autograd", info: dict | None = None) -> dict[str, LayerTrace]:
+                      hvp: str = "autograd", info: dict | None = None,
+                      resume: ProbeLog | None = None) -> dict[str, LayerTrace]:
     """Hutchinson estimates of Tr(H_ll) for every named parameter, with an adaptive stopping rule.
 
     Major layers: see `major_layers`; `info` receives the stop reason and unconverged layers. At least 2 probes are run even under `max_seconds` so that a standard error exists.
@@ -161,7 +162,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
     with estimating(model, plist):
         return adaptive_probes(params, round_robin(probe, *world()), target_rel_se=target_rel_se, min_probes=min_probes,
                                max_probes=max_probes, max_seconds=max_seconds, major_fraction=major_fraction,
-                               progress=progress, info=info)
+                               progress=progress, info=info, resume=resume)
 
 
 def check_probe_args(params: dict, batches: list, max_probes: int) -> None:
@@ -201,10 +202,45 @@ def convergence_error(mean: float, stderr: float, floor: float) -> float:
     return stderr / scale if scale > 0 and not math.isnan(mean) else math.inf
 
 
+class ProbeLog:
+    """Per-probe samples kept in a JSON file (written atomically after every probe) so that an
+    interrupted run with the same key (the sensitivity fingerprint) resumes where it stopped;
+    probes are seeded per probe, so the resumed run equals an uninterrupted one."""
+
+    def __init__(self, path, key: str, writer: bool = True):
+        from pathlib import Path
+
+        self.path, self.key, self.writer = Path(path), key, writer
+
+    def load(self, names: list[str]) -> dict[str, list[float]] | None:
+        import json
+
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        s = d.get("samples") if isinstance(d, dict) and d.get("key") == self.key else None
+        if not isinstance(s, dict) or set(s) != set(names) or len({len(v) for v in s.values()}) != 1:
+            return None
+        return {n: [float(x) for x in s[n]] for n in names}
+
+    def save(self, samples: dict[str, list[float]]) -> None:
+        import json
+
+        from ..artifacts import write_atomic
+
+        if self.writer:
+            write_atomic(self.path, json.dumps({"key": self.key, "samples": samples}))
+
+    def clear(self) -> None:
+        if self.writer:
+            self.path.unlink(missing_ok=True)
+
+
 def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list[float]], *,
                     target_rel_se: float, min_probes: int, max_probes: int, max_seconds: float | None,
                     major_fraction: float, progress: ProgressFn | None,
-                    info: dict | None = None) -> dict[str, LayerTrace]:
+                    info: dict | None = None, resume: "ProbeLog | None" = None) -> dict[str, LayerTrace]:
     """The stopping rule: call `probe(k)` (one value per param, in `params` order) for k = 0, 1, …
     until every major layer (see `major_layers`) has convergence_error ≤ `target_rel_se` (after
     `min_probes`), or `max_probes`, or `max_seconds` (never before 2 probes). The floor of a layer is
@@ -215,6 +251,12 @@ def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list
     total = sum(sizes.values())
     major, rule = major_layers(sizes, major_fraction)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    start = 0
+    if resume is not None:
+        done_before = resume.load(names)
+        start = min(len(done_before[names[0]]), max_probes) if done_before else 0
+        for n in names:
+            samples[n] = list(done_before[n][:start]) if done_before else []
     t0 = time.perf_counter()
     reason = "max_probes"
 
@@ -223,10 +265,12 @@ def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list
         per_param = sum(abs(m) for m, _ in stats.values() if not math.isnan(m)) / total
         return {n: convergence_error(*stats[n], per_param * sizes[n]) for n in major}
 
-    for k in range(max_probes):
+    for k in range(start, max_probes):
         for n, x in zip(names, probe(k)):
             samples[n].append(x)
         done = k + 1
+        if resume is not None:
+            resume.save(samples)
         worst = max(errors().values())
         if progress is not None:
             progress(done, max_probes, worst)
