@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 
+from ._compat import patch_torchvision_ops
+
 __version__ = "0.1.0"
+patch_torchvision_ops()
 
 _API = {
     "load_model": "models", "quantizable_layers": "models",
