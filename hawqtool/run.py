@@ -109,7 +109,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
                                          seqlen=cfg.sens_seqlen, target_rel_se=cfg.sens_target,
-                                         min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed)
+                                         min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
+                                         estimator="fisher")  # what compute_sensitivity's "auto" picks for self-kl
     sens_fp = sensitivity_fingerprint(mdig, ckey, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")

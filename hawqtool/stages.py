@@ -36,7 +36,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
-                        estimator: str = "hutchinson", resume_path: Path | None = None) -> SensitivityReport:
+                        estimator: str = "auto", resume_path: Path | None = None) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
@@ -45,6 +45,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     per probe; self-kl / output-mse only, for models without cheap or supported HVPs)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
+    if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
+        estimator = "fisher" if objective in FISHER_OBJECTIVES else "hutchinson"
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if estimator == "fisher" and objective not in FISHER_OBJECTIVES:

@@ -159,7 +159,8 @@ def test_compute_sensitivity_estimator():
     loaded = LoadedModel(model=tiny_llama(dtype=torch.float32), tokenizer=None, source="tiny", files=[])
     ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
     kw = dict(min_probes=3, max_probes=3, qerror_bits=(4,), qerror_groups=(16,))
-    hut = compute_sensitivity(loaded, ids, **kw)
+    hut = compute_sensitivity(loaded, ids, estimator="hutchinson", **kw)
+    assert compute_sensitivity(loaded, ids, **kw).estimator.startswith("fisher")  # auto picks fisher for self-kl
     fis = compute_sensitivity(loaded, ids, estimator="fisher", **kw)
     assert hut.estimator.startswith("hutchinson") and "estimator" not in hut.settings
     assert fis.estimator == "fisher (sampled labels, one backward per probe)"

@@ -17,9 +17,9 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--nsamples", default=8, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=256, show_default=True, help="Tokens per window.")
 @click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
-@click.option("--estimator", type=click.Choice(["hutchinson", "fisher"]), default="hutchinson", show_default=True,
-              help="fisher: sampled-label Fisher, one backward per probe (self-kl/output-mse); for models "
-                   "without double-backward/forward-mode support.")
+@click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default="auto", show_default=True,
+              help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse, "
+                   "hutchinson for labels. Fisher measured 8-19x faster at lower error (benchmarks/RESULTS.md).")
 @click.option("--target", default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
 @click.option("--min-probes", default=8, show_default=True)
 @click.option("--max-probes", default=32, show_default=True)
