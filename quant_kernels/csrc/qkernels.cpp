@@ -67,38 +67,6 @@ void gemv_impl(const float* x, const uint8_t* codes, const float* s, const float
   });
 }
 
-template <bool NIBBLE>
-void dequant_impl(const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit, float* out,
-                  int64_t r0, int64_t r1, int64_t G, int64_t units) {
-  const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
-  const __m256i mask = _mm256_set1_epi32(0xF);
-  // serial on purpose: it runs between multithreaded torch.mm calls, and two thread pools spinning
-  // against each other on a busy 2-core machine cost far more than the dequantization itself
-  {
-    const int64_t n0 = r0, n1 = r1;
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* cr = codes + n * row_bytes;
-      float* o = out + (n - r0) * units * 16;
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 sv = _mm256_set1_ps(s[n * G + g]), zv = _mm256_set1_ps(zs[n * G + g]);
-        for (int64_t u = gunit[g]; u < gunit[g + 1]; ++u) {
-          __m256 lo, hi;
-          if (NIBBLE) {
-            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cr + u * 8)));
-            lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
-            hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-          } else {
-            const uint8_t* c = cr + u * 16;
-            lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
-            hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8))));
-          }
-          _mm256_storeu_ps(o + u * 16, _mm256_fmsub_ps(lo, sv, zv));
-          _mm256_storeu_ps(o + u * 16 + 8, _mm256_fmsub_ps(hi, sv, zv));
-        }
-      }
-    }
-  }
-}
 
 // dequantize one row (all groups) into o[units*16]
 template <bool NIBBLE>
@@ -122,6 +90,15 @@ inline void dequant_row(const uint8_t* cr, const float* s, const float* zs, cons
       _mm256_storeu_ps(o + u * 16 + 8, _mm256_fmsub_ps(hi, sv, zv));
     }
   }
+}
+
+// rows [r0, r1) dequantized into out [r1-r0, units*16]; serial on purpose (see fast_cpu.py)
+template <bool NIBBLE>
+void dequant_impl(const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit, float* out,
+                  int64_t r0, int64_t r1, int64_t G, int64_t units) {
+  const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
+  for (int64_t n = r0; n < r1; ++n)
+    dequant_row<NIBBLE>(codes + n * row_bytes, s + n * G, zs + n * G, gunit, G, out + (n - r0) * units * 16);
 }
 
 // y [M, N] for larger M: each thread dequantizes RB output rows into an L1/L2-resident buffer once and
