@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -100,16 +98,6 @@ def save_latency_table(table: LatencyTable, path: str | Path) -> None:
     write_atomic(Path(path), json.dumps(asdict(table), indent=1))
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 @torch.no_grad()
 def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmetric: bool = False, tokens: int = 1,
                           repeats: int = 20, progress: Callable[[int], None] | None = None) -> LatencyTable:
@@ -117,6 +105,7 @@ def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmet
     (quant_kernels), and an fp32 F.linear per shape; layers of equal shape share the measurement."""
     from quant_kernels import backend_info
 
+    from .bench import median_ms
     from .checkpoint import pack_layer
     from .quantize.quantizer import rtn
     from .runtime import QuantLinear
@@ -128,11 +117,11 @@ def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmet
         out_f, in_f = shape
         W = torch.randn(out_f, in_f, generator=g) * 0.02
         x = torch.randn(tokens, in_f, generator=g)
-        fp32[shape] = _median_ms(lambda: torch.nn.functional.linear(x, W), repeats)
+        fp32[shape] = median_ms(lambda: torch.nn.functional.linear(x, W), repeats)
         row = {}
         for opt in options:
             layer = QuantLinear(pack_layer(rtn(W, opt.spec(symmetric))), None, act_bits=opt.act_bits)
-            row[opt.label] = _median_ms(lambda: layer(x), repeats)
+            row[opt.label] = median_ms(lambda: layer(x), repeats)
         by_shape[shape] = row
         if progress:
             progress(1)
