@@ -47,9 +47,12 @@ def test_latency_table_then_latency_budget(sens, tiny_llama, tmp_path):
            "-q")
     t = json.loads(table.read_text())
     assert t["kind"] == "latency-table" and all(len(r) == 4 for r in t["layers"].values())
-    invoke("allocate", sens, "--latency-table", table, "--latency-frac", 100, "-q", "-o", plan_path)
+    invoke("allocate", sens, "--latency-table", table, "--latency-frac", 100, "--sweep", "-q", "-o", plan_path)
     plan = json.loads(plan_path.read_text())
     assert plan["costs"]["latency_ms"] <= plan["budget"]["max_latency_ms"] * (1 + 1e-9)
+    sweep = json.loads((tmp_path / "plan.sweep.json").read_text())
+    assert sweep["axes"] == ["bytes", "latency_ms"] and sweep["frontiers"]["latency_ms"]
+    assert sweep["chosen"]["costs"]["latency_ms"] == plan["costs"]["latency_ms"]
     r = invoke("allocate", sens, "--latency-table", table, "--max-latency-ms", 1e-9, "-q", "-o", plan_path, code=1)
     assert "use at least --max-latency-ms" in r.output and r.output.count("\n") == 1
 

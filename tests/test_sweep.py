@@ -7,9 +7,12 @@ import pytest
 from click.testing import CliRunner
 
 from hawqtool import artifacts
+from hawqtool.allocate.budgets import Budgets
+from hawqtool.allocate.options import make_options
 from hawqtool.allocate.plan import allocate_bits
 from hawqtool.allocate.sweep import sweep_plans, write_sweep
 from hawqtool.cli import main
+from hawqtool.latency import LatencyTable
 from test_plan import BITS, no_weights, synthetic_report
 
 
@@ -91,3 +94,34 @@ def test_cli_bad_constraints_are_one_line_errors(rep, tmp_path, args, words):
     assert res.exit_code == 1, (res.exit_code, res.output)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+
+
+def test_sweep_with_profile_and_latency_table_has_a_frontier_per_axis(tmp_path):
+    from test_budgets import profile_of, with_w8a8_errors
+
+    rep = with_w8a8_errors(synthetic_report())
+    labels = [o.label for o in make_options(BITS, [128], [8, 16])]
+    lat = LatencyTable(tokens=1, layers={ls.name: {lab: ls.n_params * 1e-6 * (0.5 + 0.1 * int(lab[1]) - 0.5 * (lab == "w8gca8"))
+                                                  for lab in labels} for ls in rep.layers})
+    prof = profile_of(rep)
+    res = sweep_plans(rep, no_weights, BITS, 128, False, n_points=6, act_bits=(8, 16), profile=prof, latency=lat)
+    assert res["axes"] == ["bytes", "bops", "latency_ms"]
+    assert [u["label"] for u in res["uniform"]][-1] == "uniform w8gca8"
+    for axis, fr in res["frontiers"].items():
+        assert len(fr) >= 2, axis
+        for a, b in zip(fr, fr[1:]):
+            assert b["costs"][axis] > a["costs"][axis] and b["predicted_omega"] < a["predicted_omega"]
+        for u in res["uniform"]:  # no uniform plan beats the frontier on its own axis
+            assert any(p["costs"][axis] <= u["costs"][axis] * (1 + 1e-6)
+                       and p["predicted_omega"] <= u["predicted_omega"] * (1 + 1e-9) for p in fr), (axis, u)
+    # the latency frontier really trades latency: its cheapest point is faster than the bytes frontier's
+    assert res["frontiers"]["latency_ms"][0]["costs"]["latency_ms"] <= min(
+        p["costs"]["latency_ms"] for p in res["frontiers"]["bytes"]) + 1e-12
+    fastest = sum(min(r.values()) for r in lat.layers.values())
+    plan = allocate_bits(rep, no_weights, bit_choices=BITS, act_bits=(8, 16), profile=prof, latency=lat,
+                         budgets=Budgets(max_latency_ms=1.5 * fastest))
+    paths = write_sweep(res, tmp_path / "s.json", tmp_path / "s.png", plan)
+    data = json.loads(paths["json"].read_text())
+    assert set(data["chosen"]["costs"]) == {"bytes", "bops", "latency_ms"}
+    assert data["chosen"]["costs"]["latency_ms"] == pytest.approx(plan.costs["latency_ms"])
+    assert "_costs" not in data and paths["png"].stat().st_size > 5000

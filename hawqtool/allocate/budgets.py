@@ -48,6 +48,23 @@ def _size_ref(options: Sequence[Option]) -> list[int]:
             if o.act_bits == FULL_ACT and o.group_size == options[0].group_size and o.symmetric is None]
 
 
+def bops_costs(report: SensitivityReport, options: Sequence[Option], profile: Mapping[str, LayerProfile]) -> np.ndarray:
+    """BOPs per token [L, C]: measured MACs × weight bits × activation bits."""
+    macs = np.array([profile[ls.name].macs for ls in report.layers])
+    return macs[:, None] * np.array([[o.bits * o.act_bits for o in options]], dtype=float)
+
+
+def available_costs(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,
+                    profile: Mapping[str, LayerProfile] | None, latency: LatencyTable | None) -> dict[str, np.ndarray]:
+    """Every cost table [L, C] the inputs allow: bytes always, BOPs with a profile, latency with a table."""
+    costs = {"bytes": nbytes}
+    if profile is not None:
+        costs["bops"] = bops_costs(report, options, profile)
+    if latency is not None:
+        costs["latency_ms"] = latency.costs([ls.name for ls in report.layers], [o.label for o in options])
+    return costs
+
+
 def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,
                  profile: Mapping[str, LayerProfile] | None, latency: LatencyTable | None,
                  budgets: Budgets) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -69,9 +86,9 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
             raise UserError("give --max-bops or --bops-frac, not both")
         if profile is None:
             raise UserError("a BOPs budget needs the layers' MACs; pass --model so they can be measured")
-        macs = np.array([profile[ls.name].macs for ls in report.layers])
-        costs["bops"] = macs[:, None] * np.array([[o.bits * o.act_bits for o in options]], dtype=float)
-        limits["bops"] = budgets.max_bops if budgets.max_bops is not None else budgets.bops_frac * 256.0 * macs.sum()
+        costs["bops"] = bops_costs(report, options, profile)
+        macs = sum(profile[ls.name].macs for ls in report.layers)
+        limits["bops"] = budgets.max_bops if budgets.max_bops is not None else budgets.bops_frac * 256.0 * macs
     if budgets.max_latency_ms is not None or budgets.latency_frac is not None:
         if latency is None:
             raise UserError("a latency budget needs a table: pass --latency-table FILE "

@@ -1,4 +1,4 @@
-"""Size/quality trade-off of the allocate stage: Pareto frontier of predicted Ω vs bytes, with uniform baselines.
+"""Cost/quality trade-off of the allocate stage: Pareto frontiers of predicted Ω vs bytes, BOPs and latency.
 
 The frontier comes from `ilp.pareto_sweep` plus one extra solve at each uniform width's size (and any
 extra budgets, e.g. the chosen plan's), so every uniform point that meets the constraints has a frontier
@@ -11,96 +11,142 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from matplotlib.figure import Figure  # no pyplot: no global backend state
 
 from ..artifacts import Plan, SensitivityReport, write_atomic
+from ..macs import LayerProfile
 from ..report import _png
+from .budgets import available_costs
 from .ilp import Allocation, InfeasibleBudget, pareto_sweep, solve_allocation
-from .plan import WeightSource, build_constraints, omega_table
+from .options import FULL_ACT, Option, make_options
+from .plan import WeightSource, build_constraints, layer_tables
+
+if TYPE_CHECKING:
+    from ..latency import LatencyTable
+
+# axis -> (x label, scale to the plotted unit)
+AXES = {"bytes": ("quantized layer size (MB, scales and zeros included)", 1e-6),
+        "latency_ms": ("latency of the quantized layers (ms, sum of the latency table)", 1.0),
+        "bops": ("GBOPs per token (MACs × weight bits × activation bits)", 1e-9)}
 
 
-def _front(allocs: list[Allocation]) -> list[Allocation]:
-    """Keep the allocations no other one beats on both bytes and Ω, sorted by bytes (Ω strictly falling)."""
+def _front(allocs: list[Allocation], axis: str) -> list[Allocation]:
+    """Keep the allocations no other one beats on both `axis` and Ω, sorted by `axis` (Ω strictly falling)."""
     front: list[Allocation] = []
-    for a in sorted(allocs, key=lambda a: (a.costs["bytes"], a.objective)):
+    for a in sorted(allocs, key=lambda a: (a.costs[axis], a.objective)):
         if not front or a.objective < front[-1].objective - 1e-12 * max(1.0, abs(front[-1].objective)):
             front.append(a)
     return front
 
 
-def _point(alloc: Allocation, bit_choices: list[int], n_total: int) -> dict[str, Any]:
-    """JSON summary of one frontier plan: size, average bits, predicted Ω and how many layers get each width."""
+def _point(alloc: Allocation, options: list[Option], keys: list[str], n_total: int) -> dict[str, Any]:
+    """JSON summary of one frontier plan: its totals on every axis, predicted Ω, layers per option."""
     total = float(alloc.costs["bytes"])
-    hist = Counter(bit_choices[int(j)] for j in alloc.choice)
+    hist = Counter(keys[int(j)] for j in alloc.choice)
     return {"total_bytes": total, "avg_bits": 8 * total / n_total, "predicted_omega": float(alloc.objective),
-            "bits_histogram": {str(b): int(hist.get(b, 0)) for b in bit_choices}}
+            "costs": {k: float(v) for k, v in alloc.costs.items()},
+            "bits_histogram": {k: int(hist.get(k, 0)) for k in dict.fromkeys(keys)}}
 
 
 def sweep_plans(report: SensitivityReport, weights: WeightSource, bit_choices: Sequence[int], group_size: int,
-                symmetric: bool, n_points: int = 12, extra_budgets: Sequence[float] = (),
-                **constraints: Any) -> dict[str, Any]:
-    """Pareto frontier (Ω vs bytes) under the same pins/allowed/ties as `allocate_bits`, plus uniform points."""
-    bit_choices = sorted(set(int(b) for b in bit_choices))
+                symmetric: bool, n_points: int = 12, extra_budgets: Sequence[float] = (), *,
+                group_sizes: Sequence[int] | None = None, act_bits: Sequence[int] = (FULL_ACT,),
+                profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
+                extra: Mapping[str, Sequence[float]] | None = None, **constraints: Any) -> dict[str, Any]:
+    """Pareto frontiers of Ω against bytes, and against BOPs (with a MACs profile) and latency (with a
+    table), under the same options, pins/allowed/ties as `allocate_bits`; plus the uniform points.
+
+    Each frontier sweeps one axis alone; every point records its totals on all axes. `extra` adds
+    solves at given budgets per axis (`extra_budgets` is the bytes shorthand), e.g. the chosen plan's."""
+    options = make_options(bit_choices, group_sizes or [group_size], act_bits)
+    one_per_width = len({o.bits for o in options}) == len(options)
+    keys = [str(o.bits) if one_per_width else o.label for o in options]
     names = [ls.name for ls in report.layers]
-    cons = build_constraints(names, bit_choices, **constraints)
-    omega, nbytes = omega_table(report, weights, bit_choices, group_size, symmetric)
+    cons = build_constraints(names, [o.bits for o in options], **constraints)
+    omega, nbytes = layer_tables(report, weights, options, symmetric, profile)
+    costs = available_costs(report, options, nbytes, profile, latency)
     n_total = sum(ls.n_params for ls in report.layers)
     kw: dict[str, Any] = {"allowed": cons.mask, "ties": cons.groups}
-    found = pareto_sweep(omega, nbytes, n_points=n_points, name="bytes", **kw)
     uniform = []
-    for j, b in enumerate(bit_choices):
-        total = float(nbytes[:, j].sum())
-        uniform.append({"bits": b, "label": f"uniform {b}-bit", "total_bytes": total, "avg_bits": 8 * total / n_total,
+    for j, o in enumerate(options):
+        totals = {k: float(c[:, j].sum()) for k, c in costs.items()}
+        uniform.append({"bits": o.bits, "option": o.label, "label": f"uniform {keys[j]}" + ("-bit" * one_per_width),
+                        "total_bytes": totals["bytes"], "avg_bits": 8 * totals["bytes"] / n_total, "costs": totals,
                         "predicted_omega": float(omega[:, j].sum()),
                         "feasible": bool(cons.mask is None or cons.mask[:, j].all())})
-    lo, hi = min(a.costs["bytes"] for a in found), max(a.costs["bytes"] for a in found)
-    for budget in [u["total_bytes"] for u in uniform] + [float(b) for b in extra_budgets]:
-        if lo < budget < hi:  # outside [lo, hi] the sweep's end points already dominate
-            try:
-                found.append(solve_allocation(omega, {"bytes": nbytes}, {"bytes": budget}, **kw))
-            except InfeasibleBudget:
-                continue
+    extra = {k: list(v) for k, v in (extra or {}).items()}
+    extra.setdefault("bytes", []).extend(float(b) for b in extra_budgets)
+    frontiers = {}
+    for axis in costs:
+        others = {k: c for k, c in costs.items() if k != axis}
+        found = pareto_sweep(omega, costs[axis], n_points=n_points, name=axis, other_costs=others, **kw)
+        lo, hi = min(a.costs[axis] for a in found), max(a.costs[axis] for a in found)
+        for budget in [u["costs"][axis] for u in uniform] + [float(b) for b in extra.get(axis, [])]:
+            if lo < budget < hi:  # outside [lo, hi] the sweep's end points already dominate
+                try:
+                    found.append(solve_allocation(omega, costs, {axis: budget}, **kw))
+                except InfeasibleBudget:
+                    continue
+        frontiers[axis] = [_point(a, options, keys, n_total) for a in _front(found, axis)]
     return {"kind": "sweep", "model": report.model, "sensitivity_fingerprint": report.fingerprint,
-            "bit_choices": bit_choices, "group_size": group_size, "symmetric": symmetric,
-            "constraints": cons.record, "frontier": [_point(a, bit_choices, n_total) for a in _front(found)],
-            "uniform": uniform}
+            "bit_choices": sorted({o.bits for o in options}), "group_size": group_size, "symmetric": symmetric,
+            "options": [o.label for o in options], "axes": list(costs), "constraints": cons.record,
+            "frontier": frontiers["bytes"], "frontiers": frontiers, "uniform": uniform,
+            "_costs": costs, "_options": options}
 
 
-def chosen_point(plan: Plan) -> dict[str, Any]:
-    """The plan's own point for the sweep JSON/plot."""
-    return {"total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits, "predicted_omega": plan.predicted_omega,
-            "budget": plan.budget, "fingerprint": plan.fingerprint}
+def chosen_point(plan: Plan, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan's own point for the sweep JSON/plot, with its totals on every axis of `result`."""
+    point = {"total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits, "predicted_omega": plan.predicted_omega,
+             "budget": plan.budget, "fingerprint": plan.fingerprint, "costs": dict(plan.costs or {})}
+    if result is not None and "_costs" in result:
+        col = {o.label: j for j, o in enumerate(result["_options"])}
+        js = [col.get(Option(lp.bits, lp.group_size, lp.act_bits).label,
+                      col.get(Option(lp.bits, lp.group_size, lp.act_bits, True).label)) for lp in plan.layers]
+        if None not in js and len(js) == len(next(iter(result["_costs"].values()))):
+            for k, c in result["_costs"].items():
+                point["costs"].setdefault(k, float(sum(c[i, j] for i, j in enumerate(js))))
+    point["costs"].setdefault("bytes", plan.total_bytes)
+    return point
 
 
 def sweep_figure(data: dict[str, Any]) -> Figure:
-    """Ω vs MB: frontier line, labelled uniform points (hollow if they break the constraints), chosen plan star."""
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
-    ax = fig.add_subplot()
-    fr = data["frontier"]
-    ys = [p["predicted_omega"] for p in fr] + [u["predicted_omega"] for u in data["uniform"]]
-    ax.plot([p["total_bytes"] / 1e6 for p in fr], [p["predicted_omega"] for p in fr], "o-", ms=4,
-            color="tab:blue", label="Pareto frontier (ILP)")
-    for k, u in enumerate(data["uniform"]):
-        x, y = u["total_bytes"] / 1e6, u["predicted_omega"]
-        ax.scatter([x], [y], marker="s", s=40, zorder=4, edgecolors="tab:orange",
-                   facecolors="tab:orange" if u["feasible"] else "none",
-                   label="uniform widths" if k == 0 else None)
-        note = "" if u["feasible"] else " (breaks constraints)"
-        ax.annotate(f"uniform {u['bits']}-bit{note}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ch = data.get("chosen")
-    if ch is not None:
-        ys.append(ch["predicted_omega"])
-        ax.scatter([ch["total_bytes"] / 1e6], [ch["predicted_omega"]], marker="*", s=220, color="tab:red", zorder=5,
-                   label=f"chosen plan ({ch['avg_bits']:.2f} bits/weight)")
-    if ys and min(ys) > 0:
-        ax.set_yscale("log")
-    ax.set_xlabel("quantized layer size (MB, scales and zeros included)")
-    ax.set_ylabel("predicted Ω = Σ Tr(H)/n · ‖Q(W)−W‖²")
-    ax.set_title(f"Size vs predicted perturbation — {data.get('model', '')}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    """Ω vs each axis (one panel each): frontier line, labelled uniform points (hollow if they break the
+    constraints), chosen plan star."""
+    axes = data.get("axes", ["bytes"])
+    fig = Figure(figsize=(8.0 * len(axes) ** 0.5 + 2.5 * (len(axes) - 1), 5.0), layout="constrained")
+    for n, axis in enumerate(axes):
+        ax = fig.add_subplot(1, len(axes), n + 1)
+        label, scale = AXES[axis]
+        fr = data.get("frontiers", {}).get(axis, data["frontier"])
+
+        def x_of(p: dict[str, Any]) -> float:
+            return p.get("costs", {}).get(axis, p["total_bytes"] if axis == "bytes" else float("nan")) * scale
+
+        ys = [p["predicted_omega"] for p in fr] + [u["predicted_omega"] for u in data["uniform"]]
+        ax.plot([x_of(p) for p in fr], [p["predicted_omega"] for p in fr], "o-", ms=4,
+                color="tab:blue", label="Pareto frontier (ILP)")
+        for k, u in enumerate(data["uniform"]):
+            x, y = x_of(u), u["predicted_omega"]
+            ax.scatter([x], [y], marker="s", s=40, zorder=4, edgecolors="tab:orange",
+                       facecolors="tab:orange" if u["feasible"] else "none",
+                       label="uniform" if k == 0 else None)
+            note = "" if u["feasible"] else " (breaks constraints)"
+            ax.annotate(u["label"] + note, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ch = data.get("chosen")
+        if ch is not None and axis in ch.get("costs", {"bytes": 0}):
+            ys.append(ch["predicted_omega"])
+            ax.scatter([x_of(ch)], [ch["predicted_omega"]], marker="*", s=220, color="tab:red", zorder=5,
+                       label=f"chosen plan ({ch['avg_bits']:.2f} bits/weight)")
+        if ys and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("predicted Ω = Σ Tr(H)/n · ‖Q(W)−W‖²")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Predicted perturbation vs cost — {data.get('model', '')}")
     return fig
 
 
@@ -114,9 +160,9 @@ def _write_bytes_atomic(path: Path, blob: bytes) -> None:
 
 def write_sweep(result: dict[str, Any], out_json: Path, out_png: Path, chosen: Plan | None = None) -> dict[str, Path]:
     """Write the sweep as JSON and a PNG plot (both atomically); returns their paths."""
-    data = dict(result)
+    data = {k: v for k, v in result.items() if not k.startswith("_")}
     if chosen is not None:
-        data["chosen"] = chosen_point(chosen)
+        data["chosen"] = chosen_point(chosen, result)
     out_json, out_png = Path(out_json), Path(out_png)
     write_atomic(out_json, json.dumps(data, indent=1))
     _write_bytes_atomic(out_png, base64.b64decode(_png(sweep_figure(data))))

@@ -48,7 +48,7 @@ def _int_list(s: str, flag: str) -> list[int]:
 @click.option("--trace-ucb", type=float, default=0.0, show_default=True,
               help="Use the pessimistic trace max(Tr,0)+Z·s.e. (0: the estimate itself).")
 @click.option("--calib", default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
-@click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontier of size vs Ω.")
+@click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontiers of Ω vs size (and BOPs, latency when given).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
 @common
 @guarded
@@ -94,8 +94,8 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     if sweep:
         from ..allocate.sweep import sweep_plans, write_sweep
 
-        res = sweep_plans(report, weights, bit_choices, group_size, sym,
-                          extra_budgets=[plan.total_bytes], **cons)
+        res = sweep_plans(report, weights, bit_choices, group_size, sym, group_sizes=groups, act_bits=acts,
+                          profile=profile, latency=latency, extra={k: [v] for k, v in plan.costs.items()}, **cons)
         base = output.with_suffix("") if output.suffix == ".json" else output
         paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),
                             plan)
