@@ -116,9 +116,13 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
                         "`hawqtool quantize`") from e
     if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(layers, dict):
         raise UserError(f"{mf} has an unsupported schema; re-create the checkpoint with `hawqtool quantize`")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise UserError(f"{mf} has a malformed 'files' list; re-create the checkpoint with `hawqtool quantize`")
     if verify:
         for name, digest in files.items():
             f = path / name
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise UserError(f"{mf} lists a file outside the checkpoint ({name!r}); re-create the checkpoint")
             if not f.is_file():
                 raise UserError(f"checkpoint file {f} is missing; re-create the checkpoint with `hawqtool quantize`")
             if sha256_file(f) != digest:

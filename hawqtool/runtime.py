@@ -12,7 +12,7 @@ from torch import nn
 from quant_kernels import PackedWeight, dequantize, qmatmul
 from quant_kernels.activation import fake_quant_per_token
 
-from .checkpoint import WEIGHTS, read_manifest
+from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 
 
@@ -44,16 +44,47 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{act}"
 
 
+def _meta_int(meta: dict, key: str, name: str) -> int:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise UserError(f"layer {name} in the checkpoint has {key}={v!r} (expected an integer); "
+                        "re-create it with `hawqtool quantize`")
+    return v
+
+
 def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
+    """The layer's PackedWeight from the checkpoint tensors and its manifest entry, fully validated."""
+    if not isinstance(meta, dict):
+        raise UserError(f"layer {name!r} in the checkpoint manifest is not an object; re-create the checkpoint")
+    if not isinstance(meta.get("symmetric"), bool):
+        raise UserError(f"layer {name} in the checkpoint has symmetric={meta.get('symmetric')!r} (expected true/false);"
+                        " re-create it with `hawqtool quantize`")
+    if f"{name}.qweight" not in t or f"{name}.scales" not in t:
+        raise UserError(f"layer {name} in the checkpoint has no packed weight tensors; re-create the checkpoint")
     try:
         pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=t[f"{name}.scales"], qzeros=t.get(f"{name}.qzeros"),
-                          bits=int(meta["bits"]), group_size=int(meta["group_size"]),
-                          in_features=int(meta["in_features"]), out_features=int(meta["out_features"]),
-                          symmetric=bool(meta["symmetric"]), g_idx=t.get(f"{name}.g_idx"))
+                          bits=_meta_int(meta, "bits", name), group_size=_meta_int(meta, "group_size", name),
+                          in_features=_meta_int(meta, "in_features", name),
+                          out_features=_meta_int(meta, "out_features", name),
+                          symmetric=meta["symmetric"], g_idx=t.get(f"{name}.g_idx"))
         pw.validate()
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"layer {name} in the checkpoint is malformed ({e}); re-create it with `hawqtool quantize`") from e
     return pw
+
+
+def _target(model: nn.Module, name: str, pw: PackedWeight) -> None:
+    """Check that the model has a Linear called `name` of the packed weight's shape."""
+    try:
+        module = model.get_submodule(name) if name else None
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise UserError(f"checkpoint layer {name!r} is not a Linear layer of the model its config.json describes; "
+                        "re-create the checkpoint")
+    if (module.out_features, module.in_features) != (pw.out_features, pw.in_features):
+        raise UserError(f"checkpoint layer {name} is {pw.out_features}×{pw.in_features} but the model's is "
+                        f"{module.out_features}×{module.in_features}; re-create the checkpoint")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -62,41 +93,62 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _act_bits(meta: dict, name: str) -> int:
+    act_bits = meta.get("act_bits", 16)
+    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or act_bits not in (8, 16):
+        raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 8 or 16); "
+                        "re-create it with `hawqtool quantize`")
+    return act_bits
+
+
+def _bias(tensors: dict[str, torch.Tensor], name: str, out_features: int) -> torch.Tensor | None:
+    b = tensors.get(f"{name}.bias")
+    if b is not None and (tuple(b.shape) != (out_features,) or not b.is_floating_point()):
+        raise UserError(f"layer {name} in the checkpoint has a bias of shape {list(b.shape)} {b.dtype} "
+                        f"(expected [{out_features}] float); re-create the checkpoint")
+    return b
+
+
 def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
-    """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode."""
+    """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode.
+
+    Everything read is validated (manifest types, tensor shapes/dtypes against the manifest and the
+    model's config, sha256 unless verify=False); any problem is a one-line UserError."""
     from transformers import AutoConfig
 
     from .models import model_class, model_task
 
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
+    tied = manifest.get("tied") or {}
+    if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
+        raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}/config.json is unreadable; re-create the checkpoint") from e
-    model = model_class(model_task(config)).from_config(config, dtype=torch.float32, attn_implementation="eager")
-    for name, meta in manifest["layers"].items():
-        act_bits = meta.get("act_bits", 16)
-        if not isinstance(act_bits, int) or isinstance(act_bits, bool) or act_bits not in (8, 16):
-            raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 8 or 16); "
-                            "re-create it with `hawqtool quantize`")
-        _set_module(model, name, QuantLinear(packed_from_tensors(tensors, name, meta), tensors.get(f"{name}.bias"),
-                                             act_bits=act_bits))
-    rest = {k: v for k, v in tensors.items()
-            if not any(k.startswith(n + ".") for n in manifest["layers"])}
-    model_keys = set(model.state_dict().keys())
-    quant_keys = {k for k in model_keys if any(k.startswith(n + ".") for n in manifest["layers"])}
-    needed = model_keys - quant_keys - set(manifest.get("tied", {}))
-    missing = sorted(needed - set(rest))
+        model = model_class(model_task(config)).from_config(config, dtype=torch.float32, attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
+        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
+                        "re-create the checkpoint") from e
+    layers = manifest["layers"]
+    for name, meta in layers.items():
+        pw = packed_from_tensors(tensors, name, meta)
+        _target(model, name, pw)
+        _set_module(model, name, QuantLinear(pw, _bias(tensors, name, pw.out_features), act_bits=_act_bits(meta, name)))
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
+    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    missing = sorted(set(expected) - set(tied) - set(rest))
     if missing:
         raise UserError(f"checkpoint {path} lacks {len(missing)} tensors (e.g. {missing[0]}); re-create it")
+    for k, v in rest.items():
+        if k in expected and (v.shape != expected[k].shape or v.is_floating_point() != expected[k].is_floating_point()):
+            raise UserError(f"checkpoint tensor {k} is {list(v.shape)} {v.dtype}, the model expects "
+                            f"{list(expected[k].shape)} {expected[k].dtype}; re-create the checkpoint")
     model.load_state_dict(rest, strict=False)
-    if manifest.get("tied"):
+    if tied:
         model.tie_weights()
     model.eval()
     return model
-
