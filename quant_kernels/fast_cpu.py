@@ -3,12 +3,14 @@
 Repack (cached on the PackedWeight): columns are reordered so every group is a contiguous run
 of 16-column units (a group is padded with columns that read a zero input), codes become
 bytes (two 4-bit codes per byte for widths <= 4, one code per byte above), and scales and
-scale*zero become fp32. Then for each call:
+scale*zero become fp32. Then each call is one extension call (`linear`: gather x, group sums, kernel, bias):
 
 * M <= GEMV_MAX_ROWS input rows: one pass over the codes per row, fp32 FMA per group, and
   y = Σ_g s·(q·x)_g − s·z·(Σx)_g: never a dequantized matrix.
-* larger M: each thread decodes 4 weight rows into an L1-resident fp32 buffer once and multiplies
-  them with every input row (one x load feeds 4 FMAs).
+* GEMV_MAX_ROWS < M < BLAS_MIN_ROWS: each thread decodes 4 weight rows into an L1-resident fp32
+  buffer once and multiplies them with every input row (one x load feeds 4 FMAs).
+* M >= BLAS_MIN_ROWS (prefill): 256-row tiles are decoded to fp32 and multiplied by torch's BLAS;
+  the decode is O(N·K) against the product's O(M·N·K), and no whole dequantized matrix exists.
 
 The extension is compiled once on first use (~1 min) into the cache folder; without a C++
 compiler or without AVX2/FMA the portable torch path (quant_kernels.cpu) is used and
@@ -32,6 +34,7 @@ from .packing import unpack
 log = logging.getLogger("quant_kernels")
 
 GEMV_MAX_ROWS = 4
+BLAS_MIN_ROWS = 16  # from here on: decode 256-row tiles, multiply with torch's BLAS (bench_kernels.py)
 _STATE: dict = {}
 
 
@@ -100,6 +103,7 @@ class KernelWeight:
     gunit: torch.Tensor  # int32 [G+1], group g = units [gunit[g], gunit[g+1])
     xidx: torch.Tensor  # int64 [units*16], input column of each kernel column (in_features = the zero column)
     nibble: bool
+    identity: bool = False  # xidx == arange(in_features): the kernel reads x as it is
 
 
 def repack(pw: PackedWeight) -> KernelWeight:
@@ -134,7 +138,8 @@ def repack(pw: PackedWeight) -> KernelWeight:
     else:
         codes = qp.contiguous()
     kw = KernelWeight(codes=codes, scales=scales.contiguous(), zs=(scales * zeros).contiguous(),
-                      gunit=torch.tensor(gunit, dtype=torch.int32), xidx=xidx, nibble=nibble)
+                      gunit=torch.tensor(gunit, dtype=torch.int32), xidx=xidx, nibble=nibble,
+                      identity=len(xidx) == K and bool((xidx == torch.arange(K)).all()))
     pw._kernel_weight = kw
     return kw
 
@@ -144,17 +149,8 @@ def matmul_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     ext = extension()
     kw = repack(pw)
     lead = x.shape[:-1]
-    M = math.prod(lead)
-    x2 = x.reshape(M, pw.in_features).to(torch.float32)
-    xp = torch.cat([x2, x2.new_zeros(M, 1)], dim=1).index_select(1, kw.xidx)
-    unit_sums = xp.view(M, len(kw.xidx) // 16, 16).sum(dim=2)
-    cs = torch.cat([unit_sums.new_zeros(M, 1), unit_sums.cumsum(dim=1)], dim=1)
-    g = kw.gunit.long()
-    xsum = (cs[:, g[1:]] - cs[:, g[:-1]]).contiguous()
-    if M <= GEMV_MAX_ROWS:  # the xsum correction is only needed here
-        y = ext.gemv(xp, kw.codes, kw.scales, kw.zs, kw.gunit, xsum, kw.nibble)
-    else:
-        y = ext.gemm(xp, kw.codes, kw.scales, kw.zs, kw.gunit, kw.nibble)
-    if bias is not None:
-        y.add_(bias.to(torch.float32))
+    x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    y = ext.linear(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b, GEMV_MAX_ROWS,
+                   BLAS_MIN_ROWS)
     return y.to(x.dtype).reshape(*lead, pw.out_features)

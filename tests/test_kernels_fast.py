@@ -87,3 +87,12 @@ def test_forced_portable_path_is_reported(monkeypatch):
     pw = random_packed(8, 32, 4, 32, False, False, 8)
     x = torch.randn(2, 32)
     assert_close(qmatmul(x, pw), matmul_reference(x, pw))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_blas_tile_path_spans_several_row_tiles(bits):
+    """M >= BLAS_MIN_ROWS decodes 256-row tiles; N = 600 spans three of them, the last partial."""
+    pw = random_packed(600, 200, bits, 64, bits == 8, bits == 3, 11)
+    g = torch.Generator().manual_seed(12)
+    x, bias = torch.randn(fast_cpu.BLAS_MIN_ROWS + 3, 200, generator=g), torch.randn(600, generator=g)
+    assert_close(matmul_fast(x, pw, bias), matmul_reference(x, pw, bias))

@@ -200,8 +200,84 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch:
   return y;
 }
 
+// The whole layer in one call (no per-call torch ops around the kernel): x [M, K] fp32 is gathered into
+// the kernel's column order (xidx[j] = K reads a zero; skipped when `identity`), per-group input sums are
+// formed for the GEMV path, then GEMV (M <= gemv_max_rows), the row-decoding GEMM, or (M >= blas_min_rows)
+// tile dequantization + BLAS, then + bias. Returns y [M, N] fp32.
+torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit,
+                     torch::Tensor xidx, bool identity, bool nibble, c10::optional<torch::Tensor> bias,
+                     int64_t gemv_max_rows, int64_t blas_min_rows) {
+  check(x, at::kFloat, "x"); check(codes, at::kByte, "codes"); check(s, at::kFloat, "scales");
+  check(zs, at::kFloat, "zs"); check(gunit, at::kInt, "gunit"); check(xidx, at::kLong, "xidx");
+  const int64_t M = x.size(0), K = x.size(1), N = s.size(0), G = s.size(1), Kp = xidx.numel(), units = Kp / 16;
+  TORCH_CHECK(Kp == units * 16 && gunit.numel() == G + 1, "inconsistent kernel operands");
+  TORCH_CHECK(codes.size(0) == N && codes.size(1) == units * (nibble ? 8 : 16), "codes have the wrong shape");
+  TORCH_CHECK(!identity || K == Kp, "identity gather needs in_features == padded width");
+  torch::Tensor xp = x;
+  if (!identity) {
+    xp = torch::empty({M, Kp}, x.options());
+    const int64_t* ix = xidx.data_ptr<int64_t>();
+    const float* xs = x.data_ptr<float>();
+    float* xo = xp.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < Kp; ++j) xo[m * Kp + j] = ix[j] < K ? xs[m * K + ix[j]] : 0.f;
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const int32_t* gu = gunit.data_ptr<int32_t>();
+  if (M <= gemv_max_rows) {
+    std::vector<float> xsum(M * G);
+    const float* xv = xp.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t k = gu[g] * 16; k < gu[g + 1] * 16; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(xv + m * Kp + k));
+        xsum[m * G + g] = hsum(a);
+      }
+    if (nibble)
+      gemv_impl<true>(xv, codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu, xsum.data(),
+                      y.data_ptr<float>(), M, N, G, units);
+    else
+      gemv_impl<false>(xv, codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu, xsum.data(),
+                       y.data_ptr<float>(), M, N, G, units);
+  } else if (M >= blas_min_rows) {
+    // prefill-sized M: decode BN weight rows at a time into an fp32 tile (never the whole matrix) and let
+    // the BLAS multiply it; the decode is O(N·K) against the product's O(M·N·K)
+    const int64_t BN = 256;
+    auto buf = torch::empty({std::min<int64_t>(BN, N), Kp}, x.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t n0 = 0; n0 < N; n0 += BN) {
+      const int64_t nb = std::min<int64_t>(BN, N - n0);
+      at::parallel_for(0, nb, 8, [&](int64_t r0, int64_t r1) {
+        if (nibble)
+          dequant_impl<true>(codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu, bp + r0 * Kp,
+                             n0 + r0, n0 + r1, G, units);
+        else
+          dequant_impl<false>(codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu, bp + r0 * Kp,
+                              n0 + r0, n0 + r1, G, units);
+      });
+      y.narrow(1, n0, nb).copy_(at::mm(xp, buf.narrow(0, 0, nb).t()));
+    }
+  } else if (nibble) {
+    gemm_impl<true>(xp.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu,
+                    y.data_ptr<float>(), M, N, G, units);
+  } else {
+    gemm_impl<false>(xp.data_ptr<float>(), codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu,
+                     y.data_ptr<float>(), M, N, G, units);
+  }
+  if (bias.has_value()) {
+    check(*bias, at::kFloat, "bias");
+    TORCH_CHECK(bias->numel() == N, "bias has the wrong size");
+    const float* b = bias->data_ptr<float>();
+    float* yo = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yo[m * N + n] += b[n];
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
   m.def("gemm", &gemm, "low-bit GEMM decoding each weight row once (AVX2/FMA)");
+  m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
 }
