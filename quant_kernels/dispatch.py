@@ -20,14 +20,24 @@ def _cpu(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) ->
     return matmul_cpu(x, pw, bias)
 
 
-# device type -> kernel. Add a GPU kernel here (e.g. "cuda": matmul_cuda) when one exists.
+# device type -> kernel. "cuda" is the Triton kernel, registered only when triton can run here.
 _BACKENDS: dict[str, Backend] = {"cpu": _cpu}
+
+
+def _backend(dev: str) -> Backend | None:
+    """The kernel for a device type; the Triton one is imported on first GPU use (importing triton costs ~0.3 s)."""
+    if dev == "cuda" and dev not in _BACKENDS:
+        from . import triton_kernels
+
+        if triton_kernels.available():
+            _BACKENDS["cuda"] = triton_kernels.matmul_triton
+    return _BACKENDS.get(dev)
 
 
 def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) with the packed weight, on the backend for x's device; result in x's dtype."""
     dev = x.device.type
-    backend = _BACKENDS.get(dev)
+    backend = _backend(dev)
     if backend is None:
         raise NotImplementedError(f"no quant_kernels kernel for device '{dev}' yet (no GPU kernel is available); "
                                   "run on CPU")
@@ -48,4 +58,8 @@ def backend_info() -> dict[str, str]:
         info["cpu"] = "AVX2/FMA extension (quant_kernels.fast_cpu)"
     else:
         info["cpu"] = f"portable torch path (quant_kernels.cpu): {backend_reason()}"
+    if _backend("cuda") is not None:
+        from . import triton_kernels
+
+        info["cuda"] = f"Triton {triton_kernels.triton.__version__} kernel (quant_kernels.triton_kernels.matmul_triton)"
     return info
