@@ -53,12 +53,19 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         raise UserError(f"estimator 'fisher' supports objectives {', '.join(FISHER_OBJECTIVES)}, not "
                         f"{objective!r} (the empirical Fisher needs per-position gradients); use 'hutchinson'")
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     model = loaded.model
     layers = quantizable_layers(model)
     if not layers:
         raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)")
     params = {n: m.weight for n, m in layers.items()}
+    if objective == "labels" and loaded.task != "causal-lm":
+        raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
+                        "--objective output-mse for an encoder")
     batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
+    if objective == "labels":  # classic HAWQ: cross-entropy on the text's own next tokens
+        batches = [{**b, "labels": b["input_ids"]} for b in batches]
     t0 = time.perf_counter()
     info: dict = {}
     settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,

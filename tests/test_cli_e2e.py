@@ -98,6 +98,18 @@ def test_run_chains_and_skips_current_stages(tmp_path, tiny_llama, text_file):
 
 # ---- bad input: one line, exit code 1 ----
 
+def test_labels_objective_and_batch_size_from_the_cli(tmp_path, tiny_llama, text_file):
+    """Classic HAWQ (cross-entropy on the text's next tokens) runs from the CLI; --batch-size is recorded."""
+    out = tmp_path / "s.json"
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "--objective", "labels", "--batch-size", 1,
+           "--nsamples", 2, "--seqlen", 32, "--max-probes", 4, "-q", "-o", out)
+    rep = json.loads(out.read_text())
+    assert rep["objective"] == "labels" and rep["settings"]["batch_size"] == 1
+    assert all(l["probes"] >= 2 for l in rep["layers"])
+    one_line_error(invoke("sensitivity", tiny_llama, "--calib", text_file, "--batch-size", 0, ok=False),
+                   "--batch-size")
+
+
 def test_missing_model_path(tmp_path, text_file):
     one_line_error(invoke("sensitivity", tmp_path / "nope", "--calib", text_file, ok=False), "does not exist")
 

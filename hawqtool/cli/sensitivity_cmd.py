@@ -16,6 +16,9 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sensitivity.json"), show_default=True)
 @click.option("--nsamples", default=8, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=256, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", default=2, show_default=True,
+              help="Windows per probe. Activation memory scales with it: 1 halves it (SmolLM2 at 512 tokens: "
+                   "see benchmarks/RESULTS.md for peak RSS).")
 @click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
 @click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default="auto", show_default=True,
               help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse, "
@@ -33,7 +36,7 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @calib_options
 @common
 @guarded
-def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, target, min_probes, max_probes, max_seconds,
+def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
                 bits, group_size, nproc, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
@@ -61,7 +64,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, objective, estimator, ta
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed + 1)
     with rep.probe_bar(max_probes) as cb:
-        report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator,
+        report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator, batch_size=batch_size,
                                      target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
