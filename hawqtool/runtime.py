@@ -9,16 +9,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from quant_kernels import PackedWeight, dequantize, qmatmul
-from quant_kernels.activation import fake_quant_per_token
+from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
 
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is kept packed; forward calls quant_kernels. act_bits < 16 quantizes the
-    input per token first (W8A8: dynamic symmetric int8 activations)."""
+    """A Linear whose weight is kept packed; forward calls quant_kernels. act_bits 8 quantizes the
+    input per token to int8 (W8A8: the integer kernel for symmetric per-channel 8-bit weights)."""
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16):
         super().__init__()
@@ -32,8 +31,8 @@ class QuantLinear(nn.Module):
         self.pw = pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits < 16:
-            x = fake_quant_per_token(x, self.act_bits)
+        if self.act_bits == 8:
+            return qmatmul_w8a8(x, self.pw, self.bias)
         return qmatmul(x, self.pw, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

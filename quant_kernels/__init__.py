@@ -6,7 +6,7 @@ use the implicit zero 2^(bits-1). Packing layout: see `quant_kernels.packing`.
 from __future__ import annotations
 
 from .cpu import matmul_cpu
-from .dispatch import backend_info, dequantize, qmatmul
+from .dispatch import backend_info, dequantize, qmatmul, qmatmul_w8a8
 from .layout import PackedWeight
 from .packing import n_words, pack, unpack
 from .reference import dequantize_reference, matmul_reference
@@ -17,6 +17,7 @@ __all__ = [
     "unpack",
     "n_words",
     "qmatmul",
+    "qmatmul_w8a8",
     "dequantize",
     "backend_info",
     "matmul_cpu",

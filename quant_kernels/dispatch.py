@@ -6,10 +6,11 @@ from typing import Callable
 import torch
 
 from .cpu import dequantize_rows, matmul_cpu
-from .fast_cpu import backend_reason, extension, matmul_fast
+from .activation import fake_quant_per_token, quantize_per_token
+from .fast_cpu import backend_reason, extension, matmul_fast, repack_w8a8, w8a8_fast, w8a8_supported
 from .layout import PackedWeight
 
-__all__ = ["qmatmul", "dequantize", "backend_info"]
+__all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "backend_info"]
 
 Backend = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
 
@@ -44,6 +45,24 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None)
     if pw.device.type != dev:
         raise ValueError(f"input is on {x.device} but the packed weight is on {pw.device}")
     return backend(x, pw, bias)
+
+
+def qmatmul_w8a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T with x quantized per token to int8 (W8A8). Integer kernels where the weight is symmetric
+    per-channel 8-bit (CPU extension; Triton on GPU); otherwise the same arithmetic as fake-quantized
+    x through `qmatmul`."""
+    if w8a8_supported(pw):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and extension() is not None:
+            return w8a8_fast(x, pw, bias)
+        if x.device.type == "cuda" and _backend("cuda") is not None:
+            from .triton_kernels import w8a8_triton
+
+            wq, sw = (t.to(x.device) for t in repack_w8a8(pw))
+            lead = x.shape[:-1]
+            xq, sx = quantize_per_token(x.reshape(-1, pw.in_features), 8)
+            y = w8a8_triton(xq, sx, wq[:, :pw.in_features].contiguous(), sw, bias)
+            return y.to(x.dtype).reshape(*lead, pw.out_features)
+    return qmatmul(fake_quant_per_token(x, 8), pw, bias)
 
 
 def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -154,3 +154,30 @@ def matmul_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     y = ext.linear(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b, GEMV_MAX_ROWS,
                    BLAS_MIN_ROWS)
     return y.to(x.dtype).reshape(*lead, pw.out_features)
+
+
+def w8a8_supported(pw: PackedWeight) -> bool:
+    """The int8 kernel's weight type: symmetric 8-bit, one scale per output channel, no act-order."""
+    return pw.bits == 8 and pw.symmetric and pw.n_groups == 1 and pw.g_idx is None
+
+
+def repack_w8a8(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes q − 128 [N, K rounded up to 16], fp32 per-channel scales [N]); cached on the weight."""
+    cached = getattr(pw, "_w8a8_weight", None)
+    if cached is not None:
+        return cached
+    K = pw.in_features
+    q = unpack(pw.qweight, 8, K).to(torch.int16) - pw.implicit_zero
+    wq = torch.zeros(pw.out_features, -(-K // 16) * 16, dtype=torch.int8)
+    wq[:, :K] = q.to(torch.int8)
+    pw._w8a8_weight = (wq, pw.scales[:, 0].float().contiguous())
+    return pw._w8a8_weight
+
+
+def w8a8_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 through the extension: per-token int8 activations × per-channel int8 weights, int32 dots."""
+    wq, sw = repack_w8a8(pw)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    return extension().w8a8(x2, wq, sw, b).to(x.dtype).reshape(*lead, pw.out_features)

@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     from hawqtool.checkpoint import pack_layer
     from hawqtool.quantize.quantizer import QuantSpec, rtn
-    from quant_kernels import backend_info, qmatmul
+    from quant_kernels import backend_info, qmatmul, qmatmul_w8a8
 
     torch.manual_seed(0)
     rows = []
@@ -56,6 +56,8 @@ def main() -> None:
         fp = median_ms(lambda: torch.matmul(x, W.T), args.repeats)
         i8 = median_ms(lambda: dyn(x), args.repeats)
         row = {"shape": f"{m}×{n}×{k}", "fp32": fp, "fbgemm": i8}
+        w8 = pack_layer(rtn(W, QuantSpec(8, -1, True)))  # the W8A8 weight: symmetric per channel
+        row["w8a8"] = median_ms(lambda: qmatmul_w8a8(x, w8), args.repeats)
         for b in map(int, args.bits.split(",")):
             pw = pack_layer(rtn(W, QuantSpec(b, 128, False)))
             row[b] = median_ms(lambda: qmatmul(x, pw), args.repeats)
@@ -63,10 +65,10 @@ def main() -> None:
         print(row, flush=True)
     bits = list(map(int, args.bits.split(",")))
     head = ("| x × W shape (m×n×k) | fp32 ms | fbgemm int8 ms | "
-            + " | ".join(f"{b}-bit ms (vs fp32, vs int8)" for b in bits) + " |")
-    lines = [head, "|" + "---|" * (3 + len(bits))]
+            + " | ".join(f"{b}-bit ms (vs fp32, vs int8)" for b in bits) + " | W8A8 int8 ms (vs fp32, vs fbgemm) |")
+    lines = [head, "|" + "---|" * (4 + len(bits))]
     for r in rows:
-        cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits]
+        cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits + ["w8a8"]]
         lines.append(f"| {r['shape']} | {r['fp32']:.3f} | {r['fbgemm']:.3f} | " + " | ".join(cells) + " |")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")

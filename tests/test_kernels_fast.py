@@ -96,3 +96,44 @@ def test_blas_tile_path_spans_several_row_tiles(bits):
     g = torch.Generator().manual_seed(12)
     x, bias = torch.randn(fast_cpu.BLAS_MIN_ROWS + 3, 200, generator=g), torch.randn(600, generator=g)
     assert_close(matmul_fast(x, pw, bias), matmul_reference(x, pw, bias))
+
+
+def w8a8_reference(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 s_x·s_w·Σ q_x·(q_w − 128) from independently quantized activations (activation.py)."""
+    from quant_kernels.activation import quantize_per_token
+    from quant_kernels.packing import unpack
+
+    qx, sx = quantize_per_token(x, 8)
+    qw = unpack(pw.qweight, 8, pw.in_features).double() - 128
+    y = (qx.double() @ qw.T) * sx.double() * pw.scales[:, 0].double()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("in_f", [16, 37, 576])
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_w8a8_int8_kernel_matches_the_integer_reference(in_f, m):
+    from quant_kernels import qmatmul_w8a8
+    from quant_kernels.fast_cpu import w8a8_supported
+
+    pw = random_packed(70, in_f, 8, -1, True, False, in_f + m)
+    assert w8a8_supported(pw)
+    g = torch.Generator().manual_seed(m)
+    x, bias = torch.randn(m, in_f, generator=g) * 3, torch.randn(70, generator=g)
+    x[0, :5] = 0.0
+    if m > 2:
+        x[2] = 0.0  # an all-zero token: scale 1, output = bias
+    y = qmatmul_w8a8(x, pw, bias)
+    ref = w8a8_reference(x, pw, bias)
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if m > 2:
+        assert torch.allclose(y[2], bias)
+
+
+def test_w8a8_falls_back_to_the_same_arithmetic_for_other_weights():
+    from quant_kernels import qmatmul_w8a8
+    from quant_kernels.activation import fake_quant_per_token
+
+    pw = random_packed(30, 64, 4, 32, False, False, 5)  # not a W8A8 weight: fake-quantized x through qmatmul
+    x = torch.randn(4, 64)
+    assert_close(qmatmul_w8a8(x, pw), matmul_reference(fake_quant_per_token(x, 8), pw))
