@@ -87,7 +87,7 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
 
     from .artifacts import write_atomic
     from .data import calibration_windows
-    from .models import load_model, quantizable_layers
+    from .models import load_model, quantizable_layers, untie_head
 
     if cache.is_file():
         try:
@@ -99,8 +99,9 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
     loaded = load_model(model_ref or report.model, trust_remote_code=trust_remote_code)
     seqlen = int(report.settings.get("seqlen", 256)) if isinstance(report.settings, dict) else 256
     ids = calibration_windows(loaded.tokenizer, calib, n_windows, seqlen, seed=0)
-    layers = quantizable_layers(loaded.model)
     names = [ls.name for ls in report.layers]
+    untie_head(loaded.model, set(names))
+    layers = quantizable_layers(loaded.model)
     missing = [n for n in names if n not in layers]
     if missing:
         raise UserError(f"sensitivity report names layer {missing[0]} that the model lacks; pass the right --model")

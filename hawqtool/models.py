@@ -203,20 +203,47 @@ def _weight_files(source: str) -> list[Path]:
     return sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".json", ".gguf"})
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear / Conv1d / Conv2d / HF Conv1D layers by full name, excluding ones whose weight
-    is tied to an input embedding (quantizing a tied lm_head would also change the embedding)."""
+def tied_head_name(model: nn.Module) -> str | None:
+    """Name of the output head when its weight is the input embedding's (tied), else None."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or head is None or getattr(head, "weight", None) is not emb.weight:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def quantizable_layers(model: nn.Module, include_tied_head: bool = False) -> dict[str, nn.Module]:
+    """Linear / Conv1d / Conv2d / HF Conv1D layers by full name. An output head tied to the input
+    embedding is left out (quantizing it would change the embedding too) unless `include_tied_head`:
+    then it is listed, and `untie_head` must run before its weight is changed."""
     from transformers.pytorch_utils import Conv1D
 
     tied = set()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None:
+    if emb is not None and not include_tied_head:
         tied.add(id(emb.weight))
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)) and id(m.weight) not in tied:
             out[name] = m
     return out
+
+
+def untie_head(model: nn.Module, names: "set[str] | list[str] | None" = None) -> str | None:
+    """Give a tied output head its own copy of the weight (the embedding stays full precision), when
+    `names` is None or lists it; the config then says untied, so checkpoints load that way. Returns
+    the head's name if it was untied."""
+    name = tied_head_name(model)
+    if name is None or (names is not None and name not in names):
+        return None
+    head = model.get_submodule(name)
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    if getattr(model, "config", None) is not None:
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    log.info("untied the output head %s from the input embedding so that it can be quantized", name)
+    return name
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, qerror_key
 from .checkpoint import save_checkpoint
 from .errors import UserError
-from .models import LoadedModel, quantizable_layers, weight_matrix
+from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
 from .quantize.quantizer import QuantSpec, quant_error
@@ -36,13 +36,16 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
-                        estimator: str = "auto", resume_path: Path | None = None) -> SensitivityReport:
+                        estimator: str = "auto", resume_path: Path | None = None,
+                        quantize_head: bool = False) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
     `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run.
     `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward
-    per probe; self-kl / output-mse only, for models without cheap or supported HVPs)."""
+    per probe; self-kl / output-mse only, for models without cheap or supported HVPs).
+    `quantize_head`: also measure an output head tied to the input embedding (untied first, so
+    the embedding stays full precision; decode is dominated by a large fp32 head)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
     if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
@@ -56,6 +59,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     model = loaded.model
+    head = untie_head(model) if quantize_head else None
     layers = quantizable_layers(model)
     if not layers:
         raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)")
@@ -72,6 +76,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                                     qerror_groups=qerror_groups, n_samples=len(calib_ids),
                                     seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
                                     min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
+    if head is not None:  # only then, so existing fingerprints stay valid
+        settings["untied_head"] = head
     fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     log_ = None
     if resume_path is not None:
@@ -163,11 +169,14 @@ def hvp_for(objective: str) -> str:
 
 def layer_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """[out, in] weight of every quantizable layer."""
-    return {n: weight_matrix(m).detach().float() for n, m in quantizable_layers(loaded.model).items()}
+    return {n: weight_matrix(m).detach().float()
+            for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
 
 
 def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
-    """One-line error when a plan names layers the model lacks (or misses some)."""
+    """One-line error when a plan names layers the model lacks (or misses some). A tied output head
+    the plan quantizes is untied here first."""
+    untie_head(loaded.model, {lp.name for lp in plan.layers})
     names = set(quantizable_layers(loaded.model))
     planned = {lp.name for lp in plan.layers}
     unknown, missing = sorted(planned - names), sorted(names - planned)

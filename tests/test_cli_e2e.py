@@ -110,6 +110,29 @@ def test_labels_objective_and_batch_size_from_the_cli(tmp_path, tiny_llama, text
                    "--batch-size")
 
 
+def test_quantize_head_unties_it_and_keeps_the_embedding(tmp_path, tiny_llama, text_file):
+    """--quantize-head: the tied lm_head gets its own quantized weight; the embedding stays the source's."""
+    from transformers import AutoModelForCausalLM
+
+    from hawqtool.runtime import QuantLinear, load_quantized
+
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "--quantize-head", "--nsamples", 2, "--seqlen", 32,
+           "--max-probes", 4, "-q", "-o", sens)
+    rep = json.loads(sens.read_text())
+    assert "lm_head" in [l["name"] for l in rep["layers"]] and rep["settings"]["untied_head"] == "lm_head"
+    invoke("allocate", sens, "--avg-bits", 5, "--pin", "lm_head=8", "-q", "-o", plan)
+    invoke("quantize", tiny_llama, "--plan", plan, "--calib", text_file, "-o", ckpt, *SMALL, "-q")
+    model = load_quantized(ckpt)
+    src = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    assert torch.equal(model.get_input_embeddings().weight, src.get_input_embeddings().weight)
+    W = src.lm_head.weight
+    assert (model.lm_head.dequantized_weight() - W).abs().max() <= W.abs().max() / 100  # 8-bit: close, not equal
+    res = json.loads(invoke("eval", ckpt, "--data", text_file, "--seqlen", 32, "--windows", 2, "--json").stdout)
+    assert res["ppl"] > 1
+
+
 def test_missing_model_path(tmp_path, text_file):
     one_line_error(invoke("sensitivity", tmp_path / "nope", "--calib", text_file, ok=False), "does not exist")
 

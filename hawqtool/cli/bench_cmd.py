@@ -46,7 +46,7 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, r
         from .allocate_cmd import _int_list
 
         loaded = load_model(target, trust_remote_code=trust_remote_code)
-        shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
+        shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
         options = make_options(_bits(bits), _int_list(group_sizes, "--group-sizes"), _int_list(act_bits, "--act-bits"))
         with rep.bar("latency table (distinct shapes)", len(set(shapes.values()))) as adv:
             table = measure_latency_table(shapes, options, symmetric=sym, tokens=tokens, repeats=max(repeats, 5),
