@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
-from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pulp
 
-ROOT = Path(__file__).resolve().parents[1]
+from _record import cpu_name, load_now, record
+
 BITS = np.array([2, 3, 4, 8])
 
 
@@ -100,17 +97,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['problem']} | {r['ours']:.3f} ({r['max_ours']:.3f}) | {r['base']:.3f} | "
                      f"{r['base'] / r['ours']:.1f}× | {r['gap']:.1e} |")
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    text = (f"\n### Allocator ILP solve time, {args.layers} layers — {datetime.now():%Y-%m-%d %H:%M}\n\n"
-            f"`python scripts/bench_allocate.py {' '.join(sys.argv[1:])}`  \n"
-            f"machine: {cpu}, Python {platform.python_version()}, PuLP {pulp.__version__} (bundled CBC); "
-            f"median over {args.repeats} seeds; load at the end: `{load}`\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
-
+    record(f"Allocator ILP solve time, {args.layers} layers",
+           f"machine: {cpu_name()}, Python {platform.python_version()}, PuLP {pulp.__version__} (bundled CBC); "
+           f"median over {args.repeats} seeds; load at the end: `{load_now()}`", lines, args.append)
 
 if __name__ == "__main__":
     main()

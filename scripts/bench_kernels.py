@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import subprocess
-import sys
-import time
 import warnings
-from datetime import datetime
-from pathlib import Path
 
 import torch
 
+from _record import cpu_name, load_now, record
+from hawqtool.bench import median_ms
+
 warnings.filterwarnings("ignore")
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 1536, 576), (1, 576, 1536), (128, 3072, 768), (2048, 768, 768)]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -70,19 +56,10 @@ def main() -> None:
     for r in rows:
         cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits + ["w8a8"]]
         lines.append(f"| {r['shape']} | {r['fp32']:.3f} | {r['fbgemm']:.3f} | " + " | ".join(cells) + " |")
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    header = (f"\n### quant_kernels CPU matmul — {datetime.now():%Y-%m-%d %H:%M}\n\n"
-              f"`python scripts/bench_kernels.py {' '.join(sys.argv[1:])}`  \n"
-              f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-              f"{platform.python_version()}; kernels: {backend_info()['cpu']}; median of {args.repeats}; "
-              f"load at the end: `{load}`\n")
-    text = header + "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
-
+    record("quant_kernels CPU matmul",
+           f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+           f"{platform.python_version()}; kernels: {backend_info()['cpu']}; median of {args.repeats}; "
+           f"load at the end: `{load_now()}`", lines, args.append)
 
 if __name__ == "__main__":
     main()
