@@ -72,3 +72,16 @@ def bench_table(res) -> Table:
                  f"prompt {res.prompt_tokens}, decode {res.decode_tokens} tokens, median of {res.repeats}; "
                  f"peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB; kernels {res.backend}")
     return t
+
+
+def bench_layers_table(res, top: int = 12) -> Table:
+    """`hawqtool bench` per layer: the `top` layers with the most decode time, quantized vs fp32."""
+    t = Table(title=f"slowest {min(top, len(res.layers))} of {len(res.layers)} quantized layers (1 token / prompt)")
+    t.add_column("layer", overflow="fold")
+    for col in ("bits", "out×in", "decode ms", "fp32 ms", "×fp32", "prefill ms", "fp32 ms "):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in sorted(res.layers, key=lambda r: -r.decode_ms)[:top]:
+        t.add_row(r.name, str(r.bits), f"{r.shape[0]}×{r.shape[1]}", f"{r.decode_ms:.3f}", f"{r.decode_fp32_ms:.3f}",
+                  f"{r.decode_fp32_ms / r.decode_ms:.2f}×" if r.decode_ms > 0 else "-", f"{r.prefill_ms:.3f}",
+                  f"{r.prefill_fp32_ms:.3f}")
+    return t

@@ -68,5 +68,7 @@ def test_bench_checkpoint_reports_speed_against_full_precision(tiny_llama, text_
     assert res["quantized"]["decode_tokens_per_s"] > 0 and res["full_precision"]["prefill_ms"] > 0
     assert len(res["layers"]) == len(json.loads(plan_path.read_text())["layers"])
     assert res["decode_speedup"] > 0 and res["peak_rss_bytes"] > 0
+    text = invoke("bench", ckpt, "--prompt-tokens", 8, "--decode-tokens", 4, "--repeats", 2).output
+    assert "prefill ms" in text and "slowest 12 of 14" in text and "×fp32" in text, text  # and the per-layer table
     r = invoke("bench", tmp_path / "nope", code=1)
     assert "not a hawqtool checkpoint" in r.output

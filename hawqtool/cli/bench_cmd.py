@@ -59,7 +59,7 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, r
         return
     from ..bench import bench_checkpoint
     from ..errors import UserError
-    from ..render import bench_table
+    from ..render import bench_layers_table, bench_table
 
     if target is None:
         raise UserError("give a checkpoint folder to bench, or --latency-table FILE [MODEL]")
@@ -69,3 +69,5 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, r
         click.echo(json.dumps(res.to_dict()))
     else:
         rep.console.print(bench_table(res))
+        if res.layers:
+            rep.console.print(bench_layers_table(res))
