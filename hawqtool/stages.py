@@ -1,6 +1,8 @@
 """The pipeline's stages as library calls over plain objects; the CLI wraps these."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from dataclasses import asdict
@@ -37,7 +39,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
                         estimator: str = "auto", resume_path: Path | None = None,
-                        quantize_head: bool = False) -> SensitivityReport:
+                        quantize_head: bool = False, checkpoint_blocks: bool = False) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
@@ -45,7 +47,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward
     per probe; self-kl / output-mse only, for models without cheap or supported HVPs).
     `quantize_head`: also measure an output head tied to the input embedding (untied first, so
-    the embedding stays full precision; decode is dominated by a large fp32 head)."""
+    the embedding stays full precision; decode is dominated by a large fp32 head).
+    `checkpoint_blocks`: activation checkpointing of the repeated blocks (less memory, one more
+    forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
     if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
@@ -78,6 +82,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                                     min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
     if head is not None:  # only then, so existing fingerprints stay valid
         settings["untied_head"] = head
+    if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
+        settings["checkpoint_blocks"] = True
     fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     log_ = None
     if resume_path is not None:
@@ -87,12 +93,18 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         log_ = ProbeLog(resume_path, fp, writer=world()[0] == 0)
     common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
                   max_seconds=max_seconds, seed=seed, progress=progress, info=info, resume=log_)
-    if estimator == "fisher":
-        traces = fisher_traces(model, params, batches, objective, **common)
-        described = "fisher (sampled labels, one backward per probe)"
-    else:
-        traces = hutchinson_traces(model, params, batches, objective, hvp=hvp_for(objective), **common)
-        described = f"hutchinson ({hvp_for(objective)} Hessian-vector products)"
+    if checkpoint_blocks and estimator != "fisher" and hvp_for(objective) == "ggn":
+        raise UserError(f"--checkpoint-blocks works with --objective labels or --estimator fisher; objective "
+                        f"{objective!r} uses forward-mode products that checkpointing does not support")
+    from .sensitivity.memory import checkpointed_blocks
+
+    with checkpointed_blocks(model) if checkpoint_blocks else contextlib.nullcontext():
+        if estimator == "fisher":
+            traces = fisher_traces(model, params, batches, objective, **common)
+            described = "fisher (sampled labels, one backward per probe)"
+        else:
+            traces = hutchinson_traces(model, params, batches, objective, hvp=hvp_for(objective), **common)
+            described = f"hutchinson ({hvp_for(objective)} Hessian-vector products)"
     bad = [n for n, t in traces.items() if not (t.mean == t.mean)]
     if bad:
         raise UserError(f"calibration produced NaN Hessian traces (e.g. {bad[0]}); check the model and data for NaN")

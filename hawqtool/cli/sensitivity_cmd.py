@@ -31,6 +31,9 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--group-size", default=128, show_default=True)
 @click.option("--nproc", default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
+@click.option("--checkpoint-blocks", is_flag=True,
+              help="Activation checkpointing of the model's blocks: less memory for --objective labels or "
+                   "--estimator fisher, at one more forward per probe.")
 @click.option("--quantize-head", is_flag=True,
               help="Also measure (and so let allocate/quantize) an output head tied to the input embedding; it is "
                    "untied, the embedding stays full precision. The fp32 head dominates decode time of small LMs.")
@@ -40,7 +43,7 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, nproc, quantize_head, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
+                bits, group_size, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
@@ -72,7 +75,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,),
-                                     resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head)
+                                     resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
+                                     checkpoint_blocks=checkpoint_blocks)
     if rank != 0:
         return  # rank 0 writes the report; the others only contributed probes
     report.settings["ranks"] = size
