@@ -48,21 +48,68 @@ inline float unit_dot(const uint8_t* codes, const float* x, int64_t u0, int64_t 
   return hsum(_mm256_add_ps(a0, a1));
 }
 
+// 16 codes of one unit as two 8-float vectors
+template <bool NIBBLE>
+inline void decode_unit(const uint8_t* cr, int64_t u, __m256& lo, __m256& hi) {
+  if (NIBBLE) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cr + u * 8)));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+  } else {
+    const uint8_t* c = cr + u * 16;
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8))));
+  }
+}
+
+// 4 output rows at once: each x load feeds 4 rows and 8 independent FMA chains hide the FMA latency
+template <bool NIBBLE>
+inline void gemv_rows4(const uint8_t* cr, int64_t row_bytes, const float* xm, const float* s, const float* zs,
+                       const int32_t* gunit, const float* xs, int64_t G, float* out) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a[4][2];
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t u = gunit[g]; u < gunit[g + 1]; ++u) {
+      const __m256 x0 = _mm256_loadu_ps(xm + u * 16), x1 = _mm256_loadu_ps(xm + u * 16 + 8);
+      for (int r = 0; r < 4; ++r) {
+        __m256 lo, hi;
+        decode_unit<NIBBLE>(cr + r * row_bytes, u, lo, hi);
+        a[r][0] = _mm256_fmadd_ps(lo, x0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(hi, x1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      acc[r] += s[r * G + g] * hsum(_mm256_add_ps(a[r][0], a[r][1])) - zs[r * G + g] * xs[g];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = acc[r];
+}
+
 template <bool NIBBLE>
 void gemv_impl(const float* x, const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit,
                const float* xsum, float* y, int64_t M, int64_t N, int64_t G, int64_t units) {
   const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* cr = codes + n * row_bytes;
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4;
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = x + m * units * 16;
-        float acc = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-          float d = unit_dot<NIBBLE>(cr, xm, gunit[g], gunit[g + 1]);
-          acc += s[n * G + g] * d - zs[n * G + g] * xsum[m * G + g];
+        if (n0 + 4 <= N) {
+          float out[4];
+          gemv_rows4<NIBBLE>(codes + n0 * row_bytes, row_bytes, xm, s + n0 * G, zs + n0 * G, gunit, xsum + m * G, G,
+                             out);
+          for (int r = 0; r < 4; ++r) y[m * N + n0 + r] = out[r];
+          continue;
         }
-        y[m * N + n] = acc;
+        for (int64_t n = n0; n < N; ++n) {  // ragged tail rows
+          const uint8_t* cr = codes + n * row_bytes;
+          float acc = 0.f;
+          for (int64_t g = 0; g < G; ++g) {
+            float d = unit_dot<NIBBLE>(cr, xm, gunit[g], gunit[g + 1]);
+            acc += s[n * G + g] * d - zs[n * G + g] * xsum[m * G + g];
+          }
+          y[m * N + n] = acc;
+        }
       }
     }
   });
