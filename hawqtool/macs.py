@@ -86,7 +86,7 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
     import json
 
     from .artifacts import write_atomic
-    from .data import calibration_windows
+    from .inputs import batches_of, calibration_inputs
     from .models import load_model, quantizable_layers, untie_head
 
     if cache.is_file():
@@ -98,14 +98,14 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
             pass  # unreadable cache: measure again and overwrite it
     loaded = load_model(model_ref or report.model, trust_remote_code=trust_remote_code)
     seqlen = int(report.settings.get("seqlen", 256)) if isinstance(report.settings, dict) else 256
-    ids = calibration_windows(loaded.tokenizer, calib, n_windows, seqlen, seed=0)
+    ids = calibration_inputs(loaded, calib, n_windows, seqlen, seed=0)
     names = [ls.name for ls in report.layers]
     untie_head(loaded.model, set(names))
     layers = quantizable_layers(loaded.model)
     missing = [n for n in names if n not in layers]
     if missing:
         raise UserError(f"sensitivity report names layer {missing[0]} that the model lacks; pass the right --model")
-    prof = profile_layers(loaded.model, {n: layers[n] for n in names}, [{"input_ids": ids}])
+    prof = profile_layers(loaded.model, {n: layers[n] for n in names}, batches_of(loaded, ids, len(ids)))
     write_atomic(cache, json.dumps({"sensitivity_fingerprint": report.fingerprint, "calib": calib,
                                     "layers": {n: asdict(p) for n, p in prof.items()}}, indent=1))
     return prof

@@ -33,7 +33,7 @@ class LoadedModel:
     tokenizer: object | None
     source: str  # resolved local path or hub id
     files: list[Path]  # files that define the weights (for fingerprints)
-    task: str = "causal-lm"  # "causal-lm" (perplexity) or "encoder" (embedding fidelity)
+    task: str = "causal-lm"  # "causal-lm" (perplexity), "encoder" (embedding fidelity), "image-classification"
 
 
 def default_model_path() -> Path:
@@ -153,9 +153,13 @@ def model_class(task: str):
 def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "eager") -> LoadedModel:
     """Load a causal LM (or, when the config is not one, an encoder via AutoModel) and its tokenizer
-    from a reference (see `resolve`), in eval mode."""
+    from a reference (see `resolve`), in eval mode; `timm:...` references load a vision model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .vision.loading import is_vision_ref, load_vision
+
+    if is_vision_ref(ref):
+        return load_vision(ref)
     source, is_gguf = resolve(ref)
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code,
                         attn_implementation=attn_implementation)

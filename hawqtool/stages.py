@@ -14,6 +14,7 @@ import torch
 from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, qerror_key
 from .checkpoint import save_checkpoint
 from .errors import UserError
+from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
@@ -71,7 +72,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     if objective == "labels" and loaded.task != "causal-lm":
         raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
                         "--objective output-mse for an encoder")
-    batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
+    batches = batches_of(loaded, calib_ids, batch_size)
     if objective == "labels":  # classic HAWQ: cross-entropy on the text's own next tokens
         batches = [{**b, "labels": b["input_ids"]} for b in batches]
     t0 = time.perf_counter()
@@ -130,7 +131,7 @@ def add_top_eigenvalues(report: SensitivityReport, loaded: LoadedModel, calib_id
 
     layers = quantizable_layers(loaded.model)
     params = {ls.name: layers[ls.name].weight for ls in report.layers}
-    batches = [{"input_ids": calib_ids[i:i + batch_size]} for i in range(0, len(calib_ids), batch_size)]
+    batches = batches_of(loaded, calib_ids, batch_size)
     eig = top_eigenvalues(loaded.model, params, batches, objective, max_iters=max_iters, tol=tol, seed=seed,
                           hvp=hvp_for(objective), progress=progress)
     for ls in report.layers:

@@ -59,7 +59,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     rank, size = world()
     quiet = quiet or rank != 0
     from .. import artifacts
-    from ..data import calibration_windows, data_fingerprint
+    from ..inputs import calibration_inputs, calibration_key
     from ..models import load_model
     from ..progress import Reporter
     from ..render import sensitivity_table
@@ -68,12 +68,12 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
-    ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed + 1)
+    ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed + 1)
     with rep.probe_bar(max_probes) as cb:
         report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator, batch_size=batch_size,
                                      target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
-                                     data_key=artifacts.fingerprint(data_fingerprint(calib), seed),
+                                     data_key=calibration_key(loaded, calib, ids, seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,),
                                      resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
                                      checkpoint_blocks=checkpoint_blocks)
