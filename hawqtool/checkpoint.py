@@ -88,7 +88,8 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
         tensors[k] = v
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
               metadata={"format": "hawqtool", "zero_point": ZERO_POINT_CONVENTION})
-    model.config.save_pretrained(tmp)
+    if hasattr(getattr(model, "config", None), "save_pretrained"):  # HF models; timm ones are rebuilt by arch
+        model.config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}

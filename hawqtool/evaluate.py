@@ -88,3 +88,34 @@ def embedding_fidelity(reference: nn.Module, model: nn.Module, windows: torch.Te
     c = torch.cat(cos)
     return FidelityResult(cosine=float(c.mean()), cosine_min=float(c.min()), windows=len(windows),
                           seqlen=windows.shape[1], seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class ClassificationFidelity:
+    """Agreement of an image classifier with its full-precision reference on a fixed image set."""
+
+    top1_agreement: float  # fraction of images whose argmax class matches the reference's
+    mean_kl: float  # mean over images of KL(p_reference ‖ p_model), nats
+    images: int
+    seconds: float
+
+
+def classification_fidelity(reference: nn.Module, model: nn.Module, images: torch.Tensor, *, batch_size: int = 32,
+                            progress: Callable[[int], None] | None = None) -> ClassificationFidelity:
+    """Top-1 agreement and mean KL of `model`'s class distribution against `reference` on [N, C, H, W] images."""
+    t0 = time.perf_counter()
+    agree, kl = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            lp_ref = F.log_softmax(reference(x).double(), dim=-1)
+            lp = F.log_softmax(model(x).double(), dim=-1)
+            if not torch.isfinite(lp).all():
+                raise FloatingPointError(f"non-finite logits in evaluation batch {i}; the model produces NaN/inf")
+            agree.append(lp.argmax(-1) == lp_ref.argmax(-1))
+            kl.append((lp_ref.exp() * (lp_ref - lp)).sum(-1))
+            if progress:
+                progress(len(x))
+    return ClassificationFidelity(top1_agreement=float(torch.cat(agree).double().mean()),
+                                  mean_kl=float(torch.cat(kl).mean()), images=len(images),
+                                  seconds=time.perf_counter() - t0)

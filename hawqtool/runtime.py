@@ -51,6 +51,35 @@ def _meta_int(meta: dict, key: str, name: str) -> int:
     return v
 
 
+class QuantConv2d(nn.Module):
+    """A Conv2d/Conv1d whose weight is kept packed ([out, in/groups·k] rows, per-channel or grouped scales).
+    It runs as a float convolution of the weight dequantized once by quant_kernels (there is no integer
+    convolution kernel yet); act_bits 8 fake-quantizes the input per image first."""
+
+    def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16):
+        super().__init__()
+        self.pw, self.act_bits, self.bits, self.group_size = pw, int(act_bits), pw.bits, pw.group_size
+        self.register_buffer("qweight", pw.qweight)
+        self.register_buffer("scales", pw.scales)
+        self.register_buffer("qzeros", pw.qzeros)
+        self.shape = tuple(conv.weight.shape)
+        self.conv_fn = conv._conv_forward
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._w: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._w is None or self._w.dtype != x.dtype:
+            self._w = dequantize(self.pw, x.dtype).reshape(self.shape)
+        if self.act_bits == 8:
+            from quant_kernels.activation import fake_quant_per_token
+
+            x = fake_quant_per_token(x.reshape(x.shape[0], -1), 8).reshape(x.shape)
+        return self.conv_fn(x, self._w, self.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.pw, dtype).reshape(self.shape)
+
+
 def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
     """The layer's PackedWeight from the checkpoint tensors and its manifest entry, fully validated."""
     if not isinstance(meta, dict):
@@ -78,6 +107,11 @@ def _target(model: nn.Module, name: str, pw: PackedWeight) -> None:
         module = model.get_submodule(name) if name else None
     except AttributeError:
         module = None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if (module.weight.shape[0], module.weight[0].numel()) != (pw.out_features, pw.in_features):
+            raise UserError(f"checkpoint layer {name} is {pw.out_features}×{pw.in_features} but the model's conv is "
+                            f"{list(module.weight.shape)}; re-create the checkpoint")
+        return
     if not isinstance(module, nn.Linear):
         raise UserError(f"checkpoint layer {name!r} is not a Linear layer of the model its config.json describes; "
                         "re-create the checkpoint")
@@ -126,17 +160,29 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        model = model_class(model_task(config)).from_config(config, dtype=torch.float32, attn_implementation="eager")
-    except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
-        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
-                        "re-create the checkpoint") from e
+    if manifest.get("task") == "image-classification":
+        from .vision.loading import vision_skeleton
+
+        arch = manifest.get("timm_arch")
+        if not isinstance(arch, str):
+            raise UserError(f"{path / MANIFEST} names no timm architecture; re-create the checkpoint")
+        model = vision_skeleton(arch)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+            model = model_class(model_task(config)).from_config(config, dtype=torch.float32,
+                                                                attn_implementation="eager")
+        except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
+            raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
+                            "re-create the checkpoint") from e
     layers = manifest["layers"]
     for name, meta in layers.items():
         pw = packed_from_tensors(tensors, name, meta)
         _target(model, name, pw)
-        _set_module(model, name, QuantLinear(pw, _bias(tensors, name, pw.out_features), act_bits=_act_bits(meta, name)))
+        target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
+        layer = (QuantConv2d(pw, target, bias, act) if isinstance(target, (nn.Conv1d, nn.Conv2d))
+                 else QuantLinear(pw, bias, act_bits=act))
+        _set_module(model, name, layer)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
     expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
     missing = sorted(set(expected) - set(tied) - set(rest))

@@ -217,6 +217,10 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     act = {lp.name: lp.act_bits for lp in plan.layers}
     info = {n: {**r.summary(), "act_bits": act.get(n, 16)} for n, r in results.items()}
     retried = [n for n, r in results.items() if r.retries]
+    if loaded.task == "image-classification":
+        from .vision.loading import vision_manifest
+
+        extra = {**vision_manifest(loaded), **(extra or {})}
     meta = {"source_model": loaded.source, "method": opts.method, "options": asdict(opts),
             "plan": {"fingerprint": plan.fingerprint, "budget": plan.budget, "avg_bits": plan.avg_bits,
                      "total_bytes": plan.total_bytes, "predicted_omega": plan.predicted_omega},
@@ -254,6 +258,11 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
     from .models import load_model, model_task
 
     source = ref
+    manifest = read_manifest(ref, verify=False) if ref is not None and is_checkpoint(ref) else {}
+    from .vision.loading import is_vision_ref
+
+    if manifest.get("task") == "image-classification" or (not manifest and is_vision_ref(ref)):
+        return _evaluate_vision(ref, manifest, reference, rep)
     if ref is not None and is_checkpoint(ref):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -281,3 +290,27 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
     with rep.bar("eval windows", len(windows)) as adv:
         fid = embedding_fidelity(ref_model, model, with_special_tokens(windows, tok), progress=adv)
     return {"task": task, "reference": str(reference), **asdict(fid)}
+
+
+EVAL_IMAGES = 1000  # Fashion-MNIST images beside the sample photos, drawn with EVAL_IMAGE_SEED
+EVAL_IMAGE_SEED = 12345
+
+
+def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep) -> dict:
+    """Top-1 agreement and mean KL against the full-precision model on the fixed image set."""
+    from .evaluate import classification_fidelity
+    from .models import load_model
+    from .runtime import load_quantized
+    from .vision.images import sample_images
+    from .vision.timm_models import data_config
+
+    reference = reference or manifest.get("source_model") or ref
+    ref_model = load_model(reference).model
+    model = load_quantized(ref) if manifest else ref_model
+    cfg = data_config(ref_model)
+    images = sample_images(int(cfg["input_size"][-1]), n_fashion=EVAL_IMAGES, seed=EVAL_IMAGE_SEED, mean=cfg["mean"],
+                           std=cfg["std"], crop_pct=float(cfg.get("crop_pct", 0.875)),
+                           interpolation=str(cfg.get("interpolation", "bicubic")))
+    with rep.bar("eval images", len(images)) as adv:
+        fid = classification_fidelity(ref_model, model, images, progress=adv)
+    return {"task": "image-classification", "reference": str(reference), **asdict(fid)}

@@ -51,3 +51,30 @@ def test_vision_references_fail_in_one_line(tmp_path):
     assert "does not exist" in r.output
     r = invoke("sensitivity", "timm:no_such_net:x.safetensors", "-q", code=1)
     assert "unknown timm model" in r.output
+
+
+def test_quantize_and_eval_a_timm_model(small_timm, tmp_path):
+    """Convs through GPTQ per group, a checkpoint rebuilt from its timm architecture, and the image eval."""
+    import torch
+
+    from hawqtool.models import load_model
+    from hawqtool.runtime import QuantConv2d, load_quantized
+
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
+    invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
+           "--max-probes", 2, "-q", "-o", sens)
+    invoke("allocate", sens, "--avg-bits", 6, "--bits", "4,8", "--group-size", -1, "--sym", "-q", "-o", plan)
+    invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "-q", "-o", ckpt)
+    manifest = json.loads((ckpt / "hawqtool_manifest.json").read_text())
+    assert manifest["timm_arch"] == "mobilenetv3_small_050" and manifest["task"] == "image-classification"
+    assert {v["method"] for v in manifest["layers"].values()} == {"gptq"}
+    q = load_quantized(ckpt)
+    assert isinstance(q.conv_stem, QuantConv2d)
+    fp = load_model(small_timm).model
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        a, b = fp(x), q(x)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < a.abs().max()  # quantized, not garbage
+    res = json.loads(invoke("eval", ckpt, "--json").stdout)
+    assert res["task"] == "image-classification" and 0 <= res["top1_agreement"] <= 1 and res["mean_kl"] >= 0
+    assert res["images"] > 20

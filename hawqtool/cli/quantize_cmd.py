@@ -34,7 +34,7 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     hawqtool quantize HuggingFaceTB/SmolLM2-135M --plan plan.json --calib wiki -o ckpt/
     """
     from .. import artifacts
-    from ..data import calibration_windows, data_fingerprint
+    from ..inputs import calibration_inputs, calibration_key
     from ..models import load_model
     from ..progress import Reporter
     from ..quantize.driver import QuantizeOptions
@@ -45,7 +45,7 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     plan = artifacts.load(plan_file, "plan")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     check_plan_matches(plan, loaded)
-    ids = calibration_windows(loaded.tokenizer, calib, nsamples, seqlen, seed=seed)
+    ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize)
     if first_token_weight is not None:
         opts.first_token_weight = first_token_weight
@@ -53,7 +53,7 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
         opts.first_token_weight = 1.0  # the attention-sink weighting is for causal LMs
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
-                              data_key=artifacts.fingerprint(data_fingerprint(calib), seed))
+                              data_key=calibration_key(loaded, calib, ids, seed))
     if as_json:
         click.echo(json.dumps({"checkpoint": str(path)}))
     else:
@@ -87,6 +87,9 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
                        reference=reference)
     if as_json:
         click.echo(json.dumps(res))
+    elif res["task"] == "image-classification":
+        click.echo(f"top-1 agreement with {res['reference']}: {res['top1_agreement']:.4f}, mean KL "
+                   f"{res['mean_kl']:.5f} nats ({res['images']} images)")
     elif res["task"] == "encoder":
         click.echo(f"embedding cosine to {res['reference']}: mean {res['cosine']:.5f}, min {res['cosine_min']:.5f} "
                    f"({res['windows']} × {res['seqlen']} tokens)")

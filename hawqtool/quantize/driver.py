@@ -21,6 +21,7 @@ from torch import nn
 
 from ..blocks import BlockInputs, _Stop, capture_block_inputs, find_blocks, run_block, sequential_groups, stop_after
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
+from .conv import ConvHessianAccumulator, gptq_conv
 from .gptq import GPTQError, HessianAccumulator, gptq_quantize
 from .quantizer import QuantizedWeight, QuantSpec, rtn
 
@@ -72,6 +73,38 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
 
 
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d))
+
+
+def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """output_error for a conv's flattened [out, d] weight with per-group patch Hessians H [groups, d, d]."""
+    G = H.shape[0]
+    Wg, Qg = W.reshape(G, -1, W.shape[1]), Q.reshape(G, -1, W.shape[1])
+    return sum(output_error(Wg[g], Qg[g], H[g]) for g in range(G))
+
+
+def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
+    """Quantize a Conv1d/Conv2d (flattened [out, in/groups·k]) with GPTQ per conv group, or RTN."""
+    t0 = time.perf_counter()
+    W = weight_matrix(conv).float()
+    base = rtn(W, spec)
+    rtn_err = conv_output_error(W, base.dequantize(), H)
+    if opts.method == "rtn":
+        return LayerResult(name, base, "rtn", rtn_err, rtn_err, seconds=time.perf_counter() - t0)
+    try:
+        res = gptq_conv(conv, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp, act_order=opts.act_order,
+                        static_groups=opts.static_groups or conv.groups > 1)
+    except (GPTQError, ValueError) as e:
+        raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
+    notes = [n for r in res.groups for n in r.notes]
+    for note in notes:
+        log.warning("%s: %s", name, note)
+    err = conv_output_error(W, res.weight.dequantize(), H)
+    return LayerResult(name, res.weight, "gptq", err, rtn_err, damp=max(r.damp for r in res.groups),
+                       retries=sum(r.retries for r in res.groups), notes=notes, seconds=time.perf_counter() - t0)
+
+
 def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
                    opts: QuantizeOptions) -> LayerResult:
     """Quantize one [out, in] weight with GPTQ (needs H) or RTN."""
@@ -92,8 +125,17 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
                        notes=list(res.notes), seconds=time.perf_counter() - t0)
 
 
+def _quantize_one(name: str, layer: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
+    """quantize_conv for convolutions, quantize_layer for the rest."""
+    if _is_conv(layer):
+        return quantize_conv(name, layer, H, spec, opts)
+    return quantize_layer(name, weight_matrix(layer).float(), H, spec, opts)
+
+
 def _batches(ids: torch.Tensor, bs: int) -> list[dict]:
-    return [{"input_ids": ids[i:i + bs]} for i in range(0, len(ids), bs)]
+    """Token windows go in as input_ids, image batches (float) as timm's x."""
+    key = "x" if ids.is_floating_point() else "input_ids"
+    return [{key: ids[i:i + bs]} for i in range(0, len(ids), bs)]
 
 
 def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: torch.Tensor,
@@ -102,13 +144,17 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     """Quantize every layer in `specs` in place (weights become their dequantized values)
     and return the per-layer results. Layers outside the repeated blocks go last."""
     layers = quantizable_layers(model)
-    _, blocks = find_blocks(model)
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError:  # no repeated ModuleList (e.g. timm CNNs): every layer is quantized in one pass below
+        blocks = nn.ModuleList()
     batches = _batches(calib_ids, opts.batch_size)
     results: dict[str, LayerResult] = {}
-    done_blocks, hidden = _resume(state_dir, state_key, model, blocks, layers, specs, results)
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    if hidden is not None:
-        inputs.hidden = hidden
+    done_blocks, hidden = _resume(state_dir, state_key, model, blocks, layers, specs, results) if len(blocks) else (0, None)
+    if len(blocks):
+        inputs = capture_block_inputs(model, blocks[0], batches)
+        if hidden is not None:
+            inputs.hidden = hidden
     for i in range(done_blocks, len(blocks)):
         block = blocks[i]
         prefix = _prefix_of(model, block)
@@ -122,8 +168,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
             Hs = _collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
                                    first_weight=opts.first_token_weight)
             for n in group:
-                W = weight_matrix(layers[n]).float()
-                results[n] = quantize_layer(n, W, Hs[n].H, specs[n], opts)
+                results[n] = _quantize_one(n, layers[n], Hs[n].H, specs[n], opts)
                 set_weight_matrix(layers[n], results[n].weight.dequantize().to(layers[n].weight.dtype))
                 if progress:
                     progress(n)
@@ -135,8 +180,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     if rest:
         Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight)
         for n, layer in rest.items():
-            W = weight_matrix(layer).float()
-            results[n] = quantize_layer(n, W, Hs[n].H, specs[n], opts)
+            results[n] = _quantize_one(n, layer, Hs[n].H, specs[n], opts)
             set_weight_matrix(layer, results[n].weight.dequantize().to(layer.weight.dtype))
             if progress:
                 progress(n)
@@ -154,13 +198,17 @@ def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Bl
                       early_stop: bool, batches: list[dict] | None = None,
                       first_weight: float = 1.0) -> dict[str, HessianAccumulator]:
     """Accumulate H = 2/n Σ x xᵀ for each layer's input while running the module."""
-    acc = {n: HessianAccumulator(weight_matrix(m).shape[1]) for n, m in group.items()}
+    acc = {n: ConvHessianAccumulator(m) if _is_conv(m) else HessianAccumulator(weight_matrix(m).shape[1])
+           for n, m in group.items()}
     seen: dict[tuple, tuple] = {}  # input of this batch -> (first layer, tensor kept alive so its
     # memory cannot be reused by a different tensor within the same forward)
     alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: its XᵀX is computed once
 
     def hook(_m, a, n):
         x = a[0]
+        if _is_conv(group[n]):  # patches depend on the conv's own kernel/stride: no sharing
+            acc[n].add_batch(x.detach())
+            return
         key = (x.data_ptr(), tuple(x.shape))
         first = seen.setdefault(key, (n, x))[0]
         if first != n:
@@ -177,7 +225,7 @@ def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Bl
             if inputs is None:
                 for b in batches:
                     seen.clear()
-                    module(**b, use_cache=False)
+                    module(**b, **({"use_cache": False} if "input_ids" in b else {}))
             else:
                 with stop_after(list(group.values())) if early_stop else _nullctx() as ctx:
                     for j in range(len(inputs.hidden)):

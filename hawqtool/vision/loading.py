@@ -57,3 +57,21 @@ def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0
                          crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=str(cfg.get("interpolation", "bicubic")))
     order = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(seed))[:n]
     return imgs[order].contiguous()
+
+
+def vision_manifest(loaded) -> dict:
+    """What a checkpoint needs to rebuild a timm model without its source: task and architecture."""
+    arch = (getattr(loaded.model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise UserError(f"cannot tell the timm architecture of {loaded.source}; load it as timm:NAME:WEIGHTS")
+    return {"task": TASK, "timm_arch": arch}
+
+
+def vision_skeleton(arch: str) -> torch.nn.Module:
+    """The timm architecture with BatchNorm already folded away (random weights to be overwritten)."""
+    from .fold import fold_batchnorm
+    from .timm_models import load_timm
+
+    model = load_timm(arch)
+    fold_batchnorm(model)
+    return model
