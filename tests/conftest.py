@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import hawqtool  # noqa: F401 - first, so a CUDA-built torchvision (vision extra) cannot break transformers imports
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # tiny models: one thread is faster and immune to a busy neighbour
