@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
+from quant_kernels.activation import fake_quant_per_token
 
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
@@ -33,6 +34,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:
             return qmatmul_w8a8(x, self.pw, self.bias)
+        if self.act_bits < 16:  # W4A4-style pairs: per-token fake quantization (no integer kernel for these)
+            x = fake_quant_per_token(x, self.act_bits)
         return qmatmul(x, self.pw, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,10 +73,8 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._w is None or self._w.dtype != x.dtype:
             self._w = dequantize(self.pw, x.dtype).reshape(self.shape)
-        if self.act_bits == 8:
-            from quant_kernels.activation import fake_quant_per_token
-
-            x = fake_quant_per_token(x.reshape(x.shape[0], -1), 8).reshape(x.shape)
+        if self.act_bits < 16:
+            x = fake_quant_per_token(x.reshape(x.shape[0], -1), self.act_bits).reshape(x.shape)
         return self.conv_fn(x, self._w, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -128,8 +129,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _act_bits(meta: dict, name: str) -> int:
     act_bits = meta.get("act_bits", 16)
-    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or act_bits not in (8, 16):
-        raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 8 or 16); "
+    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or not (2 <= act_bits <= 8 or act_bits == 16):
+        raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 2..8 or 16); "
                         "re-create it with `hawqtool quantize`")
     return act_bits
 

@@ -245,3 +245,25 @@ def test_w8a8_runtime_layer_matches_quantized_input_reference():
     ref = (q.to(torch.int64) @ w_int.T).double() * s.double() * pw.scales.double().T
     out = QuantLinear(pw, None, act_bits=8)(x)
     assert (out.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_pairs_add_weight_activation_options_and_bops_prefers_them():
+    from hawqtool.allocate.options import parse_pairs
+
+    assert parse_pairs("4:8, 4:4") == [(4, 8), (4, 4)] and parse_pairs(None) == []
+    for bad in ("4", "9:8", "4:1", "a:b"):
+        with pytest.raises(UserError, match="--pairs takes W:A"):
+            parse_pairs(bad)
+    opts = make_options([2, 4], [128], [16, 8], [(4, 8), (4, 4), (8, 8)])
+    assert [o.label for o in opts] == ["w2g128a16", "w4g128a16", "w8gca8", "w4g128a8", "w4g128a4"]  # 8:8 = W8A8
+    rep = synthetic_report()
+    for ls in rep.layers:  # errors of the options' weight quantizers
+        ls.qerror["8/-1/sym"] = 1.5 * ls.qerror["8/128/asym"]
+    prof = profile_of(rep)
+    plan = allocate_bits(rep, no_weights, bit_choices=(2, 4), act_bits=(16,), pairs=[(4, 8), (4, 4)], profile=prof,
+                         budgets=Budgets(bops_frac=4 * 8 / 256))
+    assert plan.costs["bops"] <= plan.budget["max_bops"] * (1 + 1e-9)
+    assert {lp.act_bits for lp in plan.layers} - {16} and "w4g128a8" in plan.options
+    # a W4A4 layer's Ω carries the activation-noise term of 4-bit activations: more than W4A8's
+    lp = plan.layers[0]
+    assert lp.omega_by_bits["w4g128a4"] > lp.omega_by_bits["w4g128a8"] > lp.omega_by_bits["w4g128a16"]

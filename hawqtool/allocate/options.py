@@ -4,7 +4,8 @@ The ILP picks one option per layer. Widths alone (`--bits`) give one option per 
 one group size; `--group-sizes` makes the group size part of the choice; `--act-bits 8`
 adds W8A8 (symmetric per-channel 8-bit weights, dynamic per-token 8-bit activations)
 next to the weight-only options: W8A8 is the activation-quantized layer type that has an
-integer kernel, so it is the pair worth choosing.
+integer kernel. `--pairs 4:8,4:4` adds other (weight, activation) pairs; their activations are
+quantized per token at run time (simulated in float: no W4A8/W4A4 integer kernel yet).
 """
 from __future__ import annotations
 
@@ -35,9 +36,24 @@ class Option:
         return QuantSpec(self.bits, self.group_size, symmetric if self.symmetric is None else self.symmetric)
 
 
+def parse_pairs(text: str | None) -> list[tuple[int, int]]:
+    """'4:8,4:4' -> [(4, 8), (4, 4)]: weight bits 1..8 and activation bits 2..8 per pair; one-line error otherwise."""
+    out = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        w, sep, a = item.partition(":")
+        if not sep or not w.strip().isdigit() or not a.strip().isdigit() or not 1 <= int(w) <= 8 \
+                or not 2 <= int(a) <= 8:
+            raise UserError(f"--pairs takes W:A items with W in 1..8 and A in 2..8, e.g. '4:8,4:4', got {item!r}")
+        out.append((int(w), int(a)))
+    return out
+
+
 def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
-                 act_bits: Sequence[int] = (FULL_ACT,)) -> list[Option]:
-    """Every (width, group size) pair as weight-only options, plus W8A<a> for each activation width a < 16."""
+                 act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = ()) -> list[Option]:
+    """Every (width, group size) pair as weight-only options, plus W8A<a> for each activation width a < 16,
+    plus each (weight bits, activation bits) pair at the first group size (dynamic per-token activations)."""
     bits = sorted({int(b) for b in bits})
     groups = list(dict.fromkeys(int(g) for g in group_sizes))
     acts = sorted({int(a) for a in act_bits})
@@ -53,6 +69,10 @@ def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
     for a in acts:
         if a < FULL_ACT:  # the runtime's integer kernel: symmetric per-channel int8 weights
             opts.append(Option(8, -1, a, symmetric=True))
+    for w, a in pairs:
+        opt = Option(int(w), groups[0], int(a))
+        if opt not in opts and not (w == 8 and a == 8 and any(o.act_bits == 8 and o.bits == 8 for o in opts)):
+            opts.append(opt)
     if not opts:
-        raise UserError("no options left: give --act-bits 16 (weight-only) and/or 8 (W8A8)")
+        raise UserError("no options left: give --act-bits 16 (weight-only) and/or 8 (W8A8), or --pairs")
     return opts

@@ -219,7 +219,8 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                   group_size: int = 128, symmetric: bool = False, pins: Mapping[str, int] | None = None,
                   allowed: Mapping[str, Sequence[int]] | None = None, ties: Sequence[str] = (),
                   auto_ties: bool = False, group_sizes: Sequence[int] | None = None,
-                  act_bits: Sequence[int] = (FULL_ACT,), budgets: Budgets | None = None,
+                  act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = (),
+                  budgets: Budgets | None = None,
                   profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
                   trace_ucb: float = 0.0) -> Plan:
     """Solve the ILP under every given budget (plus optional pins/allowed widths/ties) and return the plan.
@@ -230,7 +231,7 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
     budgets = budgets or Budgets()
     budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
     budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes
-    options = make_options(bit_choices, group_sizes or [group_size], act_bits)
+    options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
     if trace_ucb:
         report = ucb_report(report, trace_ucb)
     names = [ls.name for ls in report.layers]

@@ -39,6 +39,7 @@ def _int_list(s: str, flag: str) -> list[int]:
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
 @click.option("--group-sizes", default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
 @click.option("--act-bits", default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
+@click.option("--pairs", default=None, help="Extra (weight:activation) bit pairs to choose from, e.g. '4:8,4:4'.")
 @click.option("--max-bops", type=float, default=None, help="BOPs budget per token (MACs × weight bits × act bits).")
 @click.option("--bops-frac", type=float, default=None, help="BOPs budget as a fraction of 16×16-bit BOPs.")
 @click.option("--latency-table", type=click.Path(path_type=Path), default=None,
@@ -53,7 +54,7 @@ def _int_list(s: str, flag: str) -> list[int]:
 @common
 @guarded
 def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
-             group_sizes, act_bits, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
+             group_sizes, act_bits, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
              sweep, output, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
@@ -67,6 +68,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     """
     from .. import artifacts
     from ..allocate.budgets import Budgets
+    from ..allocate.options import parse_pairs
     from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
     from ..latency import load_latency_table
     from ..progress import Reporter
@@ -78,23 +80,24 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     report = artifacts.load(sensitivity_file, "sensitivity")
     weights, bit_choices = lazy_weights(model or report.model), _bits(bits)
     acts = _int_list(act_bits, "--act-bits")
+    wa = parse_pairs(pairs)
     groups = _int_list(group_sizes, "--group-sizes") if group_sizes else None
     profile = None
-    if max_bops is not None or bops_frac is not None or min(acts) < 16:
+    if max_bops is not None or bops_frac is not None or min(acts) < 16 or wa:
         from ..macs import load_or_measure_profile
 
         profile = load_or_measure_profile(report, model, calib, Path(sensitivity_file).with_suffix(".profile.json"))
     latency = load_latency_table(latency_table) if latency_table is not None else None
     budgets = Budgets(max_bops=max_bops, bops_frac=bops_frac, max_latency_ms=max_latency_ms, latency_frac=latency_frac)
     plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes, bit_choices=bit_choices,
-                         group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, budgets=budgets,
+                         group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, pairs=wa, budgets=budgets,
                          profile=profile, latency=latency, trace_ucb=trace_ucb, **cons)
     artifacts.save(plan, output)
     written = [output]
     if sweep:
         from ..allocate.sweep import sweep_plans, write_sweep
 
-        res = sweep_plans(report, weights, bit_choices, group_size, sym, group_sizes=groups, act_bits=acts,
+        res = sweep_plans(report, weights, bit_choices, group_size, sym, group_sizes=groups, act_bits=acts, pairs=wa,
                           profile=profile, latency=latency, extra={k: [v] for k, v in plan.costs.items()}, **cons)
         base = output.with_suffix("") if output.suffix == ".json" else output
         paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),

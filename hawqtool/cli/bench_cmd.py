@@ -16,6 +16,7 @@ from ._base import _bits, _setup_logging, common, guarded, main
 @click.option("--bits", default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
 @click.option("--group-sizes", default="128", show_default=True, help="Latency table: group sizes to time.")
 @click.option("--act-bits", default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
+@click.option("--pairs", default=None, help="Latency table: extra weight:activation pairs, e.g. '4:8'.")
 @click.option("--sym", is_flag=True, help="Latency table: symmetric weights.")
 @click.option("--tokens", default=1, show_default=True, help="Latency table: input rows (1 = decode).")
 @click.option("--reference", default=None, help="Full-precision model to compare with (default: the checkpoint's).")
@@ -26,7 +27,7 @@ from ._base import _bits, _setup_logging, common, guarded, main
 @click.option("--trust-remote-code", is_flag=True)
 @common
 @guarded
-def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, reference, prompt_tokens,
+def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, tokens, reference, prompt_tokens,
               decode_tokens, repeats, no_layers, trust_remote_code, as_json, verbose, quiet):
     """Latency on this machine: a checkpoint end to end against its full-precision model, or a table.
 
@@ -40,14 +41,15 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, sym, tokens, r
     _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
     if latency_table is not None:
-        from ..allocate.options import make_options
+        from ..allocate.options import make_options, parse_pairs
         from ..latency import measure_latency_table, save_latency_table
         from ..models import load_model, quantizable_layers, weight_matrix
         from .allocate_cmd import _int_list
 
         loaded = load_model(target, trust_remote_code=trust_remote_code)
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
-        options = make_options(_bits(bits), _int_list(group_sizes, "--group-sizes"), _int_list(act_bits, "--act-bits"))
+        options = make_options(_bits(bits), _int_list(group_sizes, "--group-sizes"), _int_list(act_bits, "--act-bits"),
+                               parse_pairs(pairs))
         with rep.bar("latency table (distinct shapes)", len(set(shapes.values()))) as adv:
             table = measure_latency_table(shapes, options, symmetric=sym, tokens=tokens, repeats=max(repeats, 5),
                                           progress=adv)
