@@ -20,8 +20,9 @@ class QuantLinear(nn.Module):
     """A Linear whose weight is kept packed; forward calls quant_kernels. act_bits 8 quantizes the
     input per token to int8 (W8A8: the integer kernel for symmetric per-channel 8-bit weights)."""
 
-    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16):
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16, act_static=None):
         super().__init__()
+        self.act_static = act_static  # (scale, zero): static per-tensor input quantization instead of per token
         self.in_features, self.out_features = pw.in_features, pw.out_features
         self.bits, self.group_size, self.act_bits = pw.bits, pw.group_size, int(act_bits)
         self.register_buffer("qweight", pw.qweight)
@@ -32,6 +33,8 @@ class QuantLinear(nn.Module):
         self.pw = pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_static is not None:
+            return qmatmul(_static_fake_quant(x, self.act_bits, *self.act_static), self.pw, self.bias)
         if self.act_bits == 8:
             return qmatmul_w8a8(x, self.pw, self.bias)
         if self.act_bits < 16:  # W4A4-style pairs: per-token fake quantization (no integer kernel for these)
@@ -54,13 +57,32 @@ def _meta_int(meta: dict, key: str, name: str) -> int:
     return v
 
 
+def _static_fake_quant(x: torch.Tensor, bits: int, scale: float, zero: float) -> torch.Tensor:
+    """Asymmetric per-tensor fake quantization with a calibrated range: s·(clamp(round(x/s) + z) − z)."""
+    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 2 ** bits - 1)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+def _act_static(meta: dict, name: str):
+    """(scale, zero) of a layer with static activation quantization, else None."""
+    if meta.get("act_mode", "dynamic") == "dynamic":
+        return None
+    s, z = meta.get("act_scale"), meta.get("act_zero")
+    if meta.get("act_mode") != "static" or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in (s, z)) or not s > 0 or not z == z:
+        raise UserError(f"layer {name} in the checkpoint has a malformed activation range; re-create it")
+    return float(s), float(z)
+
+
 class QuantConv2d(nn.Module):
     """A Conv2d/Conv1d whose weight is kept packed ([out, in/groups·k] rows, per-channel or grouped scales).
     It runs as a float convolution of the weight dequantized once by quant_kernels (there is no integer
     convolution kernel yet); act_bits 8 fake-quantizes the input per image first."""
 
-    def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16):
+    def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16,
+                 act_static=None):
         super().__init__()
+        self.act_static = act_static
         self.pw, self.act_bits, self.bits, self.group_size = pw, int(act_bits), pw.bits, pw.group_size
         self.register_buffer("qweight", pw.qweight)
         self.register_buffer("scales", pw.scales)
@@ -73,7 +95,9 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._w is None or self._w.dtype != x.dtype:
             self._w = dequantize(self.pw, x.dtype).reshape(self.shape)
-        if self.act_bits < 16:
+        if self.act_static is not None:
+            x = _static_fake_quant(x, self.act_bits, *self.act_static)
+        elif self.act_bits < 16:
             x = fake_quant_per_token(x.reshape(x.shape[0], -1), self.act_bits).reshape(x.shape)
         return self.conv_fn(x, self._w, self.bias)
 
@@ -181,8 +205,9 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         pw = packed_from_tensors(tensors, name, meta)
         _target(model, name, pw)
         target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
-        layer = (QuantConv2d(pw, target, bias, act) if isinstance(target, (nn.Conv1d, nn.Conv2d))
-                 else QuantLinear(pw, bias, act_bits=act))
+        static = _act_static(meta, name)
+        layer = (QuantConv2d(pw, target, bias, act, static) if isinstance(target, (nn.Conv1d, nn.Conv2d))
+                 else QuantLinear(pw, bias, act_bits=act, act_static=static))
         _set_module(model, name, layer)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
     expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}

@@ -216,6 +216,9 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
                              state_key=key, progress=progress)
     act = {lp.name: lp.act_bits for lp in plan.layers}
     info = {n: {**r.summary(), "act_bits": act.get(n, 16)} for n, r in results.items()}
+    if opts.act_mode == "static":
+        for n, q in static_activation_ranges(loaded.model, act, calib_ids, opts).items():
+            info[n].update(act_mode="static", act_scale=float(q.scale), act_zero=float(q.zero))
     retried = [n for n, r in results.items() if r.retries]
     if loaded.task == "image-classification":
         from .vision.loading import vision_manifest
@@ -232,6 +235,22 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     import shutil
     shutil.rmtree(state_dir, ignore_errors=True)
     return path
+
+
+def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions) -> dict:
+    """Per-tensor asymmetric input ranges of the activation-quantized layers, calibrated (opts.act_calib) on
+    the already weight-quantized model, so each range sees the inputs it will get at run time."""
+    from .quantize.act_quant import calibrate_activation_quantizers
+    from .quantize.driver import _batches
+
+    if opts.act_calib not in ("minmax", "percentile", "mse"):
+        raise UserError(f"--act-calib must be minmax, percentile or mse, got {opts.act_calib!r}")
+    out = {}
+    for bits in sorted({a for a in act_bits.values() if a < 16}):
+        names = [n for n, a in act_bits.items() if a == bits]
+        out.update(calibrate_activation_quantizers(model, names, _batches(calib_ids, opts.batch_size), bits,
+                                                   opts.act_calib, symmetric=False, mse_min_ratio=0.05))
+    return out
 
 
 def lazy_weights(model_ref: str | None, trust_remote_code: bool = False) -> Callable[[], dict[str, torch.Tensor]]:

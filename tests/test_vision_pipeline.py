@@ -78,3 +78,30 @@ def test_quantize_and_eval_a_timm_model(small_timm, tmp_path):
     res = json.loads(invoke("eval", ckpt, "--json").stdout)
     assert res["task"] == "image-classification" and 0 <= res["top1_agreement"] <= 1 and res["mean_kl"] >= 0
     assert res["images"] > 20
+
+
+def test_static_activation_ranges_are_calibrated_stored_and_applied(small_timm, tmp_path):
+    """--pairs 4:8 with --act-mode static: per-tensor ranges in the manifest, applied to each layer's input."""
+    import torch
+
+    from hawqtool.runtime import QuantConv2d, load_quantized
+
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
+    invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
+           "--max-probes", 2, "-q", "-o", sens)
+    invoke("allocate", sens, "--max-bytes", 1e12, "--bits", 8, "--act-bits", 8, "--pairs", "4:8", "--pin", ".*=4",
+           "--group-size", -1, "--calib", "images", "-q", "-o", plan)
+    invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "--method", "rtn",
+           "--act-mode", "static", "--act-calib", "minmax", "-q", "-o", ckpt)
+    layers = json.loads((ckpt / "hawqtool_manifest.json").read_text())["layers"]
+    assert all(v["act_bits"] == 8 and v["act_mode"] == "static" and v["act_scale"] > 0 for v in layers.values())
+    q = load_quantized(ckpt)
+    conv = q.conv_stem
+    assert isinstance(conv, QuantConv2d) and conv.act_static is not None
+    s, z = conv.act_static
+    x = torch.randn(1, 3, 32, 32) * 3
+    xq = torch.clamp(torch.round(x / s) + z, 0, 255)
+    assert 0 <= z <= 255 and float(z) == round(z)
+    with torch.no_grad():
+        want = conv.conv_fn((xq - z) * s, conv.dequantized_weight(), conv.bias)
+        torch.testing.assert_close(conv(x), want)

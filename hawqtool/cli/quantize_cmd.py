@@ -20,12 +20,18 @@ from ._base import _setup_logging, calib_options, common, guarded, main
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
 @click.option("--blocksize", default=128, show_default=True)
+@click.option("--act-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="Activation-quantized layers (plan pairs): per-token ranges at run time, or static per-tensor "
+                   "ranges calibrated here.")
+@click.option("--act-calib", type=click.Choice(["minmax", "percentile", "mse"]), default="mse", show_default=True,
+              help="Static ranges: how they are calibrated.")
 @click.option("--first-token-weight", default=None, type=float,
               help="Weight of each window's first token (attention sink) in GPTQ's H.")
 @calib_options
 @common
 @guarded
-def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize,
+def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize, act_mode,
+             act_calib,
              first_token_weight, seed,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
@@ -46,7 +52,8 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     check_plan_matches(plan, loaded)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
-    opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize)
+    opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
+                           act_calib=act_calib)
     if first_token_weight is not None:
         opts.first_token_weight = first_token_weight
     elif loaded.task != "causal-lm":

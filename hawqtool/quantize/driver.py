@@ -33,6 +33,8 @@ class QuantizeOptions:
     """How the quantize stage runs (per-layer bits come from the plan)."""
 
     method: str = "gptq"  # gptq | rtn
+    act_mode: str = "dynamic"  # activation-quantized layers: per-token at run time, or static per-tensor
+    act_calib: str = "mse"  # static ranges: minmax | percentile | mse (on the quantized network's inputs)
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
