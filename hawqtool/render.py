@@ -77,8 +77,8 @@ def bench_table(res) -> Table:
 def bench_layers_table(res, top: int = 12) -> Table:
     """`hawqtool bench` per layer: the `top` layers with the most decode time, quantized vs fp32."""
     t = Table(title=f"slowest {min(top, len(res.layers))} of {len(res.layers)} quantized layers (1 token / prompt)")
-    t.add_column("layer", overflow="fold")
-    for col in ("bits", "out×in", "decode ms", "fp32 ms", "×fp32", "prefill ms", "fp32 ms "):
+    t.add_column("layer", overflow="fold", min_width=26)
+    for col in ("bits", "out×in", "1-tok ms", "fp32", "×fp32", "prompt ms", "fp32 "):
         t.add_column(col, justify="right", no_wrap=True)
     for r in sorted(res.layers, key=lambda r: -r.decode_ms)[:top]:
         t.add_row(r.name, str(r.bits), f"{r.shape[0]}×{r.shape[1]}", f"{r.decode_ms:.3f}", f"{r.decode_fp32_ms:.3f}",

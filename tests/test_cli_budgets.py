@@ -70,5 +70,6 @@ def test_bench_checkpoint_reports_speed_against_full_precision(tiny_llama, text_
     assert res["decode_speedup"] > 0 and res["peak_rss_bytes"] > 0
     text = invoke("bench", ckpt, "--prompt-tokens", 8, "--decode-tokens", 4, "--repeats", 2).output
     assert "prefill ms" in text and "slowest 12 of 14" in text and "×fp32" in text, text  # and the per-layer table
+    assert "model.layers.0.self_attn" in text.replace("\n", "")  # names readable at 80 columns
     r = invoke("bench", tmp_path / "nope", code=1)
     assert "not a hawqtool checkpoint" in r.output
