@@ -7,7 +7,8 @@ import torch
 
 from .cpu import dequantize_rows, matmul_cpu
 from .activation import fake_quant_per_token, quantize_per_token
-from .fast_cpu import backend_reason, extension, matmul_fast, repack_w8a8, w8a8_fast, w8a8_supported
+from .fast_cpu import (BLAS_MIN_ROWS, backend_reason, extension, matmul_fast, repack_w8a8, w8a8_fast,
+                       w8a8_supported)
 from .layout import PackedWeight
 
 __all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "backend_info"]
@@ -52,7 +53,9 @@ def qmatmul_w8a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
     per-channel 8-bit (CPU extension; Triton on GPU); otherwise the same arithmetic as fake-quantized
     x through `qmatmul`."""
     if w8a8_supported(pw):
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and extension() is not None:
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and extension() is not None \
+                and rows < BLAS_MIN_ROWS:  # prompt-sized inputs: the BLAS tile path below is faster (bench_kernels)
             return w8a8_fast(x, pw, bias)
         if x.device.type == "cuda" and _backend("cuda") is not None:
             from .triton_kernels import w8a8_triton
