@@ -88,6 +88,7 @@ class QuantConv2d(nn.Module):
         self.register_buffer("scales", pw.scales)
         self.register_buffer("qzeros", pw.qzeros)
         self.shape = tuple(conv.weight.shape)
+        conv.weight, conv.bias = None, None  # the float module is kept only for its padding/stride rules
         self.conv_fn = conv._conv_forward
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._w: torch.Tensor | None = None
