@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import time
 from dataclasses import asdict
@@ -63,15 +62,18 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if objective == "labels" and loaded.task != "causal-lm":
+        raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
+                        "--objective output-mse for an encoder")
+    if checkpoint_blocks and estimator != "fisher" and hvp_for(objective) == "ggn":
+        raise UserError(f"--checkpoint-blocks works with --objective labels or --estimator fisher; objective "
+                        f"{objective!r} uses forward-mode products that checkpointing does not support")
     model = loaded.model
     head = untie_head(model) if quantize_head else None
     layers = quantizable_layers(model)
     if not layers:
         raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)")
     params = {n: m.weight for n, m in layers.items()}
-    if objective == "labels" and loaded.task != "causal-lm":
-        raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
-                        "--objective output-mse for an encoder")
     batches = batches_of(loaded, calib_ids, batch_size)
     if objective == "labels":  # classic HAWQ: cross-entropy on the text's own next tokens
         batches = [{**b, "labels": b["input_ids"]} for b in batches]
@@ -94,9 +96,6 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         log_ = ProbeLog(resume_path, fp, writer=world()[0] == 0)
     common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
                   max_seconds=max_seconds, seed=seed, progress=progress, info=info, resume=log_)
-    if checkpoint_blocks and estimator != "fisher" and hvp_for(objective) == "ggn":
-        raise UserError(f"--checkpoint-blocks works with --objective labels or --estimator fisher; objective "
-                        f"{objective!r} uses forward-mode products that checkpointing does not support")
     from .sensitivity.memory import checkpointed_blocks
 
     with checkpointed_blocks(model) if checkpoint_blocks else contextlib.nullcontext():
