@@ -88,8 +88,12 @@ class QuantConv2d(nn.Module):
         self.register_buffer("scales", pw.scales)
         self.register_buffer("qzeros", pw.qzeros)
         self.shape = tuple(conv.weight.shape)
-        conv.weight, conv.bias = None, None  # the float module is kept only for its padding/stride rules
-        self.conv_fn = conv._conv_forward
+        # the float module runs the convolution (its own forward: timm's Conv2dSame pads dynamically); its
+        # weight is swapped for the dequantized one per call, so its own storage is freed here
+        conv.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        if conv.bias is not None:
+            conv.bias = nn.Parameter(torch.empty(0), requires_grad=False)
+        object.__setattr__(self, "_conv", conv)  # not a submodule: the checkpoint's tensors are the state
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._w: torch.Tensor | None = None
 
@@ -100,7 +104,8 @@ class QuantConv2d(nn.Module):
             x = _static_fake_quant(x, self.act_bits, *self.act_static)
         elif self.act_bits < 16:
             x = fake_quant_per_token(x.reshape(x.shape[0], -1), self.act_bits).reshape(x.shape)
-        return self.conv_fn(x, self._w, self.bias)
+        params = {"weight": self._w} if self.bias is None else {"weight": self._w, "bias": self.bias}
+        return torch.func.functional_call(self._conv, params, (x,))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype).reshape(self.shape)

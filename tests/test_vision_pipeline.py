@@ -103,5 +103,44 @@ def test_static_activation_ranges_are_calibrated_stored_and_applied(small_timm, 
     xq = torch.clamp(torch.round(x / s) + z, 0, 255)
     assert 0 <= z <= 255 and float(z) == round(z)
     with torch.no_grad():
-        want = conv.conv_fn((xq - z) * s, conv.dequantized_weight(), conv.bias)
+        want = torch.nn.functional.conv2d((xq - z) * s, conv.dequantized_weight(), conv.bias, conv._conv.stride,
+                                          conv._conv.padding, conv._conv.dilation, conv._conv.groups)
         torch.testing.assert_close(conv(x), want)
+
+
+
+def test_tf_same_padding_convs_are_quantized_and_run_as_the_model_runs_them(tmp_path):
+    """timm's Conv2dSame pads inside its forward: GPTQ's patches and QuantConv2d must see that padding
+    (a regression: 8-bit checkpoints of tf_efficientnet_lite0 were far from the float model)."""
+    import torch
+    from timm.layers import Conv2dSame
+
+    from hawqtool.checkpoint import pack_layer
+    from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+    from hawqtool.quantize.quantizer import QuantSpec
+    from hawqtool.runtime import QuantConv2d
+
+    class Net(torch.nn.Sequential):
+        def forward(self, x):  # timm models take their input as `x`
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net = Net(Conv2dSame(3, 8, 3, stride=2), torch.nn.ReLU(), Conv2dSame(8, 8, 3, stride=2, groups=8))
+    x = torch.randn(16, 3, 17, 17)
+    with torch.no_grad():
+        ref = net(x)
+    res = quantize_model(net, {"0": QuantSpec(8, -1, True), "2": QuantSpec(8, -1, True)}, x,
+                         QuantizeOptions(method="gptq"))
+    for n in ("0", "2"):
+        assert res[n].error <= res[n].rtn_error  # H built from the padded patches: GPTQ helps, never hurts
+    with torch.no_grad():
+        got = net(x)  # weights are now the dequantized 8-bit ones
+        assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+        conv = net[0]
+        q = QuantConv2d(pack_layer(res["0"].weight), conv, conv.bias.detach().clone() if conv.bias is not None
+                        else None)
+        y = q(x)
+        want = Conv2dSame(3, 8, 3, stride=2)
+        want.weight.data = res["0"].weight.dequantize().reshape(8, 3, 3, 3)
+        want.bias = None if conv.bias is None else torch.nn.Parameter(q.bias.detach().clone())
+        torch.testing.assert_close(y, want(x))

@@ -79,6 +79,16 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d))
 
 
+def _padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it: timm's Conv2dSame pads dynamically (TF 'SAME') inside its
+    forward with `padding` left at 0, so its patches must be taken from the padded input."""
+    if type(m).__name__ == "Conv2dSame":
+        from timm.layers.padding import pad_same
+
+        return pad_same(x, m.weight.shape[-2:], m.stride, m.dilation)
+    return x
+
+
 def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """output_error for a conv's flattened [out, d] weight with per-group patch Hessians H [groups, d, d]."""
     G = H.shape[0]
@@ -209,7 +219,7 @@ def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Bl
     def hook(_m, a, n):
         x = a[0]
         if _is_conv(group[n]):  # patches depend on the conv's own kernel/stride: no sharing
-            acc[n].add_batch(x.detach())
+            acc[n].add_batch(_padded_input(group[n], x.detach()))
             return
         key = (x.data_ptr(), tuple(x.shape))
         first = seen.setdefault(key, (n, x))[0]
