@@ -7,8 +7,8 @@ import torch
 
 from .cpu import dequantize_rows, matmul_cpu
 from .activation import fake_quant_per_token, quantize_per_token
-from .fast_cpu import (BLAS_MIN_ROWS, backend_reason, extension, matmul_fast, repack_w8a8, w8a8_fast,
-                       w8a8_supported)
+from .fast_cpu import (BLAS_MIN_ROWS, a8_supported, backend_reason, extension, linear_a8_fast, matmul_fast,
+                       repack_w8a8, w8a8_fast, w8a8_supported)
 from .layout import PackedWeight
 
 __all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "backend_info"]
@@ -49,13 +49,17 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None)
 
 
 def qmatmul_w8a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T with x quantized per token to int8 (W8A8). Integer kernels where the weight is symmetric
-    per-channel 8-bit (CPU extension; Triton on GPU); otherwise the same arithmetic as fake-quantized
-    x through `qmatmul`."""
+    """x @ W^T with x quantized per token to int8 (W8A8, W4A8, ...). Integer kernels where the weight is
+    symmetric per-channel 8-bit (CPU extension; Triton on GPU) or has codes of at most 4 bits (CPU
+    extension); otherwise, and for prompt-sized inputs, the same arithmetic as fake-quantized x through
+    `qmatmul` (its BLAS tile path is faster there: bench_kernels.py)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    cpu_int8 = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and rows < BLAS_MIN_ROWS \
+        and extension() is not None
+    if cpu_int8 and a8_supported(pw):
+        return linear_a8_fast(x, pw, bias)
     if w8a8_supported(pw):
-        rows = x.numel() // max(1, x.shape[-1])
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and extension() is not None \
-                and rows < BLAS_MIN_ROWS:  # prompt-sized inputs: the BLAS tile path below is faster (bench_kernels)
+        if cpu_int8:
             return w8a8_fast(x, pw, bias)
         if x.device.type == "cuda" and _backend("cuda") is not None:
             from .triton_kernels import w8a8_triton

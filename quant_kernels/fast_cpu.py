@@ -12,6 +12,9 @@ scale*zero become fp32. Then each call is one extension call (`linear`: gather x
 * M >= BLAS_MIN_ROWS (prefill): 256-row tiles are decoded to fp32 and multiplied by torch's BLAS;
   the decode is O(N·K) against the product's O(M·N·K), and no whole dequantized matrix exists.
 
+With per-token int8 activations (W8A8, W{2,3,4}A8; csrc/int8_act.cpp) and fewer than BLAS_MIN_ROWS
+rows, the dot products are integer: maddubs/madd on the same nibble codes, exact int32 group sums.
+
 The extension is compiled once on first use (~1 min) into the cache folder; without a C++
 compiler or without AVX2/FMA the portable torch path (quant_kernels.cpu) is used and
 `backend_info()` and a warning say so. HAWQTOOL_KERNELS=torch forces the portable path.
@@ -68,7 +71,8 @@ def extension():
     else:
         from torch.utils.cpp_extension import load
 
-        src = Path(__file__).with_name("csrc") / "qkernels.cpp"
+        csrc = Path(__file__).with_name("csrc")
+        src = [csrc / "qkernels.cpp", csrc / "int8_act.cpp"]
         d = _build_dir()
         fresh = not any(d.glob("*.so"))
         if fresh:
@@ -76,8 +80,8 @@ def extension():
                   flush=True)
         t0 = time.perf_counter()
         try:
-            _STATE["ext"] = load(name="hawq_qkernels", sources=[str(src)], build_directory=str(d),
-                                 extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+            _STATE["ext"] = load(name="hawq_qkernels", sources=[str(p) for p in src], build_directory=str(d),
+                                 extra_cflags=["-O3", "-mavx2", "-mfma", f"-I{csrc}"], verbose=False)
             if fresh:
                 print(f"quant_kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path, loudly
@@ -181,3 +185,18 @@ def w8a8_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = Non
     x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     return extension().w8a8(x2, wq, sw, b).to(x.dtype).reshape(*lead, pw.out_features)
+
+
+def a8_supported(pw: PackedWeight) -> bool:
+    """The W{2,3,4}A8 integer kernel's weight type: codes of at most 4 bits (any groups, zeros, act-order)."""
+    return pw.bits <= 4
+
+
+def linear_a8_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W{2,3,4}A8 through the extension: per-token int8 activations × nibble codes, int32 group dots."""
+    kw = repack(pw)
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    y = extension().linear_a8(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b)
+    return y.to(x.dtype).reshape(*lead, pw.out_features)

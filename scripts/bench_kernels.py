@@ -3,7 +3,8 @@
     python scripts/bench_kernels.py [--repeats 30] [--append]
 
 Weights are RTN-quantized random matrices (group 128, asymmetric) in hawqtool's packed layout and
-run through `quant_kernels.qmatmul` (the path a checkpoint uses). Times are medians of `--repeats`
+run through `quant_kernels.qmatmul` (the path a checkpoint uses); the W8A8 and W4A8 columns quantize x
+per token to int8 first (`qmatmul_w8a8`, as fbgemm's dynamic int8 does). Times are medians of `--repeats`
 calls after a warm-up, on the same inputs; ratios are against the baselines timed in this run.
 """
 from __future__ import annotations
@@ -47,14 +48,16 @@ def main() -> None:
         for b in map(int, args.bits.split(",")):
             pw = pack_layer(rtn(W, QuantSpec(b, 128, False)))
             row[b] = median_ms(lambda: qmatmul(x, pw), args.repeats)
+            if b == 4:  # the same weight with per-token int8 activations (W4A8: the integer kernel below 16 rows)
+                row["w4a8"] = median_ms(lambda: qmatmul_w8a8(x, pw), args.repeats)
         rows.append(row)
         print(row, flush=True)
     bits = list(map(int, args.bits.split(",")))
     head = ("| x × W shape (m×n×k) | fp32 ms | fbgemm int8 ms | "
-            + " | ".join(f"{b}-bit ms (vs fp32, vs int8)" for b in bits) + " | W8A8 int8 ms (vs fp32, vs fbgemm) |")
-    lines = [head, "|" + "---|" * (4 + len(bits))]
+            + " | ".join(f"{b}-bit ms (vs fp32, vs int8)" for b in bits) + " | W8A8 int8 ms (vs fp32, vs fbgemm) | W4A8 int8 ms (vs fp32, vs fbgemm) |")
+    lines = [head, "|" + "---|" * (5 + len(bits))]
     for r in rows:
-        cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits + ["w8a8"]]
+        cells = [f"{r[b]:.3f} ({r['fp32'] / r[b]:.2f}×, {r['fbgemm'] / r[b]:.2f}×)" for b in bits + ["w8a8", "w4a8"] if b in r]
         lines.append(f"| {r['shape']} | {r['fp32']:.3f} | {r['fbgemm']:.3f} | " + " | ".join(cells) + " |")
     record("quant_kernels CPU matmul",
            f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -137,3 +137,44 @@ def test_w8a8_falls_back_to_the_same_arithmetic_for_other_weights():
     pw = random_packed(30, 64, 4, 32, False, False, 5)  # not a W8A8 weight: fake-quantized x through qmatmul
     x = torch.randn(4, 64)
     assert_close(qmatmul_w8a8(x, pw), matmul_reference(fake_quant_per_token(x, 8), pw))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("in_f, group_size", [(576, 128), (100, 32), (90, 20), (64, -1), (37, 16), (1000, 200)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a8_int8_kernel_matches_the_integer_reference(bits, symmetric, in_f, group_size, act_order):
+    """W{2,3,4}A8: s_x·Σ q_x·dequant(W) in float64 from independently quantized activations; covers
+    groups of 1..15 units (full 4-unit runs and leftover units), padding, act-order, ragged row counts."""
+    from quant_kernels import qmatmul_w8a8
+    from quant_kernels.activation import quantize_per_token
+
+    seed = hash((bits, symmetric, in_f, group_size, act_order, "a8")) % 10_000
+    pw = random_packed(43, in_f, bits, group_size, symmetric, act_order, seed)
+    assert fast_cpu.a8_supported(pw)
+    g = torch.Generator().manual_seed(seed + 1)
+    bias = torch.randn(43, generator=g)
+    for m in (1, 3, 6, fast_cpu.BLAS_MIN_ROWS - 1):  # all below BLAS_MIN_ROWS: the integer kernel
+        x = torch.randn(m, in_f, generator=g) * 3
+        x[0, : in_f // 3] = 0.0
+        if m > 2:
+            x[2] = 0.0  # an all-zero token: scale 1, output = bias
+        y = qmatmul_w8a8(x, pw, bias)
+        qx, sx = quantize_per_token(x, 8)
+        ref = matmul_reference(qx.float(), pw) * sx.double() + bias.double()
+        assert torch.isfinite(y).all()
+        assert (y.double() - ref).abs().max() <= 2e-5 * ref.abs().max()
+        if m > 2:
+            assert torch.allclose(y[2], bias)
+
+
+def test_a8_kernel_is_used_for_small_inputs_and_blas_for_prompts(monkeypatch):
+    """Decode-sized inputs take the int8 kernel, prompt-sized ones fake-quantized x through qmatmul."""
+    from quant_kernels import dispatch
+
+    pw = random_packed(32, 64, 4, 32, False, False, 9)
+    calls = []
+    monkeypatch.setattr(dispatch, "linear_a8_fast", lambda *a: calls.append("int8") or torch.zeros(1, 32))
+    dispatch.qmatmul_w8a8(torch.randn(1, 64), pw)
+    dispatch.qmatmul_w8a8(torch.randn(fast_cpu.BLAS_MIN_ROWS, 64), pw)
+    assert calls == ["int8"]

@@ -9,20 +9,16 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "qk_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
+using qk::hsum;
+using qk::check;
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  return _mm_cvtss_f32(_mm_add_ss(s, sh));
-}
 
 // dot of one row's codes over units [u0, u1) with x (16 floats per unit)
 template <bool NIBBLE>
@@ -187,10 +183,6 @@ void gemm_impl(const float* x, const uint8_t* codes, const float* s, const float
   });
 }
 
-void check(const torch::Tensor& t, c10::ScalarType dt, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(), name,
-              " must be a contiguous CPU tensor of the right dtype");
-}
 
 }  // namespace
 
@@ -323,65 +315,16 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torc
   return y;
 }
 
-// W8A8: y [M, N] = s_x[m] * s_w[n] * sum_k qx[m,k] * qw[n,k] (+ bias), int32-exact dot products.
-// x [M, K] fp32 is quantized per token here exactly as quant_kernels.activation.quantize_per_token does
-// (s = max|x|/127, 1 for an all-zero row; q = round-half-even(x / s) clamped to ±127); w int8 [N, Kp]
-// (Kp = K rounded up to 16, zero padded), sw fp32 [N]. madd_epi16 on sign-extended codes: 16 MACs per
-// instruction, no saturation for any int8 pair.
-torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::optional<torch::Tensor> bias) {
-  check(x, at::kFloat, "x"); check(w, at::kChar, "w"); check(sw, at::kFloat, "sw");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Kp = w.size(1);
-  TORCH_CHECK(Kp % 16 == 0 && Kp >= K && Kp < K + 16 && sw.numel() == N, "inconsistent W8A8 operands");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check(*bias, at::kFloat, "bias");
-    TORCH_CHECK(bias->numel() == N, "bias has the wrong size");
-    b = bias->data_ptr<float>();
-  }
-  std::vector<int16_t> xq(M * Kp, 0);
-  std::vector<float> sx(M);
-  const float* xs = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xs[m * K + k]));
-    float sc = amax / 127.f;
-    if (!(sc > 0.f)) sc = 1.f;
-    sx[m] = sc;
-    for (int64_t k = 0; k < K; ++k) {
-      float q = std::nearbyint(xs[m * K + k] / sc);
-      xq[m * Kp + k] = static_cast<int16_t>(std::min(127.f, std::max(-127.f, q)));
-    }
-  }
-  auto y = torch::empty({M, N}, x.options());
-  float* yo = y.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* swp = sw.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wr = wp + n * Kp;
-      for (int64_t m = 0; m < M; ++m) {
-        const int16_t* xm = xq.data() + m * Kp;
-        __m256i acc = _mm256_setzero_si256();
-        for (int64_t k = 0; k < Kp; k += 16) {
-          __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
-          __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
-        }
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        const float dot = static_cast<float>(_mm_cvtsi128_si32(s4));
-        yo[m * N + n] = dot * sx[m] * swp[n] + (b ? b[n] : 0.f);
-      }
-    }
-  });
-  return y;
-}
+// int8-activation kernels (W8A8, W{2,3,4}A8) live in int8_act.cpp
+torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::optional<torch::Tensor> bias);
+torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit,
+                        torch::Tensor xidx, bool identity, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
   m.def("gemm", &gemm, "low-bit GEMM decoding each weight row once (AVX2/FMA)");
   m.def("w8a8", &w8a8, "W8A8 linear: per-token int8 activations x per-channel int8 weights (AVX2)");
+  m.def("linear_a8", &linear_a8, "W{2,3,4}A8 linear: per-token int8 activations x nibble codes, maddubs (AVX2)");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
 }
