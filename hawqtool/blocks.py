@@ -26,18 +26,18 @@ class BlockInputs:
     kwargs: list[dict]
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks (name, ModuleList); ValueError if there are none."""
+def find_blocks(model: nn.Module, containers: tuple[type, ...] = (nn.ModuleList,)) -> tuple[str, nn.Module]:
+    """The model's repeated blocks (name, container): the `containers` instance of one child class holding
+    the most parameters (timm ViTs keep theirs in an nn.Sequential); ValueError if there are none."""
     best, best_n = None, -1
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            if len({type(c) for c in m}) != 1:
-                continue
+        if isinstance(m, containers) and len(m) > 0 and len({type(c) for c in m}) == 1:
             n = sum(p.numel() for p in m.parameters())
             if n > best_n:
                 best, best_n = (name, m), n
     if best is None:
-        raise ValueError("model has no repeated blocks (nn.ModuleList of one layer class)")
+        kinds = " or ".join(f"nn.{c.__name__}" for c in containers)
+        raise ValueError(f"model has no repeated blocks (an {kinds} of one layer class)")
     return best
 
 
