@@ -43,14 +43,25 @@ def plan_table(plan: Plan) -> Table:
 
 
 def summary_table(s: dict) -> Table:
-    """Baseline vs uniform vs mixed: perplexity, bits, size, seconds."""
-    t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
-    for col in ("model", "ppl", "avg bits", "MB (quantized layers)", "quantize s", "eval s"):
+    """Baseline vs uniform vs mixed: perplexity (LMs) or top-1 agreement and KL (vision), bits, size, seconds."""
+    vision = s.get("task") == "image-classification"
+    if vision:
+        t = Table(title=f"hawqtool run — {s['model']} ({s['eval_images']:,} eval images, vs full precision)")
+        scores = ("top-1 agree", "mean KL")
+    else:
+        t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
+        scores = ("ppl",)
+    for col in ("model", *scores, "avg bits", "MB (quantized layers)", "quantize s", "eval s"):
         t.add_column(col, justify="right")
     sec = s.get("seconds", {})
-    t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", "-", f"{sec.get('baseline_eval', 0):.0f}")
+    if vision:  # the reference itself: agreement 1, KL 0 by definition (not measured)
+        t.add_row("full precision", "1.0000", "0", "32", "-", "-", "-")
+    else:
+        t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", "-", f"{sec.get('baseline_eval', 0):.0f}")
     for key, label in (("uniform", f"uniform {s['uniform_bits']}-bit"), ("mixed", "mixed (HAWQ)")):
-        t.add_row(label, f"{s[key + '_ppl']:.3f}", f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}",
+        cells = ([f"{s[key + '_top1_agreement']:.4f}", f"{s[key + '_mean_kl']:.4g}"] if vision
+                 else [f"{s[key + '_ppl']:.3f}"])
+        t.add_row(label, *cells, f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}",
                   f"{sec.get(key + '_quantize', 0):.0f}", f"{sec.get(key + '_eval', 0):.0f}")
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
     t.caption = f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB"

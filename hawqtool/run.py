@@ -4,15 +4,22 @@ OUT/ holds sensitivity.json, plan.json, plan_uniform.json, mixed/ and uniform/
 checkpoints, eval_*.json and summary.json. A stage whose artifact exists with the same
 fingerprint (model files, data, options, tool version) is skipped, which is also how a
 killed run resumes; quantize additionally resumes inside a checkpoint at the last block.
+
+Causal LMs are scored by perplexity on `data`; image classifiers (timm) by top-1 agreement and
+mean KL against the full-precision model on the fixed image set `hawqtool eval` uses.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from . import artifacts
 from .allocate.plan import allocate_bits, uniform_bytes, uniform_plan, omega_table
@@ -20,16 +27,19 @@ from .artifacts import fingerprint, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .data import calibration_windows, data_fingerprint, eval_windows
 from .errors import UserError
-from .evaluate import perplexity
-from .models import load_model
+from .evaluate import classification_fidelity, perplexity
+from .inputs import calibration_inputs, calibration_key
+from .models import LoadedModel, load_model
 from .progress import Reporter
 from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
 from .runtime import load_quantized
-from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
-                     sensitivity_settings)
+from .stages import (EVAL_IMAGES, EVAL_IMAGE_SEED, compute_sensitivity, layer_weights, model_digest, quantize_stage,
+                     sensitivity_fingerprint, sensitivity_settings, vision_eval_images)
 
 log = logging.getLogger("hawqtool")
+VISION = "image-classification"
+TASKS = ("causal-lm", VISION)
 
 
 @dataclass
@@ -53,11 +63,26 @@ class RunConfig:
     sens_target: float = 0.10
     eval_seqlen: int = 512
     eval_windows: int = 40
+    eval_images: int = EVAL_IMAGES  # vision: Fashion-MNIST images beside the sample photos (as `hawqtool eval`)
     seed: int = 0
     method: str = "gptq"
     act_order: bool = False
     trust_remote_code: bool = False
     stage_seconds: dict = field(default_factory=dict)
+
+
+@dataclass
+class _TaskData:
+    """A run's task-specific data: calibration inputs and their fingerprints, the eval set and its scorer."""
+
+    sens_key: str  # fingerprint of the sensitivity calibration data
+    calib_key: str  # fingerprint of the GPTQ calibration data
+    sens_inputs: Callable[[], torch.Tensor]
+    calib_inputs: Callable[[], torch.Tensor]
+    sens_seqlen: int  # what compute_sensitivity records as `seqlen` (dim 1 of its inputs)
+    eval_key: str
+    eval_items: int  # eval windows or images (progress bar length)
+    score: Callable[[torch.nn.Module, Callable], dict]  # model, progress -> eval result dict
 
 
 def _current(path: Path, fp: str, kind: str | None = None) -> bool:
@@ -68,6 +93,43 @@ def _current(path: Path, fp: str, kind: str | None = None) -> bool:
         return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fp
     except (OSError, ValueError, artifacts.UserError):
         return False
+
+
+def _text_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
+    """Token windows of `calib`, perplexity on `data` windows (fingerprints as before vision support)."""
+    tok = loaded.tokenizer
+    ckey = fingerprint(data_fingerprint(cfg.calib), cfg.seed)
+    windows = eval_windows(tok, cfg.data, cfg.eval_seqlen, cfg.eval_windows)
+    return _TaskData(
+        sens_key=ckey, calib_key=ckey, sens_seqlen=cfg.sens_seqlen,
+        sens_inputs=lambda: calibration_windows(tok, cfg.calib, cfg.sens_samples, cfg.sens_seqlen, seed=cfg.seed + 1),
+        calib_inputs=lambda: calibration_windows(tok, cfg.calib, cfg.nsamples, cfg.seqlen, seed=cfg.seed),
+        eval_key=fingerprint(data_fingerprint(cfg.data), cfg.eval_seqlen, cfg.eval_windows), eval_items=len(windows),
+        score=lambda model, adv: asdict(perplexity(model, windows, progress=adv)))
+
+
+def _tensor_digest(x: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (no copy for a contiguous CPU tensor)."""
+    return hashlib.sha256(memoryview(x.detach().cpu().contiguous().numpy()).cast("B")).hexdigest()
+
+
+def _image_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
+    """Calibration images (fingerprinted by content, as `hawqtool sensitivity/quantize` do) and the eval images."""
+    if cfg.data not in ("wiki", "images"):
+        raise UserError(f"--data {cfg.data!r}: image classifiers are scored on the built-in image set; "
+                        "use --data images (and --eval-images N)")
+    if cfg.eval_images < 0:
+        raise UserError(f"--eval-images must be 0 or more, got {cfg.eval_images}")
+    sens_x = calibration_inputs(loaded, cfg.calib, cfg.sens_samples, 0, seed=cfg.seed + 1)
+    calib_x = calibration_inputs(loaded, cfg.calib, cfg.nsamples, 0, seed=cfg.seed)
+    images, _ = vision_eval_images(loaded.model, cfg.eval_images)
+    reference = loaded.model  # never modified: sensitivity only reads it, quantize works on a fresh copy
+    return _TaskData(
+        sens_key=calibration_key(loaded, cfg.calib, sens_x, cfg.seed),
+        calib_key=calibration_key(loaded, cfg.calib, calib_x, cfg.seed),
+        sens_inputs=lambda: sens_x, calib_inputs=lambda: calib_x, sens_seqlen=int(sens_x.shape[1]),
+        eval_key=fingerprint("eval-images", _tensor_digest(images), EVAL_IMAGE_SEED), eval_items=len(images),
+        score=lambda model, adv: asdict(classification_fidelity(reference, model, images, progress=adv)))
 
 
 def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
@@ -83,46 +145,46 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         return r
 
     loaded = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
-    if loaded.task != "causal-lm":
+    if loaded.task not in TASKS:
         raise UserError(f"`hawqtool run` scores perplexity, and {loaded.source} is an encoder; run the stages "
                         "instead: sensitivity --objective output-mse, allocate, quantize, eval")
+    vision = loaded.task == VISION
     mdig = timed("load", lambda: model_digest(loaded))
-    tok = loaded.tokenizer
-    ckey = fingerprint(data_fingerprint(cfg.calib), cfg.seed)
-    windows = timed("data", lambda: eval_windows(tok, cfg.data, cfg.eval_seqlen, cfg.eval_windows))
-    eval_key = fingerprint(data_fingerprint(cfg.data), cfg.eval_seqlen, cfg.eval_windows)
+    td = timed("data", lambda: (_image_data if vision else _text_data)(loaded, cfg))
 
     def evaluate(name: str, model_fp: str, get_model) -> dict:
-        path, fp = out / f"eval_{name}.json", fingerprint("eval", model_fp, eval_key)
+        path, fp = out / f"eval_{name}.json", fingerprint("eval", model_fp, td.eval_key)
         if _current(path, fp):
             rep.skip(f"eval {name}")
             return json.loads(path.read_text())
-        with rep.bar(f"eval {name}", len(windows)) as adv:
-            res = perplexity(get_model(), windows, progress=adv)
-        d = {**asdict(res), "fingerprint": fp}
+        with rep.bar(f"eval {name}", td.eval_items) as adv:
+            d = {**td.score(get_model(), adv), "fingerprint": fp}
         write_atomic(path, json.dumps(d, indent=1))
         return d
 
-    base = timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
+    # an image classifier's reference is itself (agreement 1, KL 0): only the LM baseline is measured
+    base = None if vision else timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
 
     sens_path = out / "sensitivity.json"
     sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
-                                         seqlen=cfg.sens_seqlen, target_rel_se=cfg.sens_target,
+                                         seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
                                          min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
                                          estimator="fisher")  # what compute_sensitivity's "auto" picks for self-kl
-    sens_fp = sensitivity_fingerprint(mdig, ckey, sens_settings)
+    sens_fp = sensitivity_fingerprint(mdig, td.sens_key, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")
         report = artifacts.load(sens_path, "sensitivity")
     else:
-        sens_ids = calibration_windows(tok, cfg.calib, cfg.sens_samples, cfg.sens_seqlen, seed=cfg.seed + 1)
+        sens_ids = td.sens_inputs()
         with rep.probe_bar(cfg.sens_max_probes) as cb:
             report = timed("sensitivity", lambda: compute_sensitivity(
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
-                max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=ckey,
+                max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,),
                 resume_path=Path(str(sens_path) + ".partial")))
+        if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
+            log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
         artifacts.save(report, sens_path)
 
     layer_w = layer_weights(loaded)  # views of the loaded model's weights, no copy
@@ -140,37 +202,44 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric)
     artifacts.save(uplan, out / "plan_uniform.json")
 
-    calib_ids = timed("data", lambda: calibration_windows(tok, cfg.calib, cfg.nsamples, cfg.seqlen, seed=cfg.seed))
+    calib_ids = timed("data", td.calib_inputs)
     opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order)
+    if vision:
+        opts.first_token_weight = 1.0  # the attention-sink weighting is for causal LMs (as `hawqtool quantize`)
     results = {}
     for name, p in (("mixed", plan), ("uniform", uplan)):
         ck = out / name
-        qfp = fingerprint("quantize", mdig, ckey, p.fingerprint, asdict(opts), [asdict(lp) for lp in p.layers])
+        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, asdict(opts), [asdict(lp) for lp in p.layers])
         if _current(ck, qfp, "checkpoint"):
             rep.skip(f"quantize {name}")
         else:
             fresh = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
             with rep.bar(f"quantize {name}", len(p.layers)) as adv:
-                timed("quantize", lambda: quantize_stage(fresh, p, calib_ids, opts, ck, data_key=ckey,
+                timed("quantize", lambda: quantize_stage(fresh, p, calib_ids, opts, ck, data_key=td.calib_key,
                                                          progress=lambda _n: adv(1)))
             del fresh
         results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck)))
         results[name]["quantize_seconds"] = read_manifest(ck, verify=False).get("quantize_seconds", 0.0)
 
-    summary = {
-        "model": loaded.source, "method": cfg.method, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-        "baseline_ppl": base["ppl"],
-        "uniform_bits": ubits, "uniform_ppl": results["uniform"]["ppl"], "uniform_bytes": uplan.total_bytes,
-        "uniform_avg_bits": uplan.avg_bits,
-        "mixed_avg_bits": plan.avg_bits, "mixed_ppl": results["mixed"]["ppl"], "mixed_bytes": plan.total_bytes,
-        "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices},
-        "seconds": {"baseline_eval": base["seconds"], "uniform_quantize": results["uniform"]["quantize_seconds"],
-                    "uniform_eval": results["uniform"]["seconds"], "mixed_quantize": results["mixed"]["quantize_seconds"],
-                    "mixed_eval": results["mixed"]["seconds"]},
-        "budget": plan.budget, "eval_tokens": base["tokens"], "eval_windows": base["windows"],
-        "eval_seqlen": base["seqlen"], "calib_samples": cfg.nsamples, "calib_seqlen": cfg.seqlen,
-        "sensitivity_probes": max(ls.probes for ls in report.layers),
-        "stage_seconds": secs, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    common = {"uniform_bits": ubits, "uniform_bytes": uplan.total_bytes, "uniform_avg_bits": uplan.avg_bits,
+              "mixed_avg_bits": plan.avg_bits, "mixed_bytes": plan.total_bytes,
+              "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices}}
+    seconds = {f"{k}_{what}": results[k][field_] for k in ("uniform", "mixed")
+               for what, field_ in (("quantize", "quantize_seconds"), ("eval", "seconds"))}
+    head = {"model": loaded.source, "task": loaded.task, "method": cfg.method, "group_size": cfg.group_size,
+            "symmetric": cfg.symmetric}
+    tail = {"sensitivity_probes": max(ls.probes for ls in report.layers), "stage_seconds": secs,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if vision:
+        u, m = results["uniform"], results["mixed"]
+        summary = {**head, **common, "uniform_top1_agreement": u["top1_agreement"], "uniform_mean_kl": u["mean_kl"],
+                   "mixed_top1_agreement": m["top1_agreement"], "mixed_mean_kl": m["mean_kl"], "seconds": seconds,
+                   "budget": plan.budget, "eval_images": m["images"], "calib_samples": cfg.nsamples,
+                   "sens_samples": cfg.sens_samples, **tail}
+    else:
+        summary = {**head, "baseline_ppl": base["ppl"], **common, "uniform_ppl": results["uniform"]["ppl"],
+                   "mixed_ppl": results["mixed"]["ppl"], "seconds": {"baseline_eval": base["seconds"], **seconds},
+                   "budget": plan.budget, "eval_tokens": base["tokens"], "eval_windows": base["windows"],
+                   "eval_seqlen": base["seqlen"], "calib_samples": cfg.nsamples, "calib_seqlen": cfg.seqlen, **tail}
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -173,6 +173,23 @@ def _bias(tensors: dict[str, torch.Tensor], name: str, out_features: int) -> tor
     return b
 
 
+def _replace_activations(model: nn.Module, act_fn, where: Path) -> None:
+    """APHQ's MLP reconstruction: the named GELUs become ReLUs clamped to [0, clip] (nn.Hardtanh)."""
+    if not isinstance(act_fn, dict):
+        raise UserError(f"{where} has a malformed 'act_fn' entry; re-create the checkpoint")
+    for name, clip in act_fn.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or "gelu" not in type(module).__name__.lower():
+            raise UserError(f"{where}: act_fn names {name!r}, which is not a GELU of the model; re-create the checkpoint")
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 < clip < float("inf"):
+            raise UserError(f"{where}: act_fn clamp of {name} is {clip!r} (expected a positive number); "
+                            "re-create the checkpoint")
+        _set_module(model, name, nn.Hardtanh(0.0, float(clip)))
+
+
 def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode.
 
@@ -197,7 +214,10 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         arch = manifest.get("timm_arch")
         if not isinstance(arch, str):
             raise UserError(f"{path / MANIFEST} names no timm architecture; re-create the checkpoint")
-        model = vision_skeleton(arch)
+        kwargs, data = manifest.get("timm_kwargs"), manifest.get("timm_data")
+        if not isinstance(kwargs, (dict, type(None))) or not isinstance(data, (dict, type(None))):
+            raise UserError(f"{path / MANIFEST} has malformed timm_kwargs/timm_data; re-create the checkpoint")
+        model = vision_skeleton(arch, kwargs=kwargs, data=data)
     else:
         try:
             config = AutoConfig.from_pretrained(str(path))
@@ -206,6 +226,8 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
             raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
                             "re-create the checkpoint") from e
+    if "act_fn" in manifest:
+        _replace_activations(model, manifest["act_fn"], path / MANIFEST)
     layers = manifest["layers"]
     for name, meta in layers.items():
         pw = packed_from_tensors(tensors, name, meta)

@@ -211,14 +211,19 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
                       [asdict(lp) for lp in plan.layers])
     t0 = time.perf_counter()
-    results = quantize_model(loaded.model, plan_specs(plan), calib_ids, opts, state_dir=state_dir,
-                             state_key=key, progress=progress)
     act = {lp.name: lp.act_bits for lp in plan.layers}
-    info = {n: {**r.summary(), "act_bits": act.get(n, 16)} for n, r in results.items()}
-    if opts.act_mode == "static":
-        for n, q in static_activation_ranges(loaded.model, act, calib_ids, opts).items():
-            info[n].update(act_mode="static", act_scale=float(q.scale), act_zero=float(q.zero))
-    retried = [n for n, r in results.items() if r.retries]
+    if opts.method == "aphq":
+        weights, info, extra = _aphq(loaded, plan, act, calib_ids, opts, state_dir, key, progress, extra)
+        retried: list[str] = []
+    else:
+        results = quantize_model(loaded.model, plan_specs(plan), calib_ids, opts, state_dir=state_dir,
+                                 state_key=key, progress=progress)
+        weights = {n: r.weight for n, r in results.items()}
+        info = {n: {**r.summary(), "act_bits": act.get(n, 16)} for n, r in results.items()}
+        if opts.act_mode == "static":
+            for n, q in static_activation_ranges(loaded.model, act, calib_ids, opts).items():
+                info[n].update(act_mode="static", act_scale=float(q.scale), act_zero=float(q.zero))
+        retried = [n for n, r in results.items() if r.retries]
     if loaded.task == "image-classification":
         from .vision.loading import vision_manifest
 
@@ -229,11 +234,43 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
             "calibration": {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "data": data_key},
             "retried_layers": retried, "quantize_seconds": time.perf_counter() - t0, "fingerprint": key,
             **(extra or {})}
-    path = save_checkpoint(out_dir, loaded.model, {n: r.weight for n, r in results.items()},
-                           layer_info=info, extra=meta, tokenizer=loaded.tokenizer)
+    path = save_checkpoint(out_dir, loaded.model, weights, layer_info=info, extra=meta, tokenizer=loaded.tokenizer)
     import shutil
     shutil.rmtree(state_dir, ignore_errors=True)
     return path
+
+
+def _aphq(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions,
+          state_dir: Path, key: str, progress: Callable | None, extra: dict | None) -> tuple[dict, dict, dict]:
+    """APHQ-style block reconstruction: (weights, per-layer manifest info, manifest extras incl. act_fn)."""
+    from .quantize.aphq import APHQOptions
+    from .quantize.aphq_driver import aphq_quantize_model
+    from .quantize.driver import _batches
+
+    if loaded.task == "causal-lm":
+        raise UserError("--method aphq reconstructs encoder/ViT blocks (non-causal); use --method gptq for causal LMs")
+    if loaded.task == "image-classification":
+        output_fn, loss = (lambda o: o), "kl"
+    else:
+        output_fn, loss = (lambda o: o.last_hidden_state), "mse"
+    aopts = APHQOptions(iters=opts.aphq_iters, mlp_relu=opts.aphq_mlp_relu, batch_size=opts.batch_size)
+    # each optimisation step draws aopts.batch_size rows from one calibration batch: batches at least that large
+    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids, max(opts.batch_size,
+                                                                                     aopts.batch_size)), output_fn,
+                              aopts, loss=loss, state_dir=state_dir, state_key=key,
+                              progress=(lambda msg: log.info("%s", msg)))
+    if progress:
+        for n in res.weights:
+            progress(n)
+    info = {}
+    for n, w in res.weights.items():
+        s = w.spec
+        info[n] = dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method="aphq",
+                       act_bits=act.get(n, 16), act_order=False)
+        if n in res.act:
+            info[n].update(act_mode="static", act_scale=float(res.act[n][0]), act_zero=float(res.act[n][1]))
+    return res.weights, info, {**(extra or {}), "act_fn": res.act_fn, "aphq": {"options": asdict(aopts),
+                                                                            "blocks": res.blocks}}
 
 
 def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions) -> dict:
@@ -314,21 +351,41 @@ EVAL_IMAGES = 1000  # Fashion-MNIST images beside the sample photos, drawn with 
 EVAL_IMAGE_SEED = 12345
 
 
+def vision_eval_images(model, n_fashion: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pinned image set: 23 photos + `n_fashion` (default EVAL_IMAGES) Fashion-MNIST test images drawn with EVAL_IMAGE_SEED (RGB
+    models), or the whole Fashion-MNIST test split with its labels (1-channel models such as the FMNIST ViT)."""
+    from .vision.images import sample_images
+    from .vision.timm_models import data_config
+
+    cfg = data_config(model)
+    size = int(cfg["input_size"][-1])
+    if int(cfg["input_size"][0]) == 1:
+        from .vision.fashion import fashion_mnist, to_model_input
+
+        images, labels = fashion_mnist("test")
+        return to_model_input(images, cfg["mean"], cfg["std"], size), labels
+    n_fashion = EVAL_IMAGES if n_fashion is None else n_fashion
+    return sample_images(size, n_fashion=n_fashion, seed=EVAL_IMAGE_SEED, mean=cfg["mean"], std=cfg["std"],
+                         crop_pct=float(cfg.get("crop_pct", 0.875)),
+                         interpolation=str(cfg.get("interpolation", "bicubic"))), None
+
+
 def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep) -> dict:
-    """Top-1 agreement and mean KL against the full-precision model on the fixed image set."""
+    """Top-1 agreement and mean KL against the full-precision model on the pinned image set (+ accuracy
+    against the labels where the set has them)."""
     from .evaluate import classification_fidelity
     from .models import load_model
     from .runtime import load_quantized
-    from .vision.images import sample_images
-    from .vision.timm_models import data_config
 
     reference = reference or manifest.get("source_model") or ref
     ref_model = load_model(reference).model
     model = load_quantized(ref) if manifest else ref_model
-    cfg = data_config(ref_model)
-    images = sample_images(int(cfg["input_size"][-1]), n_fashion=EVAL_IMAGES, seed=EVAL_IMAGE_SEED, mean=cfg["mean"],
-                           std=cfg["std"], crop_pct=float(cfg.get("crop_pct", 0.875)),
-                           interpolation=str(cfg.get("interpolation", "bicubic")))
+    images, labels = vision_eval_images(ref_model)
     with rep.bar("eval images", len(images)) as adv:
         fid = classification_fidelity(ref_model, model, images, progress=adv)
-    return {"task": "image-classification", "reference": str(reference), **asdict(fid)}
+    out = {"task": "image-classification", "reference": str(reference), **asdict(fid)}
+    if labels is not None:
+        from .vision.fashion import accuracy
+
+        out.update(accuracy=accuracy(model, images, labels), reference_accuracy=accuracy(ref_model, images, labels))
+    return out

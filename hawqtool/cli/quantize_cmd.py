@@ -14,7 +14,12 @@ from ._base import _setup_logging, calib_options, common, guarded, main
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), required=True)
 @click.option("--calib", default="wiki", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn", "aphq"]), default="gptq", show_default=True,
+              help="aphq: APHQ-style block reconstruction (encoders, ViTs): learned rounding and static activation "
+                   "ranges under the average-perturbation-Hessian loss.")
+@click.option("--aphq-iters", default=1000, show_default=True, help="APHQ: optimisation steps per block.")
+@click.option("--aphq-mlp-relu/--no-aphq-mlp-relu", default=True, show_default=True,
+              help="APHQ: replace each MLP's GELU by a clamped ReLU and refit fc1/fc2 (MLP reconstruction).")
 @click.option("--nsamples", default=32, show_default=True)
 @click.option("--seqlen", default=512, show_default=True)
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
@@ -30,14 +35,15 @@ from ._base import _setup_logging, calib_options, common, guarded, main
 @calib_options
 @common
 @guarded
-def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_order, damp, blocksize, act_mode,
-             act_calib,
+def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, damp,
+             blocksize, act_mode, act_calib,
              first_token_weight, seed,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
 
     \b
     hawqtool quantize HuggingFaceTB/SmolLM2-135M --plan plan.json --calib wiki -o ckpt/
+    hawqtool quantize timm:vit_tiny_patch16_224:vit.safetensors --plan plan.json --calib images --method aphq -o ckpt/
     """
     from .. import artifacts
     from ..inputs import calibration_inputs, calibration_key
@@ -53,7 +59,7 @@ def quantize(model, plan_file, calib, output, method, nsamples, seqlen, act_orde
     check_plan_matches(plan, loaded)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
-                           act_calib=act_calib)
+                           act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu)
     if first_token_weight is not None:
         opts.first_token_weight = first_token_weight
     elif loaded.task != "causal-lm":
@@ -95,8 +101,10 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
     if as_json:
         click.echo(json.dumps(res))
     elif res["task"] == "image-classification":
+        acc = (f"; accuracy {res['accuracy']:.4f} (full precision {res['reference_accuracy']:.4f})"
+               if "accuracy" in res else "")
         click.echo(f"top-1 agreement with {res['reference']}: {res['top1_agreement']:.4f}, mean KL "
-                   f"{res['mean_kl']:.5f} nats ({res['images']} images)")
+                   f"{res['mean_kl']:.5f} nats ({res['images']} images){acc}")
     elif res["task"] == "encoder":
         click.echo(f"embedding cosine to {res['reference']}: mean {res['cosine']:.5f}, min {res['cosine_min']:.5f} "
                    f"({res['windows']} × {res['seqlen']} tokens)")

@@ -25,21 +25,28 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--max-probes", default=32, show_default=True)
 @click.option("--eval-windows", default=40, show_default=True)
 @click.option("--eval-seqlen", default=512, show_default=True)
+@click.option("--eval-images", default=1000, show_default=True,
+              help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--act-order", is_flag=True)
 @calib_options
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, method, act_order, seed, trust_remote_code, as_json, verbose, quiet):
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, seed, trust_remote_code, as_json,
+        verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
-    Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text. A YAML recipe
-    (recipes/*.yaml; keys are the settings below) sets defaults; options given here win.
+    Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text, scored by perplexity.
+    An image classifier (efficientnet-lite0, the embedded one, or timm:NAME:WEIGHTS) calibrates on the
+    built-in images and is scored by top-1 agreement and mean KL against full precision on the image
+    set `hawqtool eval` uses. A YAML recipe (recipes/*.yaml; keys are the settings below) sets
+    defaults; options given here win.
 
     \b
     hawqtool run --avg-bits 3.0 -o out/
     hawqtool run recipes/smollm2-135m.yaml --avg-bits 3.5
+    hawqtool run recipes/efficientnet-lite0.yaml -o out_vis/
     """
     from ..progress import Reporter
     from ..recipe import is_recipe, load_recipe
@@ -51,8 +58,8 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     given = dict(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
                  group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
-                 eval_windows=eval_windows, eval_seqlen=eval_seqlen, seed=seed, method=method, act_order=act_order,
-                 trust_remote_code=trust_remote_code)
+                 eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
+                 act_order=act_order, trust_remote_code=trust_remote_code)
     if is_recipe(model):
         recipe = load_recipe(model)
         given["model"] = None

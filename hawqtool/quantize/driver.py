@@ -32,7 +32,7 @@ log = logging.getLogger("hawqtool")
 class QuantizeOptions:
     """How the quantize stage runs (per-layer bits come from the plan)."""
 
-    method: str = "gptq"  # gptq | rtn
+    method: str = "gptq"  # gptq | rtn | aphq (block reconstruction: quantize/aphq_driver.py)
     act_mode: str = "dynamic"  # activation-quantized layers: per-token at run time, or static per-tensor
     act_calib: str = "mse"  # static ranges: minmax | percentile | mse (on the quantized network's inputs)
     blocksize: int = 128
@@ -46,6 +46,8 @@ class QuantizeOptions:
     # times over; at weight 1 GPTQ's v_proj loses to RTN on SmolLM2 (benchmarks/RESULTS.md).
     # 64 was chosen on the validation slice (60-80% of the text), not on the eval slice.
     first_token_weight: float = 64.0
+    aphq_iters: int = 1000  # APHQ: optimisation steps per block
+    aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
 
 
 @dataclass

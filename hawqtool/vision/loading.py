@@ -1,7 +1,8 @@
 """A timm model as the pipeline's LoadedModel (BatchNorm folded), and its calibration images.
 
 MODEL references: `efficientnet-lite0` or `timm:efficientnet-lite0` (the embedded default vision
-model) and `timm:NAME:WEIGHTS` (a timm architecture and a local weights file).
+model) and `timm:NAME:WEIGHTS` (a timm architecture and a local weights file; a `.safetensors` file's
+`timm_kwargs`/`mean`/`std`/`input_size` metadata shape and preprocess the model, see timm_models).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def load_vision(ref: str):
 
 
 def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0) -> torch.Tensor:
-    """`n` preprocessed images [n, C, H, W] for the model: the sample photos and Fashion-MNIST."""
+    """`n` preprocessed images [n, C, H, W] for the model: the sample photos and Fashion-MNIST test
+    images for RGB models; Fashion-MNIST *train* images only for 1-channel ones (test is for accuracy)."""
     from .images import sample_images
     from .timm_models import data_config
 
@@ -52,7 +54,11 @@ def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0
     if n < 1:
         raise UserError(f"need at least one calibration image, got {n}")
     cfg = data_config(model)
-    size = int(cfg["input_size"][-1])
+    chans, size = int(cfg["input_size"][0]), int(cfg["input_size"][-1])
+    if chans == 1:
+        from .fashion import calibration_fashion
+
+        return calibration_fashion(n, seed, cfg["mean"], cfg["std"], size)
     imgs = sample_images(size, n_fashion=max(0, n), seed=seed, mean=cfg["mean"], std=cfg["std"],
                          crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=str(cfg.get("interpolation", "bicubic")))
     order = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(seed))[:n]
@@ -60,18 +66,22 @@ def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0
 
 
 def vision_manifest(loaded) -> dict:
-    """What a checkpoint needs to rebuild a timm model without its source: task and architecture."""
+    """What a checkpoint needs to rebuild a timm model without its source: task, architecture and,
+    for models created with kwargs or file mean/std, `timm_kwargs` and `timm_data`."""
+    from .timm_models import creation_record
+
     arch = (getattr(loaded.model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch:
         raise UserError(f"cannot tell the timm architecture of {loaded.source}; load it as timm:NAME:WEIGHTS")
-    return {"task": TASK, "timm_arch": arch}
+    return {"task": TASK, "timm_arch": arch, **creation_record(loaded.model)}
 
 
-def vision_skeleton(arch: str) -> torch.nn.Module:
-    """The timm architecture with BatchNorm already folded away (random weights to be overwritten)."""
+def vision_skeleton(arch: str, kwargs: dict | None = None, data: dict | None = None) -> torch.nn.Module:
+    """The timm architecture (created with `kwargs`, preprocessing `data` = mean/std/input_size, both as
+    recorded by vision_manifest) with BatchNorm already folded away (random weights to be overwritten)."""
     from .fold import fold_batchnorm
     from .timm_models import load_timm
 
-    model = load_timm(arch)
+    model = load_timm(arch, kwargs=kwargs, data=data)
     fold_batchnorm(model)
     return model
