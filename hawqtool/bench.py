@@ -84,7 +84,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # what a deployment runs under: no autograd bookkeeping on the many small decode ops
 def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> tuple[float, float]:
     """(prefill ms, decode tokens/s) of a causal LM: one forward over the prompt, then greedy steps
     of one token each through the KV cache."""
@@ -106,7 +106,7 @@ def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repea
     return pre, tps
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_layers(model: nn.Module, prompt_tokens: int, repeats: int) -> list[LayerTiming]:
     """Every quantized layer (anything with a packed `pw`) against an fp32 Linear of its shape."""
     rows = []
