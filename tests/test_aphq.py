@@ -188,7 +188,7 @@ def test_reconstruction_beats_rtn_and_gptq_w4a4(trained_vit):
 
 def test_relu_refit_far_better_than_plain_swap(trained_vit):
     X, _ = stripes(64, 7)
-    mlp = copy.deepcopy(trained_vit.blocks[0].mlp)
+    mlp = copy.deepcopy(trained_vit.blocks[0].mlp).requires_grad_(False)  # frozen, as loaded models are
     u = []
     hd = trained_vit.blocks[0].mlp.fc1.register_forward_pre_hook(lambda _m, a: u.append(a[0].detach()))
     with torch.no_grad():
@@ -205,6 +205,7 @@ def test_relu_refit_far_better_than_plain_swap(trained_vit):
     with torch.no_grad():
         refit = float((relu(mlp) - y).pow(2).mean())
     assert 0 < c < float(gelu.max()) and refit < 0.1 * swap, (swap, refit)
+    assert not any(p.requires_grad for p in mlp.parameters())  # the refit thaws fc1/fc2 only while it runs
 
     m, res = run(trained_vit, [{"x": X}], iters=0, mlp_relu=True, refit_iters=100)
     for k in range(2):

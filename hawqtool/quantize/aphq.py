@@ -372,6 +372,9 @@ def refit_relu_mlp(fc1: nn.Module, fc2: nn.Module, u: list[torch.Tensor], y: lis
         return num / max(den, 1.0)
 
     swap = total()
+    was = [p.requires_grad for p in params]  # loaded models are frozen (requires_grad False): thaw fc1/fc2 here
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
     sizes = torch.tensor([float(x.shape[0]) for x in u])
@@ -385,8 +388,9 @@ def refit_relu_mlp(fc1: nn.Module, fc2: nn.Module, u: list[torch.Tensor], y: lis
             p.grad = g
         opt.step()
         sched.step()
-    for p in params:
+    for p, w in zip(params, was):
         p.grad = None
+        p.requires_grad_(w)
     return swap, total()
 
 
