@@ -41,8 +41,11 @@ def find_blocks(model: nn.Module, containers: tuple[type, ...] = (nn.ModuleList,
     return best
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]) -> BlockInputs:
-    """Run the model on each batch until `block`, recording what the block receives."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict],
+                         call_kwargs: dict | None = None) -> BlockInputs:
+    """Run the model on each batch until `block`, recording what the block receives. `call_kwargs` go to
+    every model call (default use_cache=False, for HF models; timm models take none)."""
+    call_kwargs = {"use_cache": False} if call_kwargs is None else call_kwargs
     hidden, args, kwargs = [], [], []
 
     def pre_hook(_mod, a, kw):
@@ -56,7 +59,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]
         with torch.no_grad():
             for b in batches:
                 try:
-                    model(**b, use_cache=False)
+                    model(**b, **call_kwargs)
                 except _Stop:
                     pass
     finally:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..blocks import find_blocks
+from ..blocks import capture_block_inputs, find_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .act_quant import ActQuantizer
 from .aphq import (APHQOptions, BlockData, aph_importance, native_weight, reconstruct_block, refit_relu_mlp,
@@ -56,10 +56,6 @@ class APHQResult:
     blocks: list[dict] = field(default_factory=list)
 
 
-class _Stop(Exception):
-    """Raised in a hook to end a forward early."""
-
-
 def find_repeated_blocks(model: nn.Module) -> tuple[str, nn.Module]:
     """(name, container) of the ModuleList/Sequential of one module class holding the most parameters."""
     return find_blocks(model, (nn.ModuleList, nn.Sequential))
@@ -67,38 +63,26 @@ def find_repeated_blocks(model: nn.Module) -> tuple[str, nn.Module]:
 
 def _capture(model: nn.Module, block: nn.Module, batches: list[dict]) -> BlockData:
     """Run the model on each batch up to `block`, keeping its hidden input, other args and kwargs."""
-    data = BlockData([], [], [], [], [])
-
-    def pre_hook(_m: nn.Module, a: tuple, kw: dict) -> None:
-        data.x.append(a[0].detach())
-        data.args.append(tuple(a[1:]))
-        data.kwargs.append(dict(kw))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    model(**b)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return data
+    got = capture_block_inputs(model, block, batches, call_kwargs={})
+    return BlockData(got.hidden, got.args, got.kwargs, [], [])
 
 
-def find_mlp(block: nn.Module, run: Callable[[], Any]) -> tuple[str, str, str] | None:
-    """(fc1, act, fc2) names in the block: the GELU-type module executed between two Linear layers."""
-    mods = {n: m for n, m in block.named_modules() if n and not list(m.children())}
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in mods.items()]
+def _while_hooked(hooks: dict[nn.Module, Callable], run: Callable[[], Any]) -> None:
+    """run() without grad while each module's forward pre-hook is attached; the hooks are removed after."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in hooks.items()]
     try:
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
+
+
+def find_mlp(block: nn.Module, run: Callable[[], Any]) -> tuple[str, str, str] | None:
+    """(fc1, act, fc2) names in the block: the GELU-type module executed between two Linear layers."""
+    mods = {n: m for n, m in block.named_modules() if n and not list(m.children())}
+    order: list[str] = []
+    _while_hooked({m: (lambda _m, _a, n=n: order.append(n)) for n, m in mods.items()}, run)
     for k, n in enumerate(order):
         if "gelu" in type(mods[n]).__name__.lower():
             before = [a for a in order[:k] if isinstance(mods[a], nn.Linear)]
@@ -192,13 +176,7 @@ def _observe_ranges(root: nn.Module, bits: dict[str, int], run: Callable[[], Non
     mods = dict(root.named_modules())
     qs = {n: ActQuantizer(bits=b, mode="static", symmetric=False, method=method, mse_min_ratio=0.05)
           for n, b in bits.items()}
-    handles = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: qs[n].observe(a[0])) for n in qs]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    _while_hooked({mods[n]: (lambda _m, a, n=n: qs[n].observe(a[0])) for n in qs}, run)
     out = {}
     for n, q in qs.items():
         if q.n_observed == 0:
