@@ -43,6 +43,7 @@ def test_encoder_loads_as_encoder(tiny_bert):
     loaded = load_model(str(tiny_bert))
     assert loaded.task == "encoder"
     assert type(loaded.model).__name__ == "BertModel"
+    assert type(load_model(tiny_bert).model).__name__ == "BertModel"  # a pathlib.Path works too
 
 
 def test_special_tokens_wrap_windows(tiny_bert):

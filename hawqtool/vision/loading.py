@@ -20,7 +20,7 @@ TASK = "image-classification"
 
 def is_vision_ref(ref: str | None) -> bool:
     """True for references `load_vision` handles."""
-    return ref is not None and (ref.startswith("timm:") or ref == DEFAULT_VISION)
+    return ref is not None and (str(ref).startswith("timm:") or str(ref) == DEFAULT_VISION)  # paths are not
 
 
 def load_vision(ref: str):
