@@ -90,6 +90,7 @@ def main() -> None:
                     "activation ranges at run time instead of static ones")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration images (vit: 256) or windows (minilm: 64)")
     ap.add_argument("--iters", type=int, default=QuantizeOptions().aphq_iters, help="APHQ steps per block")
+    ap.add_argument("--no-mlp-relu", action="store_true", help="APHQ without the GELU->ReLU MLP reconstruction")
     ap.add_argument("--append", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
     args = ap.parse_args()
     vit = args.model == "vit"
@@ -107,6 +108,7 @@ def main() -> None:
                 plan = pair_plan(fresh, w, a, -1 if vit else 128, EDGE if vit else ())
                 base, _, mode = method.partition("-")  # gptq-dynamic: per-token activations at run time
                 opts = QuantizeOptions(method=base, act_mode=mode or "static", act_calib="mse", aphq_iters=args.iters,
+                                       aphq_mlp_relu=not args.no_mlp_relu,
                                        first_token_weight=1.0, batch_size=32 if vit else 8)
                 t0 = time.perf_counter()
                 ck = quantize_stage(fresh, plan, x, opts, tmp / f"{method}-w{w}a{a}")
@@ -122,7 +124,8 @@ def main() -> None:
            f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
            f"{platform.python_version()}; {n} calibration {'images (train split)' if vit else 'windows × 128 tokens'}; "
            f"activations static per tensor (RTN/GPTQ: MSE-calibrated ranges; APHQ: learned), APHQ {args.iters} steps "
-           f"per block; load at the end: `{load_now()}`", table, args.append)
+           f"per block{' (no MLP ReLU reconstruction)' if args.no_mlp_relu else ''}; "
+           f"load at the end: `{load_now()}`", table, args.append)
 
 
 if __name__ == "__main__":
