@@ -30,7 +30,9 @@ def test_sigint_during_quantize_then_resume(tmp_path, deep_llama, text_file):
     cmd = [sys.executable, "-m", "hawqtool", "quantize", str(deep_llama), "--plan", str(tmp_path / "plan.json"),
            "--calib", str(text_file), "-o", str(out), "--nsamples", "48", "--seqlen", "128", "-q", "-v"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a background job of a non-interactive shell inherits SIGINT ignored (POSIX): give the child the default
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (partial / "block_0000.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
