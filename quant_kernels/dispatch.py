@@ -7,8 +7,8 @@ import torch
 
 from .cpu import dequantize_rows, matmul_cpu
 from .activation import fake_quant_per_token, quantize_per_token
-from .fast_cpu import (BLAS_MIN_ROWS, a8_supported, backend_reason, extension, linear_a8_fast, matmul_fast,
-                       repack_w8a8, w8a8_fast, w8a8_supported)
+from .fast_cpu import backend_reason, extension, matmul_fast, repack_w8a8, w8a8_supported
+from .int8_ops import ActSpec, int8_linear_supported, linear_int8
 from .layout import PackedWeight
 
 __all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "backend_info"]
@@ -51,24 +51,17 @@ def qmatmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None)
 def qmatmul_w8a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T with x quantized per token to int8 (W8A8, W4A8, ...). Integer kernels where the weight is
     symmetric per-channel 8-bit (CPU extension; Triton on GPU) or has codes of at most 4 bits (CPU
-    extension); otherwise, and for prompt-sized inputs, the same arithmetic as fake-quantized x through
-    `qmatmul` (its BLAS tile path is faster there: bench_kernels.py)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    cpu_int8 = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and rows < BLAS_MIN_ROWS \
-        and extension() is not None
-    if cpu_int8 and a8_supported(pw):
-        return linear_a8_fast(x, pw, bias)
-    if w8a8_supported(pw):
-        if cpu_int8:
-            return w8a8_fast(x, pw, bias)
-        if x.device.type == "cuda" and _backend("cuda") is not None:
-            from .triton_kernels import w8a8_triton
+    extension); otherwise the same arithmetic as fake-quantized x through `qmatmul`."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and int8_linear_supported(pw):
+        return linear_int8(x, pw, bias, ActSpec(8))
+    if w8a8_supported(pw) and x.device.type == "cuda" and _backend("cuda") is not None:
+        from .triton_kernels import w8a8_triton
 
-            wq, sw = (t.to(x.device) for t in repack_w8a8(pw))
-            lead = x.shape[:-1]
-            xq, sx = quantize_per_token(x.reshape(-1, pw.in_features), 8)
-            y = w8a8_triton(xq, sx, wq[:, :pw.in_features].contiguous(), sw, bias)
-            return y.to(x.dtype).reshape(*lead, pw.out_features)
+        wq, sw = (t.to(x.device) for t in repack_w8a8(pw))
+        lead = x.shape[:-1]
+        xq, sx = quantize_per_token(x.reshape(-1, pw.in_features), 8)
+        y = w8a8_triton(xq, sx, wq[:, :pw.in_features].contiguous(), sw, bias)
+        return y.to(x.dtype).reshape(*lead, pw.out_features)
     return qmatmul(fake_quant_per_token(x, 8), pw, bias)
 
 

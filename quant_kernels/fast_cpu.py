@@ -12,8 +12,12 @@ scale*zero become fp32. Then each call is one extension call (`linear`: gather x
 * M >= BLAS_MIN_ROWS (prefill): 256-row tiles are decoded to fp32 and multiplied by torch's BLAS;
   the decode is O(N·K) against the product's O(M·N·K), and no whole dequantized matrix exists.
 
-With per-token int8 activations (W8A8, W{2,3,4}A8; csrc/int8_act.cpp) and fewer than BLAS_MIN_ROWS
-rows, the dot products are integer: maddubs/madd on the same nibble codes, exact int32 group sums.
+With int8 activations (W8A8, W{2,3,4}A8; csrc/int8_act.cpp, driven by int8_ops.py) the dot products are
+integer at every row count: maddubs/madd on the same nibble codes, exact int32 group sums, tiles of
+4 channels × 2 tokens.
+
+Kernels are parallel over output channels with OpenMP (torch's own libgomp, which the extension links
+against by SONAME; at::parallel_for without -fopenmp would run on one thread).
 
 The extension is compiled once on first use (~1 min) into the cache folder; without a C++
 compiler or without AVX2/FMA the portable torch path (quant_kernels.cpu) is used and
@@ -81,7 +85,8 @@ def extension():
         t0 = time.perf_counter()
         try:
             _STATE["ext"] = load(name="hawq_qkernels", sources=[str(p) for p in src], build_directory=str(d),
-                                 extra_cflags=["-O3", "-mavx2", "-mfma", f"-I{csrc}"], verbose=False)
+                                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-I{csrc}"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
             if fresh:
                 print(f"quant_kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path, loudly
@@ -178,25 +183,6 @@ def repack_w8a8(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return pw._w8a8_weight
 
 
-def w8a8_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 through the extension: per-token int8 activations × per-channel int8 weights, int32 dots."""
-    wq, sw = repack_w8a8(pw)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    return extension().w8a8(x2, wq, sw, b).to(x.dtype).reshape(*lead, pw.out_features)
-
-
 def a8_supported(pw: PackedWeight) -> bool:
     """The W{2,3,4}A8 integer kernel's weight type: codes of at most 4 bits (any groups, zeros, act-order)."""
     return pw.bits <= 4
-
-
-def linear_a8_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W{2,3,4}A8 through the extension: per-token int8 activations × nibble codes, int32 group dots."""
-    kw = repack(pw)
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = extension().linear_a8(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b)
-    return y.to(x.dtype).reshape(*lead, pw.out_features)

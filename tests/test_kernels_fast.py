@@ -110,7 +110,7 @@ def w8a8_reference(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None 
 
 
 @pytest.mark.parametrize("in_f", [16, 37, 576])
-@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("m", [1, 3, 20, 67])
 def test_w8a8_int8_kernel_matches_the_integer_reference(in_f, m):
     from quant_kernels import qmatmul_w8a8
     from quant_kernels.fast_cpu import w8a8_supported
@@ -154,7 +154,7 @@ def test_a8_int8_kernel_matches_the_integer_reference(bits, symmetric, in_f, gro
     assert fast_cpu.a8_supported(pw)
     g = torch.Generator().manual_seed(seed + 1)
     bias = torch.randn(43, generator=g)
-    for m in (1, 3, 6, fast_cpu.BLAS_MIN_ROWS - 1):  # all below BLAS_MIN_ROWS: the integer kernel
+    for m in (1, 3, 6, 17, 70):  # GEMV tiles, 4×2 tiles with odd token counts, several token chunks
         x = torch.randn(m, in_f, generator=g) * 3
         x[0, : in_f // 3] = 0.0
         if m > 2:
@@ -168,13 +168,14 @@ def test_a8_int8_kernel_matches_the_integer_reference(bits, symmetric, in_f, gro
             assert torch.allclose(y[2], bias)
 
 
-def test_a8_kernel_is_used_for_small_inputs_and_blas_for_prompts(monkeypatch):
-    """Decode-sized inputs take the int8 kernel, prompt-sized ones fake-quantized x through qmatmul."""
+def test_int8_kernels_serve_every_row_count(monkeypatch):
+    """Decode- and prompt-sized inputs both take the integer kernels (the tiled kernel beats the
+    fake-quant + BLAS tile path at every shape of bench_kernels.py)."""
     from quant_kernels import dispatch
 
     pw = random_packed(32, 64, 4, 32, False, False, 9)
     calls = []
-    monkeypatch.setattr(dispatch, "linear_a8_fast", lambda *a: calls.append("int8") or torch.zeros(1, 32))
+    monkeypatch.setattr(dispatch, "linear_int8", lambda *a: calls.append("int8") or torch.zeros(1, 32))
     dispatch.qmatmul_w8a8(torch.randn(1, 64), pw)
-    dispatch.qmatmul_w8a8(torch.randn(fast_cpu.BLAS_MIN_ROWS, 64), pw)
-    assert calls == ["int8"]
+    dispatch.qmatmul_w8a8(torch.randn(300, 64), pw)
+    assert calls == ["int8", "int8"]

@@ -316,15 +316,20 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torc
 }
 
 // int8-activation kernels (W8A8, W{2,3,4}A8) live in int8_act.cpp
-torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::optional<torch::Tensor> bias);
+torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::optional<torch::Tensor> bias,
+                   c10::optional<torch::Tensor> sx);
 torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torch::Tensor zs, torch::Tensor gunit,
-                        torch::Tensor xidx, bool identity, c10::optional<torch::Tensor> bias);
+                        torch::Tensor xidx, bool identity, c10::optional<torch::Tensor> bias,
+                        c10::optional<torch::Tensor> sx);
+torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw,
+                    c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
   m.def("gemm", &gemm, "low-bit GEMM decoding each weight row once (AVX2/FMA)");
   m.def("w8a8", &w8a8, "W8A8 linear: per-token int8 activations x per-channel int8 weights (AVX2)");
   m.def("linear_a8", &linear_a8, "W{2,3,4}A8 linear: per-token int8 activations x nibble codes, maddubs (AVX2)");
+  m.def("dw_a8", &dw_a8, "depthwise conv on unfolded int8 input x int16 weight codes, int32 sums");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
 }

@@ -1,0 +1,165 @@
+"""Integer-activation Linear and Conv2d on CPU: x quantized to int8 codes × packed weights, int32 sums
+(csrc/int8_act.cpp). Every path computes exactly the activation quantizer below; the fake-quantized
+reference (`fake_quant`) is what the kernels are tested against.
+
+* dynamic (ActSpec.scale None): symmetric, one scale per row (per token for Linear, per image for
+  Conv2d): s = max|x|/(2^(b−1)−1) (1 for an all-zero row), codes round(x/s) clamped to ±(2^(b−1)−1).
+* static: asymmetric per tensor, calibrated (s, z): q = clamp(round(x/s) + z, 0, 2^b−1), x̂ = s·(q − z).
+  The kernels take c = q − o as int8 (o = 128 for 8 bits, else 0) and the result gets
+  s·(o − z)·Σ_k Ŵ[n, k] added, which is W·x̂ exactly in real arithmetic.
+Convolutions run on unfolded input: groups=1 as one integer GEMM (rows = output pixels), depthwise
+through `dw_a8`. Rounding is half-to-even everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .activation import quantize_per_token
+from .fast_cpu import a8_supported, extension, repack, repack_w8a8, w8a8_supported
+from .layout import PackedWeight
+from .packing import unpack
+
+__all__ = ["ActSpec", "fake_quant", "int8_linear_supported", "int8_conv_supported", "linear_int8", "conv2d_int8"]
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a layer's input is quantized: `bits`, and a static (scale, zero) or None for dynamic."""
+
+    bits: int = 8
+    scale: float | None = None
+    zero: float = 0.0
+
+    @property
+    def static(self) -> bool:
+        return self.scale is not None
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _static_q(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
+    """Float-valued codes q − z of a static asymmetric quantizer (x̂ = s·(q − z))."""
+    return torch.clamp(torch.round(x.float() / act.scale) + act.zero, 0, 2 ** act.bits - 1) - act.zero
+
+
+def _offset(act: ActSpec) -> float:
+    """o of the int8 codes c = q − o of a static quantizer."""
+    return 128.0 if act.bits == 8 else 0.0
+
+
+def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.Tensor:
+    """x̂ in x's dtype (the reference arithmetic); dynamic scales are per token, or per image (dim 0)."""
+    if act.static:
+        return (_static_q(x, act) * act.scale).to(x.dtype)
+    rows = x.reshape(x.shape[0], -1) if per_image else x
+    q, s = quantize_per_token(rows, act.bits)
+    return (q.float() * s).to(x.dtype).reshape(x.shape)
+
+
+def int8_linear_supported(pw: PackedWeight) -> bool:
+    """An integer kernel exists for this weight on this CPU: codes ≤ 4 bits (any groups, zeros, act-order)
+    or symmetric per-channel 8-bit."""
+    return pw.device.type == "cpu" and (a8_supported(pw) or w8a8_supported(pw)) and extension() is not None
+
+
+def _depthwise_supported(pw: PackedWeight) -> bool:
+    return pw.n_groups == 1 and pw.g_idx is None and pw.bits <= 8
+
+
+def int8_conv_supported(pw: PackedWeight, groups: int, in_channels: int, out_channels: int) -> bool:
+    """Conv2d with groups=1 and an integer-GEMM weight, or depthwise (groups = in = out) with one scale per
+    output channel; other grouped convolutions have no integer kernel."""
+    if pw.device.type != "cpu" or extension() is None:
+        return False
+    if groups == 1:
+        return int8_linear_supported(pw)
+    return groups == in_channels == out_channels and _depthwise_supported(pw)
+
+
+def _rowsum(pw: PackedWeight) -> torch.Tensor:
+    """Σ_k Ŵ[n, k] (float64 sum, fp32 result), cached: the static quantizer's offset term."""
+    cached = getattr(pw, "_int8_rowsum", None)
+    if cached is None:
+        from .dispatch import dequantize
+
+        cached = dequantize(pw, torch.float64).sum(dim=1).float()
+        pw._int8_rowsum = cached
+    return cached
+
+
+def _gemm(xq: torch.Tensor, sx: torch.Tensor | None, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [R, N] fp32 = sx[r]·(int8 codes xq [R, K]) @ Ŵ^T (+ bias) through the integer kernels; with fp32 xq
+    and sx None the kernel quantizes each row itself (dynamic 8-bit, the decode path)."""
+    ext = extension()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    xq = xq.contiguous()
+    sx = None if sx is None else sx.to(torch.float32).contiguous()
+    if a8_supported(pw):
+        kw = repack(pw)
+        return ext.linear_a8(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
+    wq, sw = repack_w8a8(pw)
+    return ext.w8a8(xq, wq, sw, b, sx)
+
+
+def linear_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> torch.Tensor:
+    """x @ Ŵ^T (+ bias) with x quantized as `act` says; needs int8_linear_supported(pw). Result in x's dtype."""
+    lead, K = x.shape[:-1], pw.in_features
+    x2 = x.reshape(-1, K).to(torch.float32)
+    if act.static:
+        xq = (_static_q(x2, act) + (act.zero - _offset(act))).to(torch.int8)
+        y = _gemm(xq, torch.full((x2.shape[0],), act.scale), pw, bias)
+        y = y + act.scale * (_offset(act) - act.zero) * _rowsum(pw)
+    elif act.bits == 8:
+        y = _gemm(x2, None, pw, bias)
+    else:
+        q, s = quantize_per_token(x2, act.bits)
+        y = _gemm(q, s.reshape(-1), pw, bias)
+    return y.to(x.dtype).reshape(*lead, pw.out_features)
+
+
+def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec,
+                kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """conv2d(x̂, Ŵ) (+ bias) with integer sums; x [B, C, H, W] (already padded for 'same' convs);
+    needs int8_conv_supported. Dynamic activations get one scale per image."""
+    B, C, H, W = x.shape
+    O = pw.out_features
+    xf = x.to(torch.float32)
+    if act.static:
+        v, shift = _static_q(xf, act), act.zero - _offset(act)  # unfold pads with q − z = 0, i.e. x̂ = 0
+        sx = torch.full((B,), float(act.scale))
+    else:
+        q, sx = quantize_per_token(xf.reshape(B, -1), act.bits)
+        v, shift, sx = q.float().reshape(B, C, H, W), 0.0, sx.reshape(B)
+    cols = F.unfold(v, kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, C·kh·kw, L]
+    L = cols.shape[-1]
+    oh = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    ow = L // oh
+    codes = (cols + shift).to(torch.int8)
+    if groups == 1:
+        rows = codes.transpose(1, 2).reshape(B * L, -1)
+        y = _gemm(rows, sx.repeat_interleave(L), pw, bias).reshape(B, L, O).transpose(1, 2)
+    else:
+        wq, sw = _depthwise_weight(pw)
+        y = extension().dw_a8(codes.reshape(B, C, -1, L).contiguous(), sx.float().contiguous(), wq, sw,
+                              None if bias is None else bias.float().contiguous())
+    if act.static:
+        y = y + (act.scale * (_offset(act) - act.zero) * _rowsum(pw)).reshape(1, O, 1)
+    return y.reshape(B, O, oh, ow).to(x.dtype)
+
+
+def _depthwise_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int16 q − zero [C, taps], fp32 scales [C]) of a per-channel weight; cached."""
+    cached = getattr(pw, "_dw_weight", None)
+    if cached is None:
+        q = unpack(pw.qweight, pw.bits, pw.in_features).to(torch.int16)
+        z = (torch.full((pw.out_features, 1), pw.implicit_zero, dtype=torch.int16) if pw.symmetric
+             else unpack(pw.qzeros, pw.bits, 1).to(torch.int16))
+        cached = ((q - z).contiguous(), pw.scales[:, 0].float().contiguous())
+        pw._dw_weight = cached
+    return cached
