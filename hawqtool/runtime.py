@@ -10,19 +10,35 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
-from quant_kernels.activation import fake_quant_per_token
+from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_supported,
+                                    linear_int8)
 
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 
 
+def _act_spec(act_bits: int, act_static) -> ActSpec | None:
+    """The input quantizer of a layer: None (float input), dynamic, or static (scale, zero)."""
+    if act_bits >= 16:
+        return None
+    return ActSpec(act_bits, *act_static) if act_static is not None else ActSpec(act_bits)
+
+
+def _cpu_float(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
 class QuantLinear(nn.Module):
-    """A Linear whose weight is kept packed; forward calls quant_kernels. act_bits 8 quantizes the
-    input per token to int8 (W8A8: the integer kernel for symmetric per-channel 8-bit weights)."""
+    """A Linear whose weight is kept packed; forward calls quant_kernels. With act_bits < 16 the input is
+    quantized (per token, or with the static range act_static = (scale, zero)) and, where quant_kernels has
+    an integer kernel for the weight (codes ≤ 4 bits, symmetric per-channel 8-bit), the sums are int32;
+    otherwise the same arithmetic runs fake-quantized (`kernel` in the repr says which)."""
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, act_bits: int = 16, act_static=None):
         super().__init__()
-        self.act_static = act_static  # (scale, zero): static per-tensor input quantization instead of per token
+        self.act_static = act_static
+        self.act = _act_spec(int(act_bits), act_static)
+        self.int8 = self.act is not None and int8_linear_supported(pw)
         self.in_features, self.out_features = pw.in_features, pw.out_features
         self.bits, self.group_size, self.act_bits = pw.bits, pw.group_size, int(act_bits)
         self.register_buffer("qweight", pw.qweight)
@@ -33,19 +49,20 @@ class QuantLinear(nn.Module):
         self.pw = pw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_static is not None:
-            return qmatmul(_static_fake_quant(x, self.act_bits, *self.act_static), self.pw, self.bias)
-        if self.act_bits == 8:
-            return qmatmul_w8a8(x, self.pw, self.bias)
-        if self.act_bits < 16:  # W4A4-style pairs: per-token fake quantization (no integer kernel for these)
-            x = fake_quant_per_token(x, self.act_bits)
-        return qmatmul(x, self.pw, self.bias)
+        if self.act is None:
+            return qmatmul(x, self.pw, self.bias)
+        if self.int8 and _cpu_float(x):
+            return linear_int8(x, self.pw, self.bias, self.act)
+        if self.act == ActSpec(8):
+            return qmatmul_w8a8(x, self.pw, self.bias)  # the Triton W8A8 kernel on GPU
+        return qmatmul(fake_quant(x, self.act), self.pw, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype)
 
     def extra_repr(self) -> str:
-        act = f", act_bits={self.act_bits}" if self.act_bits < 16 else ""
+        act = "" if self.act is None else (f", act_bits={self.act_bits}{', static' if self.act.static else ''}"
+                                           f", kernel={'int8' if self.int8 else 'fake-quant'}")
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{act}"
 
 
@@ -55,12 +72,6 @@ def _meta_int(meta: dict, key: str, name: str) -> int:
         raise UserError(f"layer {name} in the checkpoint has {key}={v!r} (expected an integer); "
                         "re-create it with `hawqtool quantize`")
     return v
-
-
-def _static_fake_quant(x: torch.Tensor, bits: int, scale: float, zero: float) -> torch.Tensor:
-    """Asymmetric per-tensor fake quantization with a calibrated range: s·(clamp(round(x/s) + z) − z)."""
-    q = torch.clamp(torch.round(x.float() / scale) + zero, 0, 2 ** bits - 1)
-    return ((q - zero) * scale).to(x.dtype)
 
 
 def _act_static(meta: dict, name: str):
@@ -74,20 +85,36 @@ def _act_static(meta: dict, name: str):
     return float(s), float(z)
 
 
+def _same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """TensorFlow 'SAME' zero padding (timm's Conv2dSame pads like this in its forward)."""
+    pads = []
+    for i, k, st, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.dilation):
+        p = max((-(-i // st) - 1) * st + (k - 1) * d + 1 - i, 0)
+        pads.append((p // 2, p - p // 2))
+    return torch.nn.functional.pad(x, (*pads[1], *pads[0]))
+
+
 class QuantConv2d(nn.Module):
     """A Conv2d/Conv1d whose weight is kept packed ([out, in/groups·k] rows, per-channel or grouped scales).
-    It runs as a float convolution of the weight dequantized once by quant_kernels (there is no integer
-    convolution kernel yet); act_bits 8 fake-quantizes the input per image first."""
+    With act_bits < 16 on CPU, Conv2d layers with zero padding (or timm's Conv2dSame) whose weight has an
+    integer kernel (groups=1, or depthwise) run on unfolded int8 input with int32 sums (quant_kernels.int8_ops;
+    dynamic inputs get one scale per image). Otherwise the float module runs on the weight dequantized once
+    by quant_kernels, with the input fake-quantized by the same quantizer (`kernel` in the repr says which)."""
 
     def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16,
                  act_static=None):
         super().__init__()
         self.act_static = act_static
+        self.act = _act_spec(int(act_bits), act_static)
         self.pw, self.act_bits, self.bits, self.group_size = pw, int(act_bits), pw.bits, pw.group_size
         self.register_buffer("qweight", pw.qweight)
         self.register_buffer("scales", pw.scales)
         self.register_buffer("qzeros", pw.qzeros)
         self.shape = tuple(conv.weight.shape)
+        self.same = type(conv).__name__ == "Conv2dSame"
+        self.int8 = (self.act is not None and isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
+                     and (self.same or not isinstance(conv.padding, str))
+                     and int8_conv_supported(pw, conv.groups, conv.in_channels, conv.out_channels))
         # the float module runs the convolution (its own forward: timm's Conv2dSame pads dynamically); its
         # weight is swapped for the dequantized one per call, so its own storage is freed here
         conv.weight = nn.Parameter(torch.empty(0), requires_grad=False)
@@ -98,17 +125,26 @@ class QuantConv2d(nn.Module):
         self._w: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self._conv
+        if self.int8 and _cpu_float(x) and x.dim() == 4:
+            padding = (0, 0) if self.same else c.padding
+            x = _same_pad(x, c) if self.same else x
+            return conv2d_int8(x, self.pw, self.bias, self.act, c.kernel_size, c.stride, padding, c.dilation,
+                               c.groups)
         if self._w is None or self._w.dtype != x.dtype:
             self._w = dequantize(self.pw, x.dtype).reshape(self.shape)
-        if self.act_static is not None:
-            x = _static_fake_quant(x, self.act_bits, *self.act_static)
-        elif self.act_bits < 16:
-            x = fake_quant_per_token(x.reshape(x.shape[0], -1), self.act_bits).reshape(x.shape)
+        if self.act is not None:
+            x = fake_quant(x, self.act, per_image=True)
         params = {"weight": self._w} if self.bias is None else {"weight": self._w, "bias": self.bias}
-        return torch.func.functional_call(self._conv, params, (x,))
+        return torch.func.functional_call(c, params, (x,))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype).reshape(self.shape)
+
+    def extra_repr(self) -> str:
+        act = "" if self.act is None else (f", act_bits={self.act_bits}{', static' if self.act.static else ''}"
+                                           f", kernel={'int8' if self.int8 else 'fake-quant'}")
+        return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{act}"
 
 
 def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:

@@ -14,7 +14,7 @@ from hawqtool.quantize.aphq import AdaRoundWeight, LSQAct, aph_importance, outpu
 from hawqtool.quantize.aphq_driver import APHQOptions, aphq_quantize_model
 from hawqtool.quantize.gptq import gptq_quantize
 from hawqtool.quantize.quantizer import QuantSpec, rtn
-from hawqtool.runtime import _static_fake_quant
+from quant_kernels.int8_ops import ActSpec, fake_quant
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
@@ -154,10 +154,10 @@ def test_lsq_forward_is_the_runtime_static_quantizer():
     x = torch.cat([torch.randn(4000) * 3, torch.tensor([0.0, 100.0, -100.0])])
     x = torch.cat([x, (torch.arange(-20, 20) + 0.5) * 0.0625])  # exact ties (x/s = k + ½)
     q = LSQAct(4, scale=0.0625, zero=6)
-    assert torch.equal(q(x), _static_fake_quant(x, 4, *q.export()))
+    assert torch.equal(q(x), fake_quant(x, ActSpec(4, *q.export())))
     with torch.no_grad():
         q.theta.fill_(0.37)  # a learned scale
-    assert torch.equal(q(x), _static_fake_quant(x, 4, *q.export()))
+    assert torch.equal(q(x), fake_quant(x, ActSpec(4, *q.export())))
     y = q(x.requires_grad_(True))
     gx, gt = torch.autograd.grad(y.pow(2).sum(), [x, q.theta])
     s = q.export()[0]

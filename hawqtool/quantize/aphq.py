@@ -22,7 +22,7 @@ integer base B, hard rounding h = 1[V > 0]. From initial codes c (RTN or GPTQ): 
 B = c − z − up, h₀ = clamp(W/s − B, 0, 1) with V's sign forced to `up`: the hard codes at initialisation
 are exactly c (for RTN B = ⌊W/s⌋ and h₀ is the rounding fraction).
 LSQ (Esser et al. 2020), static per tensor, asymmetric: x̂ = s·(clamp(⌊x/s⌉ + z, 0, 2^b−1) − z), exactly
-runtime._static_fake_quant; s = s₀·e^θ is learned (log scale: one lr for any range) through the
+quant_kernels.int8_ops.fake_quant; s = s₀·e^θ is learned (log scale: one lr for any range) through the
 straight-through estimator, the integer zero z stays fixed.
 Block reconstruction: Adam on V and θ minimising mean(ĥ ⊙ (ẑ − z)²)/(its value at the initial codes)
 + λ·mean(1 − |2h − 1|^β), β annealed 20 → 2 after a warm-up without the regulariser, on the quantized
@@ -214,7 +214,7 @@ class LSQAct(nn.Module):
         return torch.where(torch.rand(x.shape, generator=self.drop[1]) < self.drop[0], xq, x)
 
     def export(self) -> tuple[float, float]:
-        """(scale, zero) in runtime._static_fake_quant's convention."""
+        """(scale, zero) in quant_kernels.int8_ops.fake_quant's convention."""
         return float(self.scale().detach()), self.zero
 
 

@@ -51,7 +51,7 @@ class APHQResult:
     """What APHQ produced: hard codes, static input ranges, ReLU clamps and a record per block."""
 
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
-    act: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (scale, zero), _static_fake_quant's
+    act: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> static (scale, zero) (int8_ops.ActSpec)
     act_fn: dict[str, float] = field(default_factory=dict)  # replaced GELU -> clamp max (nn.Hardtanh(0, max))
     blocks: list[dict] = field(default_factory=list)
 

@@ -1,0 +1,101 @@
+"""Integer-activation Linear/Conv2d (quant_kernels.int8_ops, through the runtime layers) against float64
+references built from the fake-quantized input and the dequantized weight, on fresh random inputs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant_kernels import dequantize, fast_cpu, matmul_reference
+from quant_kernels.int8_ops import ActSpec, fake_quant
+from hawqtool.runtime import QuantConv2d, QuantLinear, _same_pad
+from test_kernels_fast import random_packed
+
+pytestmark = pytest.mark.skipif(fast_cpu.extension() is None, reason="fast CPU path unavailable")
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, tol: float = 2e-5) -> None:
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() + 1e-6)
+
+
+STATIC = [(8, 0.05, 128.0), (8, 0.03, 17.0), (8, 0.04, 250.0), (4, 0.4, 6.0), (3, 0.9, 0.0)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act", [(8, None, 0.0), (4, None, 0.0)] + STATIC)
+def test_linear_int8_matches_fake_quant_reference(bits, act):
+    """Dynamic (8- and 4-bit per token) and static asymmetric ranges whose zero puts the codes anywhere
+    in [0, 2^b−1] (the kernel sees q − 128 for 8 bits and adds s·(128 − z)·Σ_k Ŵ)."""
+    spec = ActSpec(*act)
+    pw = random_packed(45, 200, bits, -1 if bits == 8 else 64, bits == 8, bits == 3, bits * 7 + act[0])
+    layer = QuantLinear(pw, torch.randn(45), act_bits=spec.bits,
+                        act_static=None if spec.scale is None else (spec.scale, spec.zero))
+    assert layer.int8 and "kernel=int8" in repr(layer)
+    g = torch.Generator().manual_seed(bits)
+    for m in (1, 5, 40):
+        x = torch.randn(2, m, 200, generator=g) * 3
+        ref = matmul_reference(fake_quant(x, spec).reshape(-1, 200), pw).reshape(2, m, 45) + layer.bias.double()
+        close(layer(x), ref)
+
+
+def test_linear_without_integer_kernel_says_so_and_matches():
+    pw = random_packed(20, 64, 6, 32, False, False, 3)  # 6-bit: no integer kernel
+    layer = QuantLinear(pw, None, act_bits=8, act_static=(0.05, 100.0))
+    assert not layer.int8 and "kernel=fake-quant" in repr(layer)
+    x = torch.randn(3, 64)
+    close(layer(x), matmul_reference(fake_quant(x, ActSpec(8, 0.05, 100.0)), pw))
+
+
+def _conv_case(groups: int, same: bool, bits: int, sym: bool, seed: int):
+    C, O, k = (12, 12, 3) if groups > 1 else (5, 7, 3)
+    if same:
+        conv = pytest.importorskip("timm.layers.conv2d_same").Conv2dSame(C, O, k, stride=2, groups=groups, bias=False)
+    else:
+        conv = nn.Conv2d(C, O, k, stride=(1, 2), padding=(1, 2), dilation=(2, 1), groups=groups, bias=False)
+    pw = random_packed(O, C // groups * k * k, bits, -1, sym, False, seed)
+    return conv, pw
+
+
+@pytest.mark.parametrize("groups, same", [(1, False), (1, True), (12, False), (12, True)])
+@pytest.mark.parametrize("bits, sym", [(4, False), (8, True), (8, False), (2, True)])
+@pytest.mark.parametrize("act", [(8, None, 0.0), (8, 0.05, 140.0), (4, 0.3, 3.0)])
+def test_conv_int8_matches_fake_quant_reference(groups, same, bits, sym, act):
+    """groups=1 (one integer GEMM over unfolded pixels) and depthwise (dw_a8); nn.Conv2d with padding,
+    stride and dilation, and timm's Conv2dSame; dynamic per-image and static ranges."""
+    if groups == 1 and bits == 8 and not sym:
+        pytest.skip("asymmetric 8-bit has no integer GEMM (covered below)")
+    conv, pw = _conv_case(groups, same, bits, sym, bits + 3 * groups)
+    spec = ActSpec(*act)
+    bias = torch.randn(pw.out_features)
+    ref_conv = copy.deepcopy(conv).double()
+    layer = QuantConv2d(pw, conv, bias, act_bits=spec.bits,
+                        act_static=None if spec.scale is None else (spec.scale, spec.zero))
+    assert layer.int8 and "kernel=int8" in repr(layer)
+    x = torch.randn(3, conv.in_channels, 11, 13) * 2
+    x[1] = 0.0  # an all-zero image: dynamic scale 1, output = bias (+ the static offset term)
+    xh = fake_quant(x, spec, per_image=True).double()
+    w = dequantize(pw, torch.float64).reshape(layer.shape)
+    ref_conv.weight, ref_conv.bias = nn.Parameter(w), nn.Parameter(bias.double())
+    close(layer(x), ref_conv(xh))
+
+
+def test_conv_without_integer_kernel_says_so_and_matches():
+    conv = nn.Conv2d(6, 4, 3, padding=1, groups=2, bias=False)  # grouped, not depthwise
+    pw = random_packed(4, 27, 4, -1, True, False, 1)
+    ref = copy.deepcopy(conv).double()
+    layer = QuantConv2d(pw, conv, None, act_bits=8)
+    assert not layer.int8 and "kernel=fake-quant" in repr(layer)
+    x = torch.randn(2, 6, 8, 8)
+    ref.weight = nn.Parameter(dequantize(pw, torch.float64).reshape(4, 3, 3, 3))
+    close(layer(x), ref(fake_quant(x, ActSpec(8), per_image=True).double()))
+
+
+def test_same_pad_matches_tf_same_output_size():
+    conv = nn.Conv2d(1, 1, 3, stride=2)
+    for h in (7, 8, 224):
+        y = F.conv2d(_same_pad(torch.zeros(1, 1, h, h), conv), torch.zeros(1, 1, 3, 3), stride=2)
+        assert y.shape[-1] == -(-h // 2)
