@@ -14,7 +14,7 @@ scale*zero become fp32. Then each call is one extension call (`linear`: gather x
 
 With int8 activations (W8A8, W{2,3,4}A8; csrc/int8_act.cpp, driven by int8_ops.py) the dot products are
 integer at every row count: maddubs/madd on the same nibble codes, exact int32 group sums, tiles of
-4 channels × 2 tokens.
+1 channel × 4 tokens (4 channels × 1 token for decode).
 
 Kernels are parallel over output channels with OpenMP (torch's own libgomp, which the extension links
 against by SONAME; at::parallel_for without -fopenmp would run on one thread).

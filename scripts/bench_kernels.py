@@ -48,7 +48,7 @@ def main() -> None:
         for b in map(int, args.bits.split(",")):
             pw = pack_layer(rtn(W, QuantSpec(b, 128, False)))
             row[b] = median_ms(lambda: qmatmul(x, pw), args.repeats)
-            if b == 4:  # the same weight with per-token int8 activations (W4A8: the integer kernel below 16 rows)
+            if b == 4:  # the same weight with per-token int8 activations (W4A8: the integer kernel)
                 row["w4a8"] = median_ms(lambda: qmatmul_w8a8(x, pw), args.repeats)
         rows.append(row)
         print(row, flush=True)
