@@ -21,6 +21,8 @@ from torch import nn
 
 from .errors import UserError
 
+ATTENTION = "sdpa"  # both models, as transformers picks by default for inference (eager is for Hessians)
+
 
 @dataclass
 class ModelTiming:
@@ -85,14 +87,16 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 
 
 @torch.inference_mode()  # what a deployment runs under: no autograd bookkeeping on the many small decode ops
-def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms, decode tokens/s) of a causal LM: one forward over the prompt, then greedy steps
-    of one token each through the KV cache."""
-    def prefill():
+def time_models(models: list[nn.Module], prompt: torch.Tensor, decode_tokens: int,
+                repeats: int) -> list[tuple[float, float]]:
+    """(prefill ms, decode tokens/s) per causal LM: one forward over the prompt, then greedy steps of one
+    token each through the KV cache. The models take turns in every repeat, so drift in machine speed
+    (shared hosts) hits them alike; medians of `repeats`, after one untimed round."""
+    def prefill(model):
         return model(input_ids=prompt, use_cache=True)
 
-    def decode() -> float:
-        out = prefill()
+    def decode(model) -> float:
+        out = prefill(model)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
@@ -100,10 +104,23 @@ def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repea
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         return decode_tokens / (time.perf_counter() - t0)
 
-    pre = median_ms(prefill, repeats)
-    decode()  # warm-up
-    tps = statistics.median(decode() for _ in range(repeats))
-    return pre, tps
+    pre: list[list[float]] = [[] for _ in models]
+    tps: list[list[float]] = [[] for _ in models]
+    for rep in range(repeats + 1):
+        for i, m in enumerate(models):
+            t0 = time.perf_counter()
+            prefill(m)
+            p_ms = (time.perf_counter() - t0) * 1e3
+            d = decode(m)
+            if rep:  # round 0 warms up
+                pre[i].append(p_ms)
+                tps[i].append(d)
+    return [(statistics.median(p), statistics.median(t)) for p, t in zip(pre, tps)]
+
+
+def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms, decode tokens/s) of one causal LM (see time_models)."""
+    return time_models([model], prompt, decode_tokens, repeats)[0]
 
 
 @torch.inference_mode()
@@ -126,9 +143,25 @@ def time_layers(model: nn.Module, prompt_tokens: int, repeats: int) -> list[Laye
 
 
 def _rss() -> int:
+    """Resident set size after returning freed heap pages to the OS (glibc keeps them otherwise, so a model
+    loaded after another would reuse its freed pages and look free)."""
+    import ctypes
     import psutil
 
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     return psutil.Process().memory_info().rss
+
+
+@torch.inference_mode()
+def _rss_after_forward(model: nn.Module, prompt: torch.Tensor) -> int:
+    """RSS once a prompt has run: weights read through a memory map count only when touched, and kernel
+    layouts are built on first use."""
+    model(input_ids=prompt, use_cache=True)
+    return _rss()
 
 
 def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, prompt_tokens: int = 128,
@@ -149,27 +182,24 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
         raise UserError("--prompt-tokens, --decode-tokens and --repeats must be positive")
     say("loading the checkpoint")
-    r0 = _rss()
-    qmodel = load_quantized(checkpoint)
-    q_rss = _rss() - r0
+    qmodel = load_quantized(checkpoint, attn_implementation=ATTENTION)
     vocab = int(getattr(qmodel.config, "vocab_size", 1000))
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     if getattr(qmodel.config, "is_encoder_decoder", False) or not hasattr(qmodel, "generation_config"):
         raise UserError("`hawqtool bench` times decoding of causal LMs; this checkpoint is not one")
-    say("timing the checkpoint")
-    q_pre, q_tps = time_model(qmodel, prompt, decode_tokens, repeats)
+    say("timing the checkpoint's layers")
     rows = time_layers(qmodel, prompt_tokens, repeats) if layers else []
-    del qmodel
-    gc.collect()
-
     say("loading the full-precision model")
-    r0 = _rss()
-    fmodel = load_model(reference).model
-    f_rss = _rss() - r0
-    say("timing the full-precision model")
-    f_pre, f_tps = time_model(fmodel, prompt, decode_tokens, repeats)
+    fmodel = load_model(reference, attn_implementation=ATTENTION).model
+    say("timing both models, taking turns")
+    (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats)
+    # memory each model holds: RSS with it minus RSS once it is deleted (library imports, which the first
+    # load pays, stay out of both); after a prompt, as memory-mapped weights count only once touched
+    both = _rss_after_forward(qmodel, prompt) and _rss_after_forward(fmodel, prompt)
     del fmodel
-    gc.collect()
+    q_only = _rss()
+    del qmodel
+    q_rss, f_rss = q_only - _rss(), both - q_only
     return BenchResult(checkpoint=str(checkpoint), reference=str(reference), prompt_tokens=prompt_tokens,
                        decode_tokens=decode_tokens, repeats=repeats, threads=torch.get_num_threads(),
                        backend=str(backend_info()),

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
-from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_supported,
-                                    linear_int8)
+from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_fn,
+                                    int8_linear_supported)
 
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
@@ -47,12 +47,16 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", pw.g_idx)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.pw = pw
+        self._int8_fn = None  # bound integer-kernel call, built on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
             return qmatmul(x, self.pw, self.bias)
         if self.int8 and _cpu_float(x):
-            return linear_int8(x, self.pw, self.bias, self.act)
+            if self._int8_fn is None:
+                self._int8_fn = int8_linear_fn(self.pw, self.bias, self.act)
+            y = self._int8_fn(x.reshape(-1, self.in_features).to(torch.float32).contiguous())
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.act == ActSpec(8):
             return qmatmul_w8a8(x, self.pw, self.bias)  # the Triton W8A8 kernel on GPU
         return qmatmul(fake_quant(x, self.act), self.pw, self.bias)
@@ -226,8 +230,9 @@ def _replace_activations(model: nn.Module, act_fn, where: Path) -> None:
         _set_module(model, name, nn.Hardtanh(0.0, float(clip)))
 
 
-def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
-    """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode.
+def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager") -> nn.Module:
+    """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode (transformers models
+    with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
 
     Everything read is validated (manifest types, tensor shapes/dtypes against the manifest and the
     model's config, sha256 unless verify=False); any problem is a one-line UserError."""
@@ -258,7 +263,7 @@ def load_quantized(path: str | Path, *, verify: bool = True) -> nn.Module:
         try:
             config = AutoConfig.from_pretrained(str(path))
             model = model_class(model_task(config)).from_config(config, dtype=torch.float32,
-                                                                attn_implementation="eager")
+                                                                attn_implementation=attn_implementation)
         except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
             raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
                             "re-create the checkpoint") from e

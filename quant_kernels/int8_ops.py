@@ -13,6 +13,7 @@ through `dw_a8`. Rounding is half-to-even everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from .fast_cpu import a8_supported, extension, repack, repack_w8a8, w8a8_support
 from .layout import PackedWeight
 from .packing import unpack
 
-__all__ = ["ActSpec", "fake_quant", "int8_linear_supported", "int8_conv_supported", "linear_int8", "conv2d_int8"]
+__all__ = ["ActSpec", "fake_quant", "int8_linear_supported", "int8_conv_supported", "int8_linear_fn", "linear_int8",
+           "conv2d_int8"]
 
 
 @dataclass(frozen=True)
@@ -92,34 +94,40 @@ def _rowsum(pw: PackedWeight) -> torch.Tensor:
     return cached
 
 
-def _gemm(xq: torch.Tensor, sx: torch.Tensor | None, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [R, N] fp32 = sx[r]·(int8 codes xq [R, K]) @ Ŵ^T (+ bias) through the integer kernels; with fp32 xq
-    and sx None the kernel quantizes each row itself (dynamic 8-bit, the decode path)."""
+def _gemm_fn(pw: PackedWeight, bias: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """gemm(xq, sx) -> y [R, N] fp32 = sx[r]·(int8 codes xq [R, K]) @ Ŵ^T (+ bias) through the integer
+    kernels, weight operands bound; fp32 xq with sx None: the kernel quantizes each row itself (dynamic 8-bit)."""
     ext = extension()
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    xq = xq.contiguous()
-    sx = None if sx is None else sx.to(torch.float32).contiguous()
     if a8_supported(pw):
         kw = repack(pw)
-        return ext.linear_a8(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
+        return lambda xq, sx: ext.linear_a8(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
     wq, sw = repack_w8a8(pw)
-    return ext.w8a8(xq, wq, sw, b, sx)
+    return lambda xq, sx: ext.w8a8(xq, wq, sw, b, sx)
+
+
+def int8_linear_fn(pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """run(x) -> y: contiguous fp32 rows x [R, K] to fp32 [R, N] with everything but x bound (layers keep
+    one: the decode path then costs one extension call); needs int8_linear_supported(pw)."""
+    gemm = _gemm_fn(pw, bias)
+    if act.static:
+        shift = act.zero - _offset(act)
+        corr = act.scale * (_offset(act) - act.zero) * _rowsum(pw)
+        return lambda x: gemm((_static_q(x, act) + shift).to(torch.int8), torch.full((x.shape[0],), act.scale)) + corr
+    if act.bits == 8:
+        return lambda x: gemm(x, None)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        q, s = quantize_per_token(x, act.bits)
+        return gemm(q, s.reshape(-1))
+    return run
 
 
 def linear_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> torch.Tensor:
     """x @ Ŵ^T (+ bias) with x quantized as `act` says; needs int8_linear_supported(pw). Result in x's dtype."""
-    lead, K = x.shape[:-1], pw.in_features
-    x2 = x.reshape(-1, K).to(torch.float32)
-    if act.static:
-        xq = (_static_q(x2, act) + (act.zero - _offset(act))).to(torch.int8)
-        y = _gemm(xq, torch.full((x2.shape[0],), act.scale), pw, bias)
-        y = y + act.scale * (_offset(act) - act.zero) * _rowsum(pw)
-    elif act.bits == 8:
-        y = _gemm(x2, None, pw, bias)
-    else:
-        q, s = quantize_per_token(x2, act.bits)
-        y = _gemm(q, s.reshape(-1), pw, bias)
-    return y.to(x.dtype).reshape(*lead, pw.out_features)
+    x2 = x.reshape(-1, pw.in_features).to(torch.float32).contiguous()
+    y = int8_linear_fn(pw, bias, act)(x2)
+    return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
 
 
 def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec,
@@ -143,7 +151,7 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
     codes = (cols + shift).to(torch.int8)
     if groups == 1:
         rows = codes.transpose(1, 2).reshape(B * L, -1)
-        y = _gemm(rows, sx.repeat_interleave(L), pw, bias).reshape(B, L, O).transpose(1, 2)
+        y = _gemm_fn(pw, bias)(rows.contiguous(), sx.repeat_interleave(L).float()).reshape(B, L, O).transpose(1, 2)
     else:
         wq, sw = _depthwise_weight(pw)
         y = extension().dw_a8(codes.reshape(B, C, -1, L).contiguous(), sx.float().contiguous(), wq, sw,
