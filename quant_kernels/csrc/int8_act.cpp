@@ -197,11 +197,11 @@ inline void tile_w8(const int8_t* w, const int16_t* xq, int64_t Kp, const float*
 // Decode (M < 4): 4 channels × 1 token, four independent code streams. Otherwise 1 channel × 4 tokens:
 // each unpacked code vector feeds four tokens (1.4× faster than 4×2 at 16×4096², same-run microbenchmark).
 template <typename Tile>
-void for_tiles(int64_t M, int64_t N, Tile tile) {
+void for_tiles(int64_t M, int64_t N, int64_t K, Tile tile) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
   using I4 = std::integral_constant<int, 4>;
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + 3) / 4, qk::grain(4 * K * M, 8), [&](int64_t b0, int64_t b1) {
     for (int64_t m0 = 0; m0 < M; m0 += TOKEN_CHUNK) {
       const int64_t m1 = std::min(M, m0 + TOKEN_CHUNK);
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -237,7 +237,7 @@ torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::opti
   TORCH_CHECK(!pre || sxi, "int8 x needs its scales sx");
   std::vector<int16_t> xq(M * Kp, 0);
   std::vector<float> sx(M);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, qk::grain(K, 16), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       if (pre) {
         sx[m] = sxi[m];
@@ -253,7 +253,7 @@ torch::Tensor w8a8(torch::Tensor x, torch::Tensor w, torch::Tensor sw, c10::opti
   float* yo = y.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* swp = sw.data_ptr<float>();
-  for_tiles(M, N, [&](auto R, auto T, int64_t n, int64_t m) {
+  for_tiles(M, N, Kp, [&](auto R, auto T, int64_t n, int64_t m) {
     tile_w8<decltype(R)::value, decltype(T)::value>(wp + n * Kp, xq.data() + m * Kp, Kp, sx.data() + m, swp + n,
                                                     b ? b + n : nullptr, yo + m * N + n, N);
   });
@@ -281,7 +281,7 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, t
   std::vector<int8_t> xq(M * Kp);
   std::vector<int32_t> xqs(M * G);
   std::vector<float> sx(M);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, qk::grain(K, 16), [&](int64_t m0, int64_t m1) {
     std::vector<int8_t> xn(K), xk(Kp);
     for (int64_t m = m0; m < m1; ++m) {
       if (pre) {
@@ -306,7 +306,7 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, t
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float *sp = s.data_ptr<float>(), *zp = zs.data_ptr<float>();
   const int64_t row_bytes = units * 8;
-  for_tiles(M, N, [&](auto R, auto T, int64_t n, int64_t m) {
+  for_tiles(M, N, Kp, [&](auto R, auto T, int64_t n, int64_t m) {
     tile_a8<decltype(R)::value, decltype(T)::value>(cp + n * row_bytes, row_bytes, xq.data() + m * Kp, Kp,
                                                     sp + n * G, zp + n * G, gu, xqs.data() + m * G, G, sx.data() + m,
                                                     b ? b + n : nullptr, yo + m * N + n, N);
@@ -330,7 +330,7 @@ torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::T
   const int16_t* wp = w.data_ptr<int16_t>();
   const float *sxp = sx.data_ptr<float>(), *swp = sw.data_ptr<float>();
   float* yo = y.data_ptr<float>();
-  at::parallel_for(0, B * C, 4, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * C, qk::grain(J * L, 4), [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> acc(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t bi = i / C, c = i % C;

@@ -3,7 +3,17 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include <algorithm>
+
 namespace qk {
+
+// at::parallel_for grain for `work` multiply-adds per item: a chunk gets at least 2^19 of them (~20 µs on
+// one core), so small layers stay on one thread. A parallel region waits for every thread it starts, and
+// on a shared or busy machine a descheduled thread costs a scheduler tick (milliseconds) per region.
+inline int64_t grain(int64_t work_per_item, int64_t min_items = 1) {
+  constexpr int64_t kMinWork = int64_t(1) << 19;
+  return std::max(min_items, (kMinWork + work_per_item - 1) / std::max<int64_t>(work_per_item, 1));
+}
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);

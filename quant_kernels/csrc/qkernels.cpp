@@ -85,7 +85,7 @@ template <bool NIBBLE>
 void gemv_impl(const float* x, const uint8_t* codes, const float* s, const float* zs, const int32_t* gunit,
                const float* xsum, float* y, int64_t M, int64_t N, int64_t G, int64_t units) {
   const int64_t row_bytes = units * (NIBBLE ? 8 : 16);
-  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + 3) / 4, qk::grain(4 * units * 16 * M, 4), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 4;
       for (int64_t m = 0; m < M; ++m) {
@@ -153,7 +153,7 @@ void gemm_impl(const float* x, const uint8_t* codes, const float* s, const float
   constexpr int RB = 4;
   const int64_t Kp = units * 16, row_bytes = units * (NIBBLE ? 8 : 16);
   const int64_t blocks = (N + RB - 1) / RB;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, qk::grain(RB * Kp * M), [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(RB * Kp);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * RB, nr = std::min<int64_t>(RB, N - n0);
@@ -287,7 +287,7 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s, torc
     float* bp = buf.data_ptr<float>();
     for (int64_t n0 = 0; n0 < N; n0 += BN) {
       const int64_t nb = std::min<int64_t>(BN, N - n0);
-      at::parallel_for(0, nb, 8, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, nb, qk::grain(Kp, 8), [&](int64_t r0, int64_t r1) {
         if (nibble)
           dequant_impl<true>(codes.data_ptr<uint8_t>(), s.data_ptr<float>(), zs.data_ptr<float>(), gu, bp + r0 * Kp,
                              n0 + r0, n0 + r1, G, units);
