@@ -7,8 +7,9 @@ reference (`fake_quant`) is what the kernels are tested against.
 * static: asymmetric per tensor, calibrated (s, z): q = clamp(round(x/s) + z, 0, 2^b−1), x̂ = s·(q − z).
   The kernels take c = q − o as int8 (o = 128 for 8 bits, else 0) and the result gets
   s·(o − z)·Σ_k Ŵ[n, k] added, which is W·x̂ exactly in real arithmetic.
-Convolutions run on unfolded input: groups=1 as one integer GEMM (rows = output pixels), depthwise
-through `dw_a8`. Rounding is half-to-even everywhere.
+Convolutions: depthwise through a direct int8 kernel (`dw_a8`) on the padded codes, groups=1 as one
+integer GEMM over output pixels (1×1: the pixels themselves; else unfolded patches). Rounding is
+half-to-even everywhere.
 """
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.
     return (q.float() * s).to(x.dtype).reshape(x.shape)
 
 
+def _codes_static(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
+    """int8 codes q − o of a static quantizer (fp32 contiguous x; one fused pass in the extension)."""
+    return extension().quant_static(x, act.scale, act.zero, 2 ** act.bits - 1, int(_offset(act)))
+
+
 def int8_linear_supported(pw: PackedWeight) -> bool:
     """An integer kernel exists for this weight on this CPU: codes ≤ 4 bits (any groups, zeros, act-order)
     or symmetric per-channel 8-bit."""
@@ -111,16 +117,11 @@ def int8_linear_fn(pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) ->
     one: the decode path then costs one extension call); needs int8_linear_supported(pw)."""
     gemm = _gemm_fn(pw, bias)
     if act.static:
-        shift = act.zero - _offset(act)
         corr = act.scale * (_offset(act) - act.zero) * _rowsum(pw)
-        return lambda x: gemm((_static_q(x, act) + shift).to(torch.int8), torch.full((x.shape[0],), act.scale)) + corr
+        return lambda x: gemm(_codes_static(x, act), torch.full((x.shape[0],), act.scale)) + corr
     if act.bits == 8:
         return lambda x: gemm(x, None)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_per_token(x, act.bits)
-        return gemm(q, s.reshape(-1))
-    return run
+    return lambda x: gemm(*extension().quant_dynamic(x, act.bits))
 
 
 def linear_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> torch.Tensor:
@@ -134,31 +135,39 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], groups: int) -> torch.Tensor:
     """conv2d(x̂, Ŵ) (+ bias) with integer sums; x [B, C, H, W] (already padded for 'same' convs);
-    needs int8_conv_supported. Dynamic activations get one scale per image."""
+    needs int8_conv_supported. Dynamic activations get one scale per image. Depthwise: a direct kernel on
+    the padded codes; 1×1: one GEMM over pixels; others: one GEMM over unfolded patches."""
     B, C, H, W = x.shape
     O = pw.out_features
     xf = x.to(torch.float32)
     if act.static:
-        v, shift = _static_q(xf, act), act.zero - _offset(act)  # unfold pads with q − z = 0, i.e. x̂ = 0
+        pad_code = act.zero - _offset(act)  # the code of x = 0, so padding stays x̂ = 0
+        codes = _codes_static(xf.contiguous(), act)
         sx = torch.full((B,), float(act.scale))
     else:
-        q, sx = quantize_per_token(xf.reshape(B, -1), act.bits)
-        v, shift, sx = q.float().reshape(B, C, H, W), 0.0, sx.reshape(B)
-    cols = F.unfold(v, kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, C·kh·kw, L]
-    L = cols.shape[-1]
-    oh = (H + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    ow = L // oh
-    codes = (cols + shift).to(torch.int8)
-    if groups == 1:
-        rows = codes.transpose(1, 2).reshape(B * L, -1)
-        y = _gemm_fn(pw, bias)(rows.contiguous(), sx.repeat_interleave(L).float()).reshape(B, L, O).transpose(1, 2)
+        pad_code = 0.0
+        q, sx = extension().quant_dynamic(xf.reshape(B, -1).contiguous(), act.bits)
+        codes = q.reshape(B, C, H, W)
+    (kh, kw), (sh, sw), (ph, pw_), (dh, dw) = kernel_size, stride, padding, dilation
+    oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
+    if groups > 1:
+        xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes
+        wq, wsc = _depthwise_weight(pw)
+        y = extension().dw_a8(xp.contiguous(), sx.float().contiguous(), wq, wsc,
+                              None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
     else:
-        wq, sw = _depthwise_weight(pw)
-        y = extension().dw_a8(codes.reshape(B, C, -1, L).contiguous(), sx.float().contiguous(), wq, sw,
-                              None if bias is None else bias.float().contiguous())
+        if (kh, kw) == (1, 1) and (ph, pw_) == (0, 0):
+            rows = codes[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(B * oh * ow, C)
+        else:
+            v = codes.float()
+            v = F.pad(v, (pw_, pw_, ph, ph), value=pad_code) if ph or pw_ else v
+            rows = F.unfold(v, kernel_size, dilation=dilation, stride=stride).transpose(1, 2).reshape(B * oh * ow, -1)
+            rows = rows.to(torch.int8)
+        y = _gemm_fn(pw, bias)(rows.contiguous(), sx.float().repeat_interleave(oh * ow))
+        y = y.reshape(B, oh, ow, O).permute(0, 3, 1, 2)
     if act.static:
-        y = y + (act.scale * (_offset(act) - act.zero) * _rowsum(pw)).reshape(1, O, 1)
-    return y.reshape(B, O, oh, ow).to(x.dtype)
+        y = y + (act.scale * (_offset(act) - act.zero) * _rowsum(pw)).reshape(1, O, 1, 1)
+    return y.contiguous().to(x.dtype)
 
 
 def _depthwise_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,25 +50,31 @@ def test_linear_without_integer_kernel_says_so_and_matches():
     close(layer(x), matmul_reference(fake_quant(x, ActSpec(8, 0.05, 100.0)), pw))
 
 
-def _conv_case(groups: int, same: bool, bits: int, sym: bool, seed: int):
-    C, O, k = (12, 12, 3) if groups > 1 else (5, 7, 3)
-    if same:
+def _conv_case(groups: int, same: bool, bits: int, sym: bool, seed: int, k: int = 3):
+    C, O = (12, 12) if groups > 1 else (5, 7)
+    if k == 1:  # pointwise, strided: the pixels themselves are the GEMM rows
+        conv = nn.Conv2d(C, O, 1, stride=2, groups=groups, bias=False)
+    elif k == 5:  # stride 3: the generic-stride row loop
+        conv = nn.Conv2d(C, O, 5, stride=3, padding=2, groups=groups, bias=False)
+    elif same:
         conv = pytest.importorskip("timm.layers.conv2d_same").Conv2dSame(C, O, k, stride=2, groups=groups, bias=False)
     else:
         conv = nn.Conv2d(C, O, k, stride=(1, 2), padding=(1, 2), dilation=(2, 1), groups=groups, bias=False)
-    pw = random_packed(O, C // groups * k * k, bits, -1, sym, False, seed)
+    pw = random_packed(O, C // groups * conv.kernel_size[0] * conv.kernel_size[1], bits, -1, sym, False, seed)
     return conv, pw
 
 
-@pytest.mark.parametrize("groups, same", [(1, False), (1, True), (12, False), (12, True)])
+@pytest.mark.parametrize("groups, same, k", [(1, False, 3), (1, True, 3), (12, False, 3), (12, True, 3), (1, False, 1),
+                                             (12, False, 5), (1, False, 5)])
 @pytest.mark.parametrize("bits, sym", [(4, False), (8, True), (8, False), (2, True)])
 @pytest.mark.parametrize("act", [(8, None, 0.0), (8, 0.05, 140.0), (4, 0.3, 3.0)])
-def test_conv_int8_matches_fake_quant_reference(groups, same, bits, sym, act):
+def test_conv_int8_matches_fake_quant_reference(groups, same, k, bits, sym, act):
     """groups=1 (one integer GEMM over unfolded pixels) and depthwise (dw_a8); nn.Conv2d with padding,
-    stride and dilation, and timm's Conv2dSame; dynamic per-image and static ranges."""
+    stride and dilation, and timm's Conv2dSame; 1×1 strided and 5×5 stride-3 convs; dynamic per-image and
+    static ranges."""
     if groups == 1 and bits == 8 and not sym:
         pytest.skip("asymmetric 8-bit has no integer GEMM (covered below)")
-    conv, pw = _conv_case(groups, same, bits, sym, bits + 3 * groups)
+    conv, pw = _conv_case(groups, same, bits, sym, bits + 3 * groups, k)
     spec = ActSpec(*act)
     bias = torch.randn(pw.out_features)
     ref_conv = copy.deepcopy(conv).double()

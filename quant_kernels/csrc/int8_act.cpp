@@ -47,8 +47,8 @@ inline float row_absmax(const float* x, int64_t K) {
 // int8 codes clamp(round-half-even(x / sc), ±127) of x[0:K] (T = int8_t or int16_t); same arithmetic as
 // quantize_per_token: an IEEE division (not a multiply by 1/sc), rounding in the default mode
 template <typename T>
-void quantize_row(const float* x, int64_t K, float sc, T* out) {
-  const __m256 s = _mm256_set1_ps(sc), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+void quantize_row(const float* x, int64_t K, float sc, T* out, float qmax = 127.f) {
+  const __m256 s = _mm256_set1_ps(sc), lo = _mm256_set1_ps(-qmax), hi = _mm256_set1_ps(qmax);
   int64_t k = 0;
   alignas(32) int32_t buf[8];
   for (; k + 8 <= K; k += 8) {
@@ -56,7 +56,7 @@ void quantize_row(const float* x, int64_t K, float sc, T* out) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(buf), _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, q))));
     for (int j = 0; j < 8; ++j) out[k + j] = static_cast<T>(buf[j]);
   }
-  for (; k < K; ++k) out[k] = static_cast<T>(std::min(127.f, std::max(-127.f, std::nearbyint(x[k] / sc))));
+  for (; k < K; ++k) out[k] = static_cast<T>(std::min(qmax, std::max(-qmax, std::nearbyint(x[k] / sc))));
 }
 
 // the scale of token m: given (sx_in) or max|x|/127 (1 for an all-zero row)
@@ -314,35 +314,93 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, t
   return y;
 }
 
-// Depthwise convolution (one input channel per output channel) on unfolded int8 input:
-//   y[b, c, l] = sx[b]·sw[c]·Σ_j x[b, c, j, l]·w[c, j] (+ bias[c]), exact int32 sums (|w| ≤ 255, J ≤ 2^16).
-// x int8 [B, C, J, L] (J = kernel taps), w int16 [C, J] (q − zero), sx [B], sw [C]; returns fp32 [B, C, L].
+// one output row of a depthwise tap: acc[ox] += x[ox·S]·w (S = stride; S = 1 vectorizes)
+template <int S>
+inline void tap_row(const int8_t* x, int32_t w, int32_t* acc, int64_t OW, int64_t stride) {
+  const int64_t st = S > 0 ? S : stride;
+  for (int64_t ox = 0; ox < OW; ++ox) acc[ox] += static_cast<int32_t>(x[ox * st]) * w;
+}
+
+// Depthwise convolution (one input channel per output channel) of already padded int8 codes, direct:
+//   y[b, c, oy, ox] = sx[b]·sw[c]·Σ_{ky,kx} x[b, c, oy·sh + ky·dh, ox·sw + kx·dw]·w[c, ky·kw + kx] (+ bias[c])
+// x int8 [B, C, Hp, Wp], w int16 [C, kh·kw] (q − zero), sx [B], sw [C]; exact int32 sums; fp32 [B, C, OH, OW].
 torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw,
-                    c10::optional<torch::Tensor> bias) {
+                    c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sww,
+                    int64_t dh, int64_t dw) {
   check(x, at::kChar, "x"); check(sx, at::kFloat, "sx"); check(w, at::kShort, "w"); check(sw, at::kFloat, "sw");
-  TORCH_CHECK(x.dim() == 4, "x must be [B, C, J, L]");
-  const int64_t B = x.size(0), C = x.size(1), J = x.size(2), L = x.size(3);
-  TORCH_CHECK(sx.numel() == B && w.size(0) == C && w.size(1) == J && sw.numel() == C,
+  TORCH_CHECK(x.dim() == 4 && kh > 0 && kw > 0 && sh > 0 && sww > 0 && dh > 0 && dw > 0, "bad depthwise geometry");
+  const int64_t B = x.size(0), C = x.size(1), Hp = x.size(2), Wp = x.size(3);
+  const int64_t OH = (Hp - dh * (kh - 1) - 1) / sh + 1, OW = (Wp - dw * (kw - 1) - 1) / sww + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
+  TORCH_CHECK(sx.numel() == B && w.size(0) == C && w.size(1) == kh * kw && sw.numel() == C,
               "inconsistent depthwise operands");
   const float* b = optional_bias(bias, C);
-  auto y = torch::empty({B, C, L}, sx.options());
+  auto y = torch::empty({B, C, OH, OW}, sx.options());
   const int8_t* xp = x.data_ptr<int8_t>();
   const int16_t* wp = w.data_ptr<int16_t>();
   const float *sxp = sx.data_ptr<float>(), *swp = sw.data_ptr<float>();
   float* yo = y.data_ptr<float>();
-  at::parallel_for(0, B * C, qk::grain(J * L, 4), [&](int64_t i0, int64_t i1) {
-    std::vector<int32_t> acc(L);
+  at::parallel_for(0, B * C, qk::grain(OH * OW * kh * kw, 4), [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> acc(OH * OW);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t bi = i / C, c = i % C;
+      const int64_t c = i % C;
+      const int8_t* xc = xp + i * Hp * Wp;
       std::fill(acc.begin(), acc.end(), 0);
-      for (int64_t j = 0; j < J; ++j) {
-        const int8_t* xr = xp + (i * J + j) * L;
-        const int32_t wj = wp[c * J + j];
-        for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<int32_t>(xr[l]) * wj;
-      }
-      const float sc = sxp[bi] * swp[c], bc = b ? b[c] : 0.f;
-      for (int64_t l = 0; l < L; ++l) yo[i * L + l] = static_cast<float>(acc[l]) * sc + bc;
+      for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          const int32_t wt = wp[c * kh * kw + ky * kw + kx];
+          for (int64_t oy = 0; oy < OH; ++oy) {
+            const int8_t* xr = xc + (oy * sh + ky * dh) * Wp + kx * dw;
+            if (sww == 1) tap_row<1>(xr, wt, acc.data() + oy * OW, OW, 1);
+            else if (sww == 2) tap_row<2>(xr, wt, acc.data() + oy * OW, OW, 2);
+            else tap_row<0>(xr, wt, acc.data() + oy * OW, OW, sww);
+          }
+        }
+      const float sc = sxp[i / C] * swp[c], bc = b ? b[c] : 0.f;
+      float* yc = yo + i * OH * OW;
+      for (int64_t j = 0; j < OH * OW; ++j) yc[j] = static_cast<float>(acc[j]) * sc + bc;
     }
   });
   return y;
+}
+
+// Dynamic symmetric b-bit codes of each row, as quant_kernels.activation.quantize_per_token:
+// s = max|x|/(2^(b−1)−1) (1 for an all-zero row), q = round-half-even(x/s) clamped; int8 [R, K] and fp32 [R].
+std::vector<torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits) {
+  check(x, at::kFloat, "x");
+  TORCH_CHECK(x.dim() == 2 && bits >= 2 && bits <= 8, "quant_dynamic takes [R, K] rows and 2..8 bits");
+  const int64_t R = x.size(0), K = x.size(1);
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  auto q = torch::empty({R, K}, x.options().dtype(at::kChar));
+  auto s = torch::empty({R}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, R, qk::grain(K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float sc = row_absmax(xp + r * K, K) / qmax;
+      sc = sc > 0.f ? sc : 1.f;
+      sp[r] = sc;
+      quantize_row(xp + r * K, K, sc, qp + r * K, qmax);
+    }
+  });
+  return {q, s};
+}
+
+// Static asymmetric codes of a calibrated range, minus an offset so they fit int8:
+// c = clamp(round-half-even(x/s) + z, 0, qhi) − offset (x̂ = s·(c + offset − z)); same shape as x.
+torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t qhi, int64_t offset) {
+  check(x, at::kFloat, "x");
+  TORCH_CHECK(scale > 0 && qhi >= 1 && qhi <= 255 && qhi - offset <= 127 && -offset >= -128, "bad static range");
+  auto c = torch::empty_like(x, x.options().dtype(at::kChar));
+  const int64_t n = x.numel();
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = c.data_ptr<int8_t>();
+  const float sc = static_cast<float>(scale), z = static_cast<float>(zero), hi = static_cast<float>(qhi),
+              off = static_cast<float>(offset);
+  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      cp[i] = static_cast<int8_t>(std::min(hi, std::max(0.f, std::nearbyint(xp[i] / sc) + z)) - off);
+  });
+  return c;
 }

@@ -322,14 +322,19 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, t
                         torch::Tensor xidx, bool identity, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> sx);
 torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw,
-                    c10::optional<torch::Tensor> bias);
+                    c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sww,
+                    int64_t dh, int64_t dw);
+std::vector<torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits);
+torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t qhi, int64_t offset);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
   m.def("gemm", &gemm, "low-bit GEMM decoding each weight row once (AVX2/FMA)");
   m.def("w8a8", &w8a8, "W8A8 linear: per-token int8 activations x per-channel int8 weights (AVX2)");
   m.def("linear_a8", &linear_a8, "W{2,3,4}A8 linear: per-token int8 activations x nibble codes, maddubs (AVX2)");
-  m.def("dw_a8", &dw_a8, "depthwise conv on unfolded int8 input x int16 weight codes, int32 sums");
+  m.def("dw_a8", &dw_a8, "direct depthwise conv of padded int8 codes x int16 weight codes, int32 sums");
+  m.def("quant_dynamic", &quant_dynamic, "per-row symmetric int8 codes and scales of activations");
+  m.def("quant_static", &quant_static, "static asymmetric activation codes minus an offset, as int8");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
 }
