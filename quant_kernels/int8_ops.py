@@ -75,18 +75,19 @@ def int8_linear_supported(pw: PackedWeight) -> bool:
     return pw.device.type == "cpu" and (a8_supported(pw) or w8a8_supported(pw)) and extension() is not None
 
 
-def _depthwise_supported(pw: PackedWeight) -> bool:
+def _per_channel(pw: PackedWeight) -> bool:
+    """One scale (and zero) per output channel: the weight becomes int16 q − zero for the conv kernels."""
     return pw.n_groups == 1 and pw.g_idx is None and pw.bits <= 8
 
 
 def int8_conv_supported(pw: PackedWeight, groups: int, in_channels: int, out_channels: int) -> bool:
-    """Conv2d with groups=1 and an integer-GEMM weight, or depthwise (groups = in = out) with one scale per
-    output channel; other grouped convolutions have no integer kernel."""
+    """Conv2d with groups=1 and a per-channel or integer-GEMM weight, or depthwise (groups = in = out) with one
+    scale per output channel; other grouped convolutions have no integer kernel."""
     if pw.device.type != "cpu" or extension() is None:
         return False
     if groups == 1:
-        return int8_linear_supported(pw)
-    return groups == in_channels == out_channels and _depthwise_supported(pw)
+        return _per_channel(pw) or int8_linear_supported(pw)
+    return groups == in_channels == out_channels and _per_channel(pw)
 
 
 def _rowsum(pw: PackedWeight) -> torch.Tensor:
@@ -152,7 +153,7 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
     if groups > 1:
         xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes
-        wq, wsc = _depthwise_weight(pw)
+        wq, wsc = _channel_weight(pw)
         y = extension().dw_a8(xp.contiguous(), sx.float().contiguous(), wq, wsc,
                               None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
     else:
@@ -163,20 +164,38 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
             v = F.pad(v, (pw_, pw_, ph, ph), value=pad_code) if ph or pw_ else v
             rows = F.unfold(v, kernel_size, dilation=dilation, stride=stride).transpose(1, 2).reshape(B * oh * ow, -1)
             rows = rows.to(torch.int8)
-        y = _gemm_fn(pw, bias)(rows.contiguous(), sx.float().repeat_interleave(oh * ow))
+        sxr = sx.float().repeat_interleave(oh * ow)
+        b = None if bias is None else bias.float().contiguous()
+        if _per_channel(pw):  # output channels across SIMD lanes: no per-output horizontal sums for short K
+            y = extension().gemm_vert_a8(rows.contiguous(), sxr, *_vertical_weight(pw), O, b)
+        else:
+            y = _gemm_fn(pw, bias)(rows.contiguous(), sxr)
         y = y.reshape(B, oh, ow, O).permute(0, 3, 1, 2)
     if act.static:
         y = y + (act.scale * (_offset(act) - act.zero) * _rowsum(pw)).reshape(1, O, 1, 1)
     return y.contiguous().to(x.dtype)
 
 
-def _depthwise_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int16 q − zero [C, taps], fp32 scales [C]) of a per-channel weight; cached."""
-    cached = getattr(pw, "_dw_weight", None)
+def _channel_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int16 q − zero [N, K], fp32 scales [N]) of a per-channel weight; cached."""
+    cached = getattr(pw, "_channel_weight", None)
     if cached is None:
         q = unpack(pw.qweight, pw.bits, pw.in_features).to(torch.int16)
         z = (torch.full((pw.out_features, 1), pw.implicit_zero, dtype=torch.int16) if pw.symmetric
              else unpack(pw.qzeros, pw.bits, 1).to(torch.int16))
         cached = ((q - z).contiguous(), pw.scales[:, 0].float().contiguous())
-        pw._dw_weight = cached
+        pw._channel_weight = cached
+    return cached
+
+
+def _vertical_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int16 pairs [⌈K/2⌉, N rounded up to 32, 2], fp32 scales [N]) for gemm_vert_a8; cached."""
+    cached = getattr(pw, "_vertical_weight", None)
+    if cached is None:
+        wq, sc = _channel_weight(pw)
+        N, K = wq.shape
+        padded = torch.zeros(-(-N // 32) * 32, -(-K // 2) * 2, dtype=torch.int16)
+        padded[:N, :K] = wq
+        cached = (padded.reshape(padded.shape[0], -1, 2).transpose(0, 1).contiguous(), sc)
+        pw._vertical_weight = cached
     return cached

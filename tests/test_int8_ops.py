@@ -71,9 +71,7 @@ def _conv_case(groups: int, same: bool, bits: int, sym: bool, seed: int, k: int 
 def test_conv_int8_matches_fake_quant_reference(groups, same, k, bits, sym, act):
     """groups=1 (one integer GEMM over unfolded pixels) and depthwise (dw_a8); nn.Conv2d with padding,
     stride and dilation, and timm's Conv2dSame; 1×1 strided and 5×5 stride-3 convs; dynamic per-image and
-    static ranges."""
-    if groups == 1 and bits == 8 and not sym:
-        pytest.skip("asymmetric 8-bit has no integer GEMM (covered below)")
+    static ranges. Per-channel weights take the short-K kernel (gemm_vert_a8) for groups=1."""
     conv, pw = _conv_case(groups, same, bits, sym, bits + 3 * groups, k)
     spec = ActSpec(*act)
     bias = torch.randn(pw.out_features)
@@ -87,6 +85,19 @@ def test_conv_int8_matches_fake_quant_reference(groups, same, k, bits, sym, act)
     w = dequantize(pw, torch.float64).reshape(layer.shape)
     ref_conv.weight, ref_conv.bias = nn.Parameter(w), nn.Parameter(bias.double())
     close(layer(x), ref_conv(xh))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_conv_with_grouped_weights_takes_the_linear_kernel(bits):
+    """groups=1 with group-wise scales (not per channel): unfolded patches through the W{2,3,4}A8 GEMM."""
+    conv = nn.Conv2d(5, 7, 3, padding=1, bias=False)
+    pw = random_packed(7, 45, bits, 16, False, False, bits)
+    ref = copy.deepcopy(conv).double()
+    layer = QuantConv2d(pw, conv, None, act_bits=8)
+    assert layer.int8
+    x = torch.randn(2, 5, 9, 9)
+    ref.weight = nn.Parameter(dequantize(pw, torch.float64).reshape(7, 5, 3, 3))
+    close(layer(x), ref(fake_quant(x, ActSpec(8), per_image=True).double()))
 
 
 def test_conv_without_integer_kernel_says_so_and_matches():

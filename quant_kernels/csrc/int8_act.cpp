@@ -404,3 +404,70 @@ torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t q
   });
   return c;
 }
+
+// Short-K GEMM for convolutions (1×1 convs have K = 16…1152 and ~10^5 pixel rows): output channels across
+// SIMD lanes, so no horizontal sums. w int16 pairs [K2][Np][2] (Np = N rounded up to 32; (q − zero) of
+// per-channel weights), x int8 [M, K] codes, y[m, n] = sx[m]·sw[n]·Σ_k x[m,k]·w[n,k] (+ bias[n]).
+// madd_epi16 of a broadcast (x[2j], x[2j+1]) pair with 8 channels' weight pairs: exact int32 sums.
+torch::Tensor gemm_vert_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw, int64_t N,
+                           c10::optional<torch::Tensor> bias) {
+  check(x, at::kChar, "x"); check(sx, at::kFloat, "sx"); check(w, at::kShort, "w"); check(sw, at::kFloat, "sw");
+  const int64_t M = x.size(0), K = x.size(1), K2 = w.size(0), Np = w.size(1);
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 2 && K2 == (K + 1) / 2 && Np % 32 == 0 && N <= Np && N > Np - 32 &&
+              sx.numel() == M && sw.numel() == N, "inconsistent short-K GEMM operands");
+  const float* b = optional_bias(bias, N);
+  auto y = torch::empty({M, N}, sx.options());
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int32_t* wp = reinterpret_cast<const int32_t*>(w.data_ptr<int16_t>());  // one (w[2j], w[2j+1]) per int32
+  const float *sxp = sx.data_ptr<float>(), *swp = sw.data_ptr<float>();
+  float* yo = y.data_ptr<float>();
+  std::vector<float> swpad(Np, 0.f), bpad(Np, 0.f);
+  std::copy(swp, swp + N, swpad.begin());
+  if (b) std::copy(b, b + N, bpad.begin());
+  constexpr int64_t CHUNK = 128;  // tokens per block: their pairs stay in L1 while the weight blocks stream
+  at::parallel_for(0, (M + CHUNK - 1) / CHUNK, qk::grain(CHUNK * K * N), [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> pairs(CHUNK * K2);
+    alignas(32) float tmp[32];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t m0 = c * CHUNK, m1 = std::min(M, m0 + CHUNK);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t j = 0; j < K2; ++j) {
+          const int16_t lo = xp[m * K + 2 * j], hi = 2 * j + 1 < K ? xp[m * K + 2 * j + 1] : 0;
+          pairs[(m - m0) * K2 + j] = static_cast<int32_t>(static_cast<uint16_t>(lo)) | (static_cast<int32_t>(hi) << 16);
+        }
+      for (int64_t n0 = 0; n0 < Np; n0 += 32) {
+        for (int64_t m = m0; m < m1; m += 2) {
+          const bool two = m + 1 < m1;
+          __m256i acc[2][4];
+          for (int t = 0; t < 2; ++t)
+            for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_setzero_si256();
+          const int32_t* p0 = pairs.data() + (m - m0) * K2;
+          const int32_t* p1 = two ? p0 + K2 : p0;
+          for (int64_t j = 0; j < K2; ++j) {
+            const __m256i* wv = reinterpret_cast<const __m256i*>(wp + j * Np + n0);
+            const __m256i w0 = _mm256_loadu_si256(wv), w1 = _mm256_loadu_si256(wv + 1),
+                          w2 = _mm256_loadu_si256(wv + 2), w3 = _mm256_loadu_si256(wv + 3);
+            const __m256i b0 = _mm256_set1_epi32(p0[j]), b1 = _mm256_set1_epi32(p1[j]);
+            acc[0][0] = _mm256_add_epi32(acc[0][0], _mm256_madd_epi16(b0, w0));
+            acc[0][1] = _mm256_add_epi32(acc[0][1], _mm256_madd_epi16(b0, w1));
+            acc[0][2] = _mm256_add_epi32(acc[0][2], _mm256_madd_epi16(b0, w2));
+            acc[0][3] = _mm256_add_epi32(acc[0][3], _mm256_madd_epi16(b0, w3));
+            acc[1][0] = _mm256_add_epi32(acc[1][0], _mm256_madd_epi16(b1, w0));
+            acc[1][1] = _mm256_add_epi32(acc[1][1], _mm256_madd_epi16(b1, w1));
+            acc[1][2] = _mm256_add_epi32(acc[1][2], _mm256_madd_epi16(b1, w2));
+            acc[1][3] = _mm256_add_epi32(acc[1][3], _mm256_madd_epi16(b1, w3));
+          }
+          for (int t = 0; t < (two ? 2 : 1); ++t) {
+            const __m256 s = _mm256_set1_ps(sxp[m + t]);
+            for (int v = 0; v < 4; ++v)
+              _mm256_store_ps(tmp + 8 * v, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][v]),
+                                                           _mm256_mul_ps(s, _mm256_loadu_ps(swpad.data() + n0 + 8 * v)),
+                                                           _mm256_loadu_ps(bpad.data() + n0 + 8 * v)));
+            std::copy(tmp, tmp + std::min<int64_t>(32, N - n0), yo + (m + t) * N + n0);
+          }
+        }
+      }
+    }
+  });
+  return y;
+}

@@ -324,6 +324,8 @@ torch::Tensor linear_a8(torch::Tensor x, torch::Tensor codes, torch::Tensor s, t
 torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw,
                     c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sww,
                     int64_t dh, int64_t dw);
+torch::Tensor gemm_vert_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw, int64_t N,
+                           c10::optional<torch::Tensor> bias);
 std::vector<torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits);
 torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t qhi, int64_t offset);
 
@@ -333,6 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8", &w8a8, "W8A8 linear: per-token int8 activations x per-channel int8 weights (AVX2)");
   m.def("linear_a8", &linear_a8, "W{2,3,4}A8 linear: per-token int8 activations x nibble codes, maddubs (AVX2)");
   m.def("dw_a8", &dw_a8, "direct depthwise conv of padded int8 codes x int16 weight codes, int32 sums");
+  m.def("gemm_vert_a8", &gemm_vert_a8, "short-K int8 GEMM with output channels across lanes (1x1 convs)");
   m.def("quant_dynamic", &quant_dynamic, "per-row symmetric int8 codes and scales of activations");
   m.def("quant_static", &quant_static, "static asymmetric activation codes minus an offset, as int8");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
