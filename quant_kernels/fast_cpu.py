@@ -76,7 +76,7 @@ def extension():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).with_name("csrc")
-        src = [csrc / "qkernels.cpp", csrc / "int8_act.cpp"]
+        src = [csrc / "qkernels.cpp", csrc / "int8_act.cpp", csrc / "int8_conv.cpp"]
         d = _build_dir()
         fresh = not any(d.glob("*.so"))
         if fresh:
