@@ -2,8 +2,9 @@
 
 MACs are per *sample unit*: per token for token models (input_ids), per image otherwise.
 Linear / HF Conv1D: rows × in × out; Conv1d/Conv2d: output elements × in/groups × kernel.
-The crest factor max(x²)/mean(x²) of each layer's input, per token (row) or per image,
-averaged, sizes the noise of dynamic activation quantization (see allocate.plan).
+The crest factor max(x²)/mean(x²) of each layer's input, per token (row) or per image (per image
+and channel for depthwise convs, as the runtime scales them), averaged, sizes the noise of dynamic
+activation quantization (see allocate.plan).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+
+PROFILE_VERSION = 2  # 2: depthwise crest per (image, channel)
 
 
 @dataclass
@@ -34,7 +37,8 @@ def _macs_and_rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
         k = m.in_channels // m.groups
         for s in m.kernel_size:
             k *= s
-        return float(y.numel() * k), x.reshape(x.shape[0], -1)
+        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels  # scaled per (image, channel)
+        return float(y.numel() * k), x.reshape(x.shape[0] * (x.shape[1] if depthwise else 1), -1)
     in_f = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0] if isinstance(m, Conv1D) else x.shape[-1]
     rows = x.reshape(-1, in_f)
     return float(rows.shape[0] * in_f * (y.shape[-1])), rows
@@ -92,7 +96,8 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
     if cache.is_file():
         try:
             d = json.loads(cache.read_text())
-            if d.get("sensitivity_fingerprint") == report.fingerprint and d.get("calib") == calib:
+            if d.get("sensitivity_fingerprint") == report.fingerprint and d.get("calib") == calib and \
+                    d.get("version") == PROFILE_VERSION:
                 return {n: LayerProfile(**v) for n, v in d["layers"].items()}
         except (json.JSONDecodeError, TypeError, KeyError):
             pass  # unreadable cache: measure again and overwrite it
@@ -106,6 +111,7 @@ def load_or_measure_profile(report, model_ref: str | None, calib: str, cache: Pa
     if missing:
         raise UserError(f"sensitivity report names layer {missing[0]} that the model lacks; pass the right --model")
     prof = profile_layers(loaded.model, {n: layers[n] for n in names}, batches_of(loaded, ids, len(ids)))
-    write_atomic(cache, json.dumps({"sensitivity_fingerprint": report.fingerprint, "calib": calib,
+    write_atomic(cache, json.dumps({"version": PROFILE_VERSION, "sensitivity_fingerprint": report.fingerprint,
+                                    "calib": calib,
                                     "layers": {n: asdict(p) for n, p in prof.items()}}, indent=1))
     return prof

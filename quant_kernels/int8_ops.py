@@ -30,11 +30,13 @@ __all__ = ["ActSpec", "fake_quant", "int8_linear_supported", "int8_conv_supporte
 
 @dataclass(frozen=True)
 class ActSpec:
-    """How a layer's input is quantized: `bits`, and a static (scale, zero) or None for dynamic."""
+    """How a layer's input is quantized: `bits`, and a static (scale, zero) or None for dynamic;
+    `per_channel` (dynamic depthwise convs only): one scale per (image, channel) instead of per image."""
 
     bits: int = 8
     scale: float | None = None
     zero: float = 0.0
+    per_channel: bool = False
 
     @property
     def static(self) -> bool:
@@ -56,10 +58,14 @@ def _offset(act: ActSpec) -> float:
 
 
 def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.Tensor:
-    """x̂ in x's dtype (the reference arithmetic); dynamic scales are per token, or per image (dim 0)."""
+    """x̂ in x's dtype (the reference arithmetic); dynamic scales are per token, or per image (dim 0), or
+    per (image, channel) with act.per_channel."""
     if act.static:
         return (_static_q(x, act) * act.scale).to(x.dtype)
-    rows = x.reshape(x.shape[0], -1) if per_image else x
+    if act.per_channel:
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    else:
+        rows = x.reshape(x.shape[0], -1) if per_image else x
     q, s = quantize_per_token(rows, act.bits)
     return (q.float() * s).to(x.dtype).reshape(x.shape)
 
@@ -101,7 +107,10 @@ def _rowsum(pw: PackedWeight) -> torch.Tensor:
     return cached
 
 
-def _gemm_fn(pw: PackedWeight, bias: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+Gemm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _gemm_fn(pw: PackedWeight, bias: torch.Tensor | None) -> Gemm:
     """gemm(xq, sx) -> y [R, N] fp32 = sx[r]·(int8 codes xq [R, K]) @ Ŵ^T (+ bias) through the integer
     kernels, weight operands bound; fp32 xq with sx None: the kernel quantizes each row itself (dynamic 8-bit)."""
     ext = extension()
@@ -147,10 +156,13 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
         sx = torch.full((B,), float(act.scale))
     else:
         pad_code = 0.0
-        q, sx = extension().quant_dynamic(xf.reshape(B, -1).contiguous(), act.bits)
+        rows = xf.reshape(B * C if act.per_channel else B, -1).contiguous()
+        q, sx = extension().quant_dynamic(rows, act.bits)  # sx [B] or [B·C]
         codes = q.reshape(B, C, H, W)
     (kh, kw), (sh, sw), (ph, pw_), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
+    if act.per_channel and groups == 1:
+        raise ValueError("per-channel activation scales need a depthwise convolution")
     if groups > 1:
         xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes
         wq, wsc = _channel_weight(pw)

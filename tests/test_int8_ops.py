@@ -116,3 +116,33 @@ def test_same_pad_matches_tf_same_output_size():
     for h in (7, 8, 224):
         y = F.conv2d(_same_pad(torch.zeros(1, 1, h, h), conv), torch.zeros(1, 1, 3, 3), stride=2)
         assert y.shape[-1] == -(-h // 2)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_depthwise_per_channel_activation_scales(bits):
+    """Dynamic scales per (image, channel) on a depthwise conv: integer path = fake-quant reference, and finer
+    than per image on inputs whose channels differ in range by orders of magnitude."""
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+    pw = random_packed(6, 9, bits, -1, True, False, bits)
+    ref = copy.deepcopy(conv).double()
+    ref.weight = nn.Parameter(dequantize(pw, torch.float64).reshape(6, 1, 3, 3))
+    layer = QuantConv2d(pw, conv, None, act_bits=8, act_per_channel=True)
+    assert layer.int8 and "per-channel" in repr(layer)
+    x = torch.randn(3, 6, 10, 10) * torch.logspace(-3, 1, 6).reshape(1, 6, 1, 1)
+    x[1, 2] = 0.0  # an all-zero channel: scale 1
+    spec = ActSpec(8, per_channel=True)
+    y, exact = layer(x), ref(x.double())
+    close(y, ref(fake_quant(x, spec, per_image=True).double()))
+    per_image = ref(fake_quant(x, ActSpec(8), per_image=True).double())
+    small = slice(0, 2)  # the small-range channels: per-image scales wipe them out
+    err_c = (y[:, small].double() - exact[:, small]).abs().max()
+    err_i = (per_image[:, small] - exact[:, small]).abs().max()
+    assert err_c < 0.1 * err_i
+
+
+def test_per_channel_activation_scales_are_refused_elsewhere():
+    from quant_kernels.int8_ops import conv2d_int8
+
+    pw = random_packed(4, 27, 4, -1, True, False, 2)
+    with pytest.raises(ValueError, match="depthwise"):
+        conv2d_int8(torch.randn(1, 3, 5, 5), pw, None, ActSpec(8, per_channel=True), (3, 3), (1, 1), (1, 1), (1, 1), 1)

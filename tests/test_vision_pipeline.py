@@ -144,3 +144,26 @@ def test_tf_same_padding_convs_are_quantized_and_run_as_the_model_runs_them(tmp_
         want.weight.data = res["0"].weight.dequantize().reshape(8, 3, 3, 3)
         want.bias = None if conv.bias is None else torch.nn.Parameter(q.bias.detach().clone())
         torch.testing.assert_close(y, want(x))
+
+
+def test_w8a8_checkpoint_scales_depthwise_inputs_per_channel(small_timm, tmp_path):
+    """Dynamic A8 depthwise convs are written with act_granularity=channel and run that way (integer kernel)."""
+    import torch
+
+    from hawqtool.runtime import QuantConv2d, is_depthwise, load_quantized
+
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
+    invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
+           "--max-probes", 2, "-q", "-o", sens)
+    invoke("allocate", sens, "--max-bytes", 1e12, "--bits", 8, "--act-bits", 8, "--group-size", -1, "--sym",
+           "--calib", "images", "-q", "-o", plan)
+    invoke("quantize", small_timm, "--plan", plan, "--method", "rtn", "--calib", "images", "--nsamples", 4, "-q",
+           "-o", ckpt)
+    layers = json.loads((ckpt / "hawqtool_manifest.json").read_text())["layers"]
+    q = load_quantized(ckpt)
+    convs = {n: m for n, m in q.named_modules() if isinstance(m, QuantConv2d)}
+    dw = {n for n, m in convs.items() if is_depthwise(m._conv)}
+    assert dw and {n for n, v in layers.items() if v.get("act_granularity") == "channel"} == dw
+    assert all(convs[n].act.per_channel and convs[n].int8 for n in dw)
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(2, 3, 224, 224))).all()

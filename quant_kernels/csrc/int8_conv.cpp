@@ -27,7 +27,8 @@ inline void tap_row(const int8_t* x, int32_t w, int32_t* acc, int64_t OW, int64_
 
 // Depthwise convolution (one input channel per output channel) of already padded int8 codes, direct:
 //   y[b, c, oy, ox] = sx[b]·sw[c]·Σ_{ky,kx} x[b, c, oy·sh + ky·dh, ox·sw + kx·dw]·w[c, ky·kw + kx] (+ bias[c])
-// x int8 [B, C, Hp, Wp], w int16 [C, kh·kw] (q − zero), sx [B], sw [C]; exact int32 sums; fp32 [B, C, OH, OW].
+// x int8 [B, C, Hp, Wp], w int16 [C, kh·kw] (q − zero), sx [B] (or [B·C]: per image and channel), sw [C];
+// exact int32 sums; fp32 [B, C, OH, OW].
 torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw,
                     c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw, int64_t sh, int64_t sww,
                     int64_t dh, int64_t dw) {
@@ -36,8 +37,9 @@ torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::T
   const int64_t B = x.size(0), C = x.size(1), Hp = x.size(2), Wp = x.size(3);
   const int64_t OH = (Hp - dh * (kh - 1) - 1) / sh + 1, OW = (Wp - dw * (kw - 1) - 1) / sww + 1;
   TORCH_CHECK(OH > 0 && OW > 0, "input smaller than the kernel");
-  TORCH_CHECK(sx.numel() == B && w.size(0) == C && w.size(1) == kh * kw && sw.numel() == C,
-              "inconsistent depthwise operands");
+  TORCH_CHECK((sx.numel() == B || sx.numel() == B * C) && w.size(0) == C && w.size(1) == kh * kw &&
+              sw.numel() == C, "inconsistent depthwise operands");
+  const bool per_channel = sx.numel() == B * C && C > 1;  // one activation scale per (image, channel)
   const float* b = optional_bias(bias, C);
   auto y = torch::empty({B, C, OH, OW}, sx.options());
   const int8_t* xp = x.data_ptr<int8_t>();
@@ -60,7 +62,7 @@ torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::T
             else tap_row<0>(xr, wt, acc.data() + oy * OW, OW, sww);
           }
         }
-      const float sc = sxp[i / C] * swp[c], bc = b ? b[c] : 0.f;
+      const float sc = sxp[per_channel ? i : i / C] * swp[c], bc = b ? b[c] : 0.f;
       float* yc = yo + i * OH * OW;
       for (int64_t j = 0; j < OH * OW; ++j) yc[j] = static_cast<float>(acc[j]) * sc + bc;
     }
