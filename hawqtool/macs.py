@@ -3,8 +3,8 @@
 MACs are per *sample unit*: per token for token models (input_ids), per image otherwise.
 Linear / HF Conv1D: rows × in × out; Conv1d/Conv2d: output elements × in/groups × kernel.
 The crest factor max(x²)/mean(x²) of each layer's input, per token (row) or per image (per image
-and channel for depthwise convs, as the runtime scales them), averaged, sizes the noise of dynamic
-activation quantization (see allocate.plan).
+and channel for depthwise convs, per pixel for 1×1 convs, as the runtime scales them), averaged,
+sizes the noise of dynamic activation quantization (see allocate.plan).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import UserError
 
-PROFILE_VERSION = 2  # 2: depthwise crest per (image, channel)
+PROFILE_VERSION = 2  # 2: crest per (image, channel) for depthwise convs, per pixel for 1×1 convs
 
 
 @dataclass
@@ -37,8 +37,12 @@ def _macs_and_rows(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
         k = m.in_channels // m.groups
         for s in m.kernel_size:
             k *= s
-        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels  # scaled per (image, channel)
-        return float(y.numel() * k), x.reshape(x.shape[0] * (x.shape[1] if depthwise else 1), -1)
+        from .runtime import conv_act_granularity  # rows scaled together at run time
+
+        g = conv_act_granularity(m)
+        rows = (x.transpose(1, -1).reshape(-1, x.shape[1]) if g == "pixel"
+                else x.reshape(x.shape[0] * (x.shape[1] if g == "channel" else 1), -1))
+        return float(y.numel() * k), rows
     in_f = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0] if isinstance(m, Conv1D) else x.shape[-1]
     rows = x.reshape(-1, in_f)
     return float(rows.shape[0] * in_f * (y.shape[-1])), rows

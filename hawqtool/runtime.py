@@ -17,12 +17,12 @@ from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 
 
-def _act_spec(act_bits: int, act_static, per_channel: bool = False) -> ActSpec | None:
-    """The input quantizer of a layer: None (float input), dynamic (per channel for depthwise convs that ask),
-    or static (scale, zero)."""
+def _act_spec(act_bits: int, act_static, granularity: str = "image") -> ActSpec | None:
+    """The input quantizer of a layer: None (float input), dynamic (conv inputs scaled per `granularity`), or
+    static (scale, zero)."""
     if act_bits >= 16:
         return None
-    return ActSpec(act_bits, *act_static) if act_static is not None else ActSpec(act_bits, per_channel=per_channel)
+    return ActSpec(act_bits, *act_static) if act_static is not None else ActSpec(act_bits, granularity=granularity)
 
 
 def _cpu_float(x: torch.Tensor) -> bool:
@@ -86,17 +86,28 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _act_per_channel(meta: dict, name: str, target: nn.Module, static) -> bool:
-    """True if the layer's dynamic input scales are per (image, channel): `act_granularity: channel`, valid only
-    on depthwise convs with dynamic activation quantization."""
+def is_pointwise(m: nn.Module) -> bool:
+    """A 1×1 Conv2d without groups or padding: every output pixel is a token of a Linear layer."""
+    return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1
+            and not isinstance(m.padding, str) and tuple(m.padding) == (0, 0))
+
+
+def conv_act_granularity(m: nn.Module) -> str:
+    """The finest dynamic activation scale a conv's integer kernel applies for free: per (image, channel) for
+    depthwise, per pixel for 1×1, per image otherwise."""
+    return "channel" if is_depthwise(m) else "pixel" if is_pointwise(m) else "image"
+
+
+def _act_granularity(meta: dict, name: str, target: nn.Module, static) -> str:
+    """`act_granularity` of a layer (image when absent), valid only where conv_act_granularity allows it."""
     g = meta.get("act_granularity", "image")
-    if g not in ("image", "channel"):
-        raise UserError(f"layer {name} in the checkpoint has act_granularity {g!r} (expected image or channel); "
-                        "re-create the checkpoint")
-    if g == "channel" and (static is not None or not is_depthwise(target)):
-        raise UserError(f"layer {name} in the checkpoint asks for per-channel activation scales, which only dynamic "
-                        "depthwise convolutions have; re-create the checkpoint")
-    return g == "channel"
+    if g not in ("image", "channel", "pixel"):
+        raise UserError(f"layer {name} in the checkpoint has act_granularity {g!r} (expected image, channel or "
+                        "pixel); re-create the checkpoint")
+    if g != "image" and (static is not None or conv_act_granularity(target) != g):
+        raise UserError(f"layer {name} in the checkpoint asks for per-{g} activation scales, which only dynamic "
+                        f"{'depthwise' if g == 'channel' else '1×1'} convolutions have; re-create the checkpoint")
+    return g
 
 
 def _act_static(meta: dict, name: str):
@@ -127,10 +138,10 @@ class QuantConv2d(nn.Module):
     by quant_kernels, with the input fake-quantized by the same quantizer (`kernel` in the repr says which)."""
 
     def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16,
-                 act_static=None, act_per_channel: bool = False):
+                 act_static=None, act_granularity: str = "image"):
         super().__init__()
         self.act_static = act_static
-        self.act = _act_spec(int(act_bits), act_static, act_per_channel)
+        self.act = _act_spec(int(act_bits), act_static, act_granularity)
         self.pw, self.act_bits, self.bits, self.group_size = pw, int(act_bits), pw.bits, pw.group_size
         self.register_buffer("qweight", pw.qweight)
         self.register_buffer("scales", pw.scales)
@@ -168,7 +179,7 @@ class QuantConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         act = "" if self.act is None else (f", act_bits={self.act_bits}{', static' if self.act.static else ''}"
-                                           f"{', per-channel' if self.act.per_channel else ''}"
+                                           f"{f', per {self.act.granularity}' if self.act.granularity != 'image' else ''}"
                                            f", kernel={'int8' if self.int8 else 'fake-quant'}")
         return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{act}"
 
@@ -297,8 +308,8 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
         _target(model, name, pw)
         target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
         static = _act_static(meta, name)
-        per_channel = _act_per_channel(meta, name, target, static)
-        layer = (QuantConv2d(pw, target, bias, act, static, per_channel) if isinstance(target, (nn.Conv1d, nn.Conv2d))
+        granularity = _act_granularity(meta, name, target, static)
+        layer = (QuantConv2d(pw, target, bias, act, static, granularity) if isinstance(target, (nn.Conv1d, nn.Conv2d))
                  else QuantLinear(pw, bias, act_bits=act, act_static=static))
         _set_module(model, name, layer)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}

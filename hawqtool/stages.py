@@ -223,12 +223,13 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
         if opts.act_mode == "static":
             for n, q in static_activation_ranges(loaded.model, act, calib_ids, opts).items():
                 info[n].update(act_mode="static", act_scale=float(q.scale), act_zero=float(q.zero))
-        else:  # a depthwise conv's output channel sees one input channel: its scale can be per channel for free
-            from .runtime import is_depthwise
+        else:  # finer dynamic scales where the integer kernel applies them for free (depthwise, 1×1 convs)
+            from .runtime import conv_act_granularity
 
             for n in info:
-                if act.get(n, 16) < 16 and is_depthwise(loaded.model.get_submodule(n)):
-                    info[n]["act_granularity"] = "channel"
+                g = conv_act_granularity(loaded.model.get_submodule(n))
+                if act.get(n, 16) < 16 and g != "image":
+                    info[n]["act_granularity"] = g
         retried = [n for n, r in results.items() if r.retries]
     if loaded.task == "image-classification":
         from .vision.loading import vision_manifest

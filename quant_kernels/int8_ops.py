@@ -30,13 +30,14 @@ __all__ = ["ActSpec", "fake_quant", "int8_linear_supported", "int8_conv_supporte
 
 @dataclass(frozen=True)
 class ActSpec:
-    """How a layer's input is quantized: `bits`, and a static (scale, zero) or None for dynamic;
-    `per_channel` (dynamic depthwise convs only): one scale per (image, channel) instead of per image."""
+    """How a layer's input is quantized: `bits`, and a static (scale, zero) or None for dynamic. Dynamic
+    Linear inputs are scaled per token; conv inputs per `granularity`: "image", "channel" (per image and
+    channel: depthwise convs only) or "pixel" (per image and position: 1×1 convs only, a token each)."""
 
     bits: int = 8
     scale: float | None = None
     zero: float = 0.0
-    per_channel: bool = False
+    granularity: str = "image"
 
     @property
     def static(self) -> bool:
@@ -58,14 +59,17 @@ def _offset(act: ActSpec) -> float:
 
 
 def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.Tensor:
-    """x̂ in x's dtype (the reference arithmetic); dynamic scales are per token, or per image (dim 0), or
-    per (image, channel) with act.per_channel."""
+    """x̂ in x's dtype (the reference arithmetic); dynamic scales are per token, or for convs (per_image)
+    per act.granularity."""
     if act.static:
         return (_static_q(x, act) * act.scale).to(x.dtype)
-    if act.per_channel:
-        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    if per_image and act.granularity == "pixel":
+        q, s = quantize_per_token(x.permute(0, 2, 3, 1), act.bits)
+        return (q.float() * s).permute(0, 3, 1, 2).to(x.dtype)
+    if per_image:
+        rows = x.reshape(x.shape[0] * (x.shape[1] if act.granularity == "channel" else 1), -1)
     else:
-        rows = x.reshape(x.shape[0], -1) if per_image else x
+        rows = x
     q, s = quantize_per_token(rows, act.bits)
     return (q.float() * s).to(x.dtype).reshape(x.shape)
 
@@ -156,12 +160,22 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
         sx = torch.full((B,), float(act.scale))
     else:
         pad_code = 0.0
-        rows = xf.reshape(B * C if act.per_channel else B, -1).contiguous()
+        if act.granularity == "pixel":  # 1×1 conv: each output pixel is a token with its own scale
+            if (kernel_size, padding, groups) != ((1, 1), (0, 0), 1):
+                raise ValueError("per-pixel activation scales need a 1×1 convolution")
+            oh, ow = -(-H // stride[0]), -(-W // stride[1])
+            rows = xf[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(B * oh * ow, C).contiguous()
+            q, sxr = extension().quant_dynamic(rows, act.bits)
+            y = extension().gemm_vert_a8(q, sxr, *_vertical_weight(pw), O,
+                                         None if bias is None else bias.float().contiguous()) \
+                if _per_channel(pw) else _gemm_fn(pw, bias)(q, sxr)
+            return y.reshape(B, oh, ow, O).permute(0, 3, 1, 2).contiguous().to(x.dtype)
+        rows = xf.reshape(B * C if act.granularity == "channel" else B, -1).contiguous()
         q, sx = extension().quant_dynamic(rows, act.bits)  # sx [B] or [B·C]
         codes = q.reshape(B, C, H, W)
     (kh, kw), (sh, sw), (ph, pw_), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
-    if act.per_channel and groups == 1:
+    if act.granularity == "channel" and groups == 1:
         raise ValueError("per-channel activation scales need a depthwise convolution")
     if groups > 1:
         xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes

@@ -126,11 +126,11 @@ def test_depthwise_per_channel_activation_scales(bits):
     pw = random_packed(6, 9, bits, -1, True, False, bits)
     ref = copy.deepcopy(conv).double()
     ref.weight = nn.Parameter(dequantize(pw, torch.float64).reshape(6, 1, 3, 3))
-    layer = QuantConv2d(pw, conv, None, act_bits=8, act_per_channel=True)
-    assert layer.int8 and "per-channel" in repr(layer)
+    layer = QuantConv2d(pw, conv, None, act_bits=8, act_granularity="channel")
+    assert layer.int8 and "per channel" in repr(layer)
     x = torch.randn(3, 6, 10, 10) * torch.logspace(-3, 1, 6).reshape(1, 6, 1, 1)
     x[1, 2] = 0.0  # an all-zero channel: scale 1
-    spec = ActSpec(8, per_channel=True)
+    spec = ActSpec(8, granularity="channel")
     y, exact = layer(x), ref(x.double())
     close(y, ref(fake_quant(x, spec, per_image=True).double()))
     per_image = ref(fake_quant(x, ActSpec(8), per_image=True).double())
@@ -140,9 +140,29 @@ def test_depthwise_per_channel_activation_scales(bits):
     assert err_c < 0.1 * err_i
 
 
-def test_per_channel_activation_scales_are_refused_elsewhere():
+@pytest.mark.parametrize("bits, gs", [(8, -1), (4, -1), (4, 16)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_per_pixel_activation_scales(bits, gs, stride):
+    """1×1 convs scale each pixel as a token (short-K kernel, or the Linear kernel for grouped weights)."""
+    conv = nn.Conv2d(40, 12, 1, stride=stride, bias=True)
+    pw = random_packed(12, 40, bits, gs, bits == 8, False, bits + stride)
+    bias = torch.randn(12)
+    ref = copy.deepcopy(conv).double()
+    ref.weight, ref.bias = nn.Parameter(dequantize(pw, torch.float64).reshape(12, 40, 1, 1)), nn.Parameter(bias.double())
+    layer = QuantConv2d(pw, conv, bias, act_bits=8, act_granularity="pixel")
+    assert layer.int8 and "per pixel" in repr(layer)
+    x = torch.randn(2, 40, 7, 9) * torch.linspace(0.01, 3, 9)  # pixels of very different ranges
+    x[1, :, 3, 4] = 0.0
+    spec = ActSpec(8, granularity="pixel")
+    close(layer(x), ref(fake_quant(x, spec, per_image=True).double()))
+    exact, coarse = ref(x.double()), ref(fake_quant(x, ActSpec(8), per_image=True).double())
+    assert (layer(x).double() - exact).abs().max() < (coarse - exact).abs().max()
+
+
+def test_fine_activation_scales_are_refused_elsewhere():
     from quant_kernels.int8_ops import conv2d_int8
 
     pw = random_packed(4, 27, 4, -1, True, False, 2)
-    with pytest.raises(ValueError, match="depthwise"):
-        conv2d_int8(torch.randn(1, 3, 5, 5), pw, None, ActSpec(8, per_channel=True), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    for g, match in (("channel", "depthwise"), ("pixel", "1×1")):
+        with pytest.raises(ValueError, match=match):
+            conv2d_int8(torch.randn(1, 3, 5, 5), pw, None, ActSpec(8, granularity=g), (3, 3), (1, 1), (1, 1), (1, 1), 1)

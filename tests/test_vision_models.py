@@ -132,23 +132,28 @@ def test_real_fashion_mnist_if_installed():
     assert imgs.shape == (10000, 28, 28)
 
 
-def test_depthwise_layers_ask_for_per_channel_activation_scales_and_the_reader_checks():
-    """quantize marks dynamic-A8 depthwise convs `act_granularity: channel`; the reader accepts it only there."""
+def test_conv_activation_granularity_and_the_reader_checks():
+    """Depthwise convs may scale inputs per (image, channel), 1×1 convs per pixel; the reader accepts each
+    only there, and the allocator's crest factor uses the same rows."""
     from torch import nn
 
     from hawqtool.errors import UserError
     from hawqtool.macs import _macs_and_rows
-    from hawqtool.runtime import _act_per_channel, is_depthwise
+    from hawqtool.runtime import _act_granularity, conv_act_granularity
 
-    dw, pw_conv = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1)
-    assert is_depthwise(dw) and not is_depthwise(pw_conv) and not is_depthwise(nn.Conv2d(1, 1, 3))
-    assert _act_per_channel({"act_granularity": "channel"}, "dw", dw, None)
-    assert not _act_per_channel({}, "dw", dw, None)
-    for meta, target, static in [({"act_granularity": "channel"}, pw_conv, None),
+    dw, pt, k3 = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3)
+    assert [conv_act_granularity(m) for m in (dw, pt, k3, nn.Conv2d(1, 1, 3))] == ["channel", "pixel", "image",
+                                                                                   "image"]
+    assert _act_granularity({"act_granularity": "channel"}, "dw", dw, None) == "channel"
+    assert _act_granularity({"act_granularity": "pixel"}, "pt", pt, None) == "pixel"
+    assert _act_granularity({}, "dw", dw, None) == "image"
+    for meta, target, static in [({"act_granularity": "channel"}, pt, None),
+                                 ({"act_granularity": "pixel"}, k3, None),
                                  ({"act_granularity": "channel"}, dw, (0.1, 3.0)),
-                                 ({"act_granularity": "pixel"}, dw, None)]:
+                                 ({"act_granularity": "row"}, dw, None)]:
         with pytest.raises(UserError):
-            _act_per_channel(meta, "x", target, static)
+            _act_granularity(meta, "x", target, static)
     x = torch.randn(2, 4, 6, 6)
-    assert _macs_and_rows(dw, x, dw(x))[1].shape == (8, 36)  # crest per (image, channel), as the runtime scales
-    assert _macs_and_rows(pw_conv, x, pw_conv(x))[1].shape == (2, 144)
+    assert _macs_and_rows(dw, x, dw(x))[1].shape == (8, 36)
+    assert _macs_and_rows(pt, x, pt(x))[1].shape == (72, 4)
+    assert _macs_and_rows(k3, x, k3(x))[1].shape == (2, 144)

@@ -146,11 +146,12 @@ def test_tf_same_padding_convs_are_quantized_and_run_as_the_model_runs_them(tmp_
         torch.testing.assert_close(y, want(x))
 
 
-def test_w8a8_checkpoint_scales_depthwise_inputs_per_channel(small_timm, tmp_path):
-    """Dynamic A8 depthwise convs are written with act_granularity=channel and run that way (integer kernel)."""
+def test_w8a8_checkpoint_scales_depthwise_inputs_per_channel_and_pointwise_per_pixel(small_timm, tmp_path):
+    """Dynamic A8 depthwise convs are written with act_granularity=channel, 1×1 convs with pixel, and run that
+    way on the integer kernels."""
     import torch
 
-    from hawqtool.runtime import QuantConv2d, is_depthwise, load_quantized
+    from hawqtool.runtime import QuantConv2d, conv_act_granularity, load_quantized
 
     sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
@@ -162,8 +163,9 @@ def test_w8a8_checkpoint_scales_depthwise_inputs_per_channel(small_timm, tmp_pat
     layers = json.loads((ckpt / "hawqtool_manifest.json").read_text())["layers"]
     q = load_quantized(ckpt)
     convs = {n: m for n, m in q.named_modules() if isinstance(m, QuantConv2d)}
-    dw = {n for n, m in convs.items() if is_depthwise(m._conv)}
-    assert dw and {n for n, v in layers.items() if v.get("act_granularity") == "channel"} == dw
-    assert all(convs[n].act.per_channel and convs[n].int8 for n in dw)
+    for g in ("channel", "pixel"):
+        named = {n for n, m in convs.items() if conv_act_granularity(m._conv) == g}
+        assert named and {n for n, v in layers.items() if v.get("act_granularity") == g} == named
+        assert all(convs[n].act.granularity == g and convs[n].int8 for n in named)
     with torch.no_grad():
         assert torch.isfinite(q(torch.randn(2, 3, 224, 224))).all()
