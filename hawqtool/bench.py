@@ -195,7 +195,8 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats)
     # memory each model holds: RSS with it minus RSS once it is deleted (library imports, which the first
     # load pays, stay out of both); after a prompt, as memory-mapped weights count only once touched
-    both = _rss_after_forward(qmodel, prompt) and _rss_after_forward(fmodel, prompt)
+    _rss_after_forward(qmodel, prompt)
+    both = _rss_after_forward(fmodel, prompt)
     del fmodel
     q_only = _rss()
     del qmodel

@@ -149,8 +149,8 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
                 kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], groups: int) -> torch.Tensor:
     """conv2d(x̂, Ŵ) (+ bias) with integer sums; x [B, C, H, W] (already padded for 'same' convs);
-    needs int8_conv_supported. Dynamic activations get one scale per image. Depthwise: a direct kernel on
-    the padded codes; 1×1: one GEMM over pixels; others: one GEMM over unfolded patches."""
+    needs int8_conv_supported. Dynamic scales per act.granularity. Depthwise: a direct kernel on the
+    padded codes; 1×1: one GEMM over pixels; others: one GEMM over unfolded patches."""
     B, C, H, W = x.shape
     O = pw.out_features
     xf = x.to(torch.float32)
@@ -165,10 +165,7 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
                 raise ValueError("per-pixel activation scales need a 1×1 convolution")
             oh, ow = -(-H // stride[0]), -(-W // stride[1])
             rows = xf[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(B * oh * ow, C).contiguous()
-            q, sxr = extension().quant_dynamic(rows, act.bits)
-            y = extension().gemm_vert_a8(q, sxr, *_vertical_weight(pw), O,
-                                         None if bias is None else bias.float().contiguous()) \
-                if _per_channel(pw) else _gemm_fn(pw, bias)(q, sxr)
+            y = _conv_gemm(*extension().quant_dynamic(rows, act.bits), pw, bias)
             return y.reshape(B, oh, ow, O).permute(0, 3, 1, 2).contiguous().to(x.dtype)
         rows = xf.reshape(B * C if act.granularity == "channel" else B, -1).contiguous()
         q, sx = extension().quant_dynamic(rows, act.bits)  # sx [B] or [B·C]
@@ -190,16 +187,20 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
             v = F.pad(v, (pw_, pw_, ph, ph), value=pad_code) if ph or pw_ else v
             rows = F.unfold(v, kernel_size, dilation=dilation, stride=stride).transpose(1, 2).reshape(B * oh * ow, -1)
             rows = rows.to(torch.int8)
-        sxr = sx.float().repeat_interleave(oh * ow)
-        b = None if bias is None else bias.float().contiguous()
-        if _per_channel(pw):  # output channels across SIMD lanes: no per-output horizontal sums for short K
-            y = extension().gemm_vert_a8(rows.contiguous(), sxr, *_vertical_weight(pw), O, b)
-        else:
-            y = _gemm_fn(pw, bias)(rows.contiguous(), sxr)
+        y = _conv_gemm(rows.contiguous(), sx.float().repeat_interleave(oh * ow), pw, bias)
         y = y.reshape(B, oh, ow, O).permute(0, 3, 1, 2)
     if act.static:
         y = y + (act.scale * (_offset(act) - act.zero) * _rowsum(pw)).reshape(1, O, 1, 1)
     return y.contiguous().to(x.dtype)
+
+
+def _conv_gemm(rows: torch.Tensor, sx: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [R, N] of int8 pixel/patch rows with per-row scales: per-channel weights take the short-K kernel
+    (output channels across SIMD lanes, no per-output horizontal sums), group-wise ones the Linear kernels."""
+    if _per_channel(pw):
+        return extension().gemm_vert_a8(rows, sx, *_vertical_weight(pw), pw.out_features,
+                                        None if bias is None else bias.float().contiguous())
+    return _gemm_fn(pw, bias)(rows, sx)
 
 
 def _channel_weight(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
