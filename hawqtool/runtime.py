@@ -25,6 +25,15 @@ def _act_spec(act_bits: int, act_static, granularity: str = "image") -> ActSpec 
     return ActSpec(act_bits, *act_static) if act_static is not None else ActSpec(act_bits, granularity=granularity)
 
 
+def _act_repr(layer) -> str:
+    """', act_bits=…' with the quantizer's kind and which kernel runs, for a layer's repr ('' for float input)."""
+    a = layer.act
+    if a is None:
+        return ""
+    kind = ", static" if a.static else (f", per {a.granularity}" if a.granularity != "image" else "")
+    return f", act_bits={layer.act_bits}{kind}, kernel={'int8' if layer.int8 else 'fake-quant'}"
+
+
 def _cpu_float(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
@@ -68,9 +77,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.pw, dtype)
 
     def extra_repr(self) -> str:
-        act = "" if self.act is None else (f", act_bits={self.act_bits}{', static' if self.act.static else ''}"
-                                           f", kernel={'int8' if self.int8 else 'fake-quant'}")
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{act}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+                f"{_act_repr(self)}")
 
 
 def _meta_int(meta: dict, key: str, name: str) -> int:
@@ -133,9 +141,10 @@ def _same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 class QuantConv2d(nn.Module):
     """A Conv2d/Conv1d whose weight is kept packed ([out, in/groups·k] rows, per-channel or grouped scales).
     With act_bits < 16 on CPU, Conv2d layers with zero padding (or timm's Conv2dSame) whose weight has an
-    integer kernel (groups=1, or depthwise) run on unfolded int8 input with int32 sums (quant_kernels.int8_ops;
-    dynamic inputs get one scale per image). Otherwise the float module runs on the weight dequantized once
-    by quant_kernels, with the input fake-quantized by the same quantizer (`kernel` in the repr says which)."""
+    integer kernel (groups=1, or depthwise) run on int8 codes with int32 sums (quant_kernels.int8_ops; dynamic
+    inputs scaled per `act_granularity`: image, channel for depthwise, pixel for 1×1). Otherwise the float
+    module runs on the weight dequantized once by quant_kernels, with the input fake-quantized by the same
+    quantizer (`kernel` in the repr says which)."""
 
     def __init__(self, pw: PackedWeight, conv: nn.Module, bias: torch.Tensor | None, act_bits: int = 16,
                  act_static=None, act_granularity: str = "image"):
@@ -178,10 +187,7 @@ class QuantConv2d(nn.Module):
         return dequantize(self.pw, dtype).reshape(self.shape)
 
     def extra_repr(self) -> str:
-        act = "" if self.act is None else (f", act_bits={self.act_bits}{', static' if self.act.static else ''}"
-                                           f"{f', per {self.act.granularity}' if self.act.granularity != 'image' else ''}"
-                                           f", kernel={'int8' if self.int8 else 'fake-quant'}")
-        return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{act}"
+        return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{_act_repr(self)}"
 
 
 def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
