@@ -37,6 +37,7 @@ import torch
 
 from .layout import PackedWeight
 from .packing import unpack
+from .torch_ops import kernel, register_fakes
 
 log = logging.getLogger("quant_kernels")
 
@@ -87,6 +88,7 @@ def extension():
             _STATE["ext"] = load(name="hawq_qkernels", sources=[str(p) for p in src], build_directory=str(d),
                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-I{csrc}"],
                                  extra_ldflags=["-fopenmp"], verbose=False)
+            register_fakes()
             if fresh:
                 print(f"quant_kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path, loudly
@@ -160,7 +162,7 @@ def matmul_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = N
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = ext.linear(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b, GEMV_MAX_ROWS,
+    y = kernel(ext, "linear")(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b, GEMV_MAX_ROWS,
                    BLAS_MIN_ROWS)
     return y.to(x.dtype).reshape(*lead, pw.out_features)
 

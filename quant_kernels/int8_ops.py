@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .activation import quantize_per_token
 from .fast_cpu import a8_supported, extension, repack, repack_w8a8, w8a8_supported
+from .torch_ops import kernel
 from .layout import PackedWeight
 from .packing import unpack
 
@@ -76,7 +77,7 @@ def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.
 
 def _codes_static(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
     """int8 codes q − o of a static quantizer (fp32 contiguous x; one fused pass in the extension)."""
-    return extension().quant_static(x, act.scale, act.zero, 2 ** act.bits - 1, int(_offset(act)))
+    return kernel(extension(), "quant_static")(x, act.scale, act.zero, 2 ** act.bits - 1, int(_offset(act)))
 
 
 def int8_linear_supported(pw: PackedWeight) -> bool:
@@ -120,10 +121,10 @@ def _gemm_fn(pw: PackedWeight, bias: torch.Tensor | None) -> Gemm:
     ext = extension()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     if a8_supported(pw):
-        kw = repack(pw)
-        return lambda xq, sx: ext.linear_a8(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
-    wq, sw = repack_w8a8(pw)
-    return lambda xq, sx: ext.w8a8(xq, wq, sw, b, sx)
+        kw, run = repack(pw), kernel(ext, "linear_a8")
+        return lambda xq, sx: run(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
+    (wq, sw), run = repack_w8a8(pw), kernel(ext, "w8a8")
+    return lambda xq, sx: run(xq, wq, sw, b, sx)
 
 
 def int8_linear_fn(pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -135,7 +136,8 @@ def int8_linear_fn(pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) ->
         return lambda x: gemm(_codes_static(x, act), torch.full((x.shape[0],), act.scale)) + corr
     if act.bits == 8:
         return lambda x: gemm(x, None)
-    return lambda x: gemm(*extension().quant_dynamic(x, act.bits))
+    quant = kernel(extension(), "quant_dynamic")
+    return lambda x: gemm(*quant(x, act.bits))
 
 
 def linear_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) -> torch.Tensor:

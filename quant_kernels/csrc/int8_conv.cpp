@@ -72,7 +72,7 @@ torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::T
 
 // Dynamic symmetric b-bit codes of each row, as quant_kernels.activation.quantize_per_token:
 // s = max|x|/(2^(b−1)−1) (1 for an all-zero row), q = round-half-even(x/s) clamped; int8 [R, K] and fp32 [R].
-std::vector<torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits) {
+std::tuple<torch::Tensor, torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits) {
   check(x, at::kFloat, "x");
   TORCH_CHECK(x.dim() == 2 && bits >= 2 && bits <= 8, "quant_dynamic takes [R, K] rows and 2..8 bits");
   const int64_t R = x.size(0), K = x.size(1);

@@ -326,7 +326,7 @@ torch::Tensor dw_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::T
                     int64_t dh, int64_t dw);
 torch::Tensor gemm_vert_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, torch::Tensor sw, int64_t N,
                            c10::optional<torch::Tensor> bias);
-std::vector<torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits);
+std::tuple<torch::Tensor, torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits);
 torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t qhi, int64_t offset);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -340,4 +340,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_static", &quant_static, "static asymmetric activation codes minus an offset, as int8");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
+}
+
+// The same kernels as torch operators (quant_kernels::NAME), so torch.compile can keep a quantized model in
+// whole graphs: a pybind call is opaque to dynamo and would split the graph at every layer. Eager callers
+// keep the pybind functions above (fewer µs per call); quant_kernels/torch_ops.py gives the ops their
+// shape functions and picks one or the other.
+TORCH_LIBRARY(quant_kernels, m) {
+  m.def("linear(Tensor x, Tensor codes, Tensor s, Tensor zs, Tensor gunit, Tensor xidx, bool identity, "
+        "bool nibble, Tensor? bias, int gemv_max_rows, int blas_min_rows) -> Tensor");
+  m.def("linear_a8(Tensor x, Tensor codes, Tensor s, Tensor zs, Tensor gunit, Tensor xidx, bool identity, "
+        "Tensor? bias, Tensor? sx) -> Tensor");
+  m.def("w8a8(Tensor x, Tensor w, Tensor sw, Tensor? bias, Tensor? sx) -> Tensor");
+  m.def("quant_dynamic(Tensor x, int bits) -> (Tensor, Tensor)");
+  m.def("quant_static(Tensor x, float scale, float zero, int qhi, int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(quant_kernels, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_a8", &linear_a8);
+  m.impl("w8a8", &w8a8);
+  m.impl("quant_dynamic", &quant_dynamic);
+  m.impl("quant_static", &quant_static);
 }

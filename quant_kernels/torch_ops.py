@@ -1,0 +1,48 @@
+"""The extension's Linear kernels as torch operators (quant_kernels::linear, ::linear_a8, ::w8a8,
+::quant_dynamic, ::quant_static), so `torch.compile` traces a quantized model into whole graphs instead of
+breaking the graph at every layer (a pybind call is opaque to dynamo).
+
+`kernel(ext, name)` is what callers bind: in eager mode it calls the pybind function directly (no
+dispatcher on the decode hot path), while torch.compile traces it into the registered op. The shape
+functions here ("fake" implementations) tell the compiler each op's output without running it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_REGISTERED: list[bool] = []
+
+
+def _shape(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def register_fakes() -> None:
+    """Give the C++-registered ops their shape functions (once per process, after the extension loads)."""
+    if _REGISTERED:
+        return
+    reg = torch.library.register_fake
+    reg("quant_kernels::linear")(lambda x, codes, s, zs, gunit, xidx, identity, nibble, bias, g, b: _shape(x, s.shape[0]))
+    reg("quant_kernels::linear_a8")(lambda x, codes, s, zs, gunit, xidx, identity, bias, sx: _shape(x, s.shape[0]))
+    reg("quant_kernels::w8a8")(lambda x, w, sw, bias, sx: _shape(x, w.shape[0]))
+    reg("quant_kernels::quant_dynamic")(
+        lambda x, bits: (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)))
+    reg("quant_kernels::quant_static")(lambda x, scale, zero, qhi, offset: x.new_empty(x.shape, dtype=torch.int8))
+    _REGISTERED.append(True)
+
+
+_KERNELS: dict[str, Callable] = {}
+
+
+def kernel(ext, name: str) -> Callable:
+    """ext.<name> in eager mode, torch.ops.quant_kernels.<name> while torch.compile traces (built once)."""
+    if name not in _KERNELS:
+        eager, op = getattr(ext, name), getattr(torch.ops.quant_kernels, name)
+
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else eager(*args)
+
+        _KERNELS[name] = call
+    return _KERNELS[name]
