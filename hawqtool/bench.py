@@ -61,6 +61,8 @@ class BenchResult:
     full_precision: ModelTiming
     layers: list[LayerTiming] = field(default_factory=list)
     peak_rss_bytes: int = 0
+    compiled: bool = False  # both models torch.compile'd, static KV cache
+    graph_breaks: int = 0  # dynamo graph breaks while compiling both (0: whole graphs)
 
     @property
     def decode_speedup(self) -> float:
@@ -86,41 +88,69 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+class _Decoder:
+    """Prefill and greedy decode steps of one causal LM, eager (dynamic KV cache) or compiled (static cache)."""
+
+    def __init__(self, model: nn.Module, compiled: bool, max_len: int):
+        from .compiled import compile_model
+
+        self.model, self.static, self.max_len = model, compiled, max_len
+        self.fwd = compile_model(model) if compiled else model
+
+    def prefill(self, prompt: torch.Tensor):
+        """(cache, next token) after one forward over the prompt."""
+        if not self.static:
+            out = self.fwd(input_ids=prompt, use_cache=True)
+            return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        from .compiled import static_cache
+
+        cache = static_cache(self.model, self.max_len)
+        out = self.fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
+                       use_cache=True)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self, tok: torch.Tensor, cache, pos: int):
+        """(cache, next token) after one decode step of `tok` at position `pos`."""
+        kw = {"cache_position": torch.tensor([pos])} if self.static else {}
+        out = self.fwd(input_ids=tok, past_key_values=cache, use_cache=True, **kw)
+        return (cache if self.static else out.past_key_values), out.logits[:, -1].argmax(-1, keepdim=True)
+
+
 @torch.inference_mode()  # what a deployment runs under: no autograd bookkeeping on the many small decode ops
 def time_models(models: list[nn.Module], prompt: torch.Tensor, decode_tokens: int,
-                repeats: int) -> list[tuple[float, float]]:
+                repeats: int, compiled: bool = False) -> list[tuple[float, float]]:
     """(prefill ms, decode tokens/s) per causal LM: one forward over the prompt, then greedy steps of one
     token each through the KV cache. The models take turns in every repeat, so drift in machine speed
-    (shared hosts) hits them alike; medians of `repeats`, after one untimed round."""
-    def prefill(model):
-        return model(input_ids=prompt, use_cache=True)
+    (shared hosts) hits them alike; medians of `repeats`, after one untimed round (which compiles, with
+    `compiled`: every model then runs torch.compile'd with a static cache)."""
+    n = prompt.shape[1]
+    runs = [_Decoder(m, compiled, n + decode_tokens + 1) for m in models]
 
-    def decode(model) -> float:
-        out = prefill(model)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    def decode(r: _Decoder) -> float:
+        cache, nxt = r.prefill(prompt)
         t0 = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(decode_tokens):
+            cache, nxt = r.step(nxt, cache, n + i)
         return decode_tokens / (time.perf_counter() - t0)
 
     pre: list[list[float]] = [[] for _ in models]
     tps: list[list[float]] = [[] for _ in models]
     for rep in range(repeats + 1):
-        for i, m in enumerate(models):
+        for i, r in enumerate(runs):
             t0 = time.perf_counter()
-            prefill(m)
+            r.prefill(prompt)
             p_ms = (time.perf_counter() - t0) * 1e3
-            d = decode(m)
-            if rep:  # round 0 warms up
+            d = decode(r)
+            if rep:  # round 0 warms up (and compiles)
                 pre[i].append(p_ms)
                 tps[i].append(d)
     return [(statistics.median(p), statistics.median(t)) for p, t in zip(pre, tps)]
 
 
-def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> tuple[float, float]:
+def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int,
+               compiled: bool = False) -> tuple[float, float]:
     """(prefill ms, decode tokens/s) of one causal LM (see time_models)."""
-    return time_models([model], prompt, decode_tokens, repeats)[0]
+    return time_models([model], prompt, decode_tokens, repeats, compiled)[0]
 
 
 @torch.inference_mode()
@@ -165,9 +195,10 @@ def _rss_after_forward(model: nn.Module, prompt: torch.Tensor) -> int:
 
 
 def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, prompt_tokens: int = 128,
-                     decode_tokens: int = 32, repeats: int = 5, layers: bool = True,
+                     decode_tokens: int = 32, repeats: int = 5, layers: bool = True, compile: bool = False,
                      progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Time a hawqtool checkpoint and its full-precision model (default: the manifest's source) in this process."""
+    """Time a hawqtool checkpoint and its full-precision model (default: the manifest's source) in this process;
+    `compile`: both torch.compile'd (hawqtool.compiled), as a deployment that cuts per-op overhead runs them."""
     from quant_kernels import backend_info
 
     from .checkpoint import read_manifest
@@ -191,8 +222,10 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     rows = time_layers(qmodel, prompt_tokens, repeats) if layers else []
     say("loading the full-precision model")
     fmodel = load_model(reference, attn_implementation=ATTENTION).model
-    say("timing both models, taking turns")
-    (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats)
+    say("compiling and timing both models, taking turns" if compile else "timing both models, taking turns")
+    breaks0 = _graph_breaks() if compile else 0
+    (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats, compiled=compile)
+    breaks = _graph_breaks() - breaks0 if compile else 0
     # memory each model holds: RSS with it minus RSS once it is deleted (library imports, which the first
     # load pays, stay out of both); after a prompt, as memory-mapped weights count only once touched
     _rss_after_forward(qmodel, prompt)
@@ -205,4 +238,11 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
                        decode_tokens=decode_tokens, repeats=repeats, threads=torch.get_num_threads(),
                        backend=str(backend_info()),
                        quantized=ModelTiming(q_pre, q_tps, q_rss), full_precision=ModelTiming(f_pre, f_tps, f_rss),
-                       layers=rows, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                       layers=rows, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       compiled=compile, graph_breaks=breaks)
+
+
+def _graph_breaks() -> int:
+    from .compiled import graph_breaks
+
+    return graph_breaks()

@@ -71,15 +71,16 @@ def summary_table(s: dict) -> Table:
 def bench_table(res) -> Table:
     """`hawqtool bench` summary: quantized vs full precision end to end, then the slowest layers."""
     q, f = res.quantized, res.full_precision
-    t = Table(title=f"bench — {res.checkpoint} vs {res.reference} ({res.threads} threads)")
+    mode = f", torch.compile'd, {res.graph_breaks} graph breaks" if res.compiled else ", eager"
+    t = Table(title=f"bench — {res.checkpoint} vs {res.reference} ({res.threads} threads{mode})")
     for col in ("model", "prefill ms", "decode tok/s", "RSS added (MB)"):
         t.add_column(col, justify="right")
     t.add_row("quantized", f"{q.prefill_ms:.1f}", f"{q.decode_tokens_per_s:.1f}", f"{q.load_rss_bytes / 1e6:.0f}")
     t.add_row("full precision", f"{f.prefill_ms:.1f}", f"{f.decode_tokens_per_s:.1f}", f"{f.load_rss_bytes / 1e6:.0f}")
     layer_ms = sum(r.decode_ms for r in res.layers)
     fp_ms = sum(r.decode_fp32_ms for r in res.layers)
-    t.caption = (f"decode {res.decode_speedup:.2f}×, prefill {res.prefill_speedup:.2f}× vs fp32; "
-                 f"quantized layers at 1 token: {layer_ms:.2f} ms vs fp32 {fp_ms:.2f} ms; "
+    layers = f"quantized layers at 1 token: {layer_ms:.2f} ms vs fp32 {fp_ms:.2f} ms; " if res.layers else ""
+    t.caption = (f"decode {res.decode_speedup:.2f}×, prefill {res.prefill_speedup:.2f}× vs fp32; {layers}"
                  f"prompt {res.prompt_tokens}, decode {res.decode_tokens} tokens, median of {res.repeats}; "
                  f"peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB; kernels {res.backend}")
     return t

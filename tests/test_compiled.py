@@ -1,0 +1,100 @@
+"""torch.compile of quantized models: quant_kernels' registered ops trace into whole graphs, give the eager
+results exactly, and `hawqtool bench --compile` times both models compiled."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hawqtool.bench import _Decoder
+from hawqtool.checkpoint import pack_layer
+from hawqtool.compiled import compile_model, graph_breaks
+from hawqtool.quantize.quantizer import QuantSpec, rtn
+from hawqtool.runtime import QuantLinear, load_quantized
+from quant_kernels.fast_cpu import extension
+
+from test_cli_budgets import invoke
+
+pytestmark = pytest.mark.skipif(extension() is None, reason="needs the AVX2 extension")
+
+
+@pytest.mark.parametrize("bits, act_bits, static", [(4, 16, None), (3, 16, None), (8, 16, None), (3, 8, None),
+                                                     (8, 8, None), (2, 4, None), (4, 4, (0.05, 7.0))])
+def test_quant_linear_compiles_whole_and_matches_eager_exactly(bits, act_bits, static):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(bits * 100 + act_bits)
+    W = torch.randn(40, 72, generator=g)
+    pw = pack_layer(rtn(W, QuantSpec(bits, -1 if bits == 8 else 32, bits == 8)))
+    layer = QuantLinear(pw, torch.randn(40, generator=g), act_bits=act_bits, act_static=static)
+    compiled = compile_model(layer, fullgraph=True)  # a graph break is an error
+    for shape in ((1, 1, 72), (1, 5, 72), (3, 72)):  # decode, prompt, flat rows
+        x = torch.randn(*shape, generator=g)
+        with torch.inference_mode():
+            assert torch.equal(compiled(x), layer(x)), shape
+
+
+class _Parent(nn.Module):
+    def __init__(self, child: nn.Module):
+        super().__init__()
+        self.child = child
+
+    def forward(self, x):
+        return self.child(x)
+
+
+def test_two_compiled_models_of_one_class_do_not_share_code():
+    """Module guards are skipped for speed; a quantized and an fp32 model of one class (as `bench --compile`
+    runs) must still each run their own graph. Plain torch.compile with every module guard skipped reuses
+    the first graph for the second model here."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 32, generator=g)
+    models = [_Parent(QuantLinear(pack_layer(rtn(W, QuantSpec(4, 16, False))), None, act_bits=8)),
+              _Parent(nn.Linear(32, 16))]
+    compiled = [compile_model(m, fullgraph=True) for m in models]
+    x = torch.randn(1, 1, 32, generator=g)
+    with torch.inference_mode():
+        for m, c in zip(models, compiled):
+            assert torch.equal(c(x), m(x))
+
+
+@pytest.fixture(scope="module")
+def mixed_ckpt(tiny_llama, text_file, tmp_path_factory):
+    """A tiny Llama with weight-only and int8-activation layers (2/4-bit A8, 8-bit A16)."""
+    d = tmp_path_factory.mktemp("compiled")
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "--nsamples", 2, "--seqlen", 32, "--max-probes", 8,
+           "-q", "-o", d / "s.json")
+    invoke("allocate", d / "s.json", "--bits", "2,4,8", "--act-bits", "8,16", "--pairs", "2:8,4:8", "--bops-frac", 0.2,
+           "--avg-bits", 5, "-q", "-o", d / "p.json")
+    invoke("quantize", tiny_llama, "--plan", d / "p.json", "--calib", text_file, "--method", "rtn", "-q",
+           "-o", d / "ckpt")
+    return d / "ckpt"
+
+
+def test_compiled_decode_gives_the_eager_tokens(mixed_ckpt):
+    torch._dynamo.reset()
+    model = load_quantized(mixed_ckpt, attn_implementation="sdpa")
+    acts = {m.act_bits for m in model.modules() if isinstance(m, QuantLinear)}
+    assert acts == {8, 16}, acts  # both kinds of layer are in the compiled graph
+    prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    before = graph_breaks()
+    tokens = []
+    for compiled in (False, True):
+        run, out = _Decoder(model, compiled, 12 + 8), []
+        with torch.inference_mode():
+            cache, nxt = run.prefill(prompt)
+            for i in range(8):
+                cache, nxt = run.step(nxt, cache, 12 + i)
+                out.append(int(nxt))
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
+    assert graph_breaks() == before
+
+
+def test_bench_compile_reports_whole_graphs(mixed_ckpt):
+    torch._dynamo.reset()
+    res = json.loads(invoke("bench", mixed_ckpt, "--compile", "--no-layers", "--prompt-tokens", 8,
+                            "--decode-tokens", 4, "--repeats", 1, "--json").stdout)
+    assert res["compiled"] is True and res["graph_breaks"] == 0
+    assert res["quantized"]["decode_tokens_per_s"] > 0 and res["full_precision"]["decode_tokens_per_s"] > 0
