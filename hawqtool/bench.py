@@ -218,13 +218,21 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     if getattr(qmodel.config, "is_encoder_decoder", False) or not hasattr(qmodel, "generation_config"):
         raise UserError("`hawqtool bench` times decoding of causal LMs; this checkpoint is not one")
-    say("timing the checkpoint's layers")
+    if layers:
+        say("timing the checkpoint's layers")
     rows = time_layers(qmodel, prompt_tokens, repeats) if layers else []
     say("loading the full-precision model")
     fmodel = load_model(reference, attn_implementation=ATTENTION).model
     say("compiling and timing both models, taking turns" if compile else "timing both models, taking turns")
     breaks0 = _graph_breaks() if compile else 0
-    (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats, compiled=compile)
+    try:
+        (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats, compiled=compile)
+    except Exception as e:  # noqa: BLE001 - compilation fails in many ways (no C++ compiler, an unsupported op)
+        if not compile:
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"torch.compile failed ({e.__class__.__name__}: {first}); run `hawqtool bench` "
+                        "without --compile") from e
     breaks = _graph_breaks() - breaks0 if compile else 0
     # memory each model holds: RSS with it minus RSS once it is deleted (library imports, which the first
     # load pays, stay out of both); after a prompt, as memory-mapped weights count only once touched

@@ -13,13 +13,10 @@ from torch import nn
 
 
 def _prepare_quantized_layers(model: nn.Module) -> None:
-    """One eager call per quantized layer, so kernel layouts are built (and cached) before tracing,
-    not traced into the graph."""
-    with torch.inference_mode():
-        for m in model.modules():
-            pw = getattr(m, "pw", None)
-            if pw is not None and hasattr(m, "in_features"):
-                m(torch.zeros(1, m.in_features, device=pw.device))
+    """Kernel layouts are built (and cached) before tracing, not traced into the graph."""
+    for m in model.modules():
+        if callable(getattr(m, "prepare", None)) and getattr(m, "pw", None) is not None:
+            m.prepare()
 
 
 class _Compiled(nn.Module):

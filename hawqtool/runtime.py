@@ -76,6 +76,11 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype)
 
+    def prepare(self) -> None:
+        """Build the kernel layouts now (one call on a zero row), e.g. before torch.compile traces the layer."""
+        with torch.inference_mode():
+            self(torch.zeros(1, self.in_features, device=self.pw.device))
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
                 f"{_act_repr(self)}")
@@ -185,6 +190,13 @@ class QuantConv2d(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.pw, dtype).reshape(self.shape)
+
+    def prepare(self) -> None:
+        """Build the kernel layouts now (one call on the smallest zero input), e.g. before torch.compile."""
+        (kh, kw), (dh, dw) = self._conv.kernel_size, self._conv.dilation
+        with torch.inference_mode():
+            self(torch.zeros(1, self.shape[1] * self._conv.groups, (kh - 1) * dh + 1, (kw - 1) * dw + 1,
+                             device=self.pw.device))
 
     def extra_repr(self) -> str:
         return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{_act_repr(self)}"

@@ -167,10 +167,10 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
                 raise ValueError("per-pixel activation scales need a 1×1 convolution")
             oh, ow = -(-H // stride[0]), -(-W // stride[1])
             rows = xf[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(B * oh * ow, C).contiguous()
-            y = _conv_gemm(*extension().quant_dynamic(rows, act.bits), pw, bias)
+            y = _conv_gemm(*kernel(extension(), "quant_dynamic")(rows, act.bits), pw, bias)
             return y.reshape(B, oh, ow, O).permute(0, 3, 1, 2).contiguous().to(x.dtype)
         rows = xf.reshape(B * C if act.granularity == "channel" else B, -1).contiguous()
-        q, sx = extension().quant_dynamic(rows, act.bits)  # sx [B] or [B·C]
+        q, sx = kernel(extension(), "quant_dynamic")(rows, act.bits)  # sx [B] or [B·C]
         codes = q.reshape(B, C, H, W)
     (kh, kw), (sh, sw), (ph, pw_), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
@@ -179,8 +179,8 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
     if groups > 1:
         xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes
         wq, wsc = _channel_weight(pw)
-        y = extension().dw_a8(xp.contiguous(), sx.float().contiguous(), wq, wsc,
-                              None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
+        y = kernel(extension(), "dw_a8")(xp.contiguous(), sx.float().contiguous(), wq, wsc,
+                                         None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
     else:
         if (kh, kw) == (1, 1) and (ph, pw_) == (0, 0):
             rows = codes[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(B * oh * ow, C)
@@ -200,8 +200,8 @@ def _conv_gemm(rows: torch.Tensor, sx: torch.Tensor, pw: PackedWeight, bias: tor
     """y [R, N] of int8 pixel/patch rows with per-row scales: per-channel weights take the short-K kernel
     (output channels across SIMD lanes, no per-output horizontal sums), group-wise ones the Linear kernels."""
     if _per_channel(pw):
-        return extension().gemm_vert_a8(rows, sx, *_vertical_weight(pw), pw.out_features,
-                                        None if bias is None else bias.float().contiguous())
+        return kernel(extension(), "gemm_vert_a8")(rows, sx, *_vertical_weight(pw), pw.out_features,
+                                                   None if bias is None else bias.float().contiguous())
     return _gemm_fn(pw, bias)(rows, sx)
 
 

@@ -1,6 +1,6 @@
-"""The extension's Linear kernels as torch operators (quant_kernels::linear, ::linear_a8, ::w8a8,
-::quant_dynamic, ::quant_static), so `torch.compile` traces a quantized model into whole graphs instead of
-breaking the graph at every layer (a pybind call is opaque to dynamo).
+"""The extension's kernels as torch operators (quant_kernels::linear, ::linear_a8, ::w8a8, ::quant_dynamic,
+::quant_static, and the int8 convs ::dw_a8, ::gemm_vert_a8), so `torch.compile` traces a quantized model
+into whole graphs instead of breaking the graph at every layer (a pybind call is opaque to dynamo).
 
 `kernel(ext, name)` is what callers bind: in eager mode it calls the pybind function directly (no
 dispatcher on the decode hot path), while torch.compile traces it into the registered op. The shape
@@ -24,13 +24,23 @@ def register_fakes() -> None:
     if _REGISTERED:
         return
     reg = torch.library.register_fake
-    reg("quant_kernels::linear")(lambda x, codes, s, zs, gunit, xidx, identity, nibble, bias, g, b: _shape(x, s.shape[0]))
+    reg("quant_kernels::linear")(
+        lambda x, codes, s, zs, gunit, xidx, identity, nibble, bias, g, b: _shape(x, s.shape[0]))
     reg("quant_kernels::linear_a8")(lambda x, codes, s, zs, gunit, xidx, identity, bias, sx: _shape(x, s.shape[0]))
     reg("quant_kernels::w8a8")(lambda x, w, sw, bias, sx: _shape(x, w.shape[0]))
     reg("quant_kernels::quant_dynamic")(
         lambda x, bits: (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)))
     reg("quant_kernels::quant_static")(lambda x, scale, zero, qhi, offset: x.new_empty(x.shape, dtype=torch.int8))
+    reg("quant_kernels::dw_a8")(_dw_shape)
+    reg("quant_kernels::gemm_vert_a8")(lambda x, sx, w, sw, n, bias: _shape(x, n))
     _REGISTERED.append(True)
+
+
+def _dw_shape(x, sx, w, sw, bias, kh, kw, sh, sw_, dh, dw):
+    """[B, C, OH, OW] of a depthwise conv of padded codes x [B, C, Hp, Wp] (no padding inside the kernel)."""
+    B, C, Hp, Wp = x.shape
+    return x.new_empty((B, C, (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw_ + 1),
+                       dtype=torch.float32)
 
 
 _KERNELS: dict[str, Callable] = {}

@@ -12,10 +12,11 @@ from hawqtool.bench import _Decoder
 from hawqtool.checkpoint import pack_layer
 from hawqtool.compiled import compile_model, graph_breaks
 from hawqtool.quantize.quantizer import QuantSpec, rtn
-from hawqtool.runtime import QuantLinear, load_quantized
+from hawqtool.runtime import QuantConv2d, QuantLinear, load_quantized
 from quant_kernels.fast_cpu import extension
 
 from test_cli_budgets import invoke
+from test_int8_ops import _conv_case
 
 pytestmark = pytest.mark.skipif(extension() is None, reason="needs the AVX2 extension")
 
@@ -33,6 +34,24 @@ def test_quant_linear_compiles_whole_and_matches_eager_exactly(bits, act_bits, s
         x = torch.randn(*shape, generator=g)
         with torch.inference_mode():
             assert torch.equal(compiled(x), layer(x)), shape
+
+
+@pytest.mark.parametrize("groups, k, granularity, static", [
+    (12, 3, "channel", None),  # depthwise: dw_a8, per (image, channel) scales
+    (1, 1, "pixel", None),  # 1×1 strided: gemm_vert_a8 over pixels, per-pixel scales
+    (1, 5, "image", None),  # 5×5 stride 3: unfolded patches
+    (1, 3, "image", (0.05, 140.0)),  # static asymmetric range
+])
+def test_quant_conv_compiles_whole_and_matches_eager_exactly(groups, k, granularity, static):
+    torch._dynamo.reset()
+    conv, pw = _conv_case(groups, False, 8, True, 7, k)
+    layer = QuantConv2d(pw, conv, torch.randn(pw.out_features), act_bits=8, act_static=static,
+                        act_granularity=granularity)
+    assert layer.int8
+    compiled = compile_model(layer, fullgraph=True)
+    x = torch.randn(2, conv.in_channels, 11, 13)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), layer(x))
 
 
 class _Parent(nn.Module):
@@ -98,3 +117,14 @@ def test_bench_compile_reports_whole_graphs(mixed_ckpt):
                             "--decode-tokens", 4, "--repeats", 1, "--json").stdout)
     assert res["compiled"] is True and res["graph_breaks"] == 0
     assert res["quantized"]["decode_tokens_per_s"] > 0 and res["full_precision"]["decode_tokens_per_s"] > 0
+
+
+def test_bench_compile_failure_is_one_line(mixed_ckpt, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("no C++ compiler found\nlong details")
+    monkeypatch.setattr(torch, "compile", broken)
+    r = invoke("bench", mixed_ckpt, "--compile", "--no-layers", "--prompt-tokens", 8, "--decode-tokens", 2,
+               "--repeats", 1, code=1)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith("without --compile"), r.output

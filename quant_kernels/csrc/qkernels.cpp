@@ -342,10 +342,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
 }
 
-// The same kernels as torch operators (quant_kernels::NAME), so torch.compile can keep a quantized model in
-// whole graphs: a pybind call is opaque to dynamo and would split the graph at every layer. Eager callers
-// keep the pybind functions above (fewer µs per call); quant_kernels/torch_ops.py gives the ops their
-// shape functions and picks one or the other.
+// The Linear and int8 conv kernels as torch operators (quant_kernels::NAME), so torch.compile can keep a
+// quantized model in whole graphs: a pybind call is opaque to dynamo and would split the graph at every
+// layer. Eager callers keep the pybind functions above (fewer µs per call); quant_kernels/torch_ops.py
+// gives the ops their shape functions and picks one or the other.
 TORCH_LIBRARY(quant_kernels, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor s, Tensor zs, Tensor gunit, Tensor xidx, bool identity, "
         "bool nibble, Tensor? bias, int gemv_max_rows, int blas_min_rows) -> Tensor");
@@ -354,6 +354,9 @@ TORCH_LIBRARY(quant_kernels, m) {
   m.def("w8a8(Tensor x, Tensor w, Tensor sw, Tensor? bias, Tensor? sx) -> Tensor");
   m.def("quant_dynamic(Tensor x, int bits) -> (Tensor, Tensor)");
   m.def("quant_static(Tensor x, float scale, float zero, int qhi, int offset) -> Tensor");
+  m.def("dw_a8(Tensor x, Tensor sx, Tensor w, Tensor sw, Tensor? bias, int kh, int kw, int sh, int sw_, int dh, "
+        "int dw) -> Tensor");
+  m.def("gemm_vert_a8(Tensor x, Tensor sx, Tensor w, Tensor sw, int N, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quant_kernels, CPU, m) {
@@ -362,4 +365,6 @@ TORCH_LIBRARY_IMPL(quant_kernels, CPU, m) {
   m.impl("w8a8", &w8a8);
   m.impl("quant_dynamic", &quant_dynamic);
   m.impl("quant_static", &quant_static);
+  m.impl("dw_a8", &dw_a8);
+  m.impl("gemm_vert_a8", &gemm_vert_a8);
 }
