@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .compiled import compile_model, graph_breaks, static_cache
 from .errors import UserError
 
 ATTENTION = "sdpa"  # both models, as transformers picks by default for inference (eager is for Hessians)
@@ -92,8 +93,6 @@ class _Decoder:
     """Prefill and greedy decode steps of one causal LM, eager (dynamic KV cache) or compiled (static cache)."""
 
     def __init__(self, model: nn.Module, compiled: bool, max_len: int):
-        from .compiled import compile_model
-
         self.model, self.static, self.max_len = model, compiled, max_len
         self.fwd = compile_model(model) if compiled else model
 
@@ -102,8 +101,6 @@ class _Decoder:
         if not self.static:
             out = self.fwd(input_ids=prompt, use_cache=True)
             return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        from .compiled import static_cache
-
         cache = static_cache(self.model, self.max_len)
         out = self.fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
                        use_cache=True)
@@ -224,7 +221,7 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     say("loading the full-precision model")
     fmodel = load_model(reference, attn_implementation=ATTENTION).model
     say("compiling and timing both models, taking turns" if compile else "timing both models, taking turns")
-    breaks0 = _graph_breaks() if compile else 0
+    breaks0 = graph_breaks() if compile else 0
     try:
         (q_pre, q_tps), (f_pre, f_tps) = time_models([qmodel, fmodel], prompt, decode_tokens, repeats, compiled=compile)
     except Exception as e:  # noqa: BLE001 - compilation fails in many ways (no C++ compiler, an unsupported op)
@@ -233,7 +230,7 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UserError(f"torch.compile failed ({e.__class__.__name__}: {first}); run `hawqtool bench` "
                         "without --compile") from e
-    breaks = _graph_breaks() - breaks0 if compile else 0
+    breaks = graph_breaks() - breaks0 if compile else 0
     # memory each model holds: RSS with it minus RSS once it is deleted (library imports, which the first
     # load pays, stay out of both); after a prompt, as memory-mapped weights count only once touched
     _rss_after_forward(qmodel, prompt)
@@ -249,8 +246,3 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
                        layers=rows, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                        compiled=compile, graph_breaks=breaks)
 
-
-def _graph_breaks() -> int:
-    from .compiled import graph_breaks
-
-    return graph_breaks()

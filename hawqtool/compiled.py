@@ -8,6 +8,8 @@ skipped (they cost ~5 ms per call at 211 layers): a compiled model must not be m
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -37,18 +39,17 @@ def _keep_root_type_guard(entries) -> list[bool]:
             or (e.guard_type == "TYPE_MATCH" and e.name.isidentifier()) for e in entries]
 
 
+_IDS = itertools.count(1)
+
+
 def compile_model(model: nn.Module, fullgraph: bool = False) -> nn.Module:
     """torch.compile(model) for inference with fixed shapes (one graph for the prompt, one per decode step);
     `fullgraph`: a graph break is an error."""
     _prepare_quantized_layers(model)
-    _COUNT.append(1)
-    root = type(f"_Compiled{len(_COUNT)}", (_Compiled,), {})(model)
+    root = type(f"_Compiled{next(_IDS)}", (_Compiled,), {})(model)
     filtered = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")  # guard filters: torch >= 2.8
     options = {"guard_filter_fn": _keep_root_type_guard} if filtered else None
     return torch.compile(root, dynamic=False, fullgraph=fullgraph, options=options)
-
-
-_COUNT: list[int] = []
 
 
 def graph_breaks() -> int:
