@@ -96,15 +96,16 @@ def test_compiled_decode_gives_the_eager_tokens(mixed_ckpt):
     model = load_quantized(mixed_ckpt, attn_implementation="sdpa")
     acts = {m.act_bits for m in model.modules() if isinstance(m, QuantLinear)}
     assert acts == {8, 16}, acts  # both kinds of layer are in the compiled graph
-    prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    n, steps = 8, 4  # the shapes `bench --compile --prompt-tokens 8 --decode-tokens 4` compiles (cached graphs)
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     before = graph_breaks()
     tokens = []
     for compiled in (False, True):
-        run, out = _Decoder(model, compiled, 12 + 8), []
+        run, out = _Decoder(model, compiled, n + steps + 1), []
         with torch.inference_mode():
             cache, nxt = run.prefill(prompt)
-            for i in range(8):
-                cache, nxt = run.step(nxt, cache, 12 + i)
+            for i in range(steps):
+                cache, nxt = run.step(nxt, cache, n + i)
                 out.append(int(nxt))
         tokens.append(out)
     assert tokens[0] == tokens[1]
