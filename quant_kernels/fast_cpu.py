@@ -157,13 +157,12 @@ def repack(pw: PackedWeight) -> KernelWeight:
 
 def matmul_fast(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) through the extension; x (..., in) fp32/bf16, result in x's dtype."""
-    ext = extension()
     kw = repack(pw)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), pw.in_features).to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = kernel(ext, "linear")(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b,
-                              GEMV_MAX_ROWS, BLAS_MIN_ROWS)
+    y = kernel("linear")(x2, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, kw.nibble, b,
+                         GEMV_MAX_ROWS, BLAS_MIN_ROWS)
     return y.to(x.dtype).reshape(*lead, pw.out_features)
 
 

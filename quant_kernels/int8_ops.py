@@ -77,7 +77,7 @@ def fake_quant(x: torch.Tensor, act: ActSpec, per_image: bool = False) -> torch.
 
 def _codes_static(x: torch.Tensor, act: ActSpec) -> torch.Tensor:
     """int8 codes q − o of a static quantizer (fp32 contiguous x; one fused pass in the extension)."""
-    return kernel(extension(), "quant_static")(x, act.scale, act.zero, 2 ** act.bits - 1, int(_offset(act)))
+    return kernel("quant_static")(x, act.scale, act.zero, 2 ** act.bits - 1, int(_offset(act)))
 
 
 def int8_linear_supported(pw: PackedWeight) -> bool:
@@ -118,12 +118,11 @@ Gemm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def _gemm_fn(pw: PackedWeight, bias: torch.Tensor | None) -> Gemm:
     """gemm(xq, sx) -> y [R, N] fp32 = sx[r]·(int8 codes xq [R, K]) @ Ŵ^T (+ bias) through the integer
     kernels, weight operands bound; fp32 xq with sx None: the kernel quantizes each row itself (dynamic 8-bit)."""
-    ext = extension()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     if a8_supported(pw):
-        kw, run = repack(pw), kernel(ext, "linear_a8")
+        kw, run = repack(pw), kernel("linear_a8")
         return lambda xq, sx: run(xq, kw.codes, kw.scales, kw.zs, kw.gunit, kw.xidx, kw.identity, b, sx)
-    (wq, sw), run = repack_w8a8(pw), kernel(ext, "w8a8")
+    (wq, sw), run = repack_w8a8(pw), kernel("w8a8")
     return lambda xq, sx: run(xq, wq, sw, b, sx)
 
 
@@ -136,7 +135,7 @@ def int8_linear_fn(pw: PackedWeight, bias: torch.Tensor | None, act: ActSpec) ->
         return lambda x: gemm(_codes_static(x, act), torch.full((x.shape[0],), act.scale)) + corr
     if act.bits == 8:
         return lambda x: gemm(x, None)
-    quant = kernel(extension(), "quant_dynamic")
+    quant = kernel("quant_dynamic")
     return lambda x: gemm(*quant(x, act.bits))
 
 
@@ -167,10 +166,10 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
                 raise ValueError("per-pixel activation scales need a 1×1 convolution")
             oh, ow = -(-H // stride[0]), -(-W // stride[1])
             rows = xf[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(B * oh * ow, C).contiguous()
-            y = _conv_gemm(*kernel(extension(), "quant_dynamic")(rows, act.bits), pw, bias)
+            y = _conv_gemm(*kernel("quant_dynamic")(rows, act.bits), pw, bias)
             return y.reshape(B, oh, ow, O).permute(0, 3, 1, 2).contiguous().to(x.dtype)
         rows = xf.reshape(B * C if act.granularity == "channel" else B, -1).contiguous()
-        q, sx = kernel(extension(), "quant_dynamic")(rows, act.bits)  # sx [B] or [B·C]
+        q, sx = kernel("quant_dynamic")(rows, act.bits)  # sx [B] or [B·C]
         codes = q.reshape(B, C, H, W)
     (kh, kw), (sh, sw), (ph, pw_), (dh, dw) = kernel_size, stride, padding, dilation
     oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw_ - dw * (kw - 1) - 1) // sw + 1
@@ -179,8 +178,8 @@ def conv2d_int8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, ac
     if groups > 1:
         xp = F.pad(codes, (pw_, pw_, ph, ph), value=int(pad_code)) if ph or pw_ else codes
         wq, wsc = _channel_weight(pw)
-        y = kernel(extension(), "dw_a8")(xp.contiguous(), sx.float().contiguous(), wq, wsc,
-                                         None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
+        y = kernel("dw_a8")(xp.contiguous(), sx.float().contiguous(), wq, wsc,
+                            None if bias is None else bias.float().contiguous(), kh, kw, sh, sw, dh, dw)
     else:
         if (kh, kw) == (1, 1) and (ph, pw_) == (0, 0):
             rows = codes[:, :, ::sh, ::sw].permute(0, 2, 3, 1).reshape(B * oh * ow, C)
@@ -200,8 +199,8 @@ def _conv_gemm(rows: torch.Tensor, sx: torch.Tensor, pw: PackedWeight, bias: tor
     """y [R, N] of int8 pixel/patch rows with per-row scales: per-channel weights take the short-K kernel
     (output channels across SIMD lanes, no per-output horizontal sums), group-wise ones the Linear kernels."""
     if _per_channel(pw):
-        return kernel(extension(), "gemm_vert_a8")(rows, sx, *_vertical_weight(pw), pw.out_features,
-                                                   None if bias is None else bias.float().contiguous())
+        return kernel("gemm_vert_a8")(rows, sx, *_vertical_weight(pw), pw.out_features,
+                                      None if bias is None else bias.float().contiguous())
     return _gemm_fn(pw, bias)(rows, sx)
 
 

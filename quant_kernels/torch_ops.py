@@ -2,7 +2,7 @@
 ::quant_static, and the int8 convs ::dw_a8, ::gemm_vert_a8), so `torch.compile` traces a quantized model
 into whole graphs instead of breaking the graph at every layer (a pybind call is opaque to dynamo).
 
-`kernel(ext, name)` is what callers bind: in eager mode it calls the pybind function directly (no
+`kernel(name)` is what callers bind: in eager mode it calls the pybind function directly (no
 dispatcher on the decode hot path), while torch.compile traces it into the registered op. The shape
 functions here ("fake" implementations) tell the compiler each op's output without running it.
 """
@@ -46,10 +46,13 @@ def _dw_shape(x, sx, w, sw, bias, kh, kw, sh, sw_, dh, dw):
 _KERNELS: dict[str, Callable] = {}
 
 
-def kernel(ext, name: str) -> Callable:
-    """ext.<name> in eager mode, torch.ops.quant_kernels.<name> while torch.compile traces (built once)."""
+def kernel(name: str) -> Callable:
+    """The extension's `name`: the pybind function in eager mode, torch.ops.quant_kernels.<name> while
+    torch.compile traces (built once; needs the extension)."""
     if name not in _KERNELS:
-        eager, op = getattr(ext, name), getattr(torch.ops.quant_kernels, name)
+        from .fast_cpu import extension  # fast_cpu imports this module
+
+        eager, op = getattr(extension(), name), getattr(torch.ops.quant_kernels, name)
 
         def call(*args):
             return op(*args) if torch.compiler.is_compiling() else eager(*args)
