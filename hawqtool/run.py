@@ -166,11 +166,15 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     base = None if vision else timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
 
     sens_path = out / "sensitivity.json"
+    # the attention-sink weighting is for causal LMs (as `hawqtool quantize`); sensitivity weights its
+    # ‖Q(W)−W‖² with the same input importance that quantize's H uses
+    ftw = 1.0 if vision else QuantizeOptions().first_token_weight
     sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
                                          seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
                                          min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
-                                         estimator="fisher")  # what compute_sensitivity's "auto" picks for self-kl
+                                         estimator="fisher",  # what compute_sensitivity's "auto" picks for self-kl
+                                         first_token_weight=ftw)
     sens_fp = sensitivity_fingerprint(mdig, td.sens_key, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")
@@ -182,7 +186,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,),
-                resume_path=Path(str(sens_path) + ".partial")))
+                resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw))
         if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
         artifacts.save(report, sens_path)
@@ -203,9 +207,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     artifacts.save(uplan, out / "plan_uniform.json")
 
     calib_ids = timed("data", td.calib_inputs)
-    opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order)
-    if vision:
-        opts.first_token_weight = 1.0  # the attention-sink weighting is for causal LMs (as `hawqtool quantize`)
+    opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order, first_token_weight=ftw)
     results = {}
     for name, p in (("mixed", plan), ("uniform", uplan)):
         ck = out / name

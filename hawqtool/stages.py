@@ -17,7 +17,7 @@ from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
-from .quantize.quantizer import QuantSpec, quant_error
+from .quantize.quantizer import QuantSpec
 
 log = logging.getLogger("hawqtool")
 
@@ -39,7 +39,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
                         estimator: str = "auto", resume_path: Path | None = None,
-                        quantize_head: bool = False, checkpoint_blocks: bool = False) -> SensitivityReport:
+                        quantize_head: bool = False, checkpoint_blocks: bool = False,
+                        first_token_weight: float = 1.0) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
@@ -49,7 +50,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     `quantize_head`: also measure an output head tied to the input embedding (untied first, so
     the embedding stays full precision; decode is dominated by a large fp32 head).
     `checkpoint_blocks`: activation checkpointing of the repeated blocks (less memory, one more
-    forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one."""
+    forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one.
+    `first_token_weight`: weight of each sequence's first position in the inputs' importance that
+    weights ‖Q(W)−W‖² (the quantize stage's H uses the same weight)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
     if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
@@ -82,7 +85,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,
                                     qerror_groups=qerror_groups, n_samples=len(calib_ids),
                                     seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
-                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator)
+                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator,
+                                    first_token_weight=first_token_weight)
     if head is not None:  # only then, so existing fingerprints stay valid
         settings["untied_head"] = head
     if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
@@ -108,9 +112,12 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     bad = [n for n, t in traces.items() if not (t.mean == t.mean)]
     if bad:
         raise UserError(f"calibration produced NaN Hessian traces (e.g. {bad[0]}); check the model and data for NaN")
+    from .quantize.importance import input_importance
+
+    imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
     out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
-                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups))
+                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups, imp.get(n)))
            for n, t in traces.items()]
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
@@ -149,11 +156,13 @@ def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
 
 def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
                          seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
-                         estimator: str = "hutchinson") -> dict:
+                         estimator: str = "hutchinson", first_token_weight: float = 1.0) -> dict:
     """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
     settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
                     qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
-                    target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed)
+                    target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed,
+                    qerror={"grid": "search", "weights": "input second moments",
+                            "first_token_weight": first_token_weight})
     if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
         settings["estimator"] = estimator
     return settings
@@ -168,8 +177,12 @@ ESTIMATORS = ("hutchinson", "fisher")
 FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 
-def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...]) -> dict[str, float]:
-    return {qerror_key(b, g, sym): quant_error(W, QuantSpec(b, g, sym))
+def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
+             d: torch.Tensor | None = None) -> dict[str, float]:
+    """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option."""
+    from .quantize.importance import weighted_quant_error
+
+    return {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
             for b in bits for g in groups for sym in (False, True)}
 
 

@@ -179,7 +179,8 @@ def test_reconstruction_beats_rtn_and_gptq_w4a4(trained_vit):
     b_rtn, b_gptq, b_rec = r_rtn.blocks[0], r_gptq.blocks[0], r_rec.blocks[0]  # block 0: same input in all runs
     assert b_rec["loss_before"] == pytest.approx(b_rtn["loss_after"], rel=1e-6)  # init = RTN
     assert b_rec["loss_after"] < 0.85 * b_rtn["loss_after"] and b_rec["loss_after"] < 0.9 * b_gptq["loss_after"]
-    assert all(b["loss_after"] <= b["loss_before"] for b in r_rec.blocks)
+    # every block's reconstruction really improves on its RTN start (measured 0.38, 0.44), not just keeps it
+    assert all(b["loss_after"] < 0.6 * b["loss_before"] for b in r_rec.blocks)
     assert kl(ref, quantized_forward(m_rec, r_rec, x=Xe)) < kl(ref, quantized_forward(m_rtn, r_rtn, x=Xe))
     for n, w in r_rec.weights.items():  # the model holds the dequantized hard codes
         assert torch.equal(m_rec.get_submodule(n).weight.detach().flatten(1), w.dequantize())
@@ -262,8 +263,8 @@ def test_tiny_bert_mse_with_padding():
     for k in range(2):
         assert isinstance(m.encoder.layer[k].intermediate.intermediate_act_fn, nn.Hardtanh)
         assert f"encoder.layer.{k}.intermediate.intermediate_act_fn" in res.act_fn
-        assert res.blocks[k]["loss_after"] <= res.blocks[k]["loss_before"]  # a worse reconstruction keeps the init
-    assert any(b["loss_after"] < b["loss_before"] for b in res.blocks)
+        # the keep-better rule alone would allow equality: each block must improve (measured 0.76, 0.70)
+        assert res.blocks[k]["loss_after"] < 0.9 * res.blocks[k]["loss_before"]
 
     def err(mm, r) -> float:
         total = 0.0

@@ -104,10 +104,10 @@ def test_w8a8_option_adds_activation_noise_and_lowers_bops():
     opts = make_options([4, 8], [128], [8, 16])
     omega, _ = layer_tables(wrep, lambda: weights, opts, False, wprof)
     j88 = [o.label for o in opts].index("w8gca8")
-    from hawqtool.quantize.quantizer import quant_error
+    from hawqtool.quantize.importance import weighted_quant_error
 
     for i, (n, W) in enumerate(weights.items()):  # weight error (sym per channel) + Tr/n·‖W‖²·noise ratio
-        expect = wrep.layers[i].trace / W.numel() * (quant_error(W, QuantSpec(8, -1, True))
+        expect = wrep.layers[i].trace / W.numel() * (weighted_quant_error(W, QuantSpec(8, -1, True), None)
                                                       + wprof[n].weight_sq * act_noise_ratio(8, 20.0))
         assert omega[i, j88] == pytest.approx(expect, rel=1e-6)
     assert act_noise_ratio(8, 12.0 * 127**2) == pytest.approx(1.0)

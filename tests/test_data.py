@@ -17,8 +17,26 @@ class CharTokenizer:
         return {"input_ids": torch.tensor([[ord(c) % 1000 for c in text]])}
 
 
-def test_slices_do_not_overlap():
-    assert CALIB_FRACTION[1] <= VALID_FRACTION[0] < VALID_FRACTION[1] <= EVAL_FRACTION[0]
+class PositionTokenizer:
+    """Token id = character code: a text of distinct characters makes every id name its position."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+
+def test_calibration_validation_and_evaluation_windows_share_no_token_position(tmp_path):
+    n = 5000
+    (tmp_path / "t.txt").write_text("".join(chr(0x4E00 + i) for i in range(n)), encoding="utf-8")
+    tok, ref = PositionTokenizer(), str(tmp_path / "t.txt")
+    pos = lambda w: set((w - 0x4E00).flatten().tolist())
+    calib = set()
+    for seed in range(20):  # many seeds: random windows reach the end of their slice
+        calib |= pos(calibration_windows(tok, ref, 16, 64, seed=seed))
+    valid = pos(eval_windows(tok, ref, 64, fraction=VALID_FRACTION))
+    test = pos(eval_windows(tok, ref, 64))
+    assert calib and valid and test
+    assert not calib & valid and not calib & test and not valid & test
+    assert max(calib) < CALIB_FRACTION[1] * n <= min(valid) and max(valid) < EVAL_FRACTION[0] * n <= min(test)
 
 
 def test_windows_come_from_their_own_slice(tmp_path):

@@ -21,8 +21,10 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2 * X.t() @ X / X.shape[0]
 
 
-def reference_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: float, act_order: bool):
-    """Unblocked OBS recurrence with the explicit inverse Hessian; returns (codes, dequantized) in original order."""
+def reference_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: float, act_order: bool,
+                   search: bool = False):
+    """Unblocked OBS recurrence with the explicit inverse Hessian; returns (codes, dequantized) in original order.
+    search: group parameters by the diag(H)-weighted search (undamped diagonal) at each group's start."""
     W, H = W.double().clone(), H.double().clone()
     n = W.shape[1]
     dead = torch.diag(H) == 0
@@ -30,13 +32,14 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: 
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
+    d = torch.diag(H).float().clone()
     H += percdamp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     gw = spec.group_width(n)
     codes, deq = torch.zeros_like(W), torch.zeros_like(W)
     for j in range(n):
         if j % gw == 0:
-            s, z = qparams(W[:, j:j + gw], spec)
+            s, z = qparams(W[:, j:j + gw], spec, search=search, d=d[j:j + gw])
         codes[:, j] = quant_codes(W[:, j], s, z, spec.maxq)
         deq[:, j] = s * (codes[:, j] - z)
         err = W[:, j] - deq[:, j]
@@ -48,15 +51,16 @@ def reference_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: 
 
 @pytest.mark.parametrize("group_size", [-1, 16, 24])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_blocked_matches_unblocked_reference(group_size: int, act_order: bool) -> None:
+@pytest.mark.parametrize("search", [False, True])
+def test_blocked_matches_unblocked_reference(group_size: int, act_order: bool, search: bool) -> None:
     X = correlated_inputs(256, 64, seed=1, dtype=torch.float64)
     X[:, 5] = 0  # one dead input
     H = hessian(X)
     W = torch.randn(16, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     spec = QuantSpec(bits=3, group_size=group_size)
-    ref_codes, ref_deq = reference_gptq(W, H, spec, 0.01, act_order)
+    ref_codes, ref_deq = reference_gptq(W, H, spec, 0.01, act_order, search)
     for blocksize in (8, 16, 64):
-        res = gptq_quantize(W, H, spec, blocksize=blocksize, act_order=act_order)
+        res = gptq_quantize(W, H, spec, blocksize=blocksize, act_order=act_order, search=search)
         assert torch.equal(res.weight.q, ref_codes.to(torch.int32)), blocksize
         torch.testing.assert_close(res.dequantized.double(), ref_deq, rtol=0, atol=1e-6)
         assert (res.dequantized[:, 5] == 0).all()

@@ -8,7 +8,8 @@ import torch
 from hawqtool.allocate.plan import allocate_bits, omega_table, uniform_bytes
 from hawqtool.artifacts import LayerSensitivity, SensitivityReport, qerror_key
 from hawqtool.errors import UserError
-from hawqtool.quantize.quantizer import QuantSpec, quant_error
+from hawqtool.quantize.importance import weighted_quant_error
+from hawqtool.quantize.quantizer import QuantSpec
 
 BITS = [2, 3, 4, 8]
 
@@ -30,7 +31,7 @@ def test_omega_is_trace_per_param_times_quant_error_and_decreases_with_bits(weig
     omega, nbytes = omega_table(report_for(weights, traces), lambda: weights, BITS, 128, False)
     for i, (n, W) in enumerate(weights.items()):
         for j, b in enumerate(BITS):
-            assert omega[i, j] == pytest.approx(traces[n] / W.numel() * quant_error(W, QuantSpec(b, 128)))
+            assert omega[i, j] == pytest.approx(traces[n] / W.numel() * weighted_quant_error(W, QuantSpec(b, 128), None))
             assert nbytes[i, j] == QuantSpec(b, 128).storage_bits(64, 256) / 8
     assert (np.diff(omega, axis=1) < 0).all()  # strictly better with more bits, never flattened
 

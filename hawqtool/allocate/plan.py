@@ -1,7 +1,8 @@
 """Stage 3 (allocate): turn sensitivity into per-layer bits under a size budget.
 
-Ω[l, b] = Tr(H_l)/n_l · ‖Q_b(W_l) − W_l‖² (HAWQ-V2), with Q_b the same RTN quantizer
-the quantize stage starts from, forced non-increasing in b. A budget `avg_bits = B`
+Ω[l, b] = Tr(H_l)/n_l · ‖Q_b(W_l) − W_l‖² (HAWQ-V2), with Q_b the same searched grid the
+quantize stage uses and ‖·‖² weighted by the layer's input importance where the sensitivity
+report measured it (quantize/importance.py), forced non-increasing in b. A budget `avg_bits = B`
 means "no larger than uniform B-bit at the same group size" (linear between integer
 widths), so plans and their uniform comparison point use one overhead rule; reported
 average bits count the fp16 scales and packed zeros.
@@ -20,7 +21,8 @@ import torch
 from ..artifacts import LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
 from ..errors import UserError
 from ..macs import LayerProfile
-from ..quantize.quantizer import QuantSpec, quant_error
+from ..quantize.importance import weighted_quant_error
+from ..quantize.quantizer import QuantSpec
 from .ilp import InfeasibleBudget, _groups, solve_allocation
 from .budgets import Budgets, budget_record, cost_tables, infeasible_message
 from .options import FULL_ACT, Option, make_options
@@ -65,7 +67,7 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
                 if W is None:
                     raise UserError(f"sensitivity report names layer {ls.name} that the model lacks; "
                                     "re-run `hawqtool sensitivity` on this model")
-                err = quant_error(W, spec)
+                err = weighted_quant_error(W, spec, None)  # the searched grid, equal input weights
             if opt.act_bits < FULL_ACT:
                 if profile is None or ls.name not in profile:
                     raise UserError("activation bits need the layers' measured input statistics; pass --model "

@@ -32,12 +32,15 @@ from ._base import _setup_logging, calib_options, common, guarded, main
               help="Static ranges: how they are calibrated.")
 @click.option("--first-token-weight", default=None, type=float,
               help="Weight of each window's first token (attention sink) in GPTQ's H.")
+@click.option("--grid", type=click.Choice(["search", "minmax"]), default=None,
+              help="Each group's scale/zero: importance-weighted error search, or the group's min-max range "
+                   "(default: search; chosen by scripts/bench_grid.py on the validation slice).")
 @calib_options
 @common
 @guarded
 def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, damp,
              blocksize, act_mode, act_calib,
-             first_token_weight, seed,
+             first_token_weight, grid, seed,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
 
@@ -49,7 +52,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     from ..inputs import calibration_inputs, calibration_key
     from ..models import load_model
     from ..progress import Reporter
-    from ..quantize.driver import QuantizeOptions
+    from ..quantize.driver import QuantizeOptions, first_token_weight_for
     from ..stages import check_plan_matches, quantize_stage
 
     _setup_logging(verbose)
@@ -59,11 +62,9 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     check_plan_matches(plan, loaded)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
-                           act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu)
-    if first_token_weight is not None:
-        opts.first_token_weight = first_token_weight
-    elif loaded.task != "causal-lm":
-        opts.first_token_weight = 1.0  # the attention-sink weighting is for causal LMs
+                           act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,
+                           **({"grid": grid} if grid else {}))
+    opts.first_token_weight = first_token_weight_for(loaded) if first_token_weight is None else first_token_weight
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
                               data_key=calibration_key(loaded, calib, ids, seed))

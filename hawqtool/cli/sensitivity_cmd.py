@@ -63,6 +63,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     from ..models import load_model
     from ..progress import Reporter
     from ..render import sensitivity_table
+    from ..quantize.driver import first_token_weight_for
     from ..stages import compute_sensitivity
 
     _setup_logging(verbose)
@@ -76,7 +77,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
                                      data_key=calibration_key(loaded, calib, ids, seed),
                                      qerror_bits=_bits(bits), qerror_groups=(group_size,),
                                      resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
-                                     checkpoint_blocks=checkpoint_blocks)
+                                     checkpoint_blocks=checkpoint_blocks,
+                                     first_token_weight=first_token_weight_for(loaded))
     if rank != 0:
         return  # rank 0 writes the report; the others only contributed probes
     report.settings["ranks"] = size

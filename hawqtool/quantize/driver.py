@@ -39,6 +39,9 @@ class QuantizeOptions:
     percdamp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
+    # Each group's scale/zero: "search" minimises the diag(H)-weighted error (quantize/grid.py),
+    # "minmax" takes the group's range (GPTQ's reference rule).
+    grid: str = "search"
     true_sequential: bool = True
     batch_size: int = 8
     # Weight of each calibration window's first position in H. That token becomes the
@@ -48,6 +51,12 @@ class QuantizeOptions:
     first_token_weight: float = 64.0
     aphq_iters: int = 1000  # APHQ: optimisation steps per block
     aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
+
+
+def first_token_weight_for(loaded) -> float:
+    """The first-token weight a model gets by default: QuantizeOptions' for causal LMs (the attention
+    sink), 1 for everything else."""
+    return QuantizeOptions().first_token_weight if getattr(loaded, "task", None) == "causal-lm" else 1.0
 
 
 @dataclass
@@ -102,13 +111,14 @@ def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, 
     """Quantize a Conv1d/Conv2d (flattened [out, in/groups·k]) with GPTQ per conv group, or RTN."""
     t0 = time.perf_counter()
     W = weight_matrix(conv).float()
-    base = rtn(W, spec)
+    search = opts.grid == "search"
+    base = rtn(W, spec, search=search, d=H[0].diagonal() if H.shape[0] == 1 else None)
     rtn_err = conv_output_error(W, base.dequantize(), H)
     if opts.method == "rtn":
         return LayerResult(name, base, "rtn", rtn_err, rtn_err, seconds=time.perf_counter() - t0)
     try:
         res = gptq_conv(conv, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp, act_order=opts.act_order,
-                        static_groups=opts.static_groups or conv.groups > 1)
+                        static_groups=opts.static_groups or conv.groups > 1, search=search)
     except (GPTQError, ValueError) as e:
         raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
     notes = [n for r in res.groups for n in r.notes]
@@ -123,13 +133,14 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
                    opts: QuantizeOptions) -> LayerResult:
     """Quantize one [out, in] weight with GPTQ (needs H) or RTN."""
     t0 = time.perf_counter()
-    base = rtn(W, spec)
+    search = opts.grid == "search"
+    base = rtn(W, spec, search=search, d=H.diagonal() if H is not None else None)
     rtn_err = output_error(W, base.dequantize(), H) if H is not None else float("nan")
     if opts.method == "rtn":
         return LayerResult(name, base, "rtn", rtn_err, rtn_err, seconds=time.perf_counter() - t0)
     try:
         res = gptq_quantize(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp,
-                            act_order=opts.act_order, static_groups=opts.static_groups)
+                            act_order=opts.act_order, static_groups=opts.static_groups, search=search)
     except GPTQError as e:
         raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
     for note in res.notes:

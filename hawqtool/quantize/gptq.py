@@ -96,8 +96,9 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tup
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  max_retries: int = 4) -> GPTQResult:
-    """Quantize W [out, in] column by column with GPTQ given H = (2/n) Σ x xᵀ; W, H untouched."""
+                  max_retries: int = 4, search: bool = False) -> GPTQResult:
+    """Quantize W [out, in] column by column with GPTQ given H = (2/n) Σ x xᵀ; W, H untouched.
+    search: each group's scale/zero by the diag(H)-weighted grid search (grid.py), not min-max."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
     H = H.detach().to(device=W.device, dtype=dtype).clone()
@@ -117,16 +118,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
 
     grouped = spec.group_size != -1
     gw = spec.group_width(columns)
+    dH = torch.diag(H).float()
     if not grouped:
-        scale, zero = qparams(W, spec)
+        scale, zero = qparams(W, spec, search=search, d=dH)
     elif static_groups:
-        groups = [qparams(W[:, c:c + gw], spec) for c in range(0, columns, gw)]
+        groups = [qparams(W[:, c:c + gw], spec, search=search, d=dH[c:c + gw]) for c in range(0, columns, gw)]
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        dH = dH[perm]
 
     Hinv, damp, notes = _inverse_cholesky(H, percdamp, max_retries)
 
@@ -150,7 +153,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
                 if j + gw > i2:  # group spills into later blocks: apply their pending update
                     tail = W[:, i2:j + gw] - Err1[:, :i] @ Hinv[i1:j, i2:j + gw]
                     cols = torch.cat([cols, tail], dim=1)
-                scale, zero = qparams(cols, spec)
+                scale, zero = qparams(cols, spec, search=search, d=dH[j:j + cols.shape[1]])
                 scales.append(scale)
                 zeros.append(zero)
             c = quant_codes(w, scale, zero, spec.maxq)

@@ -70,11 +70,18 @@ def _range_to_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -
     return scale, zero
 
 
-def qparams(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (one group) scale and zero for a 2-D slice W [rows, cols]; shapes [rows]."""
+def qparams(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
+            d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (one group) scale and zero for a 2-D slice W [rows, cols]; shapes [rows].
+    search: choose them by the d-weighted error search of grid.py (d [cols], None = equal weights)
+    instead of the min-max range."""
     W = W.float()
     xmin, xmax = W.min(dim=1).values, W.max(dim=1).values
     scale, zero = _range_to_qparams(xmin, xmax, spec)
+    if search:
+        from .grid import search_qparams
+
+        return search_qparams(W, d, spec.bits, spec.symmetric, (scale, zero))
     if spec.clip_search:
         best = torch.full_like(scale, float("inf"))
         for i in range(100):
@@ -126,15 +133,17 @@ class QuantizedWeight:
         return self.scales[:, g] * (self.q.float() - self.zeros[:, g].float())
 
 
-def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of a 2-D weight [out, in], groupwise along inputs."""
+def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
+        d: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight [out, in], groupwise along inputs
+    (search/d: the weighted grid search of `qparams`, d = per-input importance [in])."""
     W = W.detach().float()
     out_f, in_f = W.shape
     gw = spec.group_width(in_f)
     scales, zeros, codes = [], [], []
     for start in range(0, in_f, gw):
         Wg = W[:, start:start + gw]
-        s, z = qparams(Wg, spec)
+        s, z = qparams(Wg, spec, search=search, d=None if d is None else d[start:start + gw])
         codes.append(quant_codes(Wg, s[:, None], z[:, None], spec.maxq))
         scales.append(s)
         zeros.append(z)
@@ -144,9 +153,3 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         zeros=torch.stack(zeros, dim=1).to(torch.int32),
         spec=spec,
     )
-
-
-def quant_error(W: torch.Tensor, spec: QuantSpec) -> float:
-    """‖Q_b(W) − W‖² (squared Frobenius) under RTN with this spec: the Ω table's ΔW term."""
-    W = W.detach().float()
-    return float((rtn(W, spec).dequantize() - W).pow(2).sum())

@@ -1,0 +1,133 @@
+"""Which ‖Q(W)−W‖² the allocator's Ω should use, measured: mixed plans from each signal, quantized the
+same way (GPTQ on the searched grid), scored on the validation slice beside uniform at the same bytes.
+
+    python scripts/bench_alloc_signal.py --avg-bits 3.0 --signals weighted,plain --seeds 0 --append
+
+Signals: `weighted` (input-importance-weighted error of the searched grid), `plain` (unweighted
+error of the searched grid), `fisher-dir` (ΔWᵀFΔW along the searched grid's real error,
+sensitivity/directional.py), `uniform` (no allocation: every layer at
+the largest width that fits). One sensitivity report (the `run` defaults: Fisher, self-KL, 8×256
+tokens, ≤32 probes) serves all signals; it is cached in --cache.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from _record import cpu_name, load_now, record
+from hawqtool import artifacts
+from hawqtool.allocate.plan import allocate_bits, fixed_plan, plan_specs
+from hawqtool.data import VALID_FRACTION, calibration_windows, eval_windows
+from hawqtool.evaluate import perplexity
+from hawqtool.models import load_model, quantizable_layers, weight_matrix
+from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+from hawqtool.stages import _qerrors, compute_sensitivity, layer_weights
+
+
+def sensitivity(args) -> artifacts.SensitivityReport:
+    path = Path(args.cache) / "sensitivity.json"
+    if path.exists():
+        return artifacts.load(path, "sensitivity")
+    loaded = load_model(args.model)
+    ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
+    rep = compute_sensitivity(loaded, ids, max_probes=32, min_probes=8, target_rel_se=0.10,
+                              qerror_bits=tuple(args.bits), qerror_groups=(128,),
+                              first_token_weight=QuantizeOptions().first_token_weight)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.save(rep, path)
+    return rep
+
+
+def directional(args, report) -> dict:
+    """ΔWᵀF ΔW per layer and asymmetric g128 width (sensitivity/directional.py), cached."""
+    path = Path(args.cache) / f"directional_{args.dir_probes}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from hawqtool.inputs import batches_of
+    from hawqtool.quantize.importance import input_importance
+    from hawqtool.quantize.quantizer import QuantSpec, rtn
+    from hawqtool.sensitivity.directional import directional_fisher
+
+    loaded = load_model(args.model)
+    layers = quantizable_layers(loaded.model)
+    ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
+    batches = batches_of(loaded, ids, 2)
+    imp = input_importance(loaded.model, layers, batches, QuantizeOptions().first_token_weight)
+    dirs = {}
+    for n, m in layers.items():
+        W = weight_matrix(m).float()
+        dirs[n] = {f"{b}/128/asym": (rtn(W, QuantSpec(b, 128), search=True, d=imp.get(n)).dequantize() - W)
+                   .reshape(m.weight.shape).half() for b in report.settings["qerror_bits"]}
+    res = directional_fisher(loaded.model, {n: m.weight for n, m in layers.items()}, batches, dirs,
+                             probes=args.dir_probes, seed=0)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def with_signal(report, signal: str, weights: dict, args) -> artifacts.SensitivityReport:
+    if signal == "weighted":
+        return report
+    rep = copy.deepcopy(report)
+    if signal == "fisher-dir":  # Ω = ΔWᵀFΔW: qerror scaled so that trace/n · qerror gives it
+        dirf = directional(args, report)
+        for ls in rep.layers:
+            ls.qerror = {k: v[0] * ls.n_params / max(ls.trace, 1e-30) for k, v in dirf[ls.name].items()}
+        return rep
+    for ls in rep.layers:  # plain: the same searched grid without input weights
+        ls.qerror = _qerrors(weights[ls.name], tuple(report.settings["qerror_bits"]), (128,), None)
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--avg-bits", type=float, default=3.0)
+    ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[2, 3, 4, 8])
+    ap.add_argument("--signals", default="weighted,plain,uniform")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--cache", default="/tmp/hawq-alloc-signal")
+    ap.add_argument("--dir-probes", type=int, default=16, help="probes of the fisher-dir signal")
+    ap.add_argument("--append", action="store_true")
+    args = ap.parse_args()
+    report = sensitivity(args)
+    base = load_model(args.model)
+    weights = layer_weights(base)
+    windows = eval_windows(base.tokenizer, "wiki", 512, args.windows, fraction=VALID_FRACTION)
+    fp = perplexity(base.model, windows)
+    rows = []
+    for signal in args.signals.split(","):
+        if signal == "uniform":
+            shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(base.model).items()}
+            plan = fixed_plan(shapes, int(args.avg_bits))
+        else:
+            plan = allocate_bits(with_signal(report, signal, weights, args), lambda: weights, avg_bits=args.avg_bits,
+                                 bit_choices=tuple(args.bits))
+        hist = dict(sorted(Counter(lp.bits for lp in plan.layers).items()))
+        ppls = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            loaded = load_model(args.model)
+            calib = calibration_windows(loaded.tokenizer, "wiki", 32, 512, seed=seed)
+            quantize_model(loaded.model, plan_specs(plan), calib, QuantizeOptions(grid="search"))
+            ppls.append(perplexity(loaded.model, windows).ppl)
+            print(json.dumps(dict(signal=signal, seed=seed, ppl=ppls[-1], avg_bits=plan.avg_bits, bits=hist)), flush=True)
+        rows.append(dict(signal=signal, ppls=ppls, avg_bits=plan.avg_bits, bits=hist))
+    details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
+               f"budget avg {args.avg_bits} bits (g128 asym), widths {args.bits}; GPTQ on the searched grid, 32×512 "
+               f"calibration tokens (seeds {args.seeds}); scored on the validation slice ({fp.tokens} tokens, baseline "
+               f"ppl {fp.ppl:.3f}); load: {load_now()}")
+    lines = ["| Ω signal | avg bits | layers per width | ppl per seed | median |", "|---|---|---|---|---|"]
+    lines += [f"| {r['signal']} | {r['avg_bits']:.3f} | {r['bits']} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "
+              f"{statistics.median(r['ppls']):.2f} |" for r in rows]
+    record("Allocation signal: weighted vs plain ‖Q(W)−W‖² (SmolLM2-135M)", details, lines, args.append)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Quantizer grid and method, side by side: uniform RTN / GPTQ with min-max or searched grids.
+
+    python scripts/bench_grid.py --configs rtn:3:128:asym:minmax,rtn:3:128:asym:search,gptq:3:128:asym:search \
+        --slice valid --seeds 0,1,2 --append
+
+Each config (method:bits:group:sym|asym:minmax|search[:static]) quantizes a fresh copy of the model
+with every layer at the same format and is scored by perplexity on the chosen slice: `valid`
+(60-80% of the text; the slice on which defaults are chosen) or `eval` (last 20%, for reporting).
+Several calibration seeds give the spread. The quantized weights are scored in memory (fake-quant,
+fp32): the packed checkpoint gives the same logits (tests/test_runtime.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import platform
+
+from _record import cpu_name, load_now, record
+from hawqtool.allocate.plan import fixed_plan, plan_specs
+from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, eval_windows
+from hawqtool.evaluate import perplexity
+from hawqtool.models import load_model, quantizable_layers, weight_matrix
+from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+
+
+def parse_config(cfg: str) -> tuple[str, int, int, bool, str, bool]:
+    """method:bits[:group[:sym|asym[:minmax|search[:static]]]]"""
+    parts = cfg.split(":")
+    method, bits = parts[0], int(parts[1])
+    group = int(parts[2]) if len(parts) > 2 else 128
+    sym = len(parts) > 3 and parts[3] == "sym"
+    grid = parts[4] if len(parts) > 4 else "minmax"
+    static = len(parts) > 5 and parts[5] == "static"
+    return method, bits, group, sym, grid, static
+
+
+def run_config(model_ref, cfg: str, seed: int, args, windows) -> dict:
+    method, bits, group, sym, grid, static = parse_config(cfg)
+    loaded = load_model(model_ref)
+    calib = calibration_windows(loaded.tokenizer, args.data, args.nsamples, args.seqlen, seed=seed)
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
+    plan = fixed_plan(shapes, bits, group_size=group, symmetric=sym)
+    opts = QuantizeOptions(method=method, grid=grid, static_groups=static,
+                           first_token_weight=args.first_token_weight)
+    t0 = time.perf_counter()
+    res = quantize_model(loaded.model, plan_specs(plan), calib, opts)
+    qs = time.perf_counter() - t0
+    r = perplexity(loaded.model, windows)
+    errs = [r_.error / r_.rtn_error for r_ in res.values() if r_.rtn_error > 0]
+    return dict(config=cfg, seed=seed, ppl=r.ppl, tokens=r.tokens, avg_bits=plan.avg_bits, quant_s=qs,
+                median_err_vs_rtn=statistics.median(errs) if errs else float("nan"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default="wiki")
+    ap.add_argument("--configs", default="rtn:3:128:asym:minmax,rtn:3:128:asym:search,gptq:3:128:asym:minmax,"
+                                          "gptq:3:128:asym:search")
+    ap.add_argument("--slice", choices=["valid", "eval"], default="valid")
+    ap.add_argument("--windows", type=int, default=20, help="512-token windows scored")
+    ap.add_argument("--seeds", default="0", help="calibration seeds, comma-separated")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--first-token-weight", type=float, default=QuantizeOptions().first_token_weight)
+    ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    base = load_model(args.model)
+    frac = VALID_FRACTION if args.slice == "valid" else EVAL_FRACTION
+    windows = eval_windows(base.tokenizer, args.data, 512, args.windows, fraction=frac)
+    fp = perplexity(base.model, windows)
+    del base
+    print(json.dumps(dict(config="baseline", ppl=fp.ppl, tokens=fp.tokens)), flush=True)
+    rows = []
+    for cfg in args.configs.split(","):
+        per_seed = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            per_seed.append(run_config(args.model, cfg, seed, args, windows))
+            print(json.dumps(per_seed[-1]), flush=True)
+        ppls = [r["ppl"] for r in per_seed]
+        rows.append(dict(per_seed[0], ppls=ppls, median=statistics.median(ppls)))
+    details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
+               f"calibration {args.nsamples}×{args.seqlen} tokens ({args.data}, first 60%, seeds "
+             f"{args.seeds}); scored on the {args.slice} slice: {fp.tokens} predicted tokens ({args.windows}×512); "
+             f"first-token weight {args.first_token_weight}; baseline ppl {fp.ppl:.3f}; load: {load_now()}")
+    lines = ["| config (method:bits:group:sym:grid) | avg bits | ppl per seed | median | GPTQ/RTN output error (median layer) | quantize s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['avg_bits']:.3f} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "
+              f"{r['median']:.2f} | {r['median_err_vs_rtn']:.3f} | {r['quant_s']:.0f} |" for r in rows]
+    record("Quantizer grid: min-max vs weighted search, RTN vs GPTQ (SmolLM2-135M)", details, lines, args.append)
+
+
+if __name__ == "__main__":
+    main()
