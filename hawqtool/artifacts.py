@@ -51,21 +51,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def replace_dir(tmp: Path, out: Path) -> Path:
-    """Move a finished folder into place; an existing `out` is swapped aside and removed
-    only after the rename, so `out` is never half-written."""
-    import shutil
-
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
 @dataclass
 class LayerSensitivity:
     """One layer's Hessian-trace estimate."""

@@ -26,7 +26,8 @@ from torch import nn
 
 from quant_kernels import PackedWeight
 
-from .artifacts import SCHEMA_VERSION, replace_dir, tool_version
+from .artifacts import SCHEMA_VERSION, tool_version
+from .outputs import replace_dir
 from .errors import UserError
 from .quantize.quantizer import QuantizedWeight
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from quant_kernels import PackedWeight, unpack
 
-from .artifacts import replace_dir
+from .outputs import EXPORT_MARKER, replace_dir
 from .checkpoint import MANIFEST, WEIGHTS, read_manifest
 from .errors import UserError
 from .runtime import packed_from_tensors
@@ -60,10 +60,11 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
             if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
                 shutil.copy2(f, tmp / f.name)
         writer(tmp, layers, rest, ckpt)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "source": str(ckpt), "tool": "hawqtool"}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return replace_dir(tmp, out)
+    return replace_dir(tmp, out, "export")
 
 
 def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:

@@ -54,6 +54,10 @@ def guarded(fn):
             click.echo(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                        f"(traceback in {logpath})", err=True)
             sys.exit(2)
+        finally:
+            from ..outputs import release_all
+
+            release_all()
     return wrapper
 
 
@@ -63,6 +67,12 @@ def common(fn):
     fn = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
     return fn
+
+
+def overwrite_option(fn):
+    """--overwrite: let -o replace something hawqtool did not write (never an input)."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace -o even if it holds something hawqtool did not write (never an input).")(fn)
 
 
 def calib_options(fn):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from ._base import _bits, _setup_logging, common, guarded, main
+from ._base import overwrite_option, _bits, _setup_logging, common, guarded, main
 
 
 def _int_list(s: str, flag: str) -> list[int]:
@@ -51,11 +51,12 @@ def _int_list(s: str, flag: str) -> list[int]:
 @click.option("--calib", default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
 @click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontiers of Ω vs size (and BOPs, latency when given).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
+@overwrite_option
 @common
 @guarded
 def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
              group_sizes, act_bits, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
-             sweep, output, as_json, verbose, quiet):
+             sweep, output, overwrite, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
     \b
@@ -75,7 +76,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     from ..render import plan_table
     from ..stages import lazy_weights
 
+    from ..outputs import claim_output
+
     _setup_logging(verbose)
+    claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
     cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
     weights, bit_choices = lazy_weights(model or report.model), _bits(bits)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._base import _setup_logging, calib_options, common, guarded, main
+from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 
 
 @main.command()
@@ -36,11 +36,12 @@ from ._base import _setup_logging, calib_options, common, guarded, main
               help="Each group's scale/zero: importance-weighted error search, or the group's min-max range "
                    "(default: search; chosen by scripts/bench_grid.py on the validation slice).")
 @calib_options
+@overwrite_option
 @common
 @guarded
 def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, damp,
              blocksize, act_mode, act_calib,
-             first_token_weight, grid, seed,
+             first_token_weight, grid, seed, overwrite,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
 
@@ -55,7 +56,10 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     from ..quantize.driver import QuantizeOptions, first_token_weight_for
     from ..stages import check_plan_matches, quantize_stage
 
+    from ..outputs import claim_output
+
     _setup_logging(verbose)
+    claim_output(output, "checkpoint", inputs=[model, plan_file], overwrite=overwrite)
     rep = Reporter(quiet or as_json)
     plan = artifacts.load(plan_file, "plan")
     loaded = load_model(model, trust_remote_code=trust_remote_code)
@@ -118,9 +122,10 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
 @click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
               help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 layout.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder to write (atomically).")
+@overwrite_option
 @common
 @guarded
-def export_cmd(checkpoint, fmt, output, as_json, verbose, quiet):
+def export_cmd(checkpoint, fmt, output, overwrite, as_json, verbose, quiet):
     """Convert a hawqtool checkpoint for other runtimes.
 
     \b
@@ -128,8 +133,10 @@ def export_cmd(checkpoint, fmt, output, as_json, verbose, quiet):
     hawqtool export ckpt/ --format gptq -o ckpt-gptq/
     """
     from ..export import export_checkpoint
+    from ..outputs import claim_output
 
     _setup_logging(verbose)
+    claim_output(output, "export", inputs=[checkpoint], overwrite=overwrite)
     path = export_checkpoint(checkpoint, output, fmt)
     if as_json:
         click.echo(json.dumps({"export": str(path), "format": fmt}))

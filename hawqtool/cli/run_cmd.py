@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._base import _bits, _setup_logging, calib_options, common, guarded, main
+from ._base import _bits, _setup_logging, calib_options, common, guarded, main, overwrite_option
 
 
 @main.command()
@@ -30,10 +30,11 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--act-order", is_flag=True)
 @calib_options
+@overwrite_option
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, seed, trust_remote_code, as_json,
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, seed, trust_remote_code, overwrite, as_json,
         verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
@@ -70,6 +71,9 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
             if src in (None, click.core.ParameterSource.DEFAULT):
                 given[key] = value
     cfg = RunConfig(**given)
+    from ..outputs import claim_output
+
+    claim_output(Path(cfg.out), "run", inputs=[cfg.model], overwrite=overwrite)
     summary = run_pipeline(cfg, rep)
     if as_json:
         click.echo(json.dumps(summary))

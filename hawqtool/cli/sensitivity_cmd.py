@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._base import _bits, _setup_logging, calib_options, common, guarded, main
+from ._base import _bits, _setup_logging, calib_options, common, guarded, main, overwrite_option
 
 
 @main.command()
@@ -40,10 +40,11 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
 @click.option("--eigen-iters", default=20, show_default=True, help="Power-iteration limit per layer.")
 @calib_options
+@overwrite_option
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, as_json, verbose, quiet):
+                bits, group_size, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
@@ -67,6 +68,10 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     from ..stages import compute_sensitivity
 
     _setup_logging(verbose)
+    if rank == 0:  # the other ranks only contribute probes
+        from ..outputs import claim_output
+
+        claim_output(output, "json", inputs=[model], overwrite=overwrite)
     rep = Reporter(quiet or as_json)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed + 1)

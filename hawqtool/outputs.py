@@ -1,0 +1,173 @@
+"""Output paths are sacred: a command replaces only what hawqtool wrote, never an input, and two
+runs never write one output at once.
+
+`claim_output` is called at the CLI boundary before any work: it refuses a path that holds
+something else than an artifact of the same kind (unless --overwrite), a path inside or above an
+input, and takes a lock beside the output (released on exit; a lock of a dead PID is stale).
+`replace_dir` re-checks at the moment of the rename.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+
+log = logging.getLogger("hawqtool")
+
+# what marks a folder/file as hawqtool's own output of each kind
+CHECKPOINT_MARKER = "hawqtool_manifest.json"
+EXPORT_MARKER = "hawqtool_export.json"
+RUN_FILES = ("summary.json", "sensitivity.json", "plan.json", "plan_uniform.json")
+JSON_KINDS = ("sensitivity", "plan")
+_OVERWRITE: set[str] = set()  # foreign outputs the user let this process replace (--overwrite)
+_HELD: set[str] = set()  # outputs this process holds the lock of
+
+
+def is_own_output(path: Path, kind: str) -> bool:
+    """True if `path` holds a hawqtool output of this kind (checkpoint, export, run, json)."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if kind == "checkpoint":
+        return path.is_dir() and (path / CHECKPOINT_MARKER).is_file()
+    if kind == "export":
+        return path.is_dir() and (path / EXPORT_MARKER).is_file()
+    if kind == "run":
+        return path.is_dir() and (not any(path.iterdir()) or any((path / f).is_file() for f in RUN_FILES))
+    if kind == "json":
+        try:
+            return path.is_file() and path.stat().st_size < 1 << 30 and \
+                json.loads(path.read_text(encoding="utf-8")).get("kind") in JSON_KINDS
+        except (OSError, ValueError, AttributeError):
+            return False
+    raise ValueError(f"unknown output kind {kind!r}")
+
+
+def _related(a: Path, b: Path) -> bool:
+    """a equals b, lies inside b, or contains b (resolved paths)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = (), overwrite: bool = False,
+                 lock: bool = True) -> None:
+    """Refuse `out` unless it is free, or an output of ours of the same kind (or --overwrite), and not
+    inside/above any existing input path; then lock it for this process."""
+    out = Path(out)
+    for ref in inputs:
+        if ref is None or not Path(ref).exists():
+            continue
+        if _related(out, Path(ref)):
+            raise UserError(f"output {out} is the input {ref}, inside it or above it; writing there would "
+                            "replace the input: choose another -o")
+    if kind == "json" and out.is_dir():
+        raise UserError(f"{out} is a folder; -o takes a file path here (e.g. {out / 'plan.json'})")
+    if kind in ("checkpoint", "export", "run") and out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; -o takes a folder here: choose another -o")
+    if out.exists() or out.is_symlink():
+        if not is_own_output(out, kind):
+            if not overwrite:
+                what = "folder" if out.is_dir() else "file"
+                raise UserError(f"{out} exists and is a {what} hawqtool did not write ({kind}); pass --overwrite "
+                                "to replace it, or choose another -o")
+            log.warning("--overwrite: %s will be replaced", out)
+            _OVERWRITE.add(str(out.resolve()))
+        elif kind != "run":
+            log.warning("replacing the earlier hawqtool %s output at %s", kind, out)
+    if lock:
+        take_lock(out)
+
+
+def lock_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.hawqtool-lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lock(out: Path) -> None:
+    """Create the lock file beside `out` with this PID (removed at exit); fail if a live process holds it."""
+    lp = lock_path(out)
+    try:
+        lp.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of {out}: {e.strerror}; choose a writable -o") from e
+    for _ in range(2):
+        try:
+            fd = os.open(lp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lp.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return
+            if pid and _alive(pid):
+                raise UserError(f"another hawqtool process (PID {pid}) is writing {out}; wait for it to finish "
+                                f"or choose another -o (lock: {lp})")
+            log.warning("removing the stale lock %s of a process that no longer runs (PID %s)", lp, pid or "?")
+            lp.unlink(missing_ok=True)
+            continue
+        except OSError as e:
+            raise UserError(f"cannot write beside {out}: {e.strerror}; choose a writable -o") from e
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        if not _HELD:
+            atexit.register(release_all)
+        _HELD.add(str(out))
+        return
+    raise UserError(f"could not take the lock {lp}; remove it if no hawqtool process is running")
+
+
+def release_lock(out: Path) -> None:
+    """Remove this process's lock on `out` (no-op if it is not ours)."""
+    _HELD.discard(str(out))
+    lp = lock_path(out)
+    try:
+        if int(lp.read_text().strip() or 0) == os.getpid():
+            lp.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def release_all() -> None:
+    """Release every lock this process holds (end of a command, or exit)."""
+    for out in list(_HELD):
+        release_lock(Path(out))
+    _OVERWRITE.clear()
+
+
+def replace_dir(tmp: Path, out: Path, kind: str = "checkpoint") -> Path:
+    """Move a finished folder into place. An existing `out` must be our own output of this kind (or
+    claimed with --overwrite in this process); it is swapped aside and removed only after the rename,
+    so `out` is never half-written."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() or out.is_symlink():
+        if not is_own_output(out, kind) and str(out.resolve()) not in _OVERWRITE:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{out} exists and is not a hawqtool {kind}; it was left untouched (nothing written); "
+                            "pass --overwrite or choose another -o")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, out)
+    return out

@@ -1,0 +1,120 @@
+"""Output paths through the CLI, as a user hits them: nothing hawqtool did not write is replaced, no
+input is overwritten, two writers of one output cannot both run (exit 1, one line, disk intact)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_cli_e2e import SMALL, invoke, one_line_error
+
+from hawqtool.outputs import lock_path
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, tiny_llama, text_file):
+    d = tmp_path_factory.mktemp("plan")
+    invoke("sensitivity", tiny_llama, "--calib", text_file, "-o", d / "sens.json", "--nsamples", 2,
+           "--seqlen", 32, "--max-probes", 2, "--min-probes", 2, "-q")
+    invoke("allocate", d / "sens.json", "--avg-bits", 4.0, "-o", d / "plan.json", "-q")
+    return d
+
+
+def quantize(model, plan, calib, out, *extra, ok=True):
+    return invoke("quantize", model, "--plan", plan / "plan.json", "--calib", calib, "-o", out, *SMALL,
+                  "--method", "rtn", "-q", *extra, ok=ok)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_of_user_files_is_refused_and_left_intact(plan, tiny_llama, text_file, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("do not lose me")
+    before = snapshot(mine)
+    one_line_error(quantize(tiny_llama, plan, text_file, mine, ok=False), str(mine), "--overwrite")
+    assert snapshot(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporaries, no lock left
+    (tmp_path / "file.bin").write_bytes(b"x")
+    one_line_error(quantize(tiny_llama, plan, text_file, tmp_path / "file.bin", ok=False), "is a file")
+    assert (tmp_path / "file.bin").read_bytes() == b"x"
+
+
+def test_overwrite_replaces_a_foreign_folder_only_when_asked(plan, tiny_llama, text_file, tmp_path, caplog):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "old.txt").write_text("x")
+    quantize(tiny_llama, plan, text_file, mine, "--overwrite")
+    assert (mine / "hawqtool_manifest.json").is_file() and not (mine / "old.txt").exists()
+    assert "--overwrite" in caplog.text  # logged to stderr by the CLI
+    # an earlier checkpoint of ours is replaced without --overwrite, and the user is told
+    quantize(tiny_llama, plan, text_file, mine)
+    assert "replacing the earlier hawqtool checkpoint" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_outputs_inside_or_above_an_input_are_refused(plan, tiny_llama, text_file, tmp_path):
+    model_copy = tmp_path / "models" / "tiny"
+    import shutil
+
+    shutil.copytree(tiny_llama, model_copy)
+    before = snapshot(model_copy)
+    for out in (model_copy.parent, model_copy, model_copy / "ckpt"):
+        one_line_error(quantize(model_copy, plan, text_file, out, "--overwrite", ok=False), "input")
+    assert snapshot(model_copy) == before
+    ck = tmp_path / "ck"
+    quantize(model_copy, plan, text_file, ck)
+    ck_before = snapshot(ck)
+    for out in (tmp_path, ck, ck / "sub"):
+        one_line_error(invoke("export", ck, "--format", "gptq", "-o", out, "--overwrite", ok=False), "input")
+    assert snapshot(ck) == ck_before and snapshot(model_copy) == before
+    invoke("export", ck, "--format", "gptq", "-o", tmp_path / "ex")
+    invoke("export", ck, "--format", "gptq", "-o", tmp_path / "ex")  # our own export: replaced
+    (tmp_path / "other").mkdir()
+    one_line_error(invoke("export", ck, "--format", "gptq", "-o", tmp_path / "other", ok=False), "--overwrite")
+
+
+def test_json_outputs_refuse_foreign_files_and_folders(plan, tmp_path):
+    foreign = tmp_path / "plan.json"
+    foreign.write_text(json.dumps({"my": "data"}))
+    one_line_error(invoke("allocate", plan / "sens.json", "--avg-bits", 4, "-o", foreign, ok=False), "--overwrite")
+    assert json.loads(foreign.read_text()) == {"my": "data"}
+    one_line_error(invoke("allocate", plan / "sens.json", "--avg-bits", 4, "-o", tmp_path, ok=False), "folder")
+    invoke("allocate", plan / "sens.json", "--avg-bits", 4, "-o", foreign, "--overwrite", "-q")
+    assert json.loads(foreign.read_text())["kind"] == "plan"
+    invoke("allocate", plan / "sens.json", "--avg-bits", 3, "-o", foreign, "-q")  # a plan replaces a plan
+
+
+def test_a_second_writer_fails_while_the_first_holds_the_lock(plan, tiny_llama, text_file, tmp_path, caplog):
+    out = tmp_path / "ck"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path(out).write_text(str(holder.pid))
+        res = quantize(tiny_llama, plan, text_file, out, ok=False)
+        one_line_error(res, f"PID {holder.pid}", str(out))
+        assert not out.exists() and lock_path(out).read_text() == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without cleaning up: its lock is stale, the next run takes over and removes it
+    quantize(tiny_llama, plan, text_file, out)
+    assert "stale lock" in caplog.text and (out / "hawqtool_manifest.json").is_file()
+    assert not lock_path(out).exists()
+
+
+def test_two_concurrent_quantize_runs_one_wins_one_fails(plan, tiny_llama, text_file, tmp_path):
+    out = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "hawqtool", "quantize", str(tiny_llama), "--plan", str(plan / "plan.json"),
+           "--calib", str(text_file), "-o", str(out), *SMALL, "-q"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 1], results
+    err = next(e for c, e in results if c == 1)
+    assert "another hawqtool process" in err and len(err.strip().splitlines()) == 1
+    assert (out / "hawqtool_manifest.json").is_file() and not lock_path(out).exists()
