@@ -40,7 +40,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         qerror_groups: tuple[int, ...] = (128,),
                         estimator: str = "auto", resume_path: Path | None = None,
                         quantize_head: bool = False, checkpoint_blocks: bool = False,
-                        first_token_weight: float = 1.0) -> SensitivityReport:
+                        first_token_weight: float = 1.0, only: str | None = None) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
@@ -52,7 +52,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     `checkpoint_blocks`: activation checkpointing of the repeated blocks (less memory, one more
     forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one.
     `first_token_weight`: weight of each sequence's first position in the inputs' importance that
-    weights ‖Q(W)−W‖² (the quantize stage's H uses the same weight)."""
+    weights ‖Q(W)−W‖² (the quantize stage's H uses the same weight).
+    `only`: a regex; measure just the layers whose name it matches (search), e.g. a few blocks."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
     if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
@@ -74,8 +75,13 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     model = loaded.model
     head = untie_head(model) if quantize_head else None
     layers = quantizable_layers(model)
+    if only is not None:
+        import re
+
+        layers = {n: m for n, m in layers.items() if re.search(only, n)}
     if not layers:
-        raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)")
+        raise UserError("the model has no quantizable layers (Linear/Conv/Conv1D)"
+                        + (f" matching {only!r}" if only is not None else ""))
     params = {n: m.weight for n, m in layers.items()}
     batches = batches_of(loaded, calib_ids, batch_size)
     if objective == "labels":  # classic HAWQ: cross-entropy on the text's own next tokens
@@ -91,6 +97,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         settings["untied_head"] = head
     if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
         settings["checkpoint_blocks"] = True
+    if only is not None:
+        settings["only"] = only
     fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     log_ = None
     if resume_path is not None:

@@ -18,20 +18,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def exact_fisher(model, params, batches, which) -> dict[str, float]:
-    """Tr F_ll = (1/N) Σ_t Σ_y p_t(y) ‖∇_l log p_t(y)‖², enumerating the tiny vocabulary; mean over batches."""
-    out = {n: 0.0 for n in which}
+def score_gradients(model, params, batches, which):
+    """(p_t(y)/N/len(batches), ∇_l log p_t(y) per layer) for every position t and label y of the tiny vocabulary."""
     plist = [params[n] for n in which]
     with estimating(model, plist):
         for batch in batches:
-            logp = torch.log_softmax(model_logits(model, batch), -1)
-            flat = logp.reshape(-1, logp.shape[-1])
+            flat = torch.log_softmax(model_logits(model, batch), -1)
+            flat = flat.reshape(-1, flat.shape[-1])
             for t in range(flat.shape[0]):
                 for y in range(flat.shape[1]):
                     gs = torch.autograd.grad(flat[t, y], plist, retain_graph=True)
-                    w = float(flat[t, y].detach().exp()) / flat.shape[0] / len(batches)
-                    for n, g in zip(which, gs):
-                        out[n] += w * float(g.pow(2).sum())
+                    yield float(flat[t, y].detach().exp()) / flat.shape[0] / len(batches), gs
+
+
+def exact_fisher(model, params, batches, which) -> dict[str, float]:
+    """Tr F_ll = (1/N) Σ_t Σ_y p_t(y) ‖∇_l log p_t(y)‖², enumerating the tiny vocabulary; mean over batches."""
+    out = {n: 0.0 for n in which}
+    for w, gs in score_gradients(model, params, batches, which):
+        for n, g in zip(which, gs):
+            out[n] += w * float(g.pow(2).sum())
     return out
 
 
@@ -192,18 +197,10 @@ def exact_directional(model, params, batches, directions) -> dict:
     """ΔᵀF_llΔ = (1/N) Σ_t Σ_y p_t(y) ⟨∇_l log p_t(y), Δ⟩², enumerating the tiny vocabulary; mean over batches."""
     which = list(directions)
     out = {n: {k: 0.0 for k in directions[n]} for n in which}
-    plist = [params[n] for n in which]
-    with estimating(model, plist):
-        for batch in batches:
-            flat = torch.log_softmax(model_logits(model, batch), -1)
-            flat = flat.reshape(-1, flat.shape[-1])
-            for t in range(flat.shape[0]):
-                for y in range(flat.shape[1]):
-                    gs = torch.autograd.grad(flat[t, y], plist, retain_graph=True)
-                    w = float(flat[t, y].detach().exp()) / flat.shape[0] / len(batches)
-                    for n, g in zip(which, gs):
-                        for k, d in directions[n].items():
-                            out[n][k] += w * float((g * d).sum()) ** 2
+    for w, gs in score_gradients(model, params, batches, which):
+        for n, g in zip(which, gs):
+            for k, d in directions[n].items():
+                out[n][k] += w * float((g * d).sum()) ** 2
     return out
 
 

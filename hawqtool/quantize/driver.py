@@ -176,15 +176,19 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     batches = _batches(calib_ids, opts.batch_size)
     results: dict[str, LayerResult] = {}
     done_blocks, hidden = _resume(state_dir, state_key, model, blocks, layers, specs, results) if len(blocks) else (0, None)
-    if len(blocks):
+    prefixes = [_prefix_of(model, b) for b in blocks]
+    # blocks after the last one with planned layers need not run (the rest is calibrated on the whole model)
+    last = max((i for i, p in enumerate(prefixes) if any(n.startswith(p) for n in specs)), default=-1)
+    if last >= done_blocks:
         inputs = capture_block_inputs(model, blocks[0], batches)
         if hidden is not None:
             inputs.hidden = hidden
-    for i in range(done_blocks, len(blocks)):
+    for i in range(done_blocks, last + 1):
         block = blocks[i]
-        prefix = _prefix_of(model, block)
-        in_block = {n: layers[n] for n in layers if n.startswith(prefix) and n in specs}
-        if opts.true_sequential and opts.method == "gptq":
+        in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
+        if not in_block:
+            groups = []
+        elif opts.true_sequential and opts.method == "gptq":
             groups = sequential_groups(block, in_block, inputs)
         else:  # RTN needs H only to report each layer's error: one pass per block
             groups = [list(in_block)]
