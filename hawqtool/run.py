@@ -171,6 +171,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     ftw = 1.0 if vision else QuantizeOptions().first_token_weight
     sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
+                                         qerror_sym=(cfg.symmetric,),
                                          seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
                                          min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
                                          estimator="fisher",  # what compute_sensitivity's "auto" picks for self-kl
@@ -185,7 +186,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
             report = timed("sensitivity", lambda: compute_sensitivity(
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
-                qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,),
+                qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,), qerror_sym=(cfg.symmetric,),
                 resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw))
         if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")

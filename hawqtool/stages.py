@@ -38,6 +38,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
+                        qerror_sym: tuple[bool, ...] = (False, True),
                         estimator: str = "auto", resume_path: Path | None = None,
                         quantize_head: bool = False, checkpoint_blocks: bool = False,
                         first_token_weight: float = 1.0, only: str | None = None) -> SensitivityReport:
@@ -92,7 +93,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                                     qerror_groups=qerror_groups, n_samples=len(calib_ids),
                                     seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
                                     min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator,
-                                    first_token_weight=first_token_weight)
+                                    first_token_weight=first_token_weight, qerror_sym=qerror_sym)
     if head is not None:  # only then, so existing fingerprints stay valid
         settings["untied_head"] = head
     if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
@@ -125,7 +126,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
     out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
-                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups, imp.get(n)))
+                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups, imp.get(n),
+                                            qerror_sym))
            for n, t in traces.items()]
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
@@ -164,13 +166,16 @@ def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
 
 def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
                          seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
-                         estimator: str = "hutchinson", first_token_weight: float = 1.0) -> dict:
+                         estimator: str = "hutchinson", first_token_weight: float = 1.0,
+                         qerror_sym: tuple[bool, ...] = (False, True)) -> dict:
     """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
     settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
                     qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
                     target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed,
                     qerror={"grid": "search", "weights": "input second moments",
                             "first_token_weight": first_token_weight})
+    if tuple(qerror_sym) != (False, True):  # only then: both kinds is what `hawqtool sensitivity` records
+        settings["qerror_sym"] = list(qerror_sym)
     if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
         settings["estimator"] = estimator
     return settings
@@ -186,12 +191,12 @@ FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 
 def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
-             d: torch.Tensor | None = None) -> dict[str, float]:
+             d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True)) -> dict[str, float]:
     """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option."""
     from .quantize.importance import weighted_quant_error
 
     return {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
-            for b in bits for g in groups for sym in (False, True)}
+            for b in bits for g in groups for sym in syms}
 
 
 def hvp_for(objective: str) -> str:

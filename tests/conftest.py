@@ -55,3 +55,39 @@ def make_tiny_llama(folder: Path, corpus: str, *, vocab: int = 320, hidden: int 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, corpus_text) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), corpus_text)
+
+
+def write_idx3_gz(path: Path, images) -> Path:
+    """Write uint8 images [N, H, W] as a gzipped idx3 file (the Fashion-MNIST file format)."""
+    import gzip
+
+    import numpy as np
+
+    a = np.ascontiguousarray(images, dtype=np.uint8)
+    header = b"\x00\x00\x08\x03" + b"".join(int(x).to_bytes(4, "big") for x in a.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + a.tobytes())
+    return path
+
+
+@pytest.fixture
+def own_fashion_file(tmp_path_factory, monkeypatch) -> Path:
+    """A Fashion-MNIST-format test-image file made here (256 28×28 crops of scikit-image's sample photos),
+    put in place of any installed dataset through HAWQTOOL_FASHION_MNIST: tests that count images do
+    not depend on the Debian package dataset-fashion-mnist."""
+    import numpy as np
+    import skimage.data
+    import torch.nn.functional as F
+
+    photos = [skimage.data.camera(), skimage.data.coins(), skimage.data.moon(), skimage.data.page()]
+    g = np.random.default_rng(0)
+    crops = []
+    for i in range(256):
+        p = photos[i % len(photos)].astype(np.float32)
+        y, x = g.integers(0, p.shape[0] - 112), g.integers(0, p.shape[1] - 112)
+        t = torch.from_numpy(p[y:y + 112, x:x + 112])[None, None]
+        crops.append(F.interpolate(t, size=(28, 28), mode="area")[0, 0].round().clamp(0, 255).numpy())
+    folder = tmp_path_factory.mktemp("fashion")
+    path = write_idx3_gz(folder / "t10k-images-idx3-ubyte.gz", np.stack(crops))
+    monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(path))
+    return path

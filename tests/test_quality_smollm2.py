@@ -71,7 +71,7 @@ def test_mixed_plan_beats_uniform_at_equal_bytes(smollm2):
     shapes = _subset(loaded.model)
     sens_ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
     report = compute_sensitivity(loaded, sens_ids, max_probes=16, min_probes=16, qerror_bits=(2, 3, 4, 8),
-                                 qerror_groups=(128,), first_token_weight=QuantizeOptions().first_token_weight,
+                                 qerror_groups=(128,), qerror_sym=(False,), first_token_weight=QuantizeOptions().first_token_weight,
                                  only=ONLY)
     assert {ls.name for ls in report.layers} == set(shapes)
     weights = layer_weights(loaded)

@@ -48,7 +48,8 @@ def no_report(monkeypatch) -> list:
     return calls
 
 
-def test_run_scores_an_image_classifier_resumes_and_matches_eval(tiny_cnn, tmp_path, no_report, monkeypatch):
+def test_run_scores_an_image_classifier_resumes_and_matches_eval(tiny_cnn, tmp_path, no_report, monkeypatch,
+                                                                own_fashion_file):
     out, recipe = tmp_path / "out", tmp_path / "vis.yaml"
     recipe.write_text(f"model: {tiny_cnn}\ncalib: images\ndata: images\ngroup_size: -1\nsymmetric: true\n"
                       f"avg_bits: 3.0\nnsamples: 6\nsens_samples: 4\nsens_max_probes: 4\nsens_min_probes: 2\n"

@@ -9,6 +9,7 @@ model's `data_config(model)` values.
 from __future__ import annotations
 
 import gzip
+import os
 import logging
 import shutil
 import subprocess
@@ -82,7 +83,15 @@ def photo(name: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: 
 
 
 def fashion_mnist_file() -> Path | None:
-    """The Fashion-MNIST test-images idx file, if installed (dpkg -L dataset-fashion-mnist)."""
+    """The Fashion-MNIST test-images idx file, if installed (dpkg -L dataset-fashion-mnist).
+    HAWQTOOL_FASHION_MNIST overrides the search: a t10k-images idx3 file, or a folder holding
+    `t10k-images-idx3-ubyte.gz` (a folder without it hides an installed copy)."""
+    override = os.environ.get("HAWQTOOL_FASHION_MNIST")
+    if override:
+        p = Path(override)
+        if p.is_dir():
+            p = p / "t10k-images-idx3-ubyte.gz"
+        return p if p.is_file() else None
     dirs = list(FASHION_DIRS)
     if shutil.which("dpkg"):
         try:
