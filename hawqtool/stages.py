@@ -10,14 +10,15 @@ from typing import Callable
 
 import torch
 
-from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, qerror_key
+from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint
 from .checkpoint import save_checkpoint
 from .errors import UserError
 from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
-from .quantize.quantizer import QuantSpec
+from .sensitivity.settings import (ESTIMATORS, FISHER_OBJECTIVES, _qerrors, convergence_summary,  # noqa: F401
+                                  hvp_for, sensitivity_fingerprint, sensitivity_settings)
 
 log = logging.getLogger("hawqtool")
 
@@ -154,55 +155,6 @@ def add_top_eigenvalues(report: SensitivityReport, loaded: LoadedModel, calib_id
         ls.top_eigenvalue, ls.eigen_iterations = eig[ls.name].eigenvalue, eig[ls.name].iterations
     report.settings["eigen"] = {"max_iters": max_iters, "tol": tol,
                                 "unconverged": [n for n, e in eig.items() if not e.converged]}
-
-
-def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
-    """Why probing stopped, the major layers that did not reach the target, and the layers whose
-    trace estimate is negative (a PSD objective's true trace is ≥ 0: noise), with 95% intervals."""
-    negative = {ls.name: [ls.trace - 1.96 * ls.stderr, ls.trace + 1.96 * ls.stderr]
-                for ls in layers if ls.trace < 0}
-    return {**info, "negative": negative}
-
-
-def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
-                         seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
-                         estimator: str = "hutchinson", first_token_weight: float = 1.0,
-                         qerror_sym: tuple[bool, ...] = (False, True)) -> dict:
-    """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
-    settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
-                    qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
-                    target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed,
-                    qerror={"grid": "search", "weights": "input second moments",
-                            "first_token_weight": first_token_weight})
-    if tuple(qerror_sym) != (False, True):  # only then: both kinds is what `hawqtool sensitivity` records
-        settings["qerror_sym"] = list(qerror_sym)
-    if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
-        settings["estimator"] = estimator
-    return settings
-
-
-def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
-    """Fingerprint of a sensitivity report: what `hawqtool run` compares to skip the stage."""
-    return fingerprint("sensitivity", model_fp, data_key, settings)
-
-
-ESTIMATORS = ("hutchinson", "fisher")
-FISHER_OBJECTIVES = ("self-kl", "output-mse")
-
-
-def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
-             d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True)) -> dict[str, float]:
-    """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option."""
-    from .quantize.importance import weighted_quant_error
-
-    return {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
-            for b in bits for g in groups for sym in syms}
-
-
-def hvp_for(objective: str) -> str:
-    """Exact Gauss-Newton products where the objective is measured at the model's own point
-    (self-kl, output-mse: identical to the Hessian there, 1.6× cheaper on SmolLM2), autograd otherwise."""
-    return "ggn" if objective in ("self-kl", "output-mse") else "autograd"
 
 
 def layer_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:

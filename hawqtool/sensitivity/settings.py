@@ -1,0 +1,57 @@
+"""The sensitivity report's settings, fingerprint, convergence summary and measured ‖Q(W)−W‖²: what
+`compute_sensitivity` records and `hawqtool run` recomputes to decide whether the stage is current."""
+from __future__ import annotations
+
+import torch
+
+from ..artifacts import LayerSensitivity, fingerprint, qerror_key
+from ..quantize.quantizer import QuantSpec
+
+
+def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
+    """Why probing stopped, the major layers that did not reach the target, and the layers whose
+    trace estimate is negative (a PSD objective's true trace is ≥ 0: noise), with 95% intervals."""
+    negative = {ls.name: [ls.trace - 1.96 * ls.stderr, ls.trace + 1.96 * ls.stderr]
+                for ls in layers if ls.trace < 0}
+    return {**info, "negative": negative}
+
+
+def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
+                         seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
+                         estimator: str = "hutchinson", first_token_weight: float = 1.0,
+                         qerror_sym: tuple[bool, ...] = (False, True)) -> dict:
+    """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
+    settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
+                    qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
+                    target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes, seed=seed,
+                    qerror={"grid": "search", "weights": "input second moments",
+                            "first_token_weight": first_token_weight})
+    if tuple(qerror_sym) != (False, True):  # only then: both kinds is what `hawqtool sensitivity` records
+        settings["qerror_sym"] = list(qerror_sym)
+    if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
+        settings["estimator"] = estimator
+    return settings
+
+
+def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
+    """Fingerprint of a sensitivity report: what `hawqtool run` compares to skip the stage."""
+    return fingerprint("sensitivity", model_fp, data_key, settings)
+
+
+ESTIMATORS = ("hutchinson", "fisher")
+FISHER_OBJECTIVES = ("self-kl", "output-mse")
+
+
+def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
+             d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True)) -> dict[str, float]:
+    """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option."""
+    from ..quantize.importance import weighted_quant_error
+
+    return {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
+            for b in bits for g in groups for sym in syms}
+
+
+def hvp_for(objective: str) -> str:
+    """Exact Gauss-Newton products where the objective is measured at the model's own point
+    (self-kl, output-mse: identical to the Hessian there, 1.6× cheaper on SmolLM2), autograd otherwise."""
+    return "ggn" if objective in ("self-kl", "output-mse") else "autograd"
