@@ -66,7 +66,7 @@ class RunConfig:
     eval_images: int = EVAL_IMAGES  # vision: Fashion-MNIST images beside the sample photos (as `hawqtool eval`)
     seed: int = 0
     method: str = "gptq"
-    act_order: bool = True
+    act_order: bool = False
     trust_remote_code: bool = False
     stage_seconds: dict = field(default_factory=dict)
 

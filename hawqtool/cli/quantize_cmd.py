@@ -22,9 +22,7 @@ from ._base import _setup_logging, calib_options, common, guarded, main, overwri
               help="APHQ: replace each MLP's GELU by a clamped ReLU and refit fc1/fc2 (MLP reconstruction).")
 @click.option("--nsamples", default=32, show_default=True)
 @click.option("--seqlen", default=512, show_default=True)
-@click.option("--act-order/--no-act-order", default=None,
-              help="GPTQ: quantize columns by descending Hessian diagonal, onto groups fixed before the sweep "
-                   "(default: on).")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
 @click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
 @click.option("--blocksize", default=128, show_default=True)
 @click.option("--act-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
@@ -67,8 +65,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     check_plan_matches(plan, loaded)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
-    opts = QuantizeOptions(method=method, act_order=QuantizeOptions.act_order if act_order is None else act_order,
-                           percdamp=damp, blocksize=blocksize, act_mode=act_mode,
+    opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
                            act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,
                            **({"grid": grid} if grid else {}))
     opts.first_token_weight = first_token_weight_for(loaded) if first_token_weight is None else first_token_weight

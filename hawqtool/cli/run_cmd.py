@@ -28,8 +28,7 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main, 
 @click.option("--eval-images", default=1000, show_default=True,
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="GPTQ columns by descending Hessian diagonal onto groups fixed before the sweep.")
+@click.option("--act-order", is_flag=True)
 @calib_options
 @overwrite_option
 @common

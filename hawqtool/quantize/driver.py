@@ -37,11 +37,8 @@ class QuantizeOptions:
     act_calib: str = "mse"  # static ranges: minmax | percentile | mse (on the quantized network's inputs)
     blocksize: int = 128
     percdamp: float = 0.01
-    # GPTQ columns in order of decreasing diag(H), onto groups fixed before the sweep (no g_idx, so every
-    # kernel and export reads the checkpoint): 3-bit SmolLM2 32.89 -> 30.60 ppl on the validation slice
-    # (scripts/bench_grid.py --act-order, benchmarks/RESULTS.md 2026-12-04)
-    act_order: bool = True
-    static_groups: bool = True
+    act_order: bool = False
+    static_groups: bool = False
     # Each group's scale/zero: "search" minimises the diag(H)-weighted error (quantize/grid.py),
     # "minmax" takes the group's range (GPTQ's reference rule).
     grid: str = "search"
