@@ -131,3 +131,11 @@ def test_weighted_quant_error_reduces_to_plain_error_for_equal_importance():
     Q = rtn(W, spec, search=True, d=d).dequantize()
     expect = float((d * (Q - W).pow(2).sum(0)).sum() / d.mean())
     assert weighted_quant_error(W, spec, d) == pytest.approx(expect, rel=1e-6)
+
+
+def test_unknown_grid_is_refused_not_silently_min_max():
+    from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="grid"):
+        quantize_model(model, {"0": QuantSpec(4, -1)}, torch.randn(4, 8), QuantizeOptions(grid="serch"))

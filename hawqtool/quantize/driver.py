@@ -168,6 +168,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
                    progress: Callable[[str], None] | None = None) -> dict[str, LayerResult]:
     """Quantize every layer in `specs` in place (weights become their dequantized values)
     and return the per-layer results. Layers outside the repeated blocks go last."""
+    if opts.grid not in ("search", "minmax"):
+        raise ValueError(f"QuantizeOptions.grid must be 'search' or 'minmax', got {opts.grid!r}")
     layers = quantizable_layers(model)
     try:
         _, blocks = find_blocks(model)
