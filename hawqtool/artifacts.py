@@ -43,12 +43,22 @@ def files_digest(paths) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half file."""
+    """Write to a temporary name in the same folder, then rename: never a half file. Temporaries of dead
+    processes are cleaned first; on failure ours is removed (a full disk is a one-line UserError)."""
+    from .outputs import clean_stale, write_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (err := write_error(e, path, len(text.encode("utf-8")))) is not e:
+            raise err from e
+        raise
 
 
 @dataclass
@@ -144,7 +154,7 @@ def load(path: Path, kind: str):
         raise UserError(f"{kind} file {path} does not exist; create it with `hawqtool {_STAGE[kind]}`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON ({e.__class__.__name__}); re-create it with "
                         f"`hawqtool {_STAGE[kind]}`") from e
     if not isinstance(raw, dict) or raw.get("kind") != kind:

@@ -8,40 +8,34 @@ Layout of CKPT/:
                         tensor of the state dict unchanged (tied weights stored once)
   config.json, tokenizer files   as the source model had them
   hawqtool_manifest.json         plan, per-layer bits/group/error, sha256 of every file
+The folder holds nothing else: no file the manifest does not list, no symlink (integrity.py), and
+the same inputs give the same bytes (no timestamps; safetensors metadata in a fixed order).
 Zero-point convention: w = scale * (q - zero), q and zero unsigned b-bit integers;
 symmetric layers store no zeros and use zero = 2^(b-1).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from quant_kernels import PackedWeight
 
 from .artifacts import SCHEMA_VERSION, tool_version
-from .outputs import replace_dir
 from .errors import UserError
+from .integrity import MIB, check_folder, check_listed_names, read_json, sha256_file
+from .outputs import staged_output
 from .quantize.quantizer import QuantizedWeight
+from .tensorfile import save_tensors, tensors_nbytes
 
 MANIFEST = "hawqtool_manifest.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+MANIFEST_CAP = 64 * MIB  # a manifest lists a few hundred bytes per layer
+CONFIG_CAP = 16 * MIB  # HF configs are kilobytes (a 22k-class label map is about 1 MiB)
 ZERO_POINT_CONVENTION = "w = scale * (q - zero); q, zero in [0, 2^bits-1]; symmetric: zero = 2^(bits-1), not stored"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pack_layer(qw: QuantizedWeight) -> PackedWeight:
@@ -62,11 +56,9 @@ def packed_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight], *,
                     layer_info: dict[str, dict], extra: dict, tokenizer=None) -> Path:
-    """Write CKPT atomically: build in OUT.tmp-PID, rename over OUT when complete."""
+    """Write CKPT atomically (outputs.staged_output: built in OUT.tmp-PID, renamed over OUT when complete,
+    removed on failure). `layer_info` and `extra` must not hold timings: the same inputs give the same bytes."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     layers_meta = {}
@@ -87,49 +79,46 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
             continue
         seen[v.data_ptr()] = k
         tensors[k] = v
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-              metadata={"format": "hawqtool", "zero_point": ZERO_POINT_CONVENTION})
-    if hasattr(getattr(model, "config", None), "save_pretrained"):  # HF models; timm ones are rebuilt by arch
-        model.config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = {"kind": "checkpoint", "schema_version": SCHEMA_VERSION, "tool_version": tool_version(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "zero_point": ZERO_POINT_CONVENTION,
-                "packing": "per output row, little-endian bit stream of b-bit codes in int32 words",
-                "layers": layers_meta, "tied": tied, "files": files, **extra}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return replace_dir(tmp, out_dir)
+    need = tensors_nbytes(tensors) + 8 * MIB  # + header, config, tokenizer, manifest (about; the rest is checked)
+    with staged_output(out_dir, "checkpoint", need) as tmp:
+        save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "hawqtool", "zero_point": ZERO_POINT_CONVENTION})
+        if hasattr(getattr(model, "config", None), "save_pretrained"):  # HF models; timm ones are rebuilt by arch
+            model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {"kind": "checkpoint", "schema_version": SCHEMA_VERSION, "tool_version": tool_version(),
+                    "zero_point": ZERO_POINT_CONVENTION,
+                    "packing": "per output row, little-endian bit stream of b-bit codes in int32 words",
+                    "layers": layers_meta, "tied": tied, "files": files, **extra}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def required_files(manifest: dict) -> tuple[str, ...]:
+    """Files every checkpoint of this kind must list: the weights, and config.json unless the model is
+    rebuilt from its timm architecture name (vision checkpoints)."""
+    return (WEIGHTS,) if manifest.get("task") == "image-classification" else (WEIGHTS, CONFIG)
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
-    """Manifest of a checkpoint; UserError if absent, malformed, or a file's sha256 differs."""
+    """Manifest of a checkpoint; UserError if absent, malformed or too large. With `verify`, the folder
+    must hold exactly the listed files, the weights and config among them, no symlinks, each with its
+    listed sha256 (integrity.check_folder); without, only the manifest itself is read."""
     path = Path(path)
     mf = path / MANIFEST
-    if not mf.is_file():
+    if not mf.is_file() or mf.is_symlink():
         raise UserError(f"{path} is not a hawqtool checkpoint (no {MANIFEST}); pass a folder written by "
                         "`hawqtool quantize`")
-    try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-        layers = manifest["layers"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{mf} is corrupt ({e.__class__.__name__}); re-create the checkpoint with "
-                        "`hawqtool quantize`") from e
-    if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(layers, dict):
-        raise UserError(f"{mf} has an unsupported schema; re-create the checkpoint with `hawqtool quantize`")
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise UserError(f"{mf} has a malformed 'files' list; re-create the checkpoint with `hawqtool quantize`")
+    fix = "re-create the checkpoint with `hawqtool quantize`"
+    manifest = read_json(mf, cap=MANIFEST_CAP, what="checkpoint manifest", fix=fix)
+    if not isinstance(manifest, dict) or "files" not in manifest or "layers" not in manifest:
+        raise UserError(f"{mf} is corrupt (not a manifest object with 'files' and 'layers'); {fix}")
+    if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(manifest["layers"], dict):
+        raise UserError(f"{mf} has an unsupported schema; {fix}")
+    files = check_listed_names(manifest["files"], mf)
     if verify:
-        for name, digest in files.items():
-            f = path / name
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise UserError(f"{mf} lists a file outside the checkpoint ({name!r}); re-create the checkpoint")
-            if not f.is_file():
-                raise UserError(f"checkpoint file {f} is missing; re-create the checkpoint with `hawqtool quantize`")
-            if sha256_file(f) != digest:
-                raise UserError(f"checkpoint file {f} is corrupt (sha256 mismatch); re-create it with "
-                                "`hawqtool quantize`")
+        check_folder(path, files, manifest=MANIFEST, required=required_files(manifest), caps={CONFIG: CONFIG_CAP})
     return manifest
 
 

@@ -19,28 +19,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quant_kernels import PackedWeight, unpack
 
-from .outputs import EXPORT_MARKER, replace_dir
-from .checkpoint import MANIFEST, WEIGHTS, read_manifest
+from .checkpoint import WEIGHTS, read_manifest
 from .errors import UserError
+from .outputs import EXPORT_MARKER, staged_output
 from .runtime import packed_from_tensors
+from .tensorfile import save_tensors
 
 FORMATS = ("compressed-tensors", "gptq")
 _U32 = 0xFFFFFFFF
 
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
-    """Write CKPT as an OUT folder in format `fmt`, atomically (OUT.tmp-PID renamed at the end)."""
+    """Write CKPT as an OUT folder in format `fmt`, atomically (outputs.staged_output). The checkpoint is
+    verified first (no symlinks, nothing unlisted); of its files exactly the listed ones are copied."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt), Path(out)
@@ -52,19 +53,14 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     writer = _write_compressed_tensors if fmt == "compressed-tensors" else _write_gptq
     _refuse_unsupported(layers, fmt)  # before anything is written
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for f in sorted(ckpt.iterdir()):  # config, tokenizer, generation config ...
-            if f.is_file() and f.name not in (WEIGHTS, MANIFEST):
-                shutil.copy2(f, tmp / f.name)
+    listed = sorted(n for n in manifest["files"] if n != WEIGHTS)  # config, tokenizer, generation config ...
+    need = sum((ckpt / n).stat().st_size for n in (WEIGHTS, *listed)) + (1 << 20)  # the tensors change little
+    with staged_output(out, "export", need) as tmp:
+        for name in listed:
+            shutil.copyfile(ckpt / name, tmp / name, follow_symlinks=False)
         writer(tmp, layers, rest, ckpt)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "source": str(ckpt), "tool": "hawqtool"}))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return replace_dir(tmp, out, "export")
+    return out
 
 
 def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:
@@ -88,8 +84,7 @@ def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:
 
 def _save(folder: Path, tensors: dict[str, torch.Tensor], fmt: str) -> None:
     """Write model.safetensors (contiguous tensors) with a provenance note in its metadata."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt", "exported_by": f"hawqtool ({fmt})"})
+    save_tensors(tensors, folder / WEIGHTS, metadata={"format": "pt", "exported_by": f"hawqtool ({fmt})"})
 
 
 # ---------------------------------------------------------------- compressed-tensors

@@ -4,17 +4,23 @@ runs never write one output at once.
 `claim_output` is called at the CLI boundary before any work: it refuses a path that holds
 something else than an artifact of the same kind (unless --overwrite), a path inside or above an
 input, and takes a lock beside the output (released on exit; a lock of a dead PID is stale).
-`replace_dir` re-checks at the moment of the rename.
+`replace_dir` re-checks at the moment of the rename. `staged_output` is the one way a folder output is
+written: stale temporaries of dead processes are cleaned first, free space is checked where the size
+is known, the folder is built in OUT.tmp-PID and renamed into place, and on any failure the temporary
+is removed and the previous output is left as it was (a full disk is a one-line error naming the bytes).
 """
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import UserError
 
@@ -44,7 +50,7 @@ def is_own_output(path: Path, kind: str) -> bool:
         try:
             return path.is_file() and path.stat().st_size < 1 << 30 and \
                 json.loads(path.read_text(encoding="utf-8")).get("kind") in JSON_KINDS
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return False
     raise ValueError(f"unknown output kind {kind!r}")
 
@@ -82,6 +88,7 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
             log.warning("replacing the earlier hawqtool %s output at %s", kind, out)
     if lock:
         take_lock(out)
+        clean_stale(out)
 
 
 def lock_path(out: Path) -> Path:
@@ -154,7 +161,7 @@ def release_all() -> None:
 def replace_dir(tmp: Path, out: Path, kind: str = "checkpoint") -> Path:
     """Move a finished folder into place. An existing `out` must be our own output of this kind (or
     claimed with --overwrite in this process); it is swapped aside and removed only after the rename,
-    so `out` is never half-written."""
+    so `out` is never half-written (and is put back if the rename fails)."""
     tmp, out = Path(tmp), Path(out)
     if out.exists() or out.is_symlink():
         if not is_own_output(out, kind) and str(out.resolve()) not in _OVERWRITE:
@@ -163,11 +170,100 @@ def replace_dir(tmp: Path, out: Path, kind: str = "checkpoint") -> Path:
                             "pass --overwrite or choose another -o")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        _remove(old)
     else:
         os.replace(tmp, out)
     return out
+
+
+# ---- temporaries: written beside the output, removed on failure, cleaned after a crash ----
+
+_TEMPORARY = re.compile(r"^(?P<stem>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)$")
+# an OSError of these kinds is the user's to fix (space, permissions), not an internal error
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder (not following links); nothing if it is absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(out: Path) -> None:
+    """Remove what dead processes left beside `out`: half-written temporaries (OUT.tmp-PID, .OUT.tmp-PID)
+    and previous outputs swapped aside (.OUT.old-PID), which are put back where `out` itself is gone.
+    Entries of live processes (and this one) are left alone."""
+    out = Path(out)
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if m is None or m["stem"] not in (out.name, "." + out.name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if m["what"] == "old" and not (out.exists() or out.is_symlink()):
+            os.replace(entry, out)
+            log.warning("restored %s from %s, where a process that no longer runs (PID %d) left it", out, entry, pid)
+            continue
+        _remove(entry)
+        log.warning("removed %s, left half-written by a process that no longer runs (PID %d)", entry, pid)
+
+
+def write_error(e: OSError, out: Path, need_bytes: int = 0) -> Exception:
+    """The one-line UserError for an OSError the user can fix (full disk, read-only, no permission) while
+    writing `out`; any other error is returned as it was."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f" (it needs about {need_bytes} bytes)" if need_bytes else ""
+        return UserError(f"no space left on the device of {out} while writing it{need}; nothing was written: "
+                         "free some space or choose another -o")
+    if e.errno in _USER_ERRNOS:
+        return UserError(f"cannot write {out} ({e.strerror}); nothing was written: choose a writable -o")
+    return e
+
+
+def ensure_free_space(folder: Path, need_bytes: int, out: Path) -> None:
+    """UserError naming the bytes needed when the device of `folder` has less free space than that."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need_bytes > free:
+        raise UserError(f"not enough free space for {out}: it needs about {need_bytes} bytes and {free} are free "
+                        "on that device; free some space or choose another -o")
+
+
+@contextmanager
+def staged_output(out: Path, kind: str, need_bytes: int = 0) -> Iterator[Path]:
+    """Context for writing the folder output `out`: yields an empty temporary beside it (OUT.tmp-PID), then
+    moves it into place (replace_dir). Before: stale temporaries of `out` are cleaned and `need_bytes` (if
+    known) is checked against the free space. On any failure the temporary is removed, `out` is left as it
+    was, and a full disk or a read-only/forbidden path becomes a one-line UserError."""
+    out = Path(out)
+    clean_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        ensure_free_space(tmp, need_bytes, out)
+        yield tmp
+        replace_dir(tmp, out, kind)
+    except OSError as e:
+        _remove(tmp)
+        err = write_error(e, out, need_bytes)
+        if err is e:
+            raise
+        raise err from e
+    except BaseException:
+        _remove(tmp)
+        raise

@@ -2,6 +2,7 @@
 compute through quant_kernels. Weights are read with safetensors only (no unpickling)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -281,16 +282,79 @@ def _replace_activations(model: nn.Module, act_fn, where: Path) -> None:
         _set_module(model, name, nn.Hardtanh(0.0, float(clip)))
 
 
+def _hf_skeleton(path: Path, config, attn_implementation: str, meta: bool) -> nn.Module:
+    """The transformers model config.json describes, random weights (on the meta device: no memory)."""
+    from .models import model_class, model_task
+
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return model_class(model_task(config)).from_config(config, dtype=torch.float32,
+                                                               attn_implementation=attn_implementation)
+    except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
+        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
+                        "re-create the checkpoint") from e
+
+
+def _hf_config(path: Path, n_tensors: int):
+    """config.json of the checkpoint, refused where it asks for more layers than the weights hold tensors
+    (building such a model, even without memory, would take hours)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read config.json is a bad checkpoint
+        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
+                        "re-create the checkpoint") from e
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > n_tensors:
+        raise UserError(f"{path}/config.json asks for {layers} layers but the weights hold {n_tensors} tensors; "
+                        "re-create the checkpoint")
+    return config
+
+
+def _vision_skeleton(path: Path, manifest: dict) -> nn.Module:
+    """The timm architecture the manifest names (kwargs and preprocessing checked by vision.loading)."""
+    from .vision.loading import vision_skeleton
+
+    arch = manifest.get("timm_arch")
+    if not isinstance(arch, str):
+        raise UserError(f"{path / MANIFEST} names no timm architecture; re-create the checkpoint")
+    kwargs, data = manifest.get("timm_kwargs"), manifest.get("timm_data")
+    if not isinstance(kwargs, (dict, type(None))) or not isinstance(data, (dict, type(None))):
+        raise UserError(f"{path / MANIFEST} has malformed timm_kwargs/timm_data; re-create the checkpoint")
+    return vision_skeleton(arch, kwargs=kwargs, data=data)
+
+
+def _check_fits(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every manifest entry and tensor against the model (shapes, dtypes, layer kinds); `model` may live on
+    the meta device, so this runs before anything of the checkpoint's size is allocated. Applies act_fn."""
+    if "act_fn" in manifest:
+        _replace_activations(model, manifest["act_fn"], path / MANIFEST)
+    layers, tied = manifest["layers"], manifest.get("tied") or {}
+    for name, meta in layers.items():
+        pw = packed_from_tensors(tensors, name, meta)
+        _target(model, name, pw)
+        _bias(tensors, name, pw.out_features)
+        _act_granularity(meta, name, model.get_submodule(name), _act_static(meta, name))
+        _act_bits(meta, name)
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
+    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
+    missing = sorted(set(expected) - set(tied) - set(rest))
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {len(missing)} tensors (e.g. {missing[0]}); re-create it")
+    for k, v in rest.items():
+        if k in expected and (v.shape != expected[k].shape or v.is_floating_point() != expected[k].is_floating_point()):
+            raise UserError(f"checkpoint tensor {k} is {list(v.shape)} {v.dtype}, the model expects "
+                            f"{list(expected[k].shape)} {expected[k].dtype}; re-create the checkpoint")
+
+
 def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager") -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode (transformers models
     with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
 
-    Everything read is validated (manifest types, tensor shapes/dtypes against the manifest and the
-    model's config, sha256 unless verify=False); any problem is a one-line UserError."""
-    from transformers import AutoConfig
-
-    from .models import model_class, model_task
-
+    Everything read is validated before the model is allocated: the folder (exactly the listed files, no
+    symlinks, sha256 unless verify=False), manifest types, and every tensor's shape/dtype against the model
+    config.json describes, built first on the meta device; any problem is a one-line UserError."""
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     tied = manifest.get("tied") or {}
@@ -301,29 +365,17 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
     if manifest.get("task") == "image-classification":
-        from .vision.loading import vision_skeleton
-
-        arch = manifest.get("timm_arch")
-        if not isinstance(arch, str):
-            raise UserError(f"{path / MANIFEST} names no timm architecture; re-create the checkpoint")
-        kwargs, data = manifest.get("timm_kwargs"), manifest.get("timm_data")
-        if not isinstance(kwargs, (dict, type(None))) or not isinstance(data, (dict, type(None))):
-            raise UserError(f"{path / MANIFEST} has malformed timm_kwargs/timm_data; re-create the checkpoint")
-        model = vision_skeleton(arch, kwargs=kwargs, data=data)
+        model = _vision_skeleton(path, manifest)
+        _check_fits(model, manifest, tensors, path)
     else:
-        try:
-            config = AutoConfig.from_pretrained(str(path))
-            model = model_class(model_task(config)).from_config(config, dtype=torch.float32,
-                                                                attn_implementation=attn_implementation)
-        except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
-            raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
-                            "re-create the checkpoint") from e
-    if "act_fn" in manifest:
-        _replace_activations(model, manifest["act_fn"], path / MANIFEST)
+        config = _hf_config(path, len(tensors))
+        _check_fits(_hf_skeleton(path, config, attn_implementation, meta=True), manifest, tensors, path)
+        model = _hf_skeleton(path, config, attn_implementation, meta=False)
+        if "act_fn" in manifest:
+            _replace_activations(model, manifest["act_fn"], path / MANIFEST)
     layers = manifest["layers"]
     for name, meta in layers.items():
         pw = packed_from_tensors(tensors, name, meta)
-        _target(model, name, pw)
         target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
         static = _act_static(meta, name)
         granularity = _act_granularity(meta, name, target, static)
@@ -331,14 +383,6 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
                  else QuantLinear(pw, bias, act_bits=act, act_static=static))
         _set_module(model, name, layer)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
-    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
-    missing = sorted(set(expected) - set(tied) - set(rest))
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {len(missing)} tensors (e.g. {missing[0]}); re-create it")
-    for k, v in rest.items():
-        if k in expected and (v.shape != expected[k].shape or v.is_floating_point() != expected[k].is_floating_point()):
-            raise UserError(f"checkpoint tensor {k} is {list(v.shape)} {v.dtype}, the model expects "
-                            f"{list(expected[k].shape)} {expected[k].dtype}; re-create the checkpoint")
     model.load_state_dict(rest, strict=False)
     if tied:
         model.tie_weights()

@@ -182,13 +182,13 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
                    extra: dict | None = None) -> Path:
     """Quantize the model per the plan and write the checkpoint folder (atomically).
 
-    Finished blocks are kept in OUT.partial/ so an interrupted run resumes there."""
+    Finished blocks are kept in OUT.partial/ so an interrupted run resumes there. The checkpoint records no
+    timings: the same inputs and options give the same bytes."""
     check_plan_matches(plan, loaded)
     out_dir = Path(out_dir)
     state_dir = out_dir.with_name(out_dir.name + ".partial")
     key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
                       [asdict(lp) for lp in plan.layers])
-    t0 = time.perf_counter()
     act = {lp.name: lp.act_bits for lp in plan.layers}
     if opts.method == "aphq":
         weights, info, extra = _aphq(loaded, plan, act, calib_ids, opts, state_dir, key, progress, extra)
@@ -217,7 +217,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
             "plan": {"fingerprint": plan.fingerprint, "budget": plan.budget, "avg_bits": plan.avg_bits,
                      "total_bytes": plan.total_bytes, "predicted_omega": plan.predicted_omega},
             "calibration": {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "data": data_key},
-            "retried_layers": retried, "quantize_seconds": time.perf_counter() - t0, "fingerprint": key,
+            "retried_layers": retried, "fingerprint": key,
             **(extra or {})}
     path = save_checkpoint(out_dir, loaded.model, weights, layer_info=info, extra=meta, tokenizer=loaded.tokenizer)
     import shutil
@@ -254,8 +254,9 @@ def _aphq(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: torch
                        act_bits=act.get(n, 16), act_order=False)
         if n in res.act:
             info[n].update(act_mode="static", act_scale=float(res.act[n][0]), act_zero=float(res.act[n][1]))
+    blocks = [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in res.blocks]  # same bytes per run
     return res.weights, info, {**(extra or {}), "act_fn": res.act_fn, "aphq": {"options": asdict(aopts),
-                                                                            "blocks": res.blocks}}
+                                                                            "blocks": blocks}}
 
 
 def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions) -> dict:

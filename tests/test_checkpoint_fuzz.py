@@ -3,6 +3,9 @@ UserError, never another exception.
 
 Half the mutations re-seal the manifest's sha256 entries, so they get past the checksum and reach
 the manifest/shape/dtype validation behind it (a consistent but hostile file, not just a damaged one).
+Mutations of the manifest's `files` list (entries dropped, invented, renamed, mis-hashed, pointing
+outside) and symlinks inside the checkpoint (in place of a listed file with the same bytes, or extra,
+pointing outside or inside) must always be refused: the reader opens only listed, verified files.
 """
 from __future__ import annotations
 
@@ -53,6 +56,43 @@ def _reseal(d: Path) -> None:
     (d / MANIFEST).write_text(json.dumps(mf))
 
 
+def _mutate_files_list(mf: dict, rng: random.Random) -> dict:
+    """One change to the manifest's `files` list; every one leaves a file unverified or unlisted."""
+    files = mf["files"]
+    name = rng.choice(sorted(files))
+    kind = rng.randrange(6)
+    if kind == 0:
+        del files[name]  # the file stays in the folder, unlisted
+    elif kind == 1:
+        files[rng.choice(["extra.bin", "tokenizer.model", "vocab.json"])] = "0" * 64  # listed, absent
+    elif kind == 2:
+        files[rng.choice(["../" + name, "/etc/passwd", "sub/" + name, "", ".", ".."])] = files.pop(name)
+    elif kind == 3:
+        files[name] = rng.choice(["", "0" * 64, files[name][::-1], files[name].upper()[:-1] + "0"])
+    elif kind == 4:
+        files[name + rng.choice([".bak", " ", "/"])] = files.pop(name)
+    else:
+        mf["files"] = rng.choice([[name], {name: 1}, {name: None}, {}, None, "model.safetensors"])
+    return mf
+
+
+def _add_symlink(work: Path, outside: Path, rng: random.Random) -> None:
+    """A symlink inside the checkpoint: in place of a listed file (same bytes), or extra, to a file
+    outside (a secret) or inside."""
+    listed = sorted(p.name for p in work.iterdir() if p.name != MANIFEST)
+    kind = rng.randrange(3)
+    if kind == 0:
+        name = rng.choice(listed)
+        copy = outside / f"copy-{name}"
+        copy.write_bytes((work / name).read_bytes())
+        (work / name).unlink()
+        (work / name).symlink_to(copy)  # same bytes: the sha256 matches
+    elif kind == 1:
+        (work / rng.choice(["id_rsa", "tokenizer.json.link", "extra"])).symlink_to(outside / "secret")
+    else:
+        (work / "weights.link").symlink_to(work / rng.choice(listed))
+
+
 def _mutate_bytes(blob: bytes, rng: random.Random) -> bytes:
     b = bytearray(blob)
     kind = rng.random()
@@ -95,14 +135,23 @@ def test_ten_thousand_mutated_checkpoints_give_a_model_or_a_clean_error(checkpoi
     work = tmp_path / "ckpt"
     outcomes = {"loaded": 0, "rejected": 0}
     x = torch.tensor([[1, 2, 3]])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("PRIVATE KEY")
     for i in range(N_MUTATIONS):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         for name, blob in files.items():
             (work / name).write_bytes(blob)
-        target = rng.choice([WEIGHTS, WEIGHTS, MANIFEST, MANIFEST, "config.json"])
+        target = rng.choice([WEIGHTS, WEIGHTS, MANIFEST, MANIFEST, "config.json", "files", "symlink"])
         structured = target == MANIFEST and rng.random() < 0.6
-        if structured:
+        if target == "files":
+            (work / MANIFEST).write_text(json.dumps(_mutate_files_list(json.loads(files[MANIFEST]), rng)))
+        elif target == "symlink":
+            _add_symlink(work, outside, rng)
+            if rng.random() < 0.5:
+                _reseal(work)  # the link listed with its target's sha256: still refused
+        elif structured:
             mf = _mutate_manifest(json.loads(files[MANIFEST]), rng)
             (work / MANIFEST).write_text(json.dumps(mf))
         else:
@@ -114,14 +163,17 @@ def test_ten_thousand_mutated_checkpoints_give_a_model_or_a_clean_error(checkpoi
             with torch.no_grad():
                 model(x)
             outcomes["loaded"] += 1
+            assert target not in ("files", "symlink"), f"mutation {i} of the {target} loaded: it must be refused"
         except UserError as e:
             msg = str(e)
             assert msg and "\n" not in msg and "Traceback" not in msg, (i, target, msg)
             outcomes["rejected"] += 1
+            outcomes[target] = outcomes.get(target, 0) + 1
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"mutation {i} of {target} (structured={structured}) raised {type(e).__name__}: {e}")
     assert outcomes["rejected"] > N_MUTATIONS // 2, outcomes  # most mutations must be caught, not silently used
     assert outcomes["loaded"] > 0, outcomes  # data bytes changed under a valid header still load
+    assert outcomes["files"] > N_MUTATIONS // 10 and outcomes["symlink"] > N_MUTATIONS // 10, outcomes
 
 
 def test_unmutated_fixture_loads(checkpoint):

@@ -1,5 +1,6 @@
 """Ctrl-C during `hawqtool quantize` (a real SIGINT to a real process): exit code 130, no
-checkpoint under the output name, finished blocks kept; the re-run resumes from them."""
+checkpoint under the output name, finished blocks kept; the re-run resumes from them and writes the
+same bytes as an uninterrupted run (sha256 of every file)."""
 from __future__ import annotations
 
 import os
@@ -47,3 +48,14 @@ def test_sigint_during_quantize_then_resume(tmp_path, deep_llama, text_file):
     assert run.returncode == 0, run.stderr
     assert "resuming quantization at block" in done.stderr
     assert (out / "hawqtool_manifest.json").exists() and not partial.exists()
+    straight = tmp_path / "straight"
+    whole = subprocess.run([*cmd[:cmd.index("-o") + 1], str(straight), *cmd[cmd.index("-o") + 2:]],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert whole.returncode == 0 and "resuming" not in whole.stderr, whole.stderr
+    assert digests(out) == digests(straight)
+
+
+def digests(folder):
+    from hawqtool.checkpoint import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}

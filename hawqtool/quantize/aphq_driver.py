@@ -17,20 +17,18 @@ Layers of `specs` outside the blocks (a ViT's patch_embed and head, BERT's poole
 and a static act_init input range, without reconstruction: those before the blocks on the float
 inputs, those after on the inputs of the quantized model.
 Resume: after each block its codes, activation ranges, ReLU clamps, refit fc1/fc2 and the next
-block's two chains of inputs go to `state_dir`; a rerun with the same key continues at the next block.
+block's two chains of inputs go to `state_dir` (hashed, see resume_state.py); a rerun with the same key
+continues at the next block, and a damaged saved block is recomputed, never used.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..blocks import capture_block_inputs, find_blocks
@@ -40,6 +38,7 @@ from .aphq import (APHQOptions, BlockData, aph_importance, native_weight, recons
                    relu_clamp, run_block)
 from .gptq import HessianAccumulator, gptq_quantize
 from .quantizer import QuantizedWeight, QuantSpec, rtn
+from .resume_state import BlockState
 
 __all__ = ["APHQOptions", "APHQResult", "aphq_quantize_model", "find_repeated_blocks", "find_mlp"]
 
@@ -253,7 +252,8 @@ def aphq_quantize_model(model: nn.Module, specs: dict[str, QuantSpec], act_bits:
         fdata = _capture(model, blocks[0], batches)
         _quantize_outside(model, pre, specs, act_bits, batches, opts.act_init, result, hooks)
         xq, xf = (_capture(model, blocks[0], batches).x if pre else fdata.x), fdata.x
-        done, hidden = _resume(state_dir, state_key, model, layers, result, hooks, act_bits)
+        state = BlockState(Path(state_dir), state_key) if state_dir is not None else None
+        done, hidden = _resume(state, model, layers, result, hooks, act_bits)
         if hidden is not None:
             xq, xf = hidden
         for i in range(done, len(blocks)):
@@ -296,8 +296,8 @@ def aphq_quantize_model(model: nn.Module, specs: dict[str, QuantSpec], act_bits:
             record.update({k: out[k] for k in ("loss_before", "loss_after", "loss_soft", "undecided", "kept", "iters")},
                           seconds=round(time.perf_counter() - t0, 3))
             result.blocks.append(record)
-            if state_dir is not None:
-                _save_block(Path(state_dir), state_key, i, result, prefix, floats, xq, xf)
+            if state is not None:
+                _save_block(state, i, result, prefix, floats, xq, xf)
             say(f"{prefix[:-1]}: loss {out['loss_before']:.4g} -> {out['loss_after']:.4g} "
                 f"({record['seconds']:.1f}s)")
         _quantize_outside(model, post, specs, act_bits, batches, opts.act_init, result, hooks)
@@ -307,49 +307,32 @@ def aphq_quantize_model(model: nn.Module, specs: dict[str, QuantSpec], act_bits:
     return result
 
 
-# ---- resume state: one file per finished block plus the next block's inputs (both chains) ----
+# ---- resume state (resume_state.py: hashed, verified): per finished block + the next inputs (both chains) ----
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _save_block(state_dir: Path, key: str, i: int, result: APHQResult, prefix: str, floats: dict[str, torch.Tensor],
+def _save_block(state: BlockState, i: int, result: APHQResult, prefix: str, floats: dict[str, torch.Tensor],
                 xq: list[torch.Tensor], xf: list[torch.Tensor]) -> None:
-    """Write block i's results and the next block's inputs; the JSON file is the commit point."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Commit block i's results and the next block's inputs."""
     mine = lambda d: {n: v for n, v in d.items() if n.startswith(prefix)}  # noqa: E731
     tensors = {f"float.{n}": t for n, t in floats.items()}
     for n, w in mine(result.weights).items():
         tensors.update({f"{n}.q": w.q.to(torch.uint8), f"{n}.scales": w.scales, f"{n}.zeros": w.zeros.to(torch.uint8)})
-    _atomic_save(tensors, state_dir / f"block_{i:04d}.safetensors")
-    _atomic_save({**{f"q{j}": x for j, x in enumerate(xq)}, **{f"f{j}": x for j, x in enumerate(xf)}},
-                 state_dir / f"hidden_{i:04d}.safetensors")
-    meta = dict(key=key, block=i, specs={n: w.spec.to_dict() for n, w in mine(result.weights).items()},
+    meta = dict(specs={n: w.spec.to_dict() for n, w in mine(result.weights).items()},
                 act={n: list(v) for n, v in mine(result.act).items()}, act_fn=mine(result.act_fn),
                 record=result.blocks[-1])
-    tmp = state_dir / f".block_{i:04d}.json.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, state_dir / f"block_{i:04d}.json")
-    (state_dir / f"hidden_{i - 1:04d}.safetensors").unlink(missing_ok=True)
+    state.save(i, tensors, {**{f"q{j}": x for j, x in enumerate(xq)}, **{f"f{j}": x for j, x in enumerate(xf)}},
+               meta)
 
 
-def _resume(state_dir: Path | None, key: str, model: nn.Module, layers: dict[str, nn.Module], result: APHQResult,
+def _resume(state: BlockState | None, model: nn.Module, layers: dict[str, nn.Module], result: APHQResult,
             hooks: dict, act_bits: dict[str, int]) -> tuple[int, tuple[list, list] | None]:
-    """Re-apply the blocks finished under the same key; returns (next block, its (quantized, float) inputs)."""
-    if state_dir is None or not Path(state_dir).is_dir():
+    """Re-apply the verified blocks finished under the same key; returns (next block, its (quantized, float)
+    inputs)."""
+    if state is None:
         return 0, None
-    d, done = Path(state_dir), 0
-    while (d / f"block_{done:04d}.json").exists():
-        if json.loads((d / f"block_{done:04d}.json").read_text()).get("key") != key:
-            break
-        done += 1
-    if done == 0 or not (d / f"hidden_{done - 1:04d}.safetensors").exists():
+    done, h = state.resume()
+    if not done:
         return 0, None
-    for i in range(done):
-        meta = json.loads((d / f"block_{i:04d}.json").read_text())
-        t = load_file(str(d / f"block_{i:04d}.safetensors"))
+    for meta, t in done:
         with torch.no_grad():
             for n, v in t.items():
                 if n.startswith("float."):
@@ -366,7 +349,6 @@ def _resume(state_dir: Path | None, key: str, model: nn.Module, layers: dict[str
             result.act[n] = (s, z)
             hooks[n] = _attach(layers[n], act_bits[n], s, z)
         result.blocks.append(meta["record"])
-    h = load_file(str(d / f"hidden_{done - 1:04d}.safetensors"))
     n = sum(1 for k in h if k.startswith("q"))
-    log.info("APHQ: resuming at block %d (%d finished blocks in %s)", done, done, d)
-    return done, ([h[f"q{j}"] for j in range(n)], [h[f"f{j}"] for j in range(n)])
+    log.info("APHQ: resuming at block %d (%d finished blocks in %s)", len(done), len(done), state.folder)
+    return len(done), ([h[f"q{j}"] for j in range(n)], [h[f"f{j}"] for j in range(n)])

@@ -3,20 +3,18 @@
 Inputs of block i are the outputs of the already-quantized blocks 0..i-1; inside a block
 layers are quantized in groups that share an input (true-sequential). Peak memory is one
 block plus the calibration hidden states. After every block the finished layers and the
-next block's inputs go to `state_dir`, so a killed run resumes at the next block.
+next block's inputs go to `state_dir` (hashed, see resume_state.py), so a killed run resumes at
+the next block; a damaged saved block is recomputed, never used.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..blocks import BlockInputs, _Stop, capture_block_inputs, find_blocks, run_block, sequential_groups, stop_after
@@ -24,6 +22,7 @@ from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import ConvHessianAccumulator, gptq_conv
 from .gptq import GPTQError, HessianAccumulator, gptq_quantize
 from .quantizer import QuantizedWeight, QuantSpec, rtn
+from .resume_state import BlockState
 
 log = logging.getLogger("hawqtool")
 
@@ -74,10 +73,11 @@ class LayerResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
+        """What the checkpoint's manifest records of the layer (no timing: the same run gives the same bytes)."""
         s = self.weight.spec
         return dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method=self.method,
                     error=self.error, rtn_error=self.rtn_error, damp=self.damp, retries=self.retries,
-                    notes=self.notes, seconds=round(self.seconds, 3), act_order=self.weight.g_idx is not None)
+                    notes=self.notes, act_order=self.weight.g_idx is not None)
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -177,7 +177,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         blocks = nn.ModuleList()
     batches = _batches(calib_ids, opts.batch_size)
     results: dict[str, LayerResult] = {}
-    done_blocks, hidden = _resume(state_dir, state_key, model, blocks, layers, specs, results) if len(blocks) else (0, None)
+    state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
+    done_blocks, hidden = _resume(state, blocks, layers, results)
     prefixes = [_prefix_of(model, b) for b in blocks]
     # blocks after the last one with planned layers need not run (the rest is calibrated on the whole model)
     last = max((i for i, p in enumerate(prefixes) if any(n.startswith(p) for n in specs)), default=-1)
@@ -205,8 +206,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
                     progress(n)
         with torch.no_grad():
             inputs.hidden = [run_block(block, inputs, j) for j in range(len(inputs.hidden))]
-        if state_dir is not None:
-            _save_block(state_dir, state_key, i, {n: results[n] for n in in_block}, inputs.hidden)
+        if state is not None:
+            _save_block(state, i, {n: results[n] for n in in_block}, inputs.hidden)
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight)
@@ -283,49 +284,29 @@ class _nullctx:
         return False
 
 
-# ---- resume state: one file per finished block plus the next block's inputs ----
+# ---- resume state (resume_state.py: hashed, verified): one record per finished block + the next inputs ----
 
-def _save_block(state_dir: Path, key: str, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor]) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor]) -> None:
     tensors, meta = {}, {}
     for n, r in res.items():
         w = r.weight
-        tensors[f"{n}.q"] = w.q.to(torch.uint8).contiguous()
-        tensors[f"{n}.scales"] = w.scales.contiguous()
-        tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8).contiguous()
+        tensors[f"{n}.q"] = w.q.to(torch.uint8)
+        tensors[f"{n}.scales"] = w.scales
+        tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8)
         if w.g_idx is not None:
-            tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32).contiguous()
-        meta[n] = {**r.summary(), "spec": w.spec.to_dict()}
-    _atomic_save(tensors, state_dir / f"block_{i:04d}.safetensors")
-    _atomic_save({f"h{j}": h.contiguous() for j, h in enumerate(hidden)}, state_dir / f"hidden_{i:04d}.safetensors")
-    tmp = state_dir / f".block_{i:04d}.json.tmp"
-    tmp.write_text(json.dumps({"key": key, "block": i, "layers": meta}))
-    os.replace(tmp, state_dir / f"block_{i:04d}.json")  # the commit point of block i
-    (state_dir / f"hidden_{i - 1:04d}.safetensors").unlink(missing_ok=True)
+            tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32)
+        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": w.spec.to_dict()}
+    state.save(i, tensors, {f"h{j}": h for j, h in enumerate(hidden)}, {"layers": meta})
 
 
-def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def _resume(state_dir, key, model, blocks, layers, specs, results) -> tuple[int, list[torch.Tensor] | None]:
-    """Reload finished blocks from state_dir (same key only); returns (next block, its inputs)."""
-    if state_dir is None or not Path(state_dir).is_dir():
+def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, list[torch.Tensor] | None]:
+    """Re-apply the verified finished blocks of this run; returns (next block, its inputs)."""
+    if state is None:
         return 0, None
-    done = 0
-    while (Path(state_dir) / f"block_{done:04d}.json").exists():
-        meta = json.loads((Path(state_dir) / f"block_{done:04d}.json").read_text())
-        if meta.get("key") != key:
-            break
-        done += 1
-    last_hidden = Path(state_dir) / f"hidden_{done - 1:04d}.safetensors"
-    if done == 0 or not last_hidden.exists():
+    done, hidden = state.resume()
+    if not done:
         return 0, None
-    for i in range(done):
-        meta = json.loads((Path(state_dir) / f"block_{i:04d}.json").read_text())
-        t = load_file(str(Path(state_dir) / f"block_{i:04d}.safetensors"))
+    for meta, t in done:
         for n, m in meta["layers"].items():
             spec = QuantSpec(**m["spec"])
             qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
@@ -333,6 +314,5 @@ def _resume(state_dir, key, model, blocks, layers, specs, results) -> tuple[int,
             results[n] = LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"],
                                      m["notes"], m["seconds"])
             set_weight_matrix(layers[n], qw.dequantize().to(layers[n].weight.dtype))
-    h = load_file(str(last_hidden))
-    log.info("resuming quantization at block %d of %d", done, len(blocks))
-    return done, [h[f"h{j}"] for j in range(len(h))]
+    log.info("resuming quantization at block %d of %d", len(done), len(blocks))
+    return len(done), [hidden[f"h{j}"] for j in range(len(hidden))]

@@ -1,0 +1,58 @@
+"""safetensors files written byte-reproducibly, with write errors reported as OSError.
+
+safetensors keeps a file's `__metadata__` in a hash map, so its keys come out in a different order
+per process and identical runs gave files with different sha256. `save_tensors` writes the file and
+then rewrites its JSON header in place with the metadata keys sorted (the header keeps its length;
+the library pads headers with spaces, which every reader accepts), so the same tensors and metadata
+give the same bytes. The library reports I/O failures (a full disk) as SafetensorError with the OS
+error number in the text; they are re-raised as OSError with that errno so writers can tell the user.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors take on disk (the header aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (made contiguous) to `path` as safetensors with a canonical header."""
+    path = Path(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as e:
+        m = _OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+    canonical_header(path)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite the JSON header of a safetensors file in place with `__metadata__` keys sorted."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n:  # cannot happen for a reordering; never corrupt the file if it ever did
+            raise OSError(errno.EINVAL, "canonical safetensors header is longer than the original", str(path))
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
