@@ -79,7 +79,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
             continue
         seen[v.data_ptr()] = k
         tensors[k] = v
-    need = tensors_nbytes(tensors) + 8 * MIB  # + header, config, tokenizer, manifest (about; the rest is checked)
+    need = tensors_nbytes(tensors) + MIB  # + config, tokenizer, manifest: about (a full disk is still caught)
     with staged_output(out_dir, "checkpoint", need) as tmp:
         save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "hawqtool", "zero_point": ZERO_POINT_CONVENTION})
         if hasattr(getattr(model, "config", None), "save_pretrained"):  # HF models; timm ones are rebuilt by arch
@@ -103,23 +103,31 @@ def required_files(manifest: dict) -> tuple[str, ...]:
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
     """Manifest of a checkpoint; UserError if absent, malformed or too large. With `verify`, the folder
-    must hold exactly the listed files, the weights and config among them, no symlinks, each with its
-    listed sha256 (integrity.check_folder); without, only the manifest itself is read."""
+    is checked too (verify_folder); without, only the manifest itself is read."""
     path = Path(path)
     mf = path / MANIFEST
-    if not mf.is_file() or mf.is_symlink():
+    fix = "re-create the checkpoint with `hawqtool quantize`"
+    if mf.is_symlink():
+        raise UserError(f"{mf} is a symbolic link; a checkpoint holds only its own files: {fix}")
+    if not mf.is_file():
         raise UserError(f"{path} is not a hawqtool checkpoint (no {MANIFEST}); pass a folder written by "
                         "`hawqtool quantize`")
-    fix = "re-create the checkpoint with `hawqtool quantize`"
     manifest = read_json(mf, cap=MANIFEST_CAP, what="checkpoint manifest", fix=fix)
     if not isinstance(manifest, dict) or "files" not in manifest or "layers" not in manifest:
         raise UserError(f"{mf} is corrupt (not a manifest object with 'files' and 'layers'); {fix}")
     if manifest.get("schema_version") != SCHEMA_VERSION or not isinstance(manifest["layers"], dict):
         raise UserError(f"{mf} has an unsupported schema; {fix}")
-    files = check_listed_names(manifest["files"], mf)
+    check_listed_names(manifest["files"], mf)
     if verify:
-        check_folder(path, files, manifest=MANIFEST, required=required_files(manifest), caps={CONFIG: CONFIG_CAP})
+        verify_folder(path, manifest)
     return manifest
+
+
+def verify_folder(path: Path, manifest: dict, hashes: bool = True) -> None:
+    """The checkpoint folder holds exactly the manifest's listed files (weights and config among them), no
+    symlinks, none above its size cap, and (with `hashes`) each with its listed sha256."""
+    check_folder(Path(path), manifest["files"], manifest=MANIFEST, required=required_files(manifest),
+                 caps={CONFIG: CONFIG_CAP}, hashes=hashes)
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -54,7 +54,7 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
     writer = _write_compressed_tensors if fmt == "compressed-tensors" else _write_gptq
     _refuse_unsupported(layers, fmt)  # before anything is written
     listed = sorted(n for n in manifest["files"] if n != WEIGHTS)  # config, tokenizer, generation config ...
-    need = sum((ckpt / n).stat().st_size for n in (WEIGHTS, *listed)) + (1 << 20)  # the tensors change little
+    need = sum((ckpt / n).stat().st_size for n in (WEIGHTS, *listed)) + (1 << 16)  # the tensors change little
     with staged_output(out, "export", need) as tmp:
         for name in listed:
             shutil.copyfile(ckpt / name, tmp / name, follow_symlinks=False)

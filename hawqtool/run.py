@@ -86,10 +86,18 @@ class _TaskData:
 
 
 def _current(path: Path, fp: str, kind: str | None = None) -> bool:
-    """True if the artifact at path exists and carries fingerprint fp."""
+    """True if the artifact at path exists and carries fingerprint fp (a checkpoint: and is intact; a
+    damaged one is recomputed, never trusted)."""
     try:
         if kind == "checkpoint":
-            return is_checkpoint(path) and read_manifest(path, verify=False).get("fingerprint") == fp
+            if not (is_checkpoint(path) and read_manifest(path, verify=False).get("fingerprint") == fp):
+                return False
+            try:
+                read_manifest(path)  # every file listed, no symlinks, sha256 equal
+            except artifacts.UserError as e:
+                log.warning("%s: it is recomputed", e)
+                return False
+            return True
         return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fp
     except (OSError, ValueError, artifacts.UserError):
         return False

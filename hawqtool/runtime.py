@@ -14,7 +14,7 @@ from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
 from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_fn,
                                     int8_linear_supported)
 
-from .checkpoint import MANIFEST, WEIGHTS, read_manifest
+from .checkpoint import MANIFEST, WEIGHTS, read_manifest, verify_folder
 from .errors import UserError
 
 
@@ -353,10 +353,12 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
 
     Everything read is validated before the model is allocated: the folder (exactly the listed files, no
-    symlinks, sha256 unless verify=False), manifest types, and every tensor's shape/dtype against the model
-    config.json describes, built first on the meta device; any problem is a one-line UserError."""
+    symlinks, each file's sha256 unless verify=False), manifest types, and every tensor's shape/dtype
+    against the model config.json describes, built first on the meta device; any problem is a one-line
+    UserError."""
     path = Path(path)
-    manifest = read_manifest(path, verify=verify)
+    manifest = read_manifest(path, verify=False)
+    verify_folder(path, manifest, hashes=verify)  # the folder's shape always; the sha256 unless verify=False
     tied = manifest.get("tied") or {}
     if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
         raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")

@@ -23,8 +23,9 @@ _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes the tensors take on disk (the header aside)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the safetensors file of `tensors`: their data plus a generous header estimate (name, dtype,
+    shape and offsets of each tensor), for free-space checks before writing."""
+    return 8 + 4096 + sum(t.numel() * t.element_size() + len(k.encode()) + 128 for k, t in tensors.items())
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -167,3 +167,18 @@ def test_the_untouched_checkpoint_still_loads_and_exports(ckpt, tmp_path):
     model = load_quantized(ckpt)
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
     invoke("export", ckpt, "--format", "gptq", "-o", tmp_path / "ex", "-q")
+
+
+def test_run_recomputes_a_damaged_checkpoint_in_its_output_instead_of_skipping_it(tmp_path, tiny_llama, text_file,
+                                                                                  caplog):
+    out = tmp_path / "out"
+    args = ["run", tiny_llama, "--calib", text_file, "--data", text_file, "--avg-bits", 3.0, "-o", out, *SMALL,
+            "--sens-samples", 4, "--sens-seqlen", 32, "--max-probes", 4, "--eval-windows", 2, "--eval-seqlen", 64,
+            "--json"]
+    first = json.loads(invoke(*args).stdout)
+    flip_last_byte(out / "mixed" / WEIGHTS)
+    again = json.loads(invoke(*args).stdout)
+    assert "quantize" in again["stage_seconds"] and "sensitivity" not in again["stage_seconds"]
+    assert "sha256 mismatch" in caplog.text and "recomputed" in caplog.text
+    assert again["mixed_ppl"] == first["mixed_ppl"]
+    load_quantized(out / "mixed")  # intact again

@@ -108,9 +108,9 @@ def test_too_little_free_space_is_refused_before_writing(tiny_llama, plan, text_
     assert snapshot(out) == before
     only(tmp_path, "ck")
     # room for the resume state, not for the checkpoint (its size is known before writing): refused there
-    monkeypatch.setattr("hawqtool.outputs.shutil.disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - (5 << 20), 5 << 20))
+    monkeypatch.setattr("hawqtool.outputs.shutil.disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - (512 << 10), 512 << 10))
     res = quantize(tiny_llama, plan, text_file, out, ok=False)
-    one_line_error(res, f"not enough free space for {out}:", "needs about", f"{5 << 20} are free")
+    one_line_error(res, f"not enough free space for {out}:", "needs about", f"{512 << 10} are free")
     assert snapshot(out) == before
     only(tmp_path, "ck", "ck.partial")  # the finished blocks are kept for the rerun
 

@@ -51,7 +51,7 @@ class BlockState:
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], hidden: dict[str, torch.Tensor], meta: dict) -> None:
         """Commit block i: its tensors, the next block's inputs (`hidden`) and the driver's `meta` (JSON)."""
-        need = tensors_nbytes(tensors) + tensors_nbytes(hidden) + (1 << 20)
+        need = tensors_nbytes(tensors) + tensors_nbytes(hidden) + 4096 + len(json.dumps(meta))
         created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
