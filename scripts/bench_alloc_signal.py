@@ -24,7 +24,7 @@ import torch
 from _record import cpu_name, load_now, record
 from hawqtool import artifacts
 from hawqtool.allocate.plan import allocate_bits, fixed_plan, plan_specs
-from hawqtool.data import VALID_FRACTION, calibration_windows, eval_windows
+from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, eval_windows
 from hawqtool.evaluate import perplexity
 from hawqtool.models import load_model, quantizable_layers, weight_matrix
 from hawqtool.quantize.driver import QuantizeOptions, quantize_model
@@ -32,13 +32,14 @@ from hawqtool.stages import _qerrors, compute_sensitivity, layer_weights
 
 
 def sensitivity(args) -> artifacts.SensitivityReport:
-    path = Path(args.cache) / "sensitivity.json"
+    groups = tuple(args.group_sizes)
+    path = Path(args.cache) / ("sensitivity.json" if groups == (128,) else f"sensitivity_g{'-'.join(map(str, groups))}.json")
     if path.exists():
         return artifacts.load(path, "sensitivity")
     loaded = load_model(args.model)
     ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
     rep = compute_sensitivity(loaded, ids, max_probes=32, min_probes=8, target_rel_se=0.10,
-                              qerror_bits=tuple(args.bits), qerror_groups=(128,),
+                              qerror_bits=tuple(args.bits), qerror_groups=groups, qerror_sym=(False,),
                               first_token_weight=QuantizeOptions().first_token_weight)
     path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.save(rep, path)
@@ -71,17 +72,42 @@ def directional(args, report) -> dict:
     return res
 
 
+def measured(args, signal: str) -> dict:
+    """{layer: {qerror key: error the quantizer leaves}} (quantize/measured.py) on the sensitivity
+    calibration windows, every width and group size, asymmetric; cached."""
+    path = Path(args.cache) / f"measured_{signal}_g{'-'.join(map(str, args.group_sizes))}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from hawqtool.inputs import batches_of
+    from hawqtool.quantize.measured import measured_table
+    from hawqtool.quantize.quantizer import QuantSpec
+
+    loaded = load_model(args.model)
+    ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
+    specs = [QuantSpec(b, g) for b in args.bits for g in args.group_sizes]
+    opts = {"gptq": QuantizeOptions(), "gptq-ao": QuantizeOptions(act_order=True, static_groups=True),
+            "rtn-h": QuantizeOptions(method="rtn")}[signal]
+    res = measured_table(loaded.model, quantizable_layers(loaded.model), batches_of(loaded, ids, 2), specs, opts)
+    path.write_text(json.dumps(res))
+    return res
+
+
 def with_signal(report, signal: str, weights: dict, args) -> artifacts.SensitivityReport:
     if signal == "weighted":
         return report
     rep = copy.deepcopy(report)
+    if signal in ("gptq", "gptq-ao", "rtn-h"):  # the error the quantizer leaves, with each layer's full input H
+        table = measured(args, signal)
+        for ls in rep.layers:
+            ls.qerror = {**ls.qerror, **table[ls.name]}
+        return rep
     if signal == "fisher-dir":  # Ω = ΔWᵀFΔW: qerror scaled so that trace/n · qerror gives it
         dirf = directional(args, report)
         for ls in rep.layers:
             ls.qerror = {k: v[0] * ls.n_params / max(ls.trace, 1e-30) for k, v in dirf[ls.name].items()}
         return rep
     for ls in rep.layers:  # plain: the same searched grid without input weights
-        ls.qerror = _qerrors(weights[ls.name], tuple(report.settings["qerror_bits"]), (128,), None)
+        ls.qerror = _qerrors(weights[ls.name], tuple(report.settings["qerror_bits"]), tuple(args.group_sizes), None)
     return rep
 
 
@@ -90,38 +116,53 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--avg-bits", type=float, default=3.0)
     ap.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[2, 3, 4, 8])
+    ap.add_argument("--max-bpw", type=float, default=None,
+                    help="budget in bits per linear weight, scales and zeros included (instead of --avg-bits)")
+    ap.add_argument("--group-sizes", type=lambda s: [int(g) for g in s.split(",")], default=[128])
     ap.add_argument("--signals", default="weighted,plain,uniform")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--cache", default="/tmp/hawq-alloc-signal")
     ap.add_argument("--dir-probes", type=int, default=16, help="probes of the fisher-dir signal")
+    ap.add_argument("--act-order", action="store_true", help="quantize with act-order onto static groups")
+    ap.add_argument("--slice", choices=["valid", "eval"], default="valid",
+                    help="valid (60-80%% of the text: for choosing) or eval (last 20%%: for reporting)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     report = sensitivity(args)
     base = load_model(args.model)
     weights = layer_weights(base)
-    windows = eval_windows(base.tokenizer, "wiki", 512, args.windows, fraction=VALID_FRACTION)
+    windows = eval_windows(base.tokenizer, "wiki", 512, args.windows,
+                           fraction=VALID_FRACTION if args.slice == "valid" else EVAL_FRACTION)
     fp = perplexity(base.model, windows)
     rows = []
     for signal in args.signals.split(","):
-        if signal == "uniform":
+        if signal.startswith("uniform"):  # uniform[:BITS[:GROUP]]
+            _, ub, ug = (signal.split(":") + [str(int(args.avg_bits)), "128"])[:3] if ":" in signal else \
+                ("", str(int(args.avg_bits)), "128")
             shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(base.model).items()}
-            plan = fixed_plan(shapes, int(args.avg_bits))
+            plan = fixed_plan(shapes, int(ub), group_size=int(ug))
         else:
-            plan = allocate_bits(with_signal(report, signal, weights, args), lambda: weights, avg_bits=args.avg_bits,
-                                 bit_choices=tuple(args.bits))
-        hist = dict(sorted(Counter(lp.bits for lp in plan.layers).items()))
+            n_lin = sum(ls.n_params for ls in report.layers)
+            plan = allocate_bits(with_signal(report, signal, weights, args), lambda: weights,
+                                 avg_bits=None if args.max_bpw else args.avg_bits,
+                                 max_bytes=args.max_bpw * n_lin / 8 if args.max_bpw else None,
+                                 bit_choices=tuple(args.bits), group_sizes=args.group_sizes)
+        hist = dict(sorted(Counter(f"{lp.bits}g{lp.group_size}" if len(args.group_sizes) > 1 else lp.bits
+                                   for lp in plan.layers).items()))
         ppls = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             loaded = load_model(args.model)
             calib = calibration_windows(loaded.tokenizer, "wiki", 32, 512, seed=seed)
-            quantize_model(loaded.model, plan_specs(plan), calib, QuantizeOptions(grid="search"))
+            quantize_model(loaded.model, plan_specs(plan), calib, QuantizeOptions(act_order=args.act_order,
+                                                                          static_groups=args.act_order))
             ppls.append(perplexity(loaded.model, windows).ppl)
             print(json.dumps(dict(signal=signal, seed=seed, ppl=ppls[-1], avg_bits=plan.avg_bits, bits=hist)), flush=True)
         rows.append(dict(signal=signal, ppls=ppls, avg_bits=plan.avg_bits, bits=hist))
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
-               f"budget avg {args.avg_bits} bits (g128 asym), widths {args.bits}; GPTQ on the searched grid, 32×512 "
-               f"calibration tokens (seeds {args.seeds}); scored on the validation slice ({fp.tokens} tokens, baseline "
+               + (f"budget {args.max_bpw} bits per linear weight" if args.max_bpw else f"budget avg {args.avg_bits} bits (g128 asym)")
+               + f", widths {args.bits}, group sizes {args.group_sizes}, asymmetric; GPTQ{' act-order, static groups' if args.act_order else ''} on the searched grid, 32×512 "
+               f"calibration tokens (seeds {args.seeds}); scored on the {'validation' if args.slice == 'valid' else 'evaluation'} slice ({fp.tokens} tokens, baseline "
                f"ppl {fp.ppl:.3f}); load: {load_now()}")
     lines = ["| Ω signal | avg bits | layers per width | ppl per seed | median |", "|---|---|---|---|---|"]
     lines += [f"| {r['signal']} | {r['avg_bits']:.3f} | {r['bits']} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "
