@@ -70,24 +70,48 @@ def write_idx3_gz(path: Path, images) -> Path:
     return path
 
 
-@pytest.fixture
-def own_fashion_file(tmp_path_factory, monkeypatch) -> Path:
-    """A Fashion-MNIST-format test-image file made here (256 28×28 crops of scikit-image's sample photos),
-    put in place of any installed dataset through HAWQTOOL_FASHION_MNIST: tests that count images do
-    not depend on the Debian package dataset-fashion-mnist."""
+def photo_crops(n: int, seed: int):
+    """`n` 28×28 uint8 crops of four of scikit-image's sample photos (112×112 regions, area-downsampled),
+    cycling through the photos, and each crop's label: the index of its photo (a learnable 4-class task)."""
     import numpy as np
     import skimage.data
     import torch.nn.functional as F
 
     photos = [skimage.data.camera(), skimage.data.coins(), skimage.data.moon(), skimage.data.page()]
-    g = np.random.default_rng(0)
+    g = np.random.default_rng(seed)
     crops = []
-    for i in range(256):
+    for i in range(n):
         p = photos[i % len(photos)].astype(np.float32)
         y, x = g.integers(0, p.shape[0] - 112), g.integers(0, p.shape[1] - 112)
         t = torch.from_numpy(p[y:y + 112, x:x + 112])[None, None]
         crops.append(F.interpolate(t, size=(28, 28), mode="area")[0, 0].round().clamp(0, 255).numpy())
+    return np.stack(crops), np.arange(n) % len(photos)
+
+
+def write_idx1_gz(path: Path, labels) -> Path:
+    """Write uint8 labels [N] as a gzipped idx1 file (the Fashion-MNIST label format)."""
+    import gzip
+
+    import numpy as np
+
+    a = np.ascontiguousarray(labels, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + len(a).to_bytes(4, "big") + a.tobytes())
+    return path
+
+
+@pytest.fixture
+def own_fashion_file(tmp_path_factory, monkeypatch) -> Path:
+    """A Fashion-MNIST-format data set made here from scikit-image's sample photos (a test dependency, so
+    what the README's set-up installs): train (512) and t10k (256) 28×28 images with labels, in the four
+    idx files of the real data set. HAWQTOOL_FASHION_MNIST points at its t10k images file (the train split
+    is found beside it), in place of any installed copy: no test depends on, or skips without, the Debian
+    package dataset-fashion-mnist. Returns the t10k images file."""
     folder = tmp_path_factory.mktemp("fashion")
-    path = write_idx3_gz(folder / "t10k-images-idx3-ubyte.gz", np.stack(crops))
+    for prefix, n, seed in (("t10k", 256, 0), ("train", 512, 1)):
+        images, labels = photo_crops(n, seed)
+        write_idx3_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx1_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    path = folder / "t10k-images-idx3-ubyte.gz"
     monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(path))
     return path

@@ -124,12 +124,24 @@ def test_sample_images(tmp_path, caplog):
     _user_error(images.sample_images, 32, n_fashion=5, fashion_file=tmp_path / "junk.gz", match="not an idx3")
 
 
-def test_real_fashion_mnist_if_installed():
-    path = images.fashion_mnist_file()
-    if path is None:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
-    imgs = images.read_idx_images(path)
-    assert imgs.shape == (10000, 28, 28)
+def test_fashion_mnist_is_found_through_the_override_and_read_back(own_fashion_file, tmp_path, monkeypatch):
+    """HAWQTOOL_FASHION_MNIST names the file or its folder, a folder without it hides any installed copy,
+    and sample_images draws its Fashion-MNIST part from what the override names (the data set made here
+    from scikit-image's photos, so this runs without the Debian package)."""
+    import numpy as np
+    from conftest import photo_crops
+
+    assert images.fashion_mnist_file() == own_fashion_file
+    imgs = images.read_idx_images(own_fashion_file)
+    assert imgs.shape == (256, 28, 28) and imgs.dtype == np.uint8
+    assert np.array_equal(imgs, photo_crops(256, 0)[0])  # exactly the pixels written, in order
+    monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(own_fashion_file.parent))
+    assert images.fashion_mnist_file() == own_fashion_file
+    x = images.sample_images(32, n_fashion=5, seed=1)
+    assert x.shape == (len(images.PHOTOS) + 5, 3, 32, 32)
+    monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(tmp_path))  # an empty folder
+    assert images.fashion_mnist_file() is None
+    assert images.sample_images(32, n_fashion=5, seed=1).shape[0] == len(images.PHOTOS)
 
 
 def test_conv_activation_granularity_and_the_reader_checks():

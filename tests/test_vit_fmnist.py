@@ -24,8 +24,6 @@ ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 1,
         "num_heads": 2}
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_vit_fmnist.py"
-needs_dataset = pytest.mark.skipif(fashion.fashion_mnist_dir() is None,
-                                   reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 
 
 def _user_error(fn, *args, match: str, **kwargs) -> str:
@@ -147,8 +145,8 @@ def test_malformed_kwargs_fail_in_one_line(tiny_vit, tmp_path):
     assert vision_skeleton("resnet18").fc.out_features == 1000  # the old call still works
 
 
-@needs_dataset
-def test_calibration_of_a_one_channel_model_draws_train_images(tiny_vit):
+def test_calibration_of_a_one_channel_model_draws_train_images(tiny_vit, own_fashion_file):
+    """A 1-channel 28×28 model calibrates on the train split (found beside the t10k file the override names)."""
     _, path = tiny_vit
     model = load_vision(f"timm:{ARCH}:{path}").model
     x = calibration_images(model, "images", 6, seed=3)
@@ -159,8 +157,8 @@ def test_calibration_of_a_one_channel_model_draws_train_images(tiny_vit):
     assert not torch.equal(x, calibration_images(model, "images", 6, seed=4))
 
 
-@needs_dataset
-def test_training_script_smoke(tmp_path, capsys):
+def test_training_script_smoke(tmp_path, capsys, own_fashion_file):
+    """The training script runs end to end on the Fashion-MNIST-format set made here (no Debian package)."""
     spec = importlib.util.spec_from_file_location("train_vit_fmnist", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
