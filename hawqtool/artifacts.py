@@ -167,10 +167,14 @@ def load(path: Path, kind: str):
     try:
         for key, sub in nested.items():
             raw[key] = [sub(**x) for x in raw[key]]
-        return cls(**raw)
+        obj = cls(**raw)
     except (TypeError, KeyError) as e:
         raise UserError(f"{path} is a malformed {kind} file ({e}); re-create it with "
                         f"`hawqtool {_STAGE[kind]}`") from e
+    from .artifact_checks import CHECKS
+
+    CHECKS[kind](obj, path)  # values a stage could not use: one line naming the layer and field
+    return obj
 
 
 _STAGE = {"sensitivity": "sensitivity", "plan": "allocate"}

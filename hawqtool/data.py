@@ -63,9 +63,10 @@ def read_text(ref: str) -> str:
     p = Path(ref).expanduser()
     if not p.is_file():
         raise UserError(f"data file {ref} does not exist; pass a .txt/.jsonl file or `wiki`")
+    raw = _decode_utf8(p, ref)
     if p.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(raw.splitlines()):
             if not line.strip():
                 continue
             try:
@@ -73,7 +74,19 @@ def read_text(ref: str) -> str:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{ref} line {i + 1} is not a JSON object with a \"text\" field; fix that line") from e
         return "\n\n".join(texts)
-    return p.read_text(encoding="utf-8", errors="replace")
+    return raw
+
+
+def _decode_utf8(p: Path, ref: str) -> str:
+    """The file's text; a file that is not UTF-8 is refused (naming the line), never decoded with
+    replacement characters that would silently change the tokens."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"data file {ref} is not UTF-8 text (byte {e.start}, line {line}: "
+                        f"{data[e.start:e.start + 1].hex()}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def data_fingerprint(ref: str) -> str:

@@ -159,7 +159,9 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
     from .vision.loading import is_vision_ref, load_vision
 
     if is_vision_ref(ref):
-        return load_vision(ref)
+        loaded = load_vision(ref)
+        check_finite_weights(loaded.model, loaded.source)
+        return loaded
     source, is_gguf = resolve(ref)
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code,
                         attn_implementation=attn_implementation)
@@ -174,7 +176,7 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
             task = "causal-lm"
         else:
             task = model_task(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
-            model = model_class(task).from_pretrained(source, **kwargs)
+            model = _from_pretrained_checked(model_class(task), source, task, kwargs)
             tok = _load_tokenizer(source, trust_remote_code)
             files = _weight_files(source)
     except OSError as e:
@@ -187,7 +189,69 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
             raise UserError(f"{source} needs custom code; pass --trust-remote-code if you trust it") from e
         raise
     model.eval()
+    check_finite_weights(model, source)
     return LoadedModel(model=model, tokenizer=tok, source=source, files=files, task=task)
+
+
+def _from_pretrained_checked(cls, source: str, task: str, kwargs: dict) -> nn.Module:
+    """`cls.from_pretrained` that refuses, in one line, what transformers would only log: a config.json whose
+    shapes do not match the weights, weights the config has no place for or places left randomly initialised
+    (causal LMs; an encoder may legitimately lack e.g. a pooler), and a pickled .bin holding more than tensors."""
+    import pickle
+
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{source} holds a pickled weights file with Python objects besides tensors, which hawqtool "
+                        "never unpickles (it could run code); convert the weights to safetensors with a tool you "
+                        "trust") from e
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise UserError(f"config.json of {source} does not match its weights ({_shape_mismatch(source, cls)}); "
+                        "use the config.json saved with these weights") from e
+    bad = sorted(info.get("mismatched_keys") or [])
+    if task == "causal-lm":
+        bad += sorted(info.get("missing_keys") or [])
+        bad += sorted(k for k in info.get("unexpected_keys") or [] if k.endswith((".weight", ".bias")))
+    if bad:
+        raise UserError(f"config.json of {source} does not match its weights (e.g. {_describe(bad[0])} is missing "
+                        f"from one of them, {len(bad)} tensors in all); use the config.json saved with these weights")
+    return model
+
+
+def _describe(key) -> str:
+    return key[0] if isinstance(key, tuple) else str(key)
+
+
+def _shape_mismatch(source: str, cls) -> str:
+    """'e.g. NAME: weights [a, b], config [c, d]' for the first tensor whose safetensors shape differs from the
+    model that config.json describes (built on the meta device), or a generic phrase."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        with torch.device("meta"):
+            want = {k: list(v.shape) for k, v in cls.from_config(AutoConfig.from_pretrained(source)).state_dict().items()}
+        for f in sorted(Path(source).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    got = st.get_slice(k).get_shape()
+                    if k in want and list(got) != want[k]:
+                        return f"e.g. {k}: weights {list(got)}, config {want[k]}"
+    except Exception:  # noqa: BLE001 - the detail is a courtesy; the refusal stands without it
+        pass
+    return "tensor shapes differ"
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse a model whose parameters hold NaN or ±inf (a damaged or badly converted file): every stage
+    would fail later with a confusing message, or quietly produce NaN."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            n = int((~torch.isfinite(p)).sum())
+            raise UserError(f"model {source} has {n} NaN/inf values in {name}; the weights file is damaged, "
+                            "re-download or re-convert it")
 
 
 def _load_tokenizer(source: str, trust_remote_code: bool):

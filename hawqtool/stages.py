@@ -164,8 +164,10 @@ def layer_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 
 
 def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
-    """One-line error when a plan names layers the model lacks (or misses some). A tied output head
-    the plan quantizes is untied here first."""
+    """One-line error unless the plan covers exactly the model's quantizable layers: a planned layer the
+    model lacks, or a quantizable layer the plan lacks (a plan made for another model whose names happen to
+    be a subset would otherwise leave layers silently in full precision). A tied output head the plan
+    quantizes is untied here first."""
     untie_head(loaded.model, {lp.name for lp in plan.layers})
     names = set(quantizable_layers(loaded.model))
     planned = {lp.name for lp in plan.layers}
@@ -174,7 +176,9 @@ def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
         raise UserError(f"plan does not match the model: {len(unknown)} planned layers are not in it "
                         f"(e.g. {unknown[0]}); re-run `hawqtool allocate` on this model's sensitivity report")
     if missing:
-        log.info("%d quantizable layers are not in the plan and stay full precision", len(missing))
+        raise UserError(f"plan does not match the model: it covers {len(planned)} of the model's {len(names)} "
+                        f"quantizable layers (e.g. {missing[0]} is missing); re-run `hawqtool allocate` on this "
+                        "model's sensitivity report")
 
 
 def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opts: QuantizeOptions,

@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 user error (one line), 2 internal error (message + log file)
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ import traceback
 import click
 
 from ..errors import UserError
+from .params import SEED, HawqtoolGroup
 
 log = logging.getLogger("hawqtool")
 
@@ -47,18 +49,48 @@ def guarded(fn):
             sys.exit(130)
         except click.exceptions.Exit:
             raise
+        except OSError as e:
+            if e.errno not in _USER_OS_ERRORS:
+                raise _internal(e)
+            where = e.filename if e.filename is not None else "an input or output path"
+            click.echo(f"error: {where}: {e.strerror or os.strerror(e.errno)}; check that the path is a writable "
+                       f"place with free space (or pass another path)", err=True)
+            sys.exit(1)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise _internal(e)
+            click.echo("error: out of memory; lower --nsamples, --seqlen or --batch-size (or free memory)", err=True)
+            sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the user sees one line, the log has the trace
-            fd, logpath = tempfile.mkstemp(prefix="hawqtool-", suffix=".log")
-            with os.fdopen(fd, "w") as f:
-                traceback.print_exc(file=f)
-            click.echo(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                       f"(traceback in {logpath})", err=True)
-            sys.exit(2)
+            raise _internal(e)
         finally:
             from ..outputs import release_all
 
             release_all()
     return wrapper
+
+
+# errors of the machine's paths, not of hawqtool: permissions, read-only or full file systems, a file where a
+# folder must be. The user fixes them (another -o, free space), so they are exit 1 like any bad input.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENAMETOOLONG}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (Python's MemoryError, torch's CPU/CUDA allocator errors): sizes the user chose
+    exceed this machine, which they fix with smaller settings."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _internal(e: BaseException) -> SystemExit:
+    """Write the current traceback to a log file, print the one-line internal error naming it: exit 2."""
+    fd, logpath = tempfile.mkstemp(prefix="hawqtool-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exc(file=f)
+    click.echo(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+               f"(traceback in {logpath})", err=True)
+    return SystemExit(2)
 
 
 def common(fn):
@@ -76,22 +108,13 @@ def overwrite_option(fn):
 
 
 def calib_options(fn):
-    fn = click.option("--seed", default=0, show_default=True, help="Seed for calibration windows and probes.")(fn)
+    fn = click.option("--seed", type=SEED, default=0, show_default=True,
+                      help="Seed for calibration windows and probes.")(fn)
     fn = click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")(fn)
     return fn
 
 
-def _bits(s: str) -> tuple[int, ...]:
-    try:
-        out = tuple(sorted({int(x) for x in s.split(",") if x.strip()}))
-    except ValueError:
-        raise UserError(f"--bits must be a comma-separated list of integers like 2,3,4,8, got {s!r}")
-    if not out or any(not 1 <= b <= 8 for b in out):
-        raise UserError(f"--bits values must be between 1 and 8, got {s!r}")
-    return out
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HawqtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hawqtool")
 def main() -> None:
     """Hessian-aware mixed-precision quantization.

@@ -7,50 +7,41 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from ._base import overwrite_option, _bits, _setup_logging, common, guarded, main
-
-
-def _int_list(s: str, flag: str) -> list[int]:
-    """'32,64,128' -> [32, 64, 128]; one-line error otherwise."""
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be a comma-separated list of integers, got {s!r}")
-    if not out:
-        raise UserError(f"{flag} needs at least one value")
-    return out
+from ._base import overwrite_option, _setup_logging, common, guarded, main
+from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
+                     positive)
 
 
 @main.command()
-@click.argument("sensitivity_file", type=click.Path(path_type=Path))
-@click.option("--avg-bits", type=float, default=None, help="Size budget: at most the bytes of uniform B-bit.")
-@click.option("--max-bytes", type=float, default=None, help="Size budget in bytes of the quantized layers.")
-@click.option("--bits", default="2,3,4,8", show_default=True, help="Allowed bit widths.")
-@click.option("--group-size", default=128, show_default=True, help="Group size along inputs (-1: per channel).")
+@click.argument("sensitivity_file", type=PathArg())
+@click.option("--avg-bits", type=positive(), default=None, help="Size budget: at most the bytes of uniform B-bit.")
+@click.option("--max-bytes", type=positive(), default=None, help="Size budget in bytes of the quantized layers.")
+@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Allowed bit widths.")
+@click.option("--group-size", type=GroupSize(), default=128, show_default=True, help="Group size along inputs (-1: per channel).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
-@click.option("--model", default=None, help="Model for quantization errors the report lacks (default: the report's).")
-@click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS",
+@click.option("--model", type=TEXT, default=None, help="Model for quantization errors the report lacks (default: the report's).")
+@click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS", callback=PINS,
               help="Fix the bits of layers whose name matches the regex (repeatable; first match wins).")
-@click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2",
+@click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2", callback=ALLOWS,
               help="Restrict matching layers to these widths (repeatable; first match wins; --pin overrides).")
-@click.option("--tie", "ties", multiple=True, metavar="PATTERN",
+@click.option("--tie", "ties", multiple=True, metavar="PATTERN", callback=TIES,
               help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
-@click.option("--group-sizes", default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
-@click.option("--act-bits", default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
-@click.option("--pairs", default=None, help="Extra (weight:activation) bit pairs to choose from, e.g. '4:8,4:4'.")
-@click.option("--max-bops", type=float, default=None, help="BOPs budget per token (MACs × weight bits × act bits).")
-@click.option("--bops-frac", type=float, default=None, help="BOPs budget as a fraction of 16×16-bit BOPs.")
-@click.option("--latency-table", type=click.Path(path_type=Path), default=None,
+@click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
+@click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
+@click.option("--pairs", default=None, callback=PAIRS,
+              help="Extra (weight:activation) bit pairs to choose from, e.g. '4:8,4:4'.")
+@click.option("--max-bops", type=positive(), default=None, help="BOPs budget per token (MACs × weight bits × act bits).")
+@click.option("--bops-frac", type=positive(), default=None, help="BOPs budget as a fraction of 16×16-bit BOPs.")
+@click.option("--latency-table", type=PathArg(), default=None,
               help="Layer × option → ms table (from `hawqtool bench --latency-table`).")
-@click.option("--max-latency-ms", type=float, default=None, help="Latency budget: sum of the layers' table times.")
-@click.option("--latency-frac", type=float, default=None, help="Latency budget as a fraction of the table's fp32 time.")
-@click.option("--trace-ucb", type=float, default=0.0, show_default=True,
+@click.option("--max-latency-ms", type=positive(), default=None, help="Latency budget: sum of the layers' table times.")
+@click.option("--latency-frac", type=positive(), default=None, help="Latency budget as a fraction of the table's fp32 time.")
+@click.option("--trace-ucb", type=NON_NEGATIVE, default=0.0, show_default=True,
               help="Use the pessimistic trace max(Tr,0)+Z·s.e. (0: the estimate itself).")
-@click.option("--calib", default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
+@click.option("--calib", type=TEXT, default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
 @click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontiers of Ω vs size (and BOPs, latency when given).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
+@click.option("-o", "--output", type=PathArg(), default=Path("plan.json"), show_default=True)
 @overwrite_option
 @common
 @guarded
@@ -82,10 +73,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
     cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
-    weights, bit_choices = lazy_weights(model or report.model), _bits(bits)
-    acts = _int_list(act_bits, "--act-bits")
+    weights, bit_choices = lazy_weights(model or report.model), bits
+    acts = list(act_bits)
     wa = parse_pairs(pairs)
-    groups = _int_list(group_sizes, "--group-sizes") if group_sizes else None
+    groups = list(group_sizes) if group_sizes else None
     profile = None
     if max_bops is not None or bops_frac is not None or min(acts) < 16 or wa:
         from ..macs import load_or_measure_profile
@@ -116,10 +107,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
 
 
 @main.command(name="report")
-@click.argument("sensitivity_file", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+@click.argument("sensitivity_file", type=PathArg())
+@click.option("--plan", "plan_file", type=PathArg(), default=None,
               help="Plan JSON from `hawqtool allocate`: adds bits per layer.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+@click.option("-o", "--output", type=PathArg(), default=None,
               help="Folder for sensitivity.md/.html (default: the JSON's folder).")
 @common
 @guarded

@@ -2,27 +2,28 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from ._base import _bits, _setup_logging, common, guarded, main
+from ._base import _setup_logging, common, guarded, main
+from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg
 
 
 @main.command(name="bench")
-@click.argument("target", required=False)
-@click.option("--latency-table", type=click.Path(path_type=Path), default=None,
+@click.argument("target", type=TEXT, required=False)
+@click.option("--latency-table", type=PathArg(), default=None,
               help="Write the layer × option → ms table of TARGET (a model) for `allocate --latency-table`.")
-@click.option("--bits", default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
-@click.option("--group-sizes", default="128", show_default=True, help="Latency table: group sizes to time.")
-@click.option("--act-bits", default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
-@click.option("--pairs", default=None, help="Latency table: extra weight:activation pairs, e.g. '4:8'.")
+@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
+@click.option("--group-sizes", type=GROUP_SIZES, default="128", show_default=True, help="Latency table: group sizes to time.")
+@click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
+@click.option("--pairs", default=None, callback=PAIRS,
+              help="Latency table: extra weight:activation pairs, e.g. '4:8'.")
 @click.option("--sym", is_flag=True, help="Latency table: symmetric weights.")
-@click.option("--tokens", default=1, show_default=True, help="Latency table: input rows (1 = decode).")
-@click.option("--reference", default=None, help="Full-precision model to compare with (default: the checkpoint's).")
-@click.option("--prompt-tokens", default=128, show_default=True)
-@click.option("--decode-tokens", default=32, show_default=True)
-@click.option("--repeats", default=5, show_default=True, help="Timed repeats (median reported).")
+@click.option("--tokens", type=COUNT, default=1, show_default=True, help="Latency table: input rows (1 = decode).")
+@click.option("--reference", type=TEXT, default=None, help="Full-precision model to compare with (default: the checkpoint's).")
+@click.option("--prompt-tokens", type=COUNT, default=128, show_default=True)
+@click.option("--decode-tokens", type=COUNT, default=32, show_default=True)
+@click.option("--repeats", type=COUNT, default=5, show_default=True, help="Timed repeats (median reported).")
 @click.option("--no-layers", is_flag=True, help="Skip the per-layer timings.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile both models (static KV cache, whole graphs): cuts the per-op overhead that "
@@ -48,11 +49,10 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, to
         from ..allocate.options import make_options, parse_pairs
         from ..latency import measure_latency_table, save_latency_table
         from ..models import load_model, quantizable_layers, weight_matrix
-        from .allocate_cmd import _int_list
 
         loaded = load_model(target, trust_remote_code=trust_remote_code)
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
-        options = make_options(_bits(bits), _int_list(group_sizes, "--group-sizes"), _int_list(act_bits, "--act-bits"),
+        options = make_options(bits, group_sizes, act_bits,
                                parse_pairs(pairs))
         with rep.bar("latency table (distinct shapes)", len(set(shapes.values()))) as adv:
             table = measure_latency_table(shapes, options, symmetric=sym, tokens=tokens, repeats=max(repeats, 5),

@@ -2,35 +2,36 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
+from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg
 
 
 @main.command()
-@click.argument("model", required=False)
-@click.option("--plan", "plan_file", type=click.Path(path_type=Path), required=True)
-@click.option("--calib", default="wiki", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.argument("model", type=TEXT, required=False)
+@click.option("--plan", "plan_file", type=PathArg(), required=True)
+@click.option("--calib", type=TEXT, default="wiki", show_default=True)
+@click.option("-o", "--output", type=PathArg(), required=True, help="Checkpoint folder.")
 @click.option("--method", type=click.Choice(["gptq", "rtn", "aphq"]), default="gptq", show_default=True,
               help="aphq: APHQ-style block reconstruction (encoders, ViTs): learned rounding and static activation "
                    "ranges under the average-perturbation-Hessian loss.")
-@click.option("--aphq-iters", default=1000, show_default=True, help="APHQ: optimisation steps per block.")
+@click.option("--aphq-iters", type=COUNT, default=1000, show_default=True, help="APHQ: optimisation steps per block.")
 @click.option("--aphq-mlp-relu/--no-aphq-mlp-relu", default=True, show_default=True,
               help="APHQ: replace each MLP's GELU by a clamped ReLU and refit fc1/fc2 (MLP reconstruction).")
-@click.option("--nsamples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
+@click.option("--nsamples", type=COUNT, default=32, show_default=True)
+@click.option("--seqlen", type=COUNT, default=512, show_default=True)
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
-@click.option("--damp", default=0.01, show_default=True, help="GPTQ damping, fraction of mean diag(H).")
-@click.option("--blocksize", default=128, show_default=True)
+@click.option("--damp", type=Finite(min=0.0, max=1.0), default=0.01, show_default=True,
+              help="GPTQ damping, fraction of mean diag(H) added to its diagonal.")
+@click.option("--blocksize", type=COUNT, default=128, show_default=True)
 @click.option("--act-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="Activation-quantized layers (plan pairs): per-token ranges at run time, or static per-tensor "
                    "ranges calibrated here.")
 @click.option("--act-calib", type=click.Choice(["minmax", "percentile", "mse"]), default="mse", show_default=True,
               help="Static ranges: how they are calibrated.")
-@click.option("--first-token-weight", default=None, type=float,
+@click.option("--first-token-weight", default=None, type=NON_NEGATIVE,
               help="Weight of each window's first token (attention sink) in GPTQ's H.")
 @click.option("--grid", type=click.Choice(["search", "minmax"]), default=None,
               help="Each group's scale/zero: importance-weighted error search, or the group's min-max range "
@@ -79,11 +80,11 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
 
 
 @main.command(name="eval")
-@click.argument("model", required=False)
-@click.option("--data", default="wiki", show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--windows", "max_windows", default=40, show_default=True, help="At most this many windows.")
-@click.option("--reference", default=None,
+@click.argument("model", type=TEXT, required=False)
+@click.option("--data", type=TEXT, default="wiki", show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
+@click.option("--seqlen", type=COUNT, default=512, show_default=True)
+@click.option("--windows", "max_windows", type=COUNT, default=40, show_default=True, help="At most this many windows.")
+@click.option("--reference", type=TEXT, default=None,
               help="Encoders: full-precision model to compare embeddings with (default: the checkpoint's source).")
 @click.option("--trust-remote-code", is_flag=True)
 @common
@@ -118,10 +119,10 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
 
 
 @main.command(name="export")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=PathArg())
 @click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
               help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 layout.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder to write (atomically).")
+@click.option("-o", "--output", type=PathArg(), required=True, help="Folder to write (atomically).")
 @overwrite_option
 @common
 @guarded

@@ -6,26 +6,31 @@ from pathlib import Path
 
 import click
 
-from ._base import _bits, _setup_logging, calib_options, common, guarded, main, overwrite_option
+from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
+from ..errors import UserError
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
+
+# recipe keys without a flag of their own, checked like flags
+_RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 
 
 @main.command()
-@click.argument("model", required=False, metavar="[MODEL | RECIPE.yaml]")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
-@click.option("--avg-bits", type=float, default=3.0, show_default=True)
-@click.option("--bits", default="2,3,4,8", show_default=True)
-@click.option("--group-size", default=128, show_default=True)
+@click.argument("model", type=TEXT, required=False, metavar="[MODEL | RECIPE.yaml]")
+@click.option("-o", "--output", type=PathArg(), default=Path("out"), show_default=True)
+@click.option("--avg-bits", type=positive(), default=3.0, show_default=True)
+@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True)
+@click.option("--group-size", type=GroupSize(), default=128, show_default=True)
 @click.option("--sym", is_flag=True)
-@click.option("--calib", default="wiki", show_default=True)
-@click.option("--data", default="wiki", show_default=True)
-@click.option("--nsamples", default=32, show_default=True, help="GPTQ calibration windows.")
-@click.option("--seqlen", default=512, show_default=True, help="GPTQ calibration window length.")
-@click.option("--sens-samples", default=8, show_default=True)
-@click.option("--sens-seqlen", default=256, show_default=True)
-@click.option("--max-probes", default=32, show_default=True)
-@click.option("--eval-windows", default=40, show_default=True)
-@click.option("--eval-seqlen", default=512, show_default=True)
-@click.option("--eval-images", default=1000, show_default=True,
+@click.option("--calib", type=TEXT, default="wiki", show_default=True)
+@click.option("--data", type=TEXT, default="wiki", show_default=True)
+@click.option("--nsamples", type=COUNT, default=32, show_default=True, help="GPTQ calibration windows.")
+@click.option("--seqlen", type=COUNT, default=512, show_default=True, help="GPTQ calibration window length.")
+@click.option("--sens-samples", type=COUNT, default=8, show_default=True)
+@click.option("--sens-seqlen", type=COUNT, default=256, show_default=True)
+@click.option("--max-probes", type=COUNT, default=32, show_default=True)
+@click.option("--eval-windows", type=COUNT, default=40, show_default=True)
+@click.option("--eval-seqlen", type=COUNT, default=512, show_default=True)
+@click.option("--eval-images", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--act-order", is_flag=True)
@@ -56,7 +61,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
 
     _setup_logging(verbose)
     rep = Reporter(quiet or as_json)
-    given = dict(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=_bits(bits),
+    given = dict(model=model, out=output, calib=calib, data=data, avg_bits=avg_bits, bit_choices=bits,
                  group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
                  eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
@@ -69,7 +74,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
         for key, value in recipe.items():
             src = ctx.get_parameter_source(param_of.get(key, key)) if key != "model" else None
             if src in (None, click.core.ParameterSource.DEFAULT):
-                given[key] = value
+                given[key] = _check_recipe_value(ctx, model, key, value, param_of.get(key, key))
     cfg = RunConfig(**given)
     from ..outputs import claim_output
 
@@ -80,3 +85,17 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     elif not quiet:
         rep.console.print(summary_table(summary))
         rep.say(f"wrote {Path(cfg.out) / 'summary.json'}")
+
+
+def _check_recipe_value(ctx: click.Context, recipe: str, key: str, value, param_name: str):
+    """A recipe value passes the same check as the flag it stands for (range, finiteness); one-line error if not."""
+    if value is None:
+        return value
+    param = next((p for p in ctx.command.params if p.name == param_name), None)
+    kind = _RECIPE_ONLY.get(key) or (param.type if param is not None else None)
+    if kind is None:
+        return value
+    try:
+        return kind.convert(value, param, ctx)
+    except click.BadParameter as e:
+        raise UserError(f"recipe {recipe} key {key}: {e.format_message()}; fix the recipe") from None

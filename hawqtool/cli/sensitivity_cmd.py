@@ -7,29 +7,30 @@ from pathlib import Path
 
 import click
 
-from ._base import _bits, _setup_logging, calib_options, common, guarded, main, overwrite_option
+from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
 
 
 @main.command()
-@click.argument("model", required=False)
-@click.option("--calib", default="wiki", show_default=True, help="Calibration text: `wiki` or a .txt/.jsonl file.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sensitivity.json"), show_default=True)
-@click.option("--nsamples", default=8, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", default=256, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", default=2, show_default=True,
+@click.argument("model", type=TEXT, required=False)
+@click.option("--calib", type=TEXT, default="wiki", show_default=True, help="Calibration text: `wiki` or a .txt/.jsonl file.")
+@click.option("-o", "--output", type=PathArg(), default=Path("sensitivity.json"), show_default=True)
+@click.option("--nsamples", type=COUNT, default=8, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=COUNT, default=256, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", type=COUNT, default=2, show_default=True,
               help="Windows per probe. Activation memory scales with it: 1 halves it (SmolLM2 at 512 tokens: "
                    "see benchmarks/RESULTS.md for peak RSS).")
 @click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
 @click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default="auto", show_default=True,
               help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse, "
                    "hutchinson for labels. Fisher measured 8-19x faster at lower error (benchmarks/RESULTS.md).")
-@click.option("--target", default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
-@click.option("--min-probes", default=8, show_default=True)
-@click.option("--max-probes", default=32, show_default=True)
-@click.option("--max-seconds", type=float, default=None, help="Time budget for the probes.")
-@click.option("--bits", default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
-@click.option("--group-size", default=128, show_default=True)
-@click.option("--nproc", default=1, show_default=True,
+@click.option("--target", type=positive(), default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
+@click.option("--min-probes", type=COUNT, default=8, show_default=True)
+@click.option("--max-probes", type=COUNT, default=32, show_default=True)
+@click.option("--max-seconds", type=positive(), default=None, help="Time budget for the probes.")
+@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
+@click.option("--group-size", type=GroupSize(), default=128, show_default=True)
+@click.option("--nproc", type=COUNT, default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
 @click.option("--checkpoint-blocks", is_flag=True,
               help="Activation checkpointing of the model's blocks: less memory for --objective labels or "
@@ -38,7 +39,7 @@ from ._base import _bits, _setup_logging, calib_options, common, guarded, main, 
               help="Also measure (and so let allocate/quantize) an output head tied to the input embedding; it is "
                    "untied, the embedding stays full precision. The fp32 head dominates decode time of small LMs.")
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
-@click.option("--eigen-iters", default=20, show_default=True, help="Power-iteration limit per layer.")
+@click.option("--eigen-iters", type=COUNT, default=20, show_default=True, help="Power-iteration limit per layer.")
 @calib_options
 @overwrite_option
 @common
@@ -80,7 +81,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
                                      target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=calibration_key(loaded, calib, ids, seed),
-                                     qerror_bits=_bits(bits), qerror_groups=(group_size,),
+                                     qerror_bits=bits, qerror_groups=(group_size,),
                                      resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
                                      checkpoint_blocks=checkpoint_blocks,
                                      first_token_weight=first_token_weight_for(loaded))

@@ -1,0 +1,199 @@
+"""Option types shared by every command, and the group that makes click's usage errors exit 1.
+
+Every value is checked where it enters: a bad one is a one-line error with exit 1 before any work
+starts, never a crash deep inside a stage (exit 2) or a value silently ignored. Plain click types
+are not enough for floats: NaN compares false with every bound, so `click.FloatRange` lets it
+through, and `inf` passes any range without a maximum.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+
+
+class Finite(click.FloatRange):
+    """A finite float (NaN and ±inf refused) within [min, max]; `min_open`/`max_open` exclude the bound."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(float(value), param, ctx)
+
+
+def positive(max_: float | None = None) -> Finite:
+    """A finite float > 0 (budgets, fractions, time limits)."""
+    return Finite(min=0.0, max=max_, min_open=True)
+
+
+NON_NEGATIVE = Finite(min=0.0)
+COUNT = click.IntRange(min=1, max=2**31 - 1)  # windows, samples, probes, tokens, iterations: at least one
+SEED = click.IntRange(min=0, max=2**32 - 1)  # what numpy's and torch's generators both accept
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _group_ok(g: int) -> bool:
+    return g == -1 or g >= 1
+
+
+class GroupSize(click.ParamType):
+    """Group size along the inputs: -1 (one group per output channel) or a positive count."""
+
+    name = "group size"
+
+    def convert(self, value, param, ctx):
+        try:
+            g = value if _is_int(value) else int(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an integer; use -1 (per channel) or a positive size like 128", param, ctx)
+        if not _group_ok(g):
+            self.fail(f"{g} is not a group size; use -1 (per channel) or a positive size like 128", param, ctx)
+        return g
+
+
+class IntList(click.ParamType):
+    """'2,3,4,8' -> the sorted distinct tuple (2, 3, 4, 8); every element must satisfy `ok`, described by `rule`."""
+
+    name = "list"
+
+    def __init__(self, ok, rule: str, example: str):
+        self.ok, self.rule, self.example = ok, rule, example
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            items = list(value)
+        else:
+            items = [x.strip() for x in str(value).split(",") if x.strip()]
+        try:
+            out = tuple(sorted({x if _is_int(x) else int(x) for x in items}))
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a comma-separated list of integers like {self.example}", param, ctx)
+        if not out:
+            self.fail(f"give at least one value, like {self.example}", param, ctx)
+        bad = [x for x in out if not self.ok(x)]
+        if bad:
+            self.fail(f"{bad[0]} is not allowed: {self.rule} (e.g. {self.example})", param, ctx)
+        return out
+
+
+BITS = IntList(lambda b: 1 <= b <= 8, "widths are 1..8", "2,3,4,8")
+GROUP_SIZES = IntList(_group_ok, "group sizes are -1 (per channel) or positive", "32,128")
+ACT_BITS = IntList(lambda a: a in (8, 16), "activation bits are 8 (W8A8) or 16 (weight-only)", "8,16")
+
+
+class Text(click.ParamType):
+    """A non-empty string (a model reference, a data reference, a file name)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"{value!r} is empty; give a value", param, ctx)
+        return value
+
+
+TEXT = Text()
+
+
+class PathArg(click.Path):
+    """A path that is not empty (click turns '' into '.', which would name the current folder)."""
+
+    def __init__(self, **kw):
+        super().__init__(path_type=Path, **kw)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("the path is empty; give a file or folder name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class HawqtoolGroup(click.Group):
+    """The `hawqtool` group. click reports its usage errors (an unknown option, a missing argument, a
+    value its type refuses) as a usage block with exit 2, which this CLI reserves for internal errors:
+    here they are one `error:` line naming the problem and where to look, with exit 1. `hawqtool`
+    alone prints the help (exit 0)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if _is_int(rv) else 0)
+
+
+def checked_by(parse):
+    """A click callback that runs the library's own parser for a free-form option (PATTERN=BITS, W:A pairs,
+    regexes) when the command line is parsed, so a bad value is refused before any work even where the
+    command would use it late or not at all; the command still receives the raw value."""
+    def callback(ctx, param, value):
+        from ..errors import UserError
+
+        if value is None or value == ():
+            return value
+        try:
+            parse(value)
+        except UserError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        return value
+    return callback
+
+
+def parse_ties(patterns) -> None:
+    """--tie patterns: non-empty regular expressions."""
+    import re
+
+    from ..errors import UserError
+
+    for p in patterns:
+        if not p:
+            raise UserError("a --tie pattern is empty; give a regex like '(q|k|v)_proj'")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"--tie pattern {p!r} is not a valid regular expression ({e})") from None
+
+
+def _lazy(module: str, name: str):
+    """The function `name` of hawqtool.`module`, imported on first call (keeps `--help` fast)."""
+    def call(value):
+        import importlib
+
+        return getattr(importlib.import_module(f"hawqtool.{module}"), name)(value)
+    return call
+
+
+PINS = checked_by(_lazy("allocate.plan", "parse_pins"))
+ALLOWS = checked_by(_lazy("allocate.plan", "parse_allowed"))
+PAIRS = checked_by(_lazy("allocate.options", "parse_pairs"))
+TIES = checked_by(parse_ties)
