@@ -23,6 +23,7 @@ import torch
 
 from _record import cpu_name, load_now, record
 from hawqtool import artifacts
+from hawqtool.artifacts import qerror_key
 from hawqtool.allocate.plan import allocate_bits, fixed_plan, plan_specs
 from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, eval_windows
 from hawqtool.evaluate import perplexity
@@ -33,7 +34,8 @@ from hawqtool.stages import _qerrors, compute_sensitivity, layer_weights
 
 def sensitivity(args) -> artifacts.SensitivityReport:
     groups = tuple(args.group_sizes)
-    path = Path(args.cache) / ("sensitivity.json" if groups == (128,) else f"sensitivity_g{'-'.join(map(str, groups))}.json")
+    path = Path(args.sens_file) if args.sens_file else \
+        Path(args.cache) / ("sensitivity.json" if groups == (128,) else f"sensitivity_g{'-'.join(map(str, groups))}.json")
     if path.exists():
         return artifacts.load(path, "sensitivity")
     loaded = load_model(args.model)
@@ -92,6 +94,34 @@ def measured(args, signal: str) -> dict:
     return res
 
 
+def fill_qerrors(args, report) -> artifacts.SensitivityReport:
+    """Add the weighted ‖Q(W)−W‖² of widths/group sizes the cached report lacks (same importance d as the
+    sensitivity stage: its calibration windows and first-token weight), cached per option set."""
+    keys = [(b, g) for b in args.bits for g in args.group_sizes]
+    missing = [(b, g) for b, g in keys if qerror_key(b, g, False) not in report.layers[0].qerror]
+    if not missing:
+        return report
+    path = Path(args.cache) / f"qerror_{'-'.join(f'{b}g{g}' for b, g in missing)}.json"
+    if path.exists():
+        extra = json.loads(path.read_text())
+    else:
+        from hawqtool.inputs import batches_of
+        from hawqtool.quantize.importance import input_importance
+
+        loaded = load_model(args.model)
+        layers = quantizable_layers(loaded.model)
+        ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
+        imp = input_importance(loaded.model, layers, batches_of(loaded, ids, 2), QuantizeOptions().first_token_weight)
+        extra = {n: {k: v for b, g in missing
+                     for k, v in _qerrors(weight_matrix(m), (b,), (g,), imp.get(n), (False,)).items()}
+                 for n, m in layers.items()}
+        path.write_text(json.dumps(extra))
+    rep = copy.deepcopy(report)
+    for ls in rep.layers:
+        ls.qerror = {**ls.qerror, **extra[ls.name]}
+    return rep
+
+
 def with_signal(report, signal: str, weights: dict, args) -> artifacts.SensitivityReport:
     if signal == "weighted":
         return report
@@ -127,9 +157,11 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true", help="quantize with act-order onto static groups")
     ap.add_argument("--slice", choices=["valid", "eval"], default="valid",
                     help="valid (60-80%% of the text: for choosing) or eval (last 20%%: for reporting)")
+    ap.add_argument("--sens-file", default=None, help="a cached sensitivity report to use (widths/group sizes it "
+                    "lacks are measured with the same input importance)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
-    report = sensitivity(args)
+    report = fill_qerrors(args, sensitivity(args))
     base = load_model(args.model)
     weights = layer_weights(base)
     windows = eval_windows(base.tokenizer, "wiki", 512, args.windows,
