@@ -20,7 +20,7 @@ _API = {
     "compute_sensitivity": "stages", "quantize_stage": "stages",
     "allocate_bits": "allocate.plan", "fixed_plan": "allocate.plan",
     "QuantizeOptions": "quantize.driver", "QuantSpec": "quantize.quantizer",
-    "perplexity": "evaluate", "load_quantized": "runtime",
+    "perplexity": "evaluate", "load_quantized": "loader",
     "RunConfig": "run", "run_pipeline": "run", "UserError": "errors",
 }
 __all__ = sorted(_API) + ["__version__"]

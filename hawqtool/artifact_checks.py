@@ -66,6 +66,27 @@ def check_plan(plan, path: Path) -> None:
         c.require(_is_int(lp.act_bits) and (2 <= lp.act_bits <= 8 or lp.act_bits == 16), where,
                   f"has act_bits {lp.act_bits!r} (2..8, or 16 for weight-only)")
         c.require(_is_int(lp.n_params) and lp.n_params >= 1, where, f"has n_params {lp.n_params!r}")
+    if plan.embedding is not None:
+        _check_embedding(c, plan.embedding)
+    c.require(plan.file is None or isinstance(plan.file, dict), "the plan", f"has file {plan.file!r} (a mapping)")
+
+
+def _check_embedding(c: _Checker, e) -> None:
+    """The plan's embedding entry: a name, bits 1..8, group size, symmetry, a [vocab, hidden] shape, a tied head
+    name or null, and a byte count ≥ 0."""
+    where = "the embedding entry"
+    c.require(isinstance(e.name, str) and bool(e.name.strip()), where, f"has name {e.name!r}")
+    c.require(_is_int(e.bits) and 1 <= e.bits <= 8, where, f"has bits {e.bits!r} (widths are 1..8)")
+    c.require(_group_ok(e.group_size), where, f"has group_size {e.group_size!r} (use -1 or a positive size)")
+    c.require(isinstance(e.symmetric, bool), where, f"has symmetric {e.symmetric!r} (true or false)")
+    c.require(isinstance(e.shape, list) and len(e.shape) == 2 and all(_is_int(d) and d >= 1 for d in e.shape),
+              where, f"has shape {e.shape!r} (two positive sizes [vocab, hidden])")
+    c.require(_is_int(e.n_params) and e.n_params >= 1, where, f"has n_params {e.n_params!r}")
+    c.require(_is_num(e.storage_bytes) and math.isfinite(e.storage_bytes) and e.storage_bytes >= 0, where,
+              f"has storage_bytes {e.storage_bytes!r}")
+    c.require(e.tied_head is None or (isinstance(e.tied_head, str) and bool(e.tied_head.strip())), where,
+              f"has tied_head {e.tied_head!r} (a module name or null)")
+    c.require(isinstance(e.in_budget, bool), where, f"has in_budget {e.in_budget!r} (true or false)")
 
 
 def check_sensitivity(report, path: Path) -> None:

@@ -113,6 +113,25 @@ class LayerPlan:
 
 
 @dataclass
+class EmbeddingPlan:
+    """The input embedding as a plan option (`--embed-bits`): b-bit codes with fp16 scales per row (group_size
+    -1) or per group along the hidden size. A head tied to it (`tied_head`) is served by the same codes."""
+
+    name: str  # module name of the input embedding, e.g. model.embed_tokens
+    bits: int
+    group_size: int  # -1: one scale per row (per token)
+    symmetric: bool
+    shape: list[int]  # [vocab, hidden]
+    n_params: int
+    storage_bytes: float  # codes + fp16 scales (+ b-bit zeros): the plan's accounting for linear layers too
+    tied_head: str | None = None  # output head whose weight is this table (one copy of the codes serves both)
+    in_budget: bool = False  # its bytes came out of a --max-bytes budget (--avg-bits is linear layers only)
+
+
+_OMIT_NONE = {"omit_none": True}  # optional fields left out of the JSON when unset: older files stay the same
+
+
+@dataclass
 class Plan:
     """Output of the allocate stage: per-layer bit widths under a budget."""
 
@@ -133,6 +152,9 @@ class Plan:
     trace_ucb: float = 0.0  # z of the pessimistic trace max(Tr,0)+z·s.e. used, 0 = the estimate itself
     kind: str = "plan"
     schema_version: int = SCHEMA_VERSION
+    embedding: EmbeddingPlan | None = field(default=None, metadata=_OMIT_NONE)  # None: the embedding stays as is
+    # predicted whole-file accounting of its checkpoint (sizes.predict_file), when made with the model at hand
+    file: dict | None = field(default=None, metadata=_OMIT_NONE)
 
     def bits_of(self) -> dict[str, int]:
         return {lp.name: lp.bits for lp in self.layers}
@@ -144,7 +166,11 @@ _TYPES = {"sensitivity": (SensitivityReport, {"layers": LayerSensitivity}),
 
 def save(obj, path: Path) -> None:
     """Write an artifact dataclass as pretty JSON, atomically."""
-    write_atomic(Path(path), json.dumps(dataclasses.asdict(obj), indent=1))
+    d = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("omit_none") and d.get(f.name) is None:
+            del d[f.name]
+    write_atomic(Path(path), json.dumps(d, indent=1))
 
 
 def load(path: Path, kind: str):
@@ -167,6 +193,8 @@ def load(path: Path, kind: str):
     try:
         for key, sub in nested.items():
             raw[key] = [sub(**x) for x in raw[key]]
+        if kind == "plan" and raw.get("embedding") is not None:
+            raw["embedding"] = EmbeddingPlan(**raw["embedding"])
         obj = cls(**raw)
     except (TypeError, KeyError) as e:
         raise UserError(f"{path} is a malformed {kind} file ({e}); re-create it with "

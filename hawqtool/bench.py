@@ -152,12 +152,15 @@ def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repea
 
 @torch.inference_mode()
 def time_layers(model: nn.Module, prompt_tokens: int, repeats: int) -> list[LayerTiming]:
-    """Every quantized layer (anything with a packed `pw`) against an fp32 Linear of its shape."""
+    """Every quantized layer (anything with a packed `pw`) against an fp32 Linear of its shape; a quantized
+    embedding is a row lookup, not a matmul, and is left out (a head tied to it is timed as a layer)."""
+    from .runtime import QuantEmbedding
+
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, m in model.named_modules():
         pw = getattr(m, "pw", None)
-        if pw is None:
+        if pw is None or isinstance(m, QuantEmbedding):
             continue
         ref = nn.Linear(pw.in_features, pw.out_features, bias=getattr(m, "bias", None) is not None)
         x1 = torch.randn(1, pw.in_features, generator=g)

@@ -4,10 +4,13 @@ Layout of CKPT/:
   model.safetensors     for each quantized layer NAME: NAME.qweight (int32, codes packed
                         along the input dim, quant_kernels layout), NAME.scales (fp16
                         [out, groups]), NAME.qzeros (int32 packed, asymmetric only),
-                        NAME.g_idx (int32 [in], act-order only), NAME.bias; every other
+                        NAME.g_idx (int32 [in], act-order only), NAME.bias; a quantized
+                        input embedding EMB the same way (EMB.qweight/.scales/.qzeros, rows =
+                        tokens), its tied head then storing nothing of its own; every other
                         tensor of the state dict unchanged (tied weights stored once)
   config.json, tokenizer files   as the source model had them
-  hawqtool_manifest.json         plan, per-layer bits/group/error, sha256 of every file
+  hawqtool_manifest.json         plan, per-layer bits/group/error, the quantized embedding (only
+                                 when there is one: "embedding" with its tied head), sha256 of every file
 The folder holds nothing else: no file the manifest does not list, no symlink (integrity.py), and
 the same inputs give the same bytes (no timestamps; safetensors metadata in a fixed order).
 Zero-point convention: w = scale * (q - zero), q and zero unsigned b-bit integers;
@@ -55,12 +58,20 @@ def packed_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight], *,
-                    layer_info: dict[str, dict], extra: dict, tokenizer=None) -> Path:
+                    layer_info: dict[str, dict], extra: dict, tokenizer=None, embedding=None) -> Path:
     """Write CKPT atomically (outputs.staged_output: built in OUT.tmp-PID, renamed over OUT when complete,
-    removed on failure). `layer_info` and `extra` must not hold timings: the same inputs give the same bytes."""
+    removed on failure). `layer_info` and `extra` must not hold timings: the same inputs give the same bytes.
+    `embedding` (quantize.embedding.EmbeddingResult) stores the input embedding packed, once for it and the
+    head tied to it."""
     out_dir = Path(out_dir)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    if embedding is not None:
+        tensors.update(packed_tensors(embedding.name, pack_layer(embedding.weight)))
+        ptr = state[f"{embedding.name}.weight"].data_ptr()
+        for k in [k for k, v in state.items() if v.data_ptr() == ptr]:  # the table and a head tied to it
+            state.pop(k)
+        extra = {**extra, "embedding": embedding.summary()}
     layers_meta = {}
     for name, qw in weights.items():
         pw = pack_layer(qw)

@@ -14,6 +14,11 @@ along the input dim, NAME.qzeros int32 [groups, out*b/32] packed along the outpu
 zero - 1 (the v1 convention; readers add 1 back), NAME.scales fp16 [groups, out], NAME.g_idx
 int32 [in]; quantize_config.json with the most common (bits, group_size, sym) as defaults and
 GPTQModel-style `dynamic` overrides ("+:^name$" -> {"bits", "group_size", "sym"}) for the rest.
+
+A checkpoint whose input embedding is quantized (`--embed-bits` 4/6/8) is refused by both formats with one
+line: they hold quantized Linear layers only (transformers' GPTQ and compressed-tensors loaders build
+the embedding and a tied head in full precision), and a silently dequantized table would make the
+exported file larger than the checkpoint it came from.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from quant_kernels import PackedWeight, unpack
 from .checkpoint import WEIGHTS, read_manifest
 from .errors import UserError
 from .outputs import EXPORT_MARKER, staged_output
-from .runtime import packed_from_tensors
+from .loader import packed_from_tensors
 from .tensorfile import save_tensors
 
 FORMATS = ("compressed-tensors", "gptq")
@@ -48,6 +53,7 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
     if out.resolve() == ckpt.resolve():
         raise UserError(f"export output {out} is the checkpoint itself; pass another folder with -o")
     manifest = read_manifest(ckpt)
+    _refuse_quantized_embedding(manifest, ckpt, fmt)
     tensors = load_file(str(ckpt / WEIGHTS))
     layers = {name: packed_from_tensors(tensors, name, meta) for name, meta in manifest["layers"].items()}
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
@@ -61,6 +67,18 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
         writer(tmp, layers, rest, ckpt)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "source": str(ckpt), "tool": "hawqtool"}))
     return out
+
+
+def _refuse_quantized_embedding(manifest: dict, ckpt: Path, fmt: str) -> None:
+    """One-line UserError for a checkpoint whose input embedding is stored quantized."""
+    emb = manifest.get("embedding")
+    if emb is None:
+        return
+    bits = emb.get("bits") if isinstance(emb, dict) else None
+    head = emb.get("tied_head") if isinstance(emb, dict) else None
+    raise UserError(f"checkpoint {ckpt} stores its input embedding quantized ({bits}-bit"
+                    f"{f', shared with the tied head {head}' if head else ''}), which the {fmt} export cannot express "
+                    "(it holds quantized Linear layers only); re-quantize with --embed-bits 16 to export it")
 
 
 def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:

@@ -29,10 +29,31 @@ def sensitivity_table(report: SensitivityReport, top: int = 20) -> Table:
     return t
 
 
+def embedding_line(plan: Plan) -> str:
+    """What the plan does with the input embedding, in words."""
+    e = plan.embedding
+    if e is None:
+        return "embedding: kept as the model has it (--embed-bits 16)"
+    scales = "one fp16 scale per row" if e.group_size == -1 else f"fp16 scales per {e.group_size} hidden units"
+    return (f"embedding {e.name}: {e.bits}-bit, {scales}, {e.storage_bytes / 1e6:.2f} MB"
+            f"{f', codes shared with tied head {e.tied_head}' if e.tied_head else ''}"
+            f"{', inside --max-bytes' if e.in_budget else ', outside the --avg-bits budget (linear layers only)'}")
+
+
+def plan_size_lines(plan: Plan) -> list[str]:
+    """Bits per linear weight, the embedding, and the whole file's bits per parameter (predicted when the plan
+    was made with the model at hand)."""
+    from .sizes import size_line
+
+    whole = (size_line(plan.file, "predicted: ") if plan.file else
+             f"{plan.avg_bits:.3f} bits per linear weight; whole file not predicted (pass `allocate --model`)")
+    return [whole, embedding_line(plan)]
+
+
 def plan_table(plan: Plan) -> Table:
-    """Bits histogram and totals of a plan."""
-    t = Table(title=f"plan: {plan.avg_bits:.3f} avg bits, {plan.total_bytes / 1e6:.2f} MB, "
-                    f"Ω={plan.predicted_omega:.4g}, solved in {plan.solve_seconds:.2f}s")
+    """Bits histogram and totals of a plan (plan_size_lines go below it: bits per linear weight and whole file)."""
+    t = Table(title=f"plan: {plan.avg_bits:.3f} bits per linear weight, {plan.total_bytes / 1e6:.2f} MB of linear "
+                    f"layers, Ω={plan.predicted_omega:.4g}, solved in {plan.solve_seconds:.2f}s")
     t.add_column("bits", justify="right")
     t.add_column("layers", justify="right")
     t.add_column("params", justify="right")
@@ -51,21 +72,32 @@ def summary_table(s: dict) -> Table:
     else:
         t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
         scores = ("ppl",)
-    for col in ("model", *scores, "avg bits", "MB (quantized layers)", "quantize s", "eval s"):
+    for col in ("model", *scores, "bits/linear weight", "MB (quantized layers)", "file bits/param", "file MB",
+                "quantize s", "eval s"):
         t.add_column(col, justify="right")
     sec = s.get("seconds", {})
     if vision:  # the reference itself: agreement 1, KL 0 by definition (not measured)
-        t.add_row("full precision", "1.0000", "0", "32", "-", "-", "-")
+        t.add_row("full precision", "1.0000", "0", "32", "-", _bits(s, "baseline"), "-", "-", "-")
     else:
-        t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", "-", f"{sec.get('baseline_eval', 0):.0f}")
+        t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", _bits(s, "baseline"), "-", "-",
+                  f"{sec.get('baseline_eval', 0):.0f}")
     for key, label in (("uniform", f"uniform {s['uniform_bits']}-bit"), ("mixed", "mixed (HAWQ)")):
         cells = ([f"{s[key + '_top1_agreement']:.4f}", f"{s[key + '_mean_kl']:.4g}"] if vision
                  else [f"{s[key + '_ppl']:.3f}"])
-        t.add_row(label, *cells, f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}",
+        t.add_row(label, *cells, f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}", _bits(s, key),
+                  f"{s[key + '_file_bytes'] / 1e6:.2f}" if key + "_file_bytes" in s else "-",
                   f"{sec.get(key + '_quantize', 0):.0f}", f"{sec.get(key + '_eval', 0):.0f}")
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
-    t.caption = f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB"
+    emb = s.get("embed_bits", 16)
+    emb = "embedding kept as the model has it" if emb == 16 else f"embedding (and tied head) {emb}-bit"
+    t.caption = (f"{emb}; file bits/param: every stored tensor / every parameter (tied once); "
+                 f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB")
     return t
+
+
+def _bits(s: dict, key: str) -> str:
+    v = s.get(f"{key}_file_bits_per_param")
+    return "-" if v is None else f"{v:.3f}"
 
 
 def bench_table(res) -> Table:

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure  # Figure + savefig needs no pyplot, so no 
 
 from .artifacts import Plan, SensitivityReport, qerror_key, write_atomic
 from .errors import UserError
-from .render import SENSITIVITY_COLUMNS, most_sensitive, sensitivity_row
+from .render import SENSITIVITY_COLUMNS, most_sensitive, plan_size_lines, sensitivity_row
 from .sensitivity.hutchinson import relative_se
 
 TOP = 20
@@ -194,9 +194,10 @@ def sections(report: SensitivityReport, plan: Plan | None) -> list[Section]:
             f"{len(c.get('not_converged', {}))} of them above the target")
     if plan is not None:
         hist = Counter(lp.bits for lp in plan.layers)
-        summary.lines.append(f"plan: {plan.avg_bits:.3f} avg bits, {plan.total_bytes / 1e6:.2f} MB, "
-                             f"predicted Ω {plan.predicted_omega:.4g}; layers per width: "
+        summary.lines.append(f"plan: {plan.avg_bits:.3f} bits per linear weight, {plan.total_bytes / 1e6:.2f} MB of "
+                             f"linear layers, predicted Ω {plan.predicted_omega:.4g}; layers per width: "
                              + ", ".join(f"{b}-bit {hist[b]}" for b in plan.bit_choices))
+        summary.lines += plan_size_lines(plan)
     rel = {ls.name: relative_se(ls.trace, ls.stderr) for ls in report.layers}
     top = Section(f"Most sensitive layers (top {min(TOP, len(report.layers))} by trace per parameter)",
                   header=(*SENSITIVITY_COLUMNS, "rel. s.e."),

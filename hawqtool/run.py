@@ -1,9 +1,12 @@
 """`hawqtool run`: the whole chain with resumable, fingerprinted stages.
 
 OUT/ holds sensitivity.json, plan.json, plan_uniform.json, mixed/ and uniform/
-checkpoints, eval_*.json and summary.json. A stage whose artifact exists with the same
-fingerprint (model files, data, options, tool version) is skipped, which is also how a
-killed run resumes; quantize additionally resumes inside a checkpoint at the last block.
+checkpoints, eval_*.json and summary.json (scores; sizes as bits per linear weight and as
+whole-file bits per parameter, with the safetensors file size: sizes.py). A stage whose
+artifact exists with the same fingerprint (model files, data, options, tool version) is
+skipped, which is also how a killed run resumes; quantize additionally resumes inside a
+checkpoint at the last block. `embed_bits` 4/6/8 quantizes the input embedding (and a head
+tied to it) in both plans; --avg-bits still counts the linear layers only.
 
 Causal LMs are scored by perplexity on `data`; image classifiers (timm) by top-1 agreement and
 mean KL against the full-precision model on the fixed image set `hawqtool eval` uses.
@@ -26,6 +29,7 @@ from .allocate.plan import allocate_bits, uniform_bytes, uniform_plan, omega_tab
 from .artifacts import fingerprint, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .data import calibration_windows, data_fingerprint, eval_windows
+from .embedding import check_embed_options, embedding_plan
 from .errors import UserError
 from .evaluate import classification_fidelity, perplexity
 from .inputs import calibration_inputs, calibration_key
@@ -34,6 +38,7 @@ from .progress import Reporter
 from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
 from .runtime import load_quantized
+from .sizes import checkpoint_sizes, model_sizes, predict_file
 from .stages import (EVAL_IMAGES, EVAL_IMAGE_SEED, compute_sensitivity, layer_weights, model_digest, quantize_stage,
                      sensitivity_fingerprint, sensitivity_settings, vision_eval_images)
 
@@ -67,6 +72,8 @@ class RunConfig:
     seed: int = 0
     method: str = "gptq"
     act_order: bool = False
+    embed_bits: int = 16  # 4/6/8: the input embedding (and a head tied to it) quantized too; 16 keeps it
+    embed_group_size: int = -1  # its scales: one per row (-1) or per group of this many hidden units
     trust_remote_code: bool = False
     stage_seconds: dict = field(default_factory=dict)
 
@@ -142,6 +149,7 @@ def _image_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
 
 def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     """Run load → sensitivity → allocate → quantize (mixed and uniform) → eval; returns the summary."""
+    check_embed_options(cfg.embed_bits, cfg.embed_group_size)  # before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     secs: dict[str, float] = {}
@@ -204,18 +212,23 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
 
     def weights() -> dict:
         return layer_w
+    emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
+                         [ls.name for ls in report.layers])
     plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits,
                                                    bit_choices=cfg.bit_choices, group_size=cfg.group_size,
-                                                   symmetric=cfg.symmetric))
+                                                   symmetric=cfg.symmetric, embedding=emb))
+    plan.file = predict_file(loaded.model, plan)
     artifacts.save(plan, out / "plan.json")
     timed("report", lambda: write_sensitivity_report(report, out, plan))
     _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
     ubits = max(b for b in cfg.bit_choices
                 if uniform_bytes(nbytes, sorted(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
-    uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric)
+    uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb)
+    uplan.file = predict_file(loaded.model, uplan)
     artifacts.save(uplan, out / "plan_uniform.json")
 
     calib_ids = timed("data", td.calib_inputs)
+    sizes: dict[str, dict] = {}
     opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order, first_token_weight=ftw)
     results = {}
     for name, p in (("mixed", plan), ("uniform", uplan)):
@@ -234,10 +247,14 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
             del fresh
         results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck)))
         results[name]["quantize_seconds"] = qsecs
+        sizes[name] = checkpoint_sizes(ck)
 
     common = {"uniform_bits": ubits, "uniform_bytes": uplan.total_bytes, "uniform_avg_bits": uplan.avg_bits,
               "mixed_avg_bits": plan.avg_bits, "mixed_bytes": plan.total_bytes,
-              "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices}}
+              "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices},
+              "embed_bits": cfg.embed_bits, "baseline_file_bits_per_param": model_sizes(loaded.model)["file_bits_per_param"],
+              **{f"{k}_{f}": sizes[k][f] for k in ("uniform", "mixed") for f in ("file_bits_per_param", "file_bytes",
+                                                                                  "tensor_bytes")}}
     seconds = {f"{k}_{what}": results[k][field_] for k in ("uniform", "mixed")
                for what, field_ in (("quantize", "quantize_seconds"), ("eval", "seconds"))}
     head = {"model": loaded.source, "task": loaded.task, "method": cfg.method, "group_size": cfg.group_size,

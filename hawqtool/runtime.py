@@ -1,21 +1,15 @@
-"""Stage 5 (run): rebuild a model from a checkpoint with layers that stay packed and
-compute through quant_kernels. Weights are read with safetensors only (no unpickling)."""
+"""Stage 5 (run): the modules a checkpoint is rebuilt with. Weights stay packed and compute through
+quant_kernels: QuantLinear, QuantConv2d, and QuantEmbedding (a quantized input embedding; a head tied to
+it is a QuantLinear on the same packed codes). Reading a checkpoint into a model is loader.py's job
+(`load_quantized`, re-exported here)."""
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from quant_kernels import PackedWeight, dequantize, qmatmul, qmatmul_w8a8
+from quant_kernels import PackedWeight, dequantize, dequantize_gather, qmatmul, qmatmul_w8a8
 from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_fn,
                                     int8_linear_supported)
-
-from .checkpoint import MANIFEST, WEIGHTS, read_manifest, verify_folder
-from .errors import UserError
 
 
 def _act_spec(act_bits: int, act_static, granularity: str = "image") -> ActSpec | None:
@@ -87,14 +81,6 @@ class QuantLinear(nn.Module):
                 f"{_act_repr(self)}")
 
 
-def _meta_int(meta: dict, key: str, name: str) -> int:
-    v = meta.get(key)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise UserError(f"layer {name} in the checkpoint has {key}={v!r} (expected an integer); "
-                        "re-create it with `hawqtool quantize`")
-    return v
-
-
 def is_depthwise(m: nn.Module) -> bool:
     """A Conv2d with one input channel per output channel (and more than one channel)."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -110,29 +96,6 @@ def conv_act_granularity(m: nn.Module) -> str:
     """The finest dynamic activation scale a conv's integer kernel applies for free: per (image, channel) for
     depthwise, per pixel for 1×1, per image otherwise."""
     return "channel" if is_depthwise(m) else "pixel" if is_pointwise(m) else "image"
-
-
-def _act_granularity(meta: dict, name: str, target: nn.Module, static) -> str:
-    """`act_granularity` of a layer (image when absent), valid only where conv_act_granularity allows it."""
-    g = meta.get("act_granularity", "image")
-    if g not in ("image", "channel", "pixel"):
-        raise UserError(f"layer {name} in the checkpoint has act_granularity {g!r} (expected image, channel or "
-                        "pixel); re-create the checkpoint")
-    if g != "image" and (static is not None or conv_act_granularity(target) != g):
-        raise UserError(f"layer {name} in the checkpoint asks for per-{g} activation scales, which only dynamic "
-                        f"{'depthwise' if g == 'channel' else '1×1'} convolutions have; re-create the checkpoint")
-    return g
-
-
-def _act_static(meta: dict, name: str):
-    """(scale, zero) of a layer with static activation quantization, else None."""
-    if meta.get("act_mode", "dynamic") == "dynamic":
-        return None
-    s, z = meta.get("act_scale"), meta.get("act_zero")
-    if meta.get("act_mode") != "static" or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                   for v in (s, z)) or not s > 0 or not z == z:
-        raise UserError(f"layer {name} in the checkpoint has a malformed activation range; re-create it")
-    return float(s), float(z)
 
 
 def _same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -203,190 +166,37 @@ class QuantConv2d(nn.Module):
         return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{_act_repr(self)}"
 
 
-def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> PackedWeight:
-    """The layer's PackedWeight from the checkpoint tensors and its manifest entry, fully validated."""
-    if not isinstance(meta, dict):
-        raise UserError(f"layer {name!r} in the checkpoint manifest is not an object; re-create the checkpoint")
-    if not isinstance(meta.get("symmetric"), bool):
-        raise UserError(f"layer {name} in the checkpoint has symmetric={meta.get('symmetric')!r} (expected true/false);"
-                        " re-create it with `hawqtool quantize`")
-    if f"{name}.qweight" not in t or f"{name}.scales" not in t:
-        raise UserError(f"layer {name} in the checkpoint has no packed weight tensors; re-create the checkpoint")
-    try:
-        pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=t[f"{name}.scales"], qzeros=t.get(f"{name}.qzeros"),
-                          bits=_meta_int(meta, "bits", name), group_size=_meta_int(meta, "group_size", name),
-                          in_features=_meta_int(meta, "in_features", name),
-                          out_features=_meta_int(meta, "out_features", name),
-                          symmetric=meta["symmetric"], g_idx=t.get(f"{name}.g_idx"))
-        pw.validate()
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"layer {name} in the checkpoint is malformed ({e}); re-create it with `hawqtool quantize`") from e
-    return pw
+class QuantEmbedding(nn.Module):
+    """An input embedding whose table stays packed (b-bit codes, fp16 scales per row or group): a lookup
+    dequantizes only the rows it gathers (quant_kernels.dequantize_gather, exact in fp32), in `dtype`.
+    A head tied to the table is a QuantLinear on the same PackedWeight: one copy of the codes serves both."""
+
+    def __init__(self, pw: PackedWeight, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = pw.out_features, pw.in_features
+        self.bits, self.group_size, self.dtype = pw.bits, pw.group_size, dtype
+        self.register_buffer("qweight", pw.qweight)
+        self.register_buffer("scales", pw.scales)
+        self.register_buffer("qzeros", pw.qzeros)
+        self.pw = pw
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_gather(self.pw, input_ids).to(self.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.pw, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"
 
 
-def _target(model: nn.Module, name: str, pw: PackedWeight) -> None:
-    """Check that the model has a Linear called `name` of the packed weight's shape."""
-    try:
-        module = model.get_submodule(name) if name else None
-    except AttributeError:
-        module = None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if (module.weight.shape[0], module.weight[0].numel()) != (pw.out_features, pw.in_features):
-            raise UserError(f"checkpoint layer {name} is {pw.out_features}×{pw.in_features} but the model's conv is "
-                            f"{list(module.weight.shape)}; re-create the checkpoint")
-        return
-    if not isinstance(module, nn.Linear):
-        raise UserError(f"checkpoint layer {name!r} is not a Linear layer of the model its config.json describes; "
-                        "re-create the checkpoint")
-    if (module.out_features, module.in_features) != (pw.out_features, pw.in_features):
-        raise UserError(f"checkpoint layer {name} is {pw.out_features}×{pw.in_features} but the model's is "
-                        f"{module.out_features}×{module.in_features}; re-create the checkpoint")
+_LOADER = ("load_quantized", "packed_from_tensors", "_act_bits", "_act_granularity", "_act_static")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def __getattr__(name: str):
+    """The loader's names, re-exported lazily (loader.py imports this module's classes)."""
+    if name in _LOADER:
+        from . import loader
 
-
-def _act_bits(meta: dict, name: str) -> int:
-    act_bits = meta.get("act_bits", 16)
-    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or not (2 <= act_bits <= 8 or act_bits == 16):
-        raise UserError(f"layer {name} in the checkpoint has act_bits {act_bits!r} (expected 2..8 or 16); "
-                        "re-create it with `hawqtool quantize`")
-    return act_bits
-
-
-def _bias(tensors: dict[str, torch.Tensor], name: str, out_features: int) -> torch.Tensor | None:
-    b = tensors.get(f"{name}.bias")
-    if b is not None and (tuple(b.shape) != (out_features,) or not b.is_floating_point()):
-        raise UserError(f"layer {name} in the checkpoint has a bias of shape {list(b.shape)} {b.dtype} "
-                        f"(expected [{out_features}] float); re-create the checkpoint")
-    return b
-
-
-def _replace_activations(model: nn.Module, act_fn, where: Path) -> None:
-    """APHQ's MLP reconstruction: the named GELUs become ReLUs clamped to [0, clip] (nn.Hardtanh)."""
-    if not isinstance(act_fn, dict):
-        raise UserError(f"{where} has a malformed 'act_fn' entry; re-create the checkpoint")
-    for name, clip in act_fn.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            module = None
-        if module is None or "gelu" not in type(module).__name__.lower():
-            raise UserError(f"{where}: act_fn names {name!r}, which is not a GELU of the model; re-create the checkpoint")
-        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not 0 < clip < float("inf"):
-            raise UserError(f"{where}: act_fn clamp of {name} is {clip!r} (expected a positive number); "
-                            "re-create the checkpoint")
-        _set_module(model, name, nn.Hardtanh(0.0, float(clip)))
-
-
-def _hf_skeleton(path: Path, config, attn_implementation: str, meta: bool) -> nn.Module:
-    """The transformers model config.json describes, random weights (on the meta device: no memory)."""
-    from .models import model_class, model_task
-
-    try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            return model_class(model_task(config)).from_config(config, dtype=torch.float32,
-                                                               attn_implementation=attn_implementation)
-    except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
-        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
-                        "re-create the checkpoint") from e
-
-
-def _hf_config(path: Path, n_tensors: int):
-    """config.json of the checkpoint, refused where it asks for more layers than the weights hold tensors
-    (building such a model, even without memory, would take hours)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure to read config.json is a bad checkpoint
-        raise UserError(f"{path}/config.json does not describe a loadable model ({type(e).__name__}); "
-                        "re-create the checkpoint") from e
-    layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and layers > n_tensors:
-        raise UserError(f"{path}/config.json asks for {layers} layers but the weights hold {n_tensors} tensors; "
-                        "re-create the checkpoint")
-    return config
-
-
-def _vision_skeleton(path: Path, manifest: dict) -> nn.Module:
-    """The timm architecture the manifest names (kwargs and preprocessing checked by vision.loading)."""
-    from .vision.loading import vision_skeleton
-
-    arch = manifest.get("timm_arch")
-    if not isinstance(arch, str):
-        raise UserError(f"{path / MANIFEST} names no timm architecture; re-create the checkpoint")
-    kwargs, data = manifest.get("timm_kwargs"), manifest.get("timm_data")
-    if not isinstance(kwargs, (dict, type(None))) or not isinstance(data, (dict, type(None))):
-        raise UserError(f"{path / MANIFEST} has malformed timm_kwargs/timm_data; re-create the checkpoint")
-    return vision_skeleton(arch, kwargs=kwargs, data=data)
-
-
-def _check_fits(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Every manifest entry and tensor against the model (shapes, dtypes, layer kinds); `model` may live on
-    the meta device, so this runs before anything of the checkpoint's size is allocated. Applies act_fn."""
-    if "act_fn" in manifest:
-        _replace_activations(model, manifest["act_fn"], path / MANIFEST)
-    layers, tied = manifest["layers"], manifest.get("tied") or {}
-    for name, meta in layers.items():
-        pw = packed_from_tensors(tensors, name, meta)
-        _target(model, name, pw)
-        _bias(tensors, name, pw.out_features)
-        _act_granularity(meta, name, model.get_submodule(name), _act_static(meta, name))
-        _act_bits(meta, name)
-    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
-    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
-    missing = sorted(set(expected) - set(tied) - set(rest))
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {len(missing)} tensors (e.g. {missing[0]}); re-create it")
-    for k, v in rest.items():
-        if k in expected and (v.shape != expected[k].shape or v.is_floating_point() != expected[k].is_floating_point()):
-            raise UserError(f"checkpoint tensor {k} is {list(v.shape)} {v.dtype}, the model expects "
-                            f"{list(expected[k].shape)} {expected[k].dtype}; re-create the checkpoint")
-
-
-def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager") -> nn.Module:
-    """Model from a hawqtool checkpoint, quantized layers as QuantLinear, in eval mode (transformers models
-    with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
-
-    Everything read is validated before the model is allocated: the folder (exactly the listed files, no
-    symlinks, each file's sha256 unless verify=False), manifest types, and every tensor's shape/dtype
-    against the model config.json describes, built first on the meta device; any problem is a one-line
-    UserError."""
-    path = Path(path)
-    manifest = read_manifest(path, verify=False)
-    verify_folder(path, manifest, hashes=verify)  # the folder's shape always; the sha256 unless verify=False
-    tied = manifest.get("tied") or {}
-    if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
-        raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
-    if manifest.get("task") == "image-classification":
-        model = _vision_skeleton(path, manifest)
-        _check_fits(model, manifest, tensors, path)
-    else:
-        config = _hf_config(path, len(tensors))
-        _check_fits(_hf_skeleton(path, config, attn_implementation, meta=True), manifest, tensors, path)
-        model = _hf_skeleton(path, config, attn_implementation, meta=False)
-        if "act_fn" in manifest:
-            _replace_activations(model, manifest["act_fn"], path / MANIFEST)
-    layers = manifest["layers"]
-    for name, meta in layers.items():
-        pw = packed_from_tensors(tensors, name, meta)
-        target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
-        static = _act_static(meta, name)
-        granularity = _act_granularity(meta, name, target, static)
-        layer = (QuantConv2d(pw, target, bias, act, static, granularity) if isinstance(target, (nn.Conv1d, nn.Conv2d))
-                 else QuantLinear(pw, bias, act_bits=act, act_static=static))
-        _set_module(model, name, layer)
-    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in layers)}
-    model.load_state_dict(rest, strict=False)
-    if tied:
-        model.tie_weights()
-    model.eval()
-    return model
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

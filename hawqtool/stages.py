@@ -167,8 +167,11 @@ def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
     """One-line error unless the plan covers exactly the model's quantizable layers: a planned layer the
     model lacks, or a quantizable layer the plan lacks (a plan made for another model whose names happen to
     be a subset would otherwise leave layers silently in full precision). A tied output head the plan
-    quantizes is untied here first."""
+    quantizes is untied here first; a plan's embedding entry must name the model's (embedding.py)."""
+    from .embedding import check_embedding_matches
+
     untie_head(loaded.model, {lp.name for lp in plan.layers})
+    check_embedding_matches(plan.embedding, loaded.model)
     names = set(quantizable_layers(loaded.model))
     planned = {lp.name for lp in plan.layers}
     unknown, missing = sorted(planned - names), sorted(names - planned)
@@ -194,6 +197,12 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
                       [asdict(lp) for lp in plan.layers])
     act = {lp.name: lp.act_bits for lp in plan.layers}
+    emb = None
+    if plan.embedding is not None:  # first: GPTQ then calibrates the blocks on the quantized lookup
+        from .quantize.driver import _batches
+        from .quantize.embedding import quantize_embedding
+
+        emb = quantize_embedding(loaded.model, plan.embedding, _batches(calib_ids, opts.batch_size))
     if opts.method == "aphq":
         weights, info, extra = _aphq(loaded, plan, act, calib_ids, opts, state_dir, key, progress, extra)
         retried: list[str] = []
@@ -223,7 +232,8 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
             "calibration": {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "data": data_key},
             "retried_layers": retried, "fingerprint": key,
             **(extra or {})}
-    path = save_checkpoint(out_dir, loaded.model, weights, layer_info=info, extra=meta, tokenizer=loaded.tokenizer)
+    path = save_checkpoint(out_dir, loaded.model, weights, layer_info=info, extra=meta, tokenizer=loaded.tokenizer,
+                           embedding=emb)
     import shutil
     shutil.rmtree(state_dir, ignore_errors=True)
     return path
@@ -296,7 +306,10 @@ def lazy_weights(model_ref: str | None, trust_remote_code: bool = False) -> Call
 def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep,
                  trust_remote_code: bool = False, reference: str | None = None) -> dict:
     """Evaluate a model reference or a hawqtool checkpoint folder, as a dict: perplexity for causal
-    LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model)."""
+    LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model).
+    `sizes`: bits per linear weight and whole-file bits per parameter (sizes.py)."""
+    from .sizes import checkpoint_sizes, model_sizes
+
     from .checkpoint import is_checkpoint, read_manifest
     from .data import eval_windows, with_special_tokens
     from .evaluate import embedding_fidelity, perplexity
@@ -313,7 +326,7 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
 
         from .runtime import load_quantized
 
-        model = load_quantized(ref)
+        model, sizes = load_quantized(ref), checkpoint_sizes(ref)
         task = model_task(AutoConfig.from_pretrained(ref))
         source = read_manifest(ref, verify=False).get("source_model")
         try:
@@ -322,19 +335,19 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
             raise UserError(f"checkpoint {ref} has no tokenizer files; copy them from the source model") from e
     else:
         loaded = load_model(ref, trust_remote_code=trust_remote_code)
-        model, tok, task = loaded.model, loaded.tokenizer, loaded.task
+        model, tok, task, sizes = loaded.model, loaded.tokenizer, loaded.task, model_sizes(loaded.model)
     windows = eval_windows(tok, data, seqlen, max_windows)
     if task == "causal-lm":
         with rep.bar("eval windows", len(windows)) as adv:
             res = perplexity(model, windows, progress=adv)
-        return {"task": task, **asdict(res)}
+        return {"task": task, **asdict(res), "sizes": sizes}
     reference = reference or source
     if reference is None:
         raise UserError("an encoder is scored against its full-precision model; pass --reference MODEL")
     ref_model = load_model(reference, trust_remote_code=trust_remote_code).model
     with rep.bar("eval windows", len(windows)) as adv:
         fid = embedding_fidelity(ref_model, model, with_special_tokens(windows, tok), progress=adv)
-    return {"task": task, "reference": str(reference), **asdict(fid)}
+    return {"task": task, "reference": str(reference), **asdict(fid), "sizes": sizes}
 
 
 EVAL_IMAGES = 1000  # Fashion-MNIST images beside the sample photos, drawn with EVAL_IMAGE_SEED
@@ -373,7 +386,10 @@ def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep
     images, labels = vision_eval_images(ref_model)
     with rep.bar("eval images", len(images)) as adv:
         fid = classification_fidelity(ref_model, model, images, progress=adv)
-    out = {"task": "image-classification", "reference": str(reference), **asdict(fid)}
+    from .sizes import checkpoint_sizes, model_sizes
+
+    out = {"task": "image-classification", "reference": str(reference), **asdict(fid),
+           "sizes": checkpoint_sizes(ref) if manifest else model_sizes(model)}
     if labels is not None:
         from .vision.fashion import accuracy
 

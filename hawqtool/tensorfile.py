@@ -57,3 +57,23 @@ def canonical_header(path: Path) -> None:
             raise OSError(errno.EINVAL, "canonical safetensors header is longer than the original", str(path))
         f.seek(8)
         f.write(new + b" " * (n - len(new)))
+
+
+HEADER_CAP = 1 << 27  # 128 MiB: a header lists ~100 bytes per tensor
+
+
+def tensor_sizes(path: Path) -> dict[str, tuple[list[int], int]]:
+    """{name: (shape, data bytes)} of every tensor in a safetensors file, from its header alone (the data
+    offsets, so the bytes are exactly what the file stores). OSError/ValueError for a damaged header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= HEADER_CAP:
+            raise ValueError(f"{path} has a safetensors header of {n} bytes")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        out[name] = (list(info["shape"]), int(end) - int(start))
+    return out

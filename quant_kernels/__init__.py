@@ -6,7 +6,7 @@ use the implicit zero 2^(bits-1). Packing layout: see `quant_kernels.packing`.
 from __future__ import annotations
 
 from .cpu import matmul_cpu
-from .dispatch import backend_info, dequantize, qmatmul, qmatmul_w8a8
+from .dispatch import backend_info, dequantize, dequantize_gather, qmatmul, qmatmul_w8a8
 from .layout import PackedWeight
 from .packing import n_words, pack, unpack
 from .reference import dequantize_reference, matmul_reference
@@ -19,6 +19,7 @@ __all__ = [
     "qmatmul",
     "qmatmul_w8a8",
     "dequantize",
+    "dequantize_gather",
     "backend_info",
     "matmul_cpu",
     "dequantize_reference",

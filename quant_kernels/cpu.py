@@ -18,7 +18,7 @@ import torch
 from .layout import PackedWeight
 from .packing import unpack
 
-__all__ = ["matmul_cpu", "dequantize_rows", "TILE_ROWS"]
+__all__ = ["matmul_cpu", "dequantize_rows", "dequantize_gather", "TILE_ROWS"]
 
 TILE_ROWS = 512  # output rows dequantized at once
 _SUPPORTED_X = (torch.float32, torch.bfloat16)
@@ -46,6 +46,20 @@ def dequantize_rows(pw: PackedWeight, start: int, stop: int,
     if pw.n_groups == 1:
         return w.mul_(scales)
     return w.mul_(scales.index_select(1, gidx))
+
+
+def dequantize_gather(pw: PackedWeight, index: torch.Tensor) -> torch.Tensor:
+    """fp32 dequantized rows `index` (integer row ids of any shape) of the weight, shape [*index.shape, in]:
+    an embedding lookup that unpacks only the rows it reads; pure torch, any device. Ids outside
+    [0, out_features) raise IndexError, as nn.Embedding does."""
+    flat = index.reshape(-1).to(torch.int64)
+    if flat.numel() == 0:
+        return torch.empty(*index.shape, pw.in_features, dtype=torch.float32, device=pw.device)
+    rows = PackedWeight(qweight=pw.qweight.index_select(0, flat), scales=pw.scales.index_select(0, flat),
+                        qzeros=None if pw.qzeros is None else pw.qzeros.index_select(0, flat), bits=pw.bits,
+                        group_size=pw.group_size, in_features=pw.in_features, out_features=int(flat.numel()),
+                        symmetric=pw.symmetric, g_idx=pw.g_idx)
+    return dequantize_rows(rows, 0, rows.out_features).reshape(*index.shape, pw.in_features)
 
 
 def matmul_cpu(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,

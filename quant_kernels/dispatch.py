@@ -5,13 +5,13 @@ from typing import Callable
 
 import torch
 
-from .cpu import dequantize_rows, matmul_cpu
+from .cpu import dequantize_gather, dequantize_rows, matmul_cpu
 from .activation import fake_quant_per_token, quantize_per_token
 from .fast_cpu import backend_reason, extension, matmul_fast, repack_w8a8, w8a8_supported
 from .int8_ops import ActSpec, int8_linear_supported, linear_int8
 from .layout import PackedWeight
 
-__all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "backend_info"]
+__all__ = ["qmatmul", "qmatmul_w8a8", "dequantize", "dequantize_gather", "backend_info"]
 
 Backend = Callable[[torch.Tensor, PackedWeight, "torch.Tensor | None"], torch.Tensor]
 

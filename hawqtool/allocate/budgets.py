@@ -106,11 +106,14 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
 
 
 def infeasible_message(e: InfeasibleBudget, budgets: Budgets, under: str, nbytes: np.ndarray,
-                       options: Sequence[Option]) -> str:
-    """One line naming the smallest feasible value of every budget given, in the user's own flags."""
+                       options: Sequence[Option], fixed_bytes: float = 0.0) -> str:
+    """One line naming the smallest feasible value of every budget given, in the user's own flags.
+    `fixed_bytes` (a quantized embedding) were taken from --max-bytes before the layers got the rest."""
     parts, too_low = [], []
     for k, limit in e.budgets.items():
         need = e.minimum[k]
+        if k == "bytes" and budgets.max_bytes is not None:
+            limit, need = limit + fixed_bytes, need + fixed_bytes
         if k == "bytes" and budgets.avg_bits is not None:
             from .plan import avg_bits_for_bytes
 

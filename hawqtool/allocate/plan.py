@@ -9,6 +9,7 @@ average bits count the fp16 scales and packed zeros.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..artifacts import LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
+from ..artifacts import EmbeddingPlan, LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
 from ..errors import UserError
 from ..macs import LayerProfile
 from ..quantize.importance import weighted_quant_error
@@ -224,15 +225,21 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                   act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = (),
                   budgets: Budgets | None = None,
                   profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
-                  trace_ucb: float = 0.0) -> Plan:
+                  trace_ucb: float = 0.0, embedding: EmbeddingPlan | None = None) -> Plan:
     """Solve the ILP under every given budget (plus optional pins/allowed widths/ties) and return the plan.
 
     Options are (bits, group size, activation bits) triples from `make_options`; `trace_ucb` z > 0 uses
     the pessimistic trace max(Tr, 0) + z·s.e. for every layer (noisy near-zero traces then cannot buy
-    a layer 2 bits for free)."""
+    a layer 2 bits for free). `embedding` (embedding.embedding_plan) quantizes the input embedding at its
+    fixed width: its bytes count in a --max-bytes budget (the layers get the rest) but not in --avg-bits,
+    which stays "no larger than uniform B-bit linear layers"; plan.avg_bits/total_bytes are linear only."""
     budgets = budgets or Budgets()
     budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
     budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes
+    fixed = 0.0  # bytes outside the ILP counted in --max-bytes
+    if embedding is not None and budgets.max_bytes is not None:
+        embedding = dataclasses.replace(embedding, in_budget=True)
+        fixed = embedding.storage_bytes
     options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
     if trace_ucb:
         report = ucb_report(report, trace_ucb)
@@ -241,12 +248,14 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                              auto_ties=auto_ties)
     omega, nbytes = layer_tables(report, weights, options, symmetric, profile)
     costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets)
+    if fixed:
+        limits["bytes"] -= fixed
     try:
         alloc = solve_allocation(omega, costs, {k: v * (1 + 1e-9) for k, v in limits.items()}, allowed=cons.mask,
                                  ties=cons.groups)
     except InfeasibleBudget as e:
         under = " under these pins/allowed widths/ties" if cons.record else ""
-        raise UserError(infeasible_message(e, budgets, under, nbytes, options)) from e
+        raise UserError(infeasible_message(e, budgets, under, nbytes, options, fixed)) from e
     n_total = sum(ls.n_params for ls in report.layers)
     one_per_width = len({o.bits for o in options}) == len(options)
     keys = [str(o.bits) if one_per_width else o.label for o in options]  # Ω per option, as recorded
@@ -260,7 +269,7 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                 omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)},
                                 act_bits=o.act_bits))
     total = float(sum(lp.storage_bytes for lp in layers))
-    plan_budget = budget_record(budgets, limits)
+    plan_budget = budget_record(budgets, limits)  # max_bytes: the linear layers' share
     if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
         plan_budget["constraints"] = cons.record
     extra = {}
@@ -270,9 +279,10 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                 group_size=group_size if group_sizes is None else int(group_sizes[0]), symmetric=symmetric,
                 layers=layers, avg_bits=8 * total / n_total, total_bytes=total, predicted_omega=float(alloc.objective),
                 solve_seconds=alloc.solve_seconds, sensitivity_fingerprint=report.fingerprint,
-                costs={k: float(v) for k, v in alloc.costs.items()}, **extra)
+                costs={k: float(v) for k, v in alloc.costs.items()}, embedding=embedding, **extra)
     plan.fingerprint = fingerprint("plan", report.fingerprint, plan.budget, plan.bit_choices, plan.group_size,
-                                   symmetric, *([extra] if extra else []))
+                                   symmetric, *([extra] if extra else []),
+                                   *([dataclasses.asdict(embedding)] if embedding is not None else []))
     return plan
 
 
@@ -287,10 +297,10 @@ def ucb_report(report: SensitivityReport, z: float) -> SensitivityReport:
 
 
 def uniform_plan(report: SensitivityReport, weights: WeightSource, bits: int, *,
-                 group_size: int = 128, symmetric: bool = False) -> Plan:
-    """Every layer at `bits` (the baseline a mixed plan is compared with)."""
+                 group_size: int = 128, symmetric: bool = False, embedding: EmbeddingPlan | None = None) -> Plan:
+    """Every layer at `bits` (the baseline a mixed plan is compared with), the embedding as `embedding` says."""
     return allocate_bits(report, weights, avg_bits=float(bits), bit_choices=(bits,), group_size=group_size,
-                         symmetric=symmetric)
+                         symmetric=symmetric, embedding=embedding)
 
 
 def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int = 128, symmetric: bool = False,

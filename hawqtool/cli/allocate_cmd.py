@@ -11,15 +11,27 @@ from ._base import overwrite_option, _setup_logging, common, guarded, main
 from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
                      positive)
 
+EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must not import torch)
+
 
 @main.command()
 @click.argument("sensitivity_file", type=PathArg())
-@click.option("--avg-bits", type=positive(), default=None, help="Size budget: at most the bytes of uniform B-bit.")
-@click.option("--max-bytes", type=positive(), default=None, help="Size budget in bytes of the quantized layers.")
+@click.option("--avg-bits", type=positive(), default=None,
+              help="Size budget: at most the bytes of uniform B-bit linear layers (the embedding is not counted).")
+@click.option("--max-bytes", type=positive(), default=None,
+              help="Size budget in bytes of the quantized layers, and of the embedding when --embed-bits < 16.")
 @click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Allowed bit widths.")
 @click.option("--group-size", type=GroupSize(), default=128, show_default=True, help="Group size along inputs (-1: per channel).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
-@click.option("--model", type=TEXT, default=None, help="Model for quantization errors the report lacks (default: the report's).")
+@click.option("--model", type=TEXT, default=None,
+              help="Model for quantization errors the report lacks, and to predict the whole file's bits per "
+                   "parameter (default: the report's, loaded only when needed).")
+@click.option("--embed-bits", type=click.Choice(EMBED_BITS), default=16, show_default=True,
+              help="Also quantize the input embedding (and a head tied to it, one copy of the codes) at 4/6/8 bits; "
+                   "16 keeps it. Counted in --max-bytes, not in --avg-bits.")
+@click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
+              help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden units "
+                   "(at 4 bits 128 beats per row by far: RESULTS).")
 @click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS", callback=PINS,
               help="Fix the bits of layers whose name matches the regex (repeatable; first match wins).")
 @click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2", callback=ALLOWS,
@@ -45,7 +57,8 @@ from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, P
 @overwrite_option
 @common
 @guarded
-def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, pins, allows, ties, auto_ties,
+def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, embed_bits, embed_group_size, pins,
+             allows, ties, auto_ties,
              group_sizes, act_bits, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
              sweep, output, overwrite, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
@@ -57,6 +70,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --avg-bits 4 --group-sizes 32,64,128 -o plan.json
     hawqtool allocate sens.json --bops-frac 0.2 --act-bits 8,16 --avg-bits 4.5 -o plan.json
     hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
+    hawqtool allocate sens.json --avg-bits 3 --embed-bits 6 -o plan.json   # embedding/tied head 6-bit per row
     """
     from .. import artifacts
     from ..allocate.budgets import Budgets
@@ -64,8 +78,11 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
     from ..latency import load_latency_table
     from ..progress import Reporter
-    from ..render import plan_table
-    from ..stages import lazy_weights
+    from ..render import plan_size_lines, plan_table
+    from ..embedding import check_embed_options, embedding_plan
+    from ..models import load_model
+    from ..sizes import predict_file
+    from ..stages import layer_weights
 
     from ..outputs import claim_output
 
@@ -73,7 +90,21 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
     cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
-    weights, bit_choices = lazy_weights(model or report.model), bits
+    held: dict = {}
+
+    def loaded():  # the model, loaded once and only when needed
+        if "m" not in held:
+            held["m"] = load_model(model or report.model)
+        return held["m"]
+
+    def weights() -> dict:
+        if "w" not in held:
+            held["w"] = layer_weights(loaded())
+        return held["w"]
+
+    bit_choices = bits
+    emb = (embedding_plan(loaded().model, embed_bits, embed_group_size, sym, [ls.name for ls in report.layers])
+           if check_embed_options(embed_bits, embed_group_size) else None)
     acts = list(act_bits)
     wa = parse_pairs(pairs)
     groups = list(group_sizes) if group_sizes else None
@@ -86,7 +117,9 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     budgets = Budgets(max_bops=max_bops, bops_frac=bops_frac, max_latency_ms=max_latency_ms, latency_frac=latency_frac)
     plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes, bit_choices=bit_choices,
                          group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, pairs=wa, budgets=budgets,
-                         profile=profile, latency=latency, trace_ucb=trace_ucb, **cons)
+                         profile=profile, latency=latency, trace_ucb=trace_ucb, embedding=emb, **cons)
+    if model is not None or emb is not None:
+        plan.file = predict_file(loaded().model, plan)
     artifacts.save(plan, output)
     written = [output]
     if sweep:
@@ -101,7 +134,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     if as_json:
         click.echo(json.dumps(asdict(plan)))
     elif not quiet:
-        Reporter().console.print(plan_table(plan))
+        console = Reporter().console
+        console.print(plan_table(plan))
+        for line in plan_size_lines(plan):
+            console.print(line, highlight=False)
         for p in written:
             click.echo(f"wrote {p}", err=True)
 

@@ -116,6 +116,10 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
                    f"({res['windows']} × {res['seqlen']} tokens)")
     else:
         click.echo(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} × {res['seqlen']})")
+    if not as_json and "sizes" in res:
+        from ..sizes import size_line
+
+        click.echo(size_line(res["sizes"], "size: "))
 
 
 @main.command(name="export")

@@ -8,6 +8,7 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
+from .allocate_cmd import EMBED_BITS
 from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
 
 # recipe keys without a flag of their own, checked like flags
@@ -34,13 +35,19 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--act-order", is_flag=True)
+@click.option("--embed-bits", type=click.Choice(EMBED_BITS), default=16, show_default=True,
+              help="Also quantize the input embedding (and a head tied to it, one copy of the codes) at 4/6/8 bits; "
+                   "16 keeps it. Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
+@click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
+              help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden units "
+                   "(at 4 bits 128 beats per row by far: RESULTS).")
 @calib_options
 @overwrite_option
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, seed, trust_remote_code, overwrite, as_json,
-        verbose, quiet):
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, seed,
+        trust_remote_code, overwrite, as_json, verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
     Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text, scored by perplexity.
@@ -53,6 +60,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     hawqtool run --avg-bits 3.0 -o out/
     hawqtool run recipes/smollm2-135m.yaml --avg-bits 3.5
     hawqtool run recipes/efficientnet-lite0.yaml -o out_vis/
+    hawqtool run --avg-bits 3.0 --embed-bits 8 -o out8/    # the tied embedding/head at 8 bits per row too
     """
     from ..progress import Reporter
     from ..recipe import is_recipe, load_recipe
@@ -65,7 +73,8 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
                  group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
                  eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
-                 act_order=act_order, trust_remote_code=trust_remote_code)
+                 act_order=act_order, embed_bits=embed_bits, embed_group_size=embed_group_size,
+                 trust_remote_code=trust_remote_code)
     if is_recipe(model):
         recipe = load_recipe(model)
         given["model"] = None
@@ -76,7 +85,10 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
             if src in (None, click.core.ParameterSource.DEFAULT):
                 given[key] = _check_recipe_value(ctx, model, key, value, param_of.get(key, key))
     cfg = RunConfig(**given)
+    from ..embedding import check_embed_options
     from ..outputs import claim_output
+
+    check_embed_options(cfg.embed_bits, cfg.embed_group_size)
 
     claim_output(Path(cfg.out), "run", inputs=[cfg.model], overwrite=overwrite)
     summary = run_pipeline(cfg, rep)
