@@ -9,27 +9,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from hawqtool.cli import main
+from cli_helpers import invoke, one_line_error
 
 SMALL = ["--nsamples", "4", "--seqlen", "32"]
-
-
-def invoke(*args, ok: bool = True):
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, (res.output, res.stderr)
-    return res
-
-
-def one_line_error(res, *words):
-    assert res.exit_code == 1, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
