@@ -113,9 +113,14 @@ def take_lock(out: Path) -> None:
         lp.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder of {out}: {e.strerror}; choose a writable -o") from e
-    for _ in range(2):
+    mine = lp.with_name(f"{lp.name}.{os.getpid()}")  # the PID is written first, then linked into place, so
+    for _ in range(2):                               # a reader never sees an empty lock (and takes it for stale)
         try:
-            fd = os.open(lp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            mine.write_text(str(os.getpid()))
+            try:
+                os.link(mine, lp)
+            finally:
+                mine.unlink(missing_ok=True)
         except FileExistsError:
             try:
                 pid = int(lp.read_text().strip() or 0)
@@ -131,8 +136,6 @@ def take_lock(out: Path) -> None:
             continue
         except OSError as e:
             raise UserError(f"cannot write beside {out}: {e.strerror}; choose a writable -o") from e
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
         if not _HELD:
             atexit.register(release_all)
         _HELD.add(str(out))
