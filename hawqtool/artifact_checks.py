@@ -66,9 +66,20 @@ def check_plan(plan, path: Path) -> None:
         c.require(_is_int(lp.act_bits) and (2 <= lp.act_bits <= 8 or lp.act_bits == 16), where,
                   f"has act_bits {lp.act_bits!r} (2..8, or 16 for weight-only)")
         c.require(_is_int(lp.n_params) and lp.n_params >= 1, where, f"has n_params {lp.n_params!r}")
+        c.require(isinstance(lp.ggml_type, str) and (not lp.ggml_type or _ggml_ok(lp)), where,
+                  f"has ggml_type {lp.ggml_type!r} with bits {lp.bits!r} and group_size {lp.group_size!r} "
+                  "(a ggml type such as Q4_K, with its own bits and group size)")
     if plan.embedding is not None:
         _check_embedding(c, plan.embedding)
     c.require(plan.file is None or isinstance(plan.file, dict), "the plan", f"has file {plan.file!r} (a mapping)")
+
+
+def _ggml_ok(lp) -> bool:
+    """A plan layer's ggml type exists and agrees with its bits and group size."""
+    from .quantize.ggml_types import TYPES
+
+    t = TYPES.get(lp.ggml_type)
+    return t is not None and (lp.bits, lp.group_size, lp.symmetric) == (t.bits, t.group, False)
 
 
 def _check_embedding(c: _Checker, e) -> None:

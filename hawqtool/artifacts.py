@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,12 @@ class LayerPlan:
     omega: float  # predicted perturbation at the chosen bits
     omega_by_bits: dict[str, float] = field(default_factory=dict)  # by width, or by option label (w4g128a16)
     act_bits: int = 16  # 16: weight-only; 8: W8A8 (dynamic per-token int8 activations)
+    ggml_type: str = ""  # a ggml block type (Q4_K, Q4_0, ...) instead of hawqtool's own grid ("")
+
+
+def layer_records(layers: list[LayerPlan]) -> list[dict]:
+    """Plan layers as fingerprinted by quantize: ggml_type only when set, so own-grid fingerprints stay as before."""
+    return [{k: v for k, v in asdict(lp).items() if k != "ggml_type" or v} for lp in layers]
 
 
 @dataclass

@@ -6,7 +6,9 @@ Layout of CKPT/:
                         [out, groups]), NAME.qzeros (int32 packed, asymmetric only),
                         NAME.g_idx (int32 [in], act-order only), NAME.bias; a quantized
                         input embedding EMB the same way (EMB.qweight/.scales/.qzeros, rows =
-                        tokens), its tied head then storing nothing of its own; every other
+                        tokens), its tied head then storing nothing of its own; a layer in a
+                        ggml block type (manifest "ggml_type", e.g. Q4_K): NAME.ggml (uint8
+                        [out, row bytes], ggml's block layout, HF row order); every other
                         tensor of the state dict unchanged (tied weights stored once)
   config.json, tokenizer files   as the source model had them
   hawqtool_manifest.json         plan, per-layer bits/group/error, the quantized embedding (only
@@ -30,7 +32,7 @@ from .artifacts import SCHEMA_VERSION, tool_version
 from .errors import UserError
 from .integrity import MIB, check_folder, check_listed_names, read_json, sha256_file
 from .outputs import staged_output
-from .quantize.quantizer import QuantizedWeight
+from .quantize.quantizer import QuantizedWeight, ggml_bytes
 from .tensorfile import save_tensors, tensors_nbytes
 
 MANIFEST = "hawqtool_manifest.json"
@@ -74,6 +76,16 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
         extra = {**extra, "embedding": embedding.summary()}
     layers_meta = {}
     for name, qw in weights.items():
+        if qw.grid is not None:
+            tensors[f"{name}.ggml"] = ggml_bytes(qw)
+            state.pop(f"{name}.weight")
+            if f"{name}.bias" in state:
+                tensors[f"{name}.bias"] = state.pop(f"{name}.bias")
+            out_f, in_f = qw.q.shape
+            layers_meta[name] = {"ggml_type": qw.spec.fmt, "bits": qw.spec.bits, "group_size": qw.spec.group_size,
+                                 "symmetric": False, "in_features": in_f, "out_features": out_f, "act_order": False,
+                                 **layer_info.get(name, {})}
+            continue
         pw = pack_layer(qw)
         tensors.update(packed_tensors(name, pw))
         state.pop(f"{name}.weight")

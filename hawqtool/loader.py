@@ -4,10 +4,13 @@ Everything read is validated before the model is allocated (folder shape, sha256
 tensor against the model config.json describes, built first on the meta device); any problem is a
 one-line UserError. Weights are read with safetensors only (no unpickling). A quantized input embedding
 (manifest "embedding") becomes a QuantEmbedding, and a head tied to it a QuantLinear on the same codes.
+A layer in a ggml block type (manifest "ggml_type") has no kernel here: it is loaded as an nn.Linear holding its
+exactly dequantized weight (llama.cpp runs those bytes natively after `export --format gguf`).
 """
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -71,6 +74,30 @@ def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> Pa
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"layer {name} in the checkpoint is malformed ({e}); re-create it with `hawqtool quantize`") from e
     return pw
+
+
+def ggml_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict):
+    """The QuantizedWeight of a ggml layer from its NAME.ggml bytes and manifest entry, fully validated."""
+    from .quantize.quantizer import QuantSpec, ggml_from_bytes
+
+    raw = t.get(f"{name}.ggml")
+    try:
+        spec = QuantSpec.for_ggml(str(meta.get("ggml_type")))
+        if raw is None:
+            raise ValueError(f"no tensor {name}.ggml")
+        return ggml_from_bytes(raw, spec, _meta_int(meta, "in_features", name))
+    except ValueError as e:
+        raise UserError(f"layer {name} in the checkpoint is malformed ({e}); re-create it with `hawqtool quantize`") from e
+
+
+def _layer_shape(t: dict[str, torch.Tensor], name: str, meta: dict):
+    """PackedWeight of a packed layer, or the QuantizedWeight of a ggml one (both checked); `.out_features`
+    and `.in_features` are what _target needs."""
+    if isinstance(meta, dict) and "ggml_type" in meta:
+        qw = ggml_from_tensors(t, name, meta)
+        out_f, in_f = qw.q.shape
+        return SimpleNamespace(out_features=out_f, in_features=in_f, qw=qw)
+    return packed_from_tensors(t, name, meta)
 
 
 def _target(model: nn.Module, name: str, pw: PackedWeight) -> None:
@@ -184,7 +211,7 @@ def _check_fits(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tenso
     if emb is not None:
         _check_embedding(model, emb, tensors)
     for name, meta in layers.items():
-        pw = packed_from_tensors(tensors, name, meta)
+        pw = _layer_shape(tensors, name, meta)
         _target(model, name, pw)
         _bias(tensors, name, pw.out_features)
         _act_granularity(meta, name, model.get_submodule(name), _act_static(meta, name))
@@ -273,6 +300,20 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
             _replace_activations(model, manifest["act_fn"], path / MANIFEST)
     layers = manifest["layers"]
     for name, meta in layers.items():
+        if "ggml_type" in meta:
+            target = model.get_submodule(name)
+            if not isinstance(target, nn.Linear):
+                raise UserError(f"checkpoint layer {name} is in {meta['ggml_type']}, which is for Linear layers only; "
+                                "re-create the checkpoint")
+            with torch.no_grad():
+                target.weight.copy_(ggml_from_tensors(tensors, name, meta).dequantize())
+                bias = _bias(tensors, name, target.out_features)
+                if (bias is None) != (target.bias is None):
+                    raise UserError(f"checkpoint layer {name} {'lacks the bias' if bias is None else 'has a bias'} "
+                                    "the model's Linear has not; re-create the checkpoint")
+                if bias is not None:
+                    target.bias.copy_(bias)
+            continue
         pw = packed_from_tensors(tensors, name, meta)
         target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
         static = _act_static(meta, name)

@@ -81,7 +81,10 @@ def summary_table(s: dict) -> Table:
     else:
         t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", _bits(s, "baseline"), "-", "-",
                   f"{sec.get('baseline_eval', 0):.0f}")
-    for key, label in (("uniform", f"uniform {s['uniform_bits']}-bit"), ("mixed", "mixed (HAWQ)")):
+    ub = s["uniform_bits"]
+    for key, label in (("uniform", f"uniform {ub}" + ("-bit" if isinstance(ub, int) else "")), ("mixed", "mixed (HAWQ)")):
+        if s.get(key + "_ppl", 0) is None:  # a ggml run whose budget no single type meets: no uniform plan
+            continue
         cells = ([f"{s[key + '_top1_agreement']:.4f}", f"{s[key + '_mean_kl']:.4g}"] if vision
                  else [f"{s[key + '_ppl']:.3f}"])
         t.add_row(label, *cells, f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}", _bits(s, key),
@@ -90,6 +93,8 @@ def summary_table(s: dict) -> Table:
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
     emb = s.get("embed_bits", 16)
     emb = "embedding kept as the model has it" if emb == 16 else f"embedding (and tied head) {emb}-bit"
+    if s.get("formats"):
+        emb = f"ggml types {', '.join(s['formats'])} (`export --format gguf`); {emb}"
     t.caption = (f"{emb}; file bits/param: every stored tensor / every parameter (tied once); "
                  f"stage seconds: {secs}; peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB")
     return t

@@ -6,7 +6,9 @@ whole-file bits per parameter, with the safetensors file size: sizes.py). A stag
 artifact exists with the same fingerprint (model files, data, options, tool version) is
 skipped, which is also how a killed run resumes; quantize additionally resumes inside a
 checkpoint at the last block. `embed_bits` 4/6/8 quantizes the input embedding (and a head
-tied to it) in both plans; --avg-bits still counts the linear layers only.
+tied to it) in both plans; --avg-bits still counts the linear layers only. `formats` (gguf, or ggml
+types) makes the plans choose ggml block types, for `export --format gguf`; --avg-bits is then bits per
+linear weight, and the uniform plan is the largest single type within that budget (none if no type fits).
 
 Causal LMs are scored by perplexity on `data`; image classifiers (timm) by top-1 agreement and
 mean KL against the full-precision model on the fixed image set `hawqtool eval` uses.
@@ -18,6 +20,7 @@ import json
 import logging
 import resource
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,8 +28,9 @@ from typing import Callable
 import torch
 
 from . import artifacts
-from .allocate.plan import allocate_bits, uniform_bytes, uniform_plan, omega_table
-from .artifacts import fingerprint, write_atomic
+from .allocate.options import parse_formats
+from .allocate.plan import allocate_bits, omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
+from .artifacts import fingerprint, layer_records, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .data import calibration_windows, data_fingerprint, eval_windows
 from .embedding import check_embed_options, embedding_plan
@@ -74,6 +78,7 @@ class RunConfig:
     act_order: bool = False
     embed_bits: int = 16  # 4/6/8: the input embedding (and a head tied to it) quantized too; 16 keeps it
     embed_group_size: int = -1  # its scales: one per row (-1) or per group of this many hidden units
+    formats: str = ""  # "gguf" or ggml types (Q4_K,Q4_0,...): plans in ggml block types; "" = hawqtool's own grid
     trust_remote_code: bool = False
     stage_seconds: dict = field(default_factory=dict)
 
@@ -150,6 +155,10 @@ def _image_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
 def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     """Run load → sensitivity → allocate → quantize (mixed and uniform) → eval; returns the summary."""
     check_embed_options(cfg.embed_bits, cfg.embed_group_size)  # before any work
+    fmts = parse_formats(cfg.formats)
+    if fmts and cfg.embed_bits != 16:
+        raise UserError("--formats keeps the embedding for the GGUF export to write (`export --embed-type`); "
+                        "drop --embed-bits")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     secs: dict[str, float] = {}
@@ -165,6 +174,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         raise UserError(f"`hawqtool run` scores perplexity, and {loaded.source} is an encoder; run the stages "
                         "instead: sensitivity --objective output-mse, allocate, quantize, eval")
     vision = loaded.task == VISION
+    if vision and fmts:
+        raise UserError("--formats (ggml types) is for language models' Linear layers; drop it for image classifiers")
     mdig = timed("load", lambda: model_digest(loaded))
     td = timed("data", lambda: (_image_data if vision else _text_data)(loaded, cfg))
 
@@ -191,7 +202,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                                          seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
                                          min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
                                          estimator="fisher",  # what compute_sensitivity's "auto" picks for self-kl
-                                         first_token_weight=ftw)
+                                         first_token_weight=ftw, qerror_formats=tuple(fmts))
     sens_fp = sensitivity_fingerprint(mdig, td.sens_key, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")
@@ -203,7 +214,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,), qerror_sym=(cfg.symmetric,),
-                resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw))
+                qerror_formats=tuple(fmts), resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw))
         if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
         artifacts.save(report, sens_path)
@@ -216,24 +227,36 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                          [ls.name for ls in report.layers])
     plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits,
                                                    bit_choices=cfg.bit_choices, group_size=cfg.group_size,
-                                                   symmetric=cfg.symmetric, embedding=emb))
+                                                   symmetric=cfg.symmetric, embedding=emb, formats=fmts))
     plan.file = predict_file(loaded.model, plan)
     artifacts.save(plan, out / "plan.json")
     timed("report", lambda: write_sensitivity_report(report, out, plan))
-    _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
-    ubits = max(b for b in cfg.bit_choices
-                if uniform_bytes(nbytes, sorted(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
-    uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb)
-    uplan.file = predict_file(loaded.model, uplan)
-    artifacts.save(uplan, out / "plan_uniform.json")
+    if fmts:
+        uplan = uniform_ggml_plan(report, weights, fmts, plan.budget["max_bytes"])
+        ubits = uplan.layers[0].ggml_type if uplan is not None else None
+    else:
+        _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
+        ubits = max(b for b in cfg.bit_choices
+                    if uniform_bytes(nbytes, sorted(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
+        uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb)
+    if uplan is not None:
+        uplan.file = predict_file(loaded.model, uplan)
+        artifacts.save(uplan, out / "plan_uniform.json")
+    else:
+        log.warning("no single ggml type of %s fits every layer within the budget: no uniform plan to compare",
+                    ", ".join(fmts))
 
     calib_ids = timed("data", td.calib_inputs)
     sizes: dict[str, dict] = {}
     opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order, first_token_weight=ftw)
     results = {}
     for name, p in (("mixed", plan), ("uniform", uplan)):
+        if p is None:
+            results[name], sizes[name] = {"ppl": None, "seconds": 0.0, "quantize_seconds": 0.0}, {}
+            continue
         ck = out / name
-        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, asdict(opts), [asdict(lp) for lp in p.layers])
+        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, asdict(opts),
+                          layer_records(p.layers))
         qsecs = 0.0  # this run's; the checkpoint records no timings (same inputs, same bytes)
         if _current(ck, qfp, "checkpoint"):
             rep.skip(f"quantize {name}")
@@ -249,16 +272,18 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         results[name]["quantize_seconds"] = qsecs
         sizes[name] = checkpoint_sizes(ck)
 
-    common = {"uniform_bits": ubits, "uniform_bytes": uplan.total_bytes, "uniform_avg_bits": uplan.avg_bits,
+    hist = Counter(lp.ggml_type or str(lp.bits) for lp in plan.layers)
+    common = {"uniform_bits": ubits, "uniform_bytes": uplan and uplan.total_bytes, "uniform_avg_bits": uplan and uplan.avg_bits,
               "mixed_avg_bits": plan.avg_bits, "mixed_bytes": plan.total_bytes,
-              "mixed_bits_histogram": {str(b): sum(1 for lp in plan.layers if lp.bits == b) for b in plan.bit_choices},
+              "mixed_bits_histogram": {k: hist[k] for k in sorted(hist)} if fmts else
+              {str(b): hist[str(b)] for b in plan.bit_choices},
               "embed_bits": cfg.embed_bits, "baseline_file_bits_per_param": model_sizes(loaded.model)["file_bits_per_param"],
-              **{f"{k}_{f}": sizes[k][f] for k in ("uniform", "mixed") for f in ("file_bits_per_param", "file_bytes",
-                                                                                  "tensor_bytes")}}
+              **{f"{k}_{f}": sizes[k].get(f) for k in ("uniform", "mixed") for f in ("file_bits_per_param", "file_bytes",
+                                                                                       "tensor_bytes")}}
     seconds = {f"{k}_{what}": results[k][field_] for k in ("uniform", "mixed")
                for what, field_ in (("quantize", "quantize_seconds"), ("eval", "seconds"))}
     head = {"model": loaded.source, "task": loaded.task, "method": cfg.method, "group_size": cfg.group_size,
-            "symmetric": cfg.symmetric}
+            "symmetric": cfg.symmetric, **({"formats": fmts} if fmts else {})}
     tail = {"sensitivity_probes": max(ls.probes for ls in report.layers), "stage_seconds": secs,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if vision:

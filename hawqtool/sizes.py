@@ -24,7 +24,7 @@ from .errors import UserError
 from .models import weight_matrix
 from .quantize.quantizer import QuantSpec
 
-PACKED_TENSORS = ("qweight", "scales", "qzeros", "g_idx")  # a packed layer's tensors besides its bias
+PACKED_TENSORS = ("qweight", "scales", "qzeros", "g_idx", "ggml")  # a packed (or ggml) layer's tensors besides its bias
 
 
 def packed_nbytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool, act_order: bool = False) -> int:
@@ -62,7 +62,8 @@ def predict_file(model: nn.Module, plan: Plan) -> dict:
             lp = planned[owner]
             o, i = weight_matrix(model.get_submodule(owner)).shape
             params += v.numel()
-            nbytes += packed_nbytes(o, i, lp.bits, lp.group_size, lp.symmetric)
+            nbytes += (QuantSpec.for_ggml(lp.ggml_type).storage_bits(o, i) // 8 if lp.ggml_type
+                       else packed_nbytes(o, i, lp.bits, lp.group_size, lp.symmetric))
             continue
         if v.data_ptr() in seen:
             continue
@@ -111,7 +112,8 @@ def checkpoint_sizes(path) -> dict:
             if not (owner in packed and leaf in PACKED_TENSORS):
                 params += math.prod(shape)
         linear = {n: packed[n] for n in manifest["layers"]}
-        linear_bytes = sum(QuantSpec(m["bits"], m["group_size"], m["symmetric"]).storage_bits(*linear[n]) / 8
+        linear_bytes = sum((QuantSpec.for_ggml(m["ggml_type"]) if "ggml_type" in m
+                            else QuantSpec(m["bits"], m["group_size"], m["symmetric"])).storage_bits(*linear[n]) / 8
                            for n, m in manifest["layers"].items())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path} has a malformed manifest or weights header ({e}); re-create it") from e

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint
+from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, layer_records
 from .checkpoint import save_checkpoint
 from .errors import UserError
 from .inputs import batches_of
@@ -39,7 +39,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         progress: Callable | None = None, data_key: str = "",
                         qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
                         qerror_groups: tuple[int, ...] = (128,),
-                        qerror_sym: tuple[bool, ...] = (False, True),
+                        qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = (),
                         estimator: str = "auto", resume_path: Path | None = None,
                         quantize_head: bool = False, checkpoint_blocks: bool = False,
                         first_token_weight: float = 1.0, only: str | None = None) -> SensitivityReport:
@@ -94,7 +94,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                                     qerror_groups=qerror_groups, n_samples=len(calib_ids),
                                     seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
                                     min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator,
-                                    first_token_weight=first_token_weight, qerror_sym=qerror_sym)
+                                    first_token_weight=first_token_weight, qerror_sym=qerror_sym,
+                                    qerror_formats=tuple(qerror_formats))
     if head is not None:  # only then, so existing fingerprints stay valid
         settings["untied_head"] = head
     if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
@@ -128,7 +129,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
                             qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups, imp.get(n),
-                                            qerror_sym))
+                                            qerror_sym, tuple(qerror_formats)))
            for n, t in traces.items()]
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
@@ -195,7 +196,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     out_dir = Path(out_dir)
     state_dir = out_dir.with_name(out_dir.name + ".partial")
     key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
-                      [asdict(lp) for lp in plan.layers])
+                      layer_records(plan.layers))
     act = {lp.name: lp.act_bits for lp in plan.layers}
     emb = None
     if plan.embedding is not None:  # first: GPTQ then calibrates the blocks on the quantized lookup

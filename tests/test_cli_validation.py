@@ -222,7 +222,8 @@ def test_no_command_prints_the_help():
 # free-form options, checked at parse time by the library's own parsers (params.checked_by)
 FREE_FORM = {("allocate", "pins"): ["x=13", "x=0", "=4", "x", ""], ("allocate", "allows"): ["x=0", "x=2,9", "=", ""],
              ("allocate", "ties"): ["(", "", "[a-"], ("allocate", "pairs"): ["4:1", "9:8", "x", "4:", "4:16"],
-             ("bench", "pairs"): ["4:1", "9:9", "a:b"]}
+             ("bench", "pairs"): ["4:1", "9:9", "a:b"],
+             **{(cmd, "formats"): ["Q7_Z", "ggufx", "Q4_K,"] for cmd in ("allocate", "run", "sensitivity")}}
 
 
 def bad_values(kind: click.ParamType) -> list[str]:

@@ -72,7 +72,9 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
     costs, limits = {"bytes": nbytes}, {}
     if budgets.avg_bits is not None and budgets.max_bytes is not None:
         raise UserError("give --avg-bits or --max-bytes, not both (they are the same budget)")
-    if budgets.avg_bits is not None:
+    if budgets.avg_bits is not None and options[0].fmt:  # ggml types: bits per linear weight, all bytes counted
+        limits["bytes"] = budgets.avg_bits * sum(ls.n_params for ls in report.layers) / 8
+    elif budgets.avg_bits is not None:
         ref = _size_ref(options)
         if not ref:
             raise UserError("--avg-bits is measured against weight-only layers; add 16 to --act-bits or use --max-bytes")
@@ -114,7 +116,11 @@ def infeasible_message(e: InfeasibleBudget, budgets: Budgets, under: str, nbytes
         need = e.minimum[k]
         if k == "bytes" and budgets.max_bytes is not None:
             limit, need = limit + fixed_bytes, need + fixed_bytes
-        if k == "bytes" and budgets.avg_bits is not None:
+        if k == "bytes" and budgets.avg_bits is not None and options[0].fmt:
+            flag, given = "--avg-bits", f"{budgets.avg_bits:g}"
+            n = limit * 8 / budgets.avg_bits
+            least = f"{math.ceil(need * 8 / n * 1000) / 1000:g} ({need:.0f} bytes)"
+        elif k == "bytes" and budgets.avg_bits is not None:
             from .plan import avg_bits_for_bytes
 
             ref = _size_ref(options)

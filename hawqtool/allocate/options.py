@@ -6,6 +6,8 @@ adds W8A8 (symmetric per-channel 8-bit weights, dynamic per-token 8-bit activati
 next to the weight-only options: W8A8 is the activation-quantized layer type that has an
 integer kernel. `--pairs 4:8,4:4` adds other (weight, activation) pairs; their activations are
 quantized per token at run time (simulated in float: no W4A8/W4A4 integer kernel yet).
+`--formats gguf` (or a list of ggml types) replaces all of these by ggml block types (Q4_K, Q4_0, ...),
+each allowed only on layers whose rows its blocks tile (K-quants: multiples of 256).
 """
 from __future__ import annotations
 
@@ -26,13 +28,18 @@ class Option:
     group_size: int = 128
     act_bits: int = FULL_ACT
     symmetric: bool | None = None  # None: the plan's setting; W8A8 weights are symmetric per channel
+    fmt: str = ""  # a ggml block type (then bits/group_size are that type's)
 
     @property
     def label(self) -> str:
+        if self.fmt:
+            return self.fmt
         g = "c" if self.group_size == -1 else str(self.group_size)
         return f"w{self.bits}g{g}a{self.act_bits}"
 
     def spec(self, symmetric: bool) -> QuantSpec:
+        if self.fmt:
+            return QuantSpec.for_ggml(self.fmt)
         return QuantSpec(self.bits, self.group_size, symmetric if self.symmetric is None else self.symmetric)
 
 
@@ -76,3 +83,34 @@ def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
     if not opts:
         raise UserError("no options left: give --act-bits 16 (weight-only) and/or 8 (W8A8), or --pairs")
     return opts
+
+
+GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def parse_formats(text: str | None) -> list[str]:
+    """'gguf' (every type llama.cpp runs that we quantize to) or a comma list of ggml types -> type names;
+    '' -> [] (hawqtool's own grid). One-line UserError naming the valid types otherwise."""
+    from ..quantize.ggml_types import TYPES
+
+    text = (text or "").strip()
+    if not text:
+        return []
+    if text.lower() == "gguf":
+        return list(GGUF_TYPES)
+    out = []
+    for item in text.split(","):
+        name = item.strip().upper()
+        if name not in TYPES:
+            raise UserError(f"--formats takes 'gguf' or ggml types from {', '.join(GGUF_TYPES)}, got {item.strip()!r}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def ggml_options(formats: Sequence[str]) -> list[Option]:
+    """One weight-only option per ggml type, in order of bits per weight."""
+    from ..quantize.ggml_types import ggml_type
+
+    types = sorted((ggml_type(f) for f in formats), key=lambda t: (t.bits_per_weight, t.name))
+    return [Option(t.bits, t.group, fmt=t.name) for t in types]

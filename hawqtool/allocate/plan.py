@@ -26,7 +26,7 @@ from ..quantize.importance import weighted_quant_error
 from ..quantize.quantizer import QuantSpec
 from .ilp import InfeasibleBudget, _groups, solve_allocation
 from .budgets import Budgets, budget_record, cost_tables, infeasible_message
-from .options import FULL_ACT, Option, make_options
+from .options import FULL_ACT, Option, ggml_options, make_options
 
 if TYPE_CHECKING:
     from ..latency import LatencyTable
@@ -62,7 +62,10 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
             trace = 0.0
         for j, opt in enumerate(options):
             spec = opt.spec(symmetric)
-            err = ls.qerror.get(qerror_key(spec.bits, spec.group_size, spec.symmetric))
+            if spec.fmt and not spec.ggml.fits(ls.shape[1]):  # the type's blocks do not tile this layer's rows
+                omega[i, j], nbytes[i, j] = np.inf, np.inf
+                continue
+            err = ls.qerror.get(spec.key)
             if err is None:
                 W = weights().get(ls.name)
                 if W is None:
@@ -80,7 +83,8 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
         log.warning("%d layers have a negative trace estimate, treated as 0: %s", len(negative), ", ".join(negative[:5]))
     families: dict[tuple, list[int]] = {}
     for j, opt in enumerate(options):
-        families.setdefault((opt.group_size, opt.act_bits, opt.symmetric), []).append(j)
+        families.setdefault((opt.group_size, opt.act_bits, opt.symmetric, opt.fmt or None) if not opt.fmt
+                            else ("ggml", j), []).append(j)
     for cols in families.values():
         cols = sorted(cols, key=lambda j: options[j].bits)
         omega[:, cols] = np.minimum.accumulate(omega[:, cols], axis=1)  # running min: non-increasing in bits
@@ -225,14 +229,17 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                   act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = (),
                   budgets: Budgets | None = None,
                   profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
-                  trace_ucb: float = 0.0, embedding: EmbeddingPlan | None = None) -> Plan:
+                  trace_ucb: float = 0.0, embedding: EmbeddingPlan | None = None,
+                  formats: Sequence[str] = ()) -> Plan:
     """Solve the ILP under every given budget (plus optional pins/allowed widths/ties) and return the plan.
 
     Options are (bits, group size, activation bits) triples from `make_options`; `trace_ucb` z > 0 uses
     the pessimistic trace max(Tr, 0) + z·s.e. for every layer (noisy near-zero traces then cannot buy
     a layer 2 bits for free). `embedding` (embedding.embedding_plan) quantizes the input embedding at its
     fixed width: its bytes count in a --max-bytes budget (the layers get the rest) but not in --avg-bits,
-    which stays "no larger than uniform B-bit linear layers"; plan.avg_bits/total_bytes are linear only."""
+    which stays "no larger than uniform B-bit linear layers"; plan.avg_bits/total_bytes are linear only.
+    `formats` (ggml type names) makes the options those block types instead (each only where its blocks tile
+    a layer's rows); --avg-bits B then means B bits per linear weight, everything stored counted."""
     budgets = budgets or Budgets()
     budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
     budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes
@@ -240,13 +247,23 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
     if embedding is not None and budgets.max_bytes is not None:
         embedding = dataclasses.replace(embedding, in_budget=True)
         fixed = embedding.storage_bytes
-    options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
+    if formats:
+        if pairs or any(a != FULL_ACT for a in act_bits) or group_sizes:
+            raise UserError("--formats chooses among ggml types, which fix their own group sizes and quantize "
+                            "weights only; drop --group-sizes/--act-bits/--pairs")
+        options = ggml_options(formats)
+    else:
+        options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
     if trace_ucb:
         report = ucb_report(report, trace_ucb)
     names = [ls.name for ls in report.layers]
     cons = build_constraints(names, [o.bits for o in options], pins=pins, allowed=allowed, ties=ties,
                              auto_ties=auto_ties)
     omega, nbytes = layer_tables(report, weights, options, symmetric, profile)
+    if formats:
+        cons.mask = _ggml_mask(report, options, nbytes, cons.mask)
+        nbytes = np.where(np.isfinite(nbytes), nbytes, 0.0)
+        omega = np.where(np.isfinite(omega), omega, 0.0)
     costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets)
     if fixed:
         limits["bytes"] -= fixed
@@ -257,7 +274,7 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
         under = " under these pins/allowed widths/ties" if cons.record else ""
         raise UserError(infeasible_message(e, budgets, under, nbytes, options, fixed)) from e
     n_total = sum(ls.n_params for ls in report.layers)
-    one_per_width = len({o.bits for o in options}) == len(options)
+    one_per_width = len({o.bits for o in options}) == len(options) and not formats
     keys = [str(o.bits) if one_per_width else o.label for o in options]  # Ω per option, as recorded
     layers = []
     for i, ls in enumerate(report.layers):
@@ -266,14 +283,15 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
         layers.append(LayerPlan(name=ls.name, bits=o.bits, group_size=o.group_size,
                                 symmetric=symmetric if o.symmetric is None else o.symmetric,
                                 n_params=ls.n_params, storage_bytes=float(nbytes[i, j]), omega=float(omega[i, j]),
-                                omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)},
-                                act_bits=o.act_bits))
+                                omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)
+                                               if cons.mask is None or cons.mask[i, k]},
+                                act_bits=o.act_bits, ggml_type=o.fmt))
     total = float(sum(lp.storage_bytes for lp in layers))
     plan_budget = budget_record(budgets, limits)  # max_bytes: the linear layers' share
     if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
         plan_budget["constraints"] = cons.record
     extra = {}
-    if len(options) != len(bit_choices) or trace_ucb:
+    if formats or len(options) != len(bit_choices) or trace_ucb:
         extra = {"options": [o.label for o in options], "trace_ucb": trace_ucb}
     plan = Plan(model=report.model, budget=plan_budget, bit_choices=sorted({o.bits for o in options}),
                 group_size=group_size if group_sizes is None else int(group_sizes[0]), symmetric=symmetric,
@@ -284,6 +302,18 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                    symmetric, *([extra] if extra else []),
                                    *([dataclasses.asdict(embedding)] if embedding is not None else []))
     return plan
+
+
+def _ggml_mask(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,
+               mask: np.ndarray | None) -> np.ndarray:
+    """The constraint mask with every ggml type removed where its blocks do not tile the layer's rows; a layer
+    no given type fits is a one-line UserError."""
+    fits = np.isfinite(nbytes)
+    for i, ls in enumerate(report.layers):
+        if not fits[i].any():
+            raise UserError(f"layer {ls.name} has rows of {ls.shape[1]}, which none of the ggml types "
+                            f"{', '.join(o.fmt for o in options)} can hold; add Q8_0/Q4_0 (blocks of 32) to --formats")
+    return fits if mask is None else mask & fits
 
 
 def ucb_report(report: SensitivityReport, z: float) -> SensitivityReport:
@@ -303,6 +333,23 @@ def uniform_plan(report: SensitivityReport, weights: WeightSource, bits: int, *,
                          symmetric=symmetric, embedding=embedding)
 
 
+def uniform_ggml_plan(report: SensitivityReport, weights: WeightSource, formats: Sequence[str],
+                      max_bytes: float) -> Plan | None:
+    """Every layer in one ggml type: the largest of `formats` that tiles every layer's rows within `max_bytes`
+    (of equally large ones, the smallest predicted Ω): the mixed plan's comparison point; None when no single
+    type fits."""
+    from ..quantize.ggml_types import ggml_type
+
+    fitting = [t for t in map(ggml_type, formats) if all(t.fits(ls.shape[1]) for ls in report.layers)
+               and sum(t.storage_bits(*ls.shape) for ls in report.layers) / 8 <= max_bytes * (1 + 1e-9)]
+    if not fitting:
+        return None
+    top = max(t.bits_per_weight for t in fitting)
+    plans = [allocate_bits(report, weights, max_bytes=max_bytes, formats=[t.name])
+             for t in fitting if t.bits_per_weight == top]
+    return min(plans, key=lambda p: p.predicted_omega)
+
+
 def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int = 128, symmetric: bool = False,
                model: str = "") -> Plan:
     """Every layer at `bits` without any sensitivity (uniform baselines, benchmarks)."""
@@ -320,4 +367,5 @@ def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int
 
 def plan_specs(plan: Plan) -> dict[str, QuantSpec]:
     """Per-layer quantizer specs of a plan."""
-    return {lp.name: QuantSpec(lp.bits, lp.group_size, lp.symmetric) for lp in plan.layers}
+    return {lp.name: QuantSpec.for_ggml(lp.ggml_type) if lp.ggml_type else QuantSpec(lp.bits, lp.group_size, lp.symmetric)
+            for lp in plan.layers}

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._base import overwrite_option, _setup_logging, common, guarded, main
-from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
+from .params import (ACT_BITS, ALLOWS, BITS, FORMATS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
                      positive)
 
 EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must not import torch)
@@ -41,6 +41,9 @@ EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must no
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
 @click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
 @click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
+@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
+              help="Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
+                   "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
 @click.option("--pairs", default=None, callback=PAIRS,
               help="Extra (weight:activation) bit pairs to choose from, e.g. '4:8,4:4'.")
 @click.option("--max-bops", type=positive(), default=None, help="BOPs budget per token (MACs × weight bits × act bits).")
@@ -59,7 +62,7 @@ EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must no
 @guarded
 def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, embed_bits, embed_group_size, pins,
              allows, ties, auto_ties,
-             group_sizes, act_bits, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
+             group_sizes, act_bits, formats, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
              sweep, output, overwrite, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
@@ -71,10 +74,11 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --bops-frac 0.2 --act-bits 8,16 --avg-bits 4.5 -o plan.json
     hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --embed-bits 6 -o plan.json   # embedding/tied head 6-bit per row
+    hawqtool allocate sens.json --formats gguf --avg-bits 4.6 -o plan.json  # ggml types, for export --format gguf
     """
     from .. import artifacts
     from ..allocate.budgets import Budgets
-    from ..allocate.options import parse_pairs
+    from ..allocate.options import parse_formats, parse_pairs
     from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
     from ..latency import load_latency_table
     from ..progress import Reporter
@@ -87,6 +91,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     from ..outputs import claim_output
 
     _setup_logging(verbose)
+    if sweep and formats:
+        from ..errors import UserError
+
+        raise UserError("--sweep does not take --formats yet; sweep hawqtool's own formats, or run allocate per budget")
     claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
     cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
     report = artifacts.load(sensitivity_file, "sensitivity")
@@ -117,7 +125,8 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     budgets = Budgets(max_bops=max_bops, bops_frac=bops_frac, max_latency_ms=max_latency_ms, latency_frac=latency_frac)
     plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes, bit_choices=bit_choices,
                          group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, pairs=wa, budgets=budgets,
-                         profile=profile, latency=latency, trace_ucb=trace_ucb, embedding=emb, **cons)
+                         profile=profile, latency=latency, trace_ucb=trace_ucb, embedding=emb, formats=parse_formats(formats),
+                         **cons)
     if model is not None or emb is not None:
         plan.file = predict_file(loaded().model, plan)
     artifacts.save(plan, output)

@@ -9,7 +9,7 @@ import click
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
 from .allocate_cmd import EMBED_BITS
-from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
+from .params import BITS, COUNT, FORMATS, TEXT, GroupSize, PathArg, positive
 
 # recipe keys without a flag of their own, checked like flags
 _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
@@ -41,12 +41,15 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
               help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden units "
                    "(at 4 bits 128 beats per row by far: RESULTS).")
+@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
+              help="Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
+                   "--avg-bits is then bits per linear weight.")
 @calib_options
 @overwrite_option
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, seed,
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, formats, seed,
         trust_remote_code, overwrite, as_json, verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
@@ -61,6 +64,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     hawqtool run recipes/smollm2-135m.yaml --avg-bits 3.5
     hawqtool run recipes/efficientnet-lite0.yaml -o out_vis/
     hawqtool run --avg-bits 3.0 --embed-bits 8 -o out8/    # the tied embedding/head at 8 bits per row too
+    hawqtool run --formats gguf --avg-bits 4.6 -o outg/     # ggml types; then export outg/mixed --format gguf
     """
     from ..progress import Reporter
     from ..recipe import is_recipe, load_recipe
@@ -73,7 +77,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
                  group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
                  eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
-                 act_order=act_order, embed_bits=embed_bits, embed_group_size=embed_group_size,
+                 act_order=act_order, embed_bits=embed_bits, embed_group_size=embed_group_size, formats=formats or "",
                  trust_remote_code=trust_remote_code)
     if is_recipe(model):
         recipe = load_recipe(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
-from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
+from .params import BITS, COUNT, FORMATS, TEXT, GroupSize, PathArg, positive
 
 
 @main.command()
@@ -30,6 +30,8 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
 @click.option("--max-seconds", type=positive(), default=None, help="Time budget for the probes.")
 @click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
 @click.option("--group-size", type=GroupSize(), default=128, show_default=True)
+@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
+              help="Also record the error of these ggml block types (for `allocate --formats`).")
 @click.option("--nproc", type=COUNT, default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
 @click.option("--checkpoint-blocks", is_flag=True,
@@ -45,7 +47,7 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, positive
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
+                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
@@ -66,6 +68,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     from ..progress import Reporter
     from ..render import sensitivity_table
     from ..quantize.driver import first_token_weight_for
+    from ..allocate.options import parse_formats
     from ..stages import compute_sensitivity
 
     _setup_logging(verbose)
@@ -81,7 +84,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
                                      target_rel_se=target, min_probes=min_probes,
                                      max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
                                      data_key=calibration_key(loaded, calib, ids, seed),
-                                     qerror_bits=bits, qerror_groups=(group_size,),
+                                     qerror_bits=bits, qerror_groups=(group_size,), qerror_formats=tuple(parse_formats(formats)),
                                      resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
                                      checkpoint_blocks=checkpoint_blocks,
                                      first_token_weight=first_token_weight_for(loaded))

@@ -21,7 +21,7 @@ from ..blocks import BlockInputs, _Stop, capture_block_inputs, find_blocks, run_
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import ConvHessianAccumulator, gptq_conv
 from .gptq import GPTQError, HessianAccumulator, gptq_quantize
-from .quantizer import QuantizedWeight, QuantSpec, rtn
+from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
 from .resume_state import BlockState
 
 log = logging.getLogger("hawqtool")
@@ -77,7 +77,7 @@ class LayerResult:
         s = self.weight.spec
         return dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method=self.method,
                     error=self.error, rtn_error=self.rtn_error, damp=self.damp, retries=self.retries,
-                    notes=self.notes, act_order=self.weight.g_idx is not None)
+                    notes=self.notes, act_order=self.weight.g_idx is not None, **({"ggml_type": s.fmt} if s.fmt else {}))
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -110,6 +110,8 @@ def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> floa
 def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
     """Quantize a Conv1d/Conv2d (flattened [out, in/groups·k]) with GPTQ per conv group, or RTN."""
     t0 = time.perf_counter()
+    if spec.fmt:
+        raise UserError(f"layer {name} is a convolution; ggml types ({spec.fmt}) are for Linear layers only")
     W = weight_matrix(conv).float()
     search = opts.grid == "search"
     base = rtn(W, spec, search=search, d=H[0].diagonal() if H.shape[0] == 1 else None)
@@ -290,12 +292,15 @@ def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: 
     tensors, meta = {}, {}
     for n, r in res.items():
         w = r.weight
+        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": w.spec.to_dict()}
+        if w.grid is not None:  # a ggml layer: its exact block bytes
+            tensors[f"{n}.ggml"] = ggml_bytes(w)
+            continue
         tensors[f"{n}.q"] = w.q.to(torch.uint8)
         tensors[f"{n}.scales"] = w.scales
         tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8)
         if w.g_idx is not None:
             tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32)
-        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": w.spec.to_dict()}
     state.save(i, tensors, {f"h{j}": h for j, h in enumerate(hidden)}, {"layers": meta})
 
 
@@ -309,8 +314,11 @@ def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, lis
     for meta, t in done:
         for n, m in meta["layers"].items():
             spec = QuantSpec(**m["spec"])
-            qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
-                                 spec, t.get(f"{n}.g_idx"))
+            if spec.fmt:
+                qw = ggml_from_bytes(t[f"{n}.ggml"], spec, weight_matrix(layers[n]).shape[1])
+            else:
+                qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
+                                     spec, t.get(f"{n}.g_idx"))
             results[n] = LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"],
                                      m["notes"], m["seconds"])
             set_weight_matrix(layers[n], qw.dequantize().to(layers[n].weight.dtype))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quantizer import QuantizedWeight, QuantSpec, qparams, quant_codes
+from .quantizer import QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
 
 
 class GPTQError(RuntimeError):
@@ -119,7 +119,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     grouped = spec.group_size != -1
     gw = spec.group_width(columns)
     dH = torch.diag(H).float()
-    if not grouped:
+    grid = None
+    if spec.fmt:  # a ggml type: its block scales (and mins) fixed before the sweep, weighted by diag(H)
+        from .ggml_grid import fit_grid
+
+        if not spec.ggml.fits(columns):
+            raise ValueError(f"{spec.fmt} needs rows that are a multiple of {spec.ggml.block}, got {columns}")
+        grid = fit_grid(W, spec.ggml, dH, search=search)
+        A, B = (x.to(device=W.device, dtype=dtype) for x in grid.scale_offset())
+    elif not grouped:
         scale, zero = qparams(W, spec, search=search, d=dH)
     elif static_groups:
         groups = [qparams(W[:, c:c + gw], spec, search=search, d=dH[c:c + gw]) for c in range(0, columns, gw)]
@@ -146,6 +154,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
             j = i1 + i
             w = W1[:, i]
             d = Hinv1[i, i]
+            if grid is not None:
+                g = int(perm[j] if perm is not None else j) // gw
+                a, b = A[:, g], B[:, g]
+                c = torch.where(a != 0, torch.clamp(torch.round((w - b) / a), 0, spec.maxq), torch.zeros_like(w))
+                codes[:, j] = c
+                err1 = (w - (a * c + b)) / d
+                Losses += err1 ** 2
+                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err1
+                continue
             if grouped and static_groups:
                 scale, zero = groups[int(perm[j] if perm is not None else j) // gw]
             elif grouped and j % gw == 0:
@@ -165,6 +183,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
             Err1[:, i] = err1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
+    if grid is not None:
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+        weight = ggml_weight(W, spec, q=codes.to(torch.int32), grid=grid)
+        return GPTQResult(weight, weight.dequantize(), damp, len(notes), notes, float(Losses.sum() / 2))
     if not grouped:
         scales, zeros = [scale], [zero]
     elif static_groups:

@@ -5,6 +5,8 @@ dequantized weight w = scale * (q - z). Scales are rounded to float16 at creatio
 fake-quantized model and the checkpoint (fp16 scales) agree bit for bit.
 Groups run along the input dimension; group_size=-1 means one group per output row.
 The last group may be partial (e.g. 576 inputs at group size 128).
+A spec with `fmt` set (a ggml block type such as "Q4_K", quantize/ggml_types.py) uses that type's
+grid and bytes instead: codes in [0, 2^b-1], group parameters fixed by its blocks (ggml_grid.py).
 """
 from __future__ import annotations
 
@@ -24,12 +26,42 @@ class QuantSpec:
     group_size: int = 128  # -1: per output channel
     symmetric: bool = False
     clip_search: bool = False  # MSE search over shrunk ranges (GPTQ's `mse` option)
+    fmt: str = ""  # a ggml block type ("Q4_K", "Q4_0", ...): its grid and byte layout; "" = hawqtool's own
 
     def __post_init__(self) -> None:
+        if self.fmt:
+            t = self.ggml
+            if (self.bits, self.group_size, self.symmetric) != (t.bits, t.group, False):
+                raise ValueError(f"a {t.name} spec has bits {t.bits}, group size {t.group} and symmetric False; "
+                                 "build it with QuantSpec.for_ggml")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be in 1..8, got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+
+    @classmethod
+    def for_ggml(cls, name: str) -> "QuantSpec":
+        """The spec of ggml block type `name` (case-insensitive; ValueError naming the valid types)."""
+        from .ggml_types import ggml_type
+
+        t = ggml_type(name)
+        return cls(t.bits, t.group, False, fmt=t.name)
+
+    @property
+    def ggml(self):
+        """The GGMLType of a ggml spec, else None."""
+        if not self.fmt:
+            return None
+        from .ggml_types import ggml_type
+
+        return ggml_type(self.fmt)
+
+    @property
+    def key(self) -> str:
+        """The spec's name in sensitivity reports' error tables (artifacts.qerror_key, or the ggml type)."""
+        from ..artifacts import qerror_key
+
+        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)
 
     @property
     def maxq(self) -> int:
@@ -42,13 +74,19 @@ class QuantSpec:
         return in_features if self.group_size == -1 else self.group_size
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric)."""
+        """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric); a ggml type's
+        exact block bytes (ValueError where its blocks do not tile the rows)."""
+        if self.fmt:
+            return self.ggml.storage_bits(out_features, in_features)
         groups = out_features * self.n_groups(in_features)
         per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
         return out_features * in_features * self.bits + groups * per_group
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.fmt:
+            d.pop("fmt")  # hawqtool's own specs keep the dict (and the fingerprints built on it) they always had
+        return d
 
 
 def _range_to_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +159,7 @@ class QuantizedWeight:
     zeros: torch.Tensor
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
+    grid: object | None = None  # ggml_grid.GGMLGrid of a ggml spec (scales/zeros then empty)
 
     def group_index(self) -> torch.Tensor:
         in_features = self.q.shape[1]
@@ -129,6 +168,10 @@ class QuantizedWeight:
         return torch.arange(in_features) // self.spec.group_width(in_features)
 
     def dequantize(self) -> torch.Tensor:
+        if self.grid is not None:
+            from .ggml_grid import dequantize_grid
+
+            return dequantize_grid(self.q, self.grid)
         g = self.group_index()
         return self.scales[:, g] * (self.q.float() - self.zeros[:, g].float())
 
@@ -138,6 +181,8 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
     """Round-to-nearest quantization of a 2-D weight [out, in], groupwise along inputs
     (search/d: the weighted grid search of `qparams`, d = per-input importance [in])."""
     W = W.detach().float()
+    if spec.fmt:
+        return ggml_weight(W, spec, search=search, d=d)
     out_f, in_f = W.shape
     gw = spec.group_width(in_f)
     scales, zeros, codes = [], [], []
@@ -153,3 +198,37 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
         zeros=torch.stack(zeros, dim=1).to(torch.int32),
         spec=spec,
     )
+
+
+def ggml_weight(W: torch.Tensor, spec: QuantSpec, *, search: bool = True, d: torch.Tensor | None = None,
+                q: torch.Tensor | None = None, grid=None) -> QuantizedWeight:
+    """A ggml spec's QuantizedWeight: the type's grid fitted to W (weighted by d) and the nearest codes,
+    or the given codes `q` on a given grid (GPTQ)."""
+    from .ggml_grid import fit_grid, grid_codes
+
+    if grid is None:
+        grid = fit_grid(W, spec.ggml, d, search=search)
+    if q is None:
+        q = grid_codes(W, grid)
+    empty = torch.zeros(W.shape[0], 0)
+    return QuantizedWeight(q=q.to(torch.int32), scales=empty, zeros=empty.to(torch.int32), spec=spec, grid=grid)
+
+
+def ggml_bytes(qw: QuantizedWeight) -> torch.Tensor:
+    """A ggml layer's blocks as stored in checkpoints and GGUF: uint8 [out, in / block * type size]."""
+    from .ggml_grid import pack_grid
+
+    return torch.from_numpy(pack_grid(qw.q, qw.grid)).contiguous()
+
+
+def ggml_from_bytes(raw: torch.Tensor, spec: QuantSpec, in_features: int) -> QuantizedWeight:
+    """Inverse of ggml_bytes: the codes and grid of a stored ggml layer (ValueError if the bytes do not fit)."""
+    from .ggml_grid import unpack_grid
+
+    t = spec.ggml
+    if raw.dtype != torch.uint8 or raw.dim() != 2 or not t.fits(in_features) \
+            or raw.shape[1] != in_features // t.block * t.type_size:
+        raise ValueError(f"{t.name} bytes of shape {list(raw.shape)} {raw.dtype} do not hold rows of {in_features}")
+    q, grid = unpack_grid(raw.numpy(), t, in_features)
+    empty = torch.zeros(raw.shape[0], 0)
+    return QuantizedWeight(q=q.to(torch.int32), scales=empty, zeros=empty.to(torch.int32), spec=spec, grid=grid)

@@ -19,7 +19,7 @@ def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
 def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
                          seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
                          estimator: str = "hutchinson", first_token_weight: float = 1.0,
-                         qerror_sym: tuple[bool, ...] = (False, True)) -> dict:
+                         qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = ()) -> dict:
     """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
     settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
                     qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
@@ -28,6 +28,8 @@ def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror
                             "first_token_weight": first_token_weight})
     if tuple(qerror_sym) != (False, True):  # only then: both kinds is what `hawqtool sensitivity` records
         settings["qerror_sym"] = list(qerror_sym)
+    if qerror_formats:  # ggml types measured too (allocate --formats); absent otherwise, as before
+        settings["qerror_formats"] = list(qerror_formats)
     if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
         settings["estimator"] = estimator
     return settings
@@ -43,12 +45,19 @@ FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 
 def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
-             d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True)) -> dict[str, float]:
-    """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option."""
+             d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True),
+             formats: tuple[str, ...] = ()) -> dict[str, float]:
+    """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option; for ggml types
+    (`formats`) on the type's own grid, where its blocks tile W's rows."""
     from ..quantize.importance import weighted_quant_error
 
-    return {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
-            for b in bits for g in groups for sym in syms}
+    out = {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
+           for b in bits for g in groups for sym in syms}
+    for f in formats:
+        spec = QuantSpec.for_ggml(f)
+        if spec.ggml.fits(W.shape[1]):
+            out[spec.key] = weighted_quant_error(W, spec, d)
+    return out
 
 
 def hvp_for(objective: str) -> str:
