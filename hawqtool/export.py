@@ -1,4 +1,6 @@
-"""Export a hawqtool checkpoint to formats other runtimes load: compressed-tensors and GPTQ.
+"""Export a hawqtool checkpoint to formats other runtimes load: compressed-tensors, GPTQ and GGUF.
+
+GGUF (llama.cpp; one file, checkpoints of ggml-typed layers only) is written by gguf_export.export_gguf.
 
 compressed-tensors ("pack-quantized"): per quantized layer NAME.weight_packed (int32
 [out, ceil(in*b/32)], signed codes q - 2^(b-1) offset back to unsigned and packed as one
@@ -40,18 +42,28 @@ from .outputs import EXPORT_MARKER, staged_output
 from .loader import packed_from_tensors
 from .tensorfile import save_tensors
 
-FORMATS = ("compressed-tensors", "gptq")
+FORMATS = ("compressed-tensors", "gptq", "gguf")
+OUTPUT_KIND = {"compressed-tensors": "export", "gptq": "export", "gguf": "gguf"}  # outputs.claim_output kind
 _U32 = 0xFFFFFFFF
 
 
-def export_checkpoint(ckpt: Path, out: Path, fmt: str) -> Path:
+def export_checkpoint(ckpt: Path, out: Path, fmt: str, *, embed_type: str | None = None) -> Path:
     """Write CKPT as an OUT folder in format `fmt`, atomically (outputs.staged_output). The checkpoint is
-    verified first (no symlinks, nothing unlisted); of its files exactly the listed ones are copied."""
+    verified first (no symlinks, nothing unlisted); of its files exactly the listed ones are copied.
+    gguf: OUT is one file (gguf_export.export_gguf), `embed_type` its embedding's type (default Q8_0);
+    the other formats take no embed_type."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt), Path(out)
     if out.resolve() == ckpt.resolve():
         raise UserError(f"export output {out} is the checkpoint itself; pass another folder with -o")
+    if fmt == "gguf":
+        from .gguf_export import export_gguf
+
+        return export_gguf(ckpt, out, embed_type=embed_type or "Q8_0")
+    if embed_type is not None:
+        raise UserError(f"--embed-type applies to --format gguf only; the {fmt} export keeps the embedding as the "
+                        "checkpoint stores it: drop --embed-type")
     manifest = read_manifest(ckpt)
     _refuse_quantized_embedding(manifest, ckpt, fmt)
     tensors = load_file(str(ckpt / WEIGHTS))

