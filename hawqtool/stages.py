@@ -356,7 +356,8 @@ EVAL_IMAGE_SEED = 12345
 
 
 def vision_eval_images(model, n_fashion: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The pinned image set: 23 photos + `n_fashion` (default EVAL_IMAGES) Fashion-MNIST test images drawn with EVAL_IMAGE_SEED (RGB
+    """The pinned image set: the 12 evaluation photos + `n_fashion` (default EVAL_IMAGES) of the evaluation half of the
+    Fashion-MNIST test images drawn with EVAL_IMAGE_SEED, none of them ever used for calibration (RGB
     models), or the whole Fashion-MNIST test split with its labels (1-channel models such as the FMNIST ViT)."""
     from .vision.images import sample_images
     from .vision.timm_models import data_config
@@ -369,8 +370,8 @@ def vision_eval_images(model, n_fashion: int | None = None) -> tuple[torch.Tenso
         images, labels = fashion_mnist("test")
         return to_model_input(images, cfg["mean"], cfg["std"], size), labels
     n_fashion = EVAL_IMAGES if n_fashion is None else n_fashion
-    return sample_images(size, n_fashion=n_fashion, seed=EVAL_IMAGE_SEED, mean=cfg["mean"], std=cfg["std"],
-                         crop_pct=float(cfg.get("crop_pct", 0.875)),
+    return sample_images(size, n_fashion=n_fashion, seed=EVAL_IMAGE_SEED, part="eval", mean=cfg["mean"],
+                         std=cfg["std"], crop_pct=float(cfg.get("crop_pct", 0.875)),
                          interpolation=str(cfg.get("interpolation", "bicubic"))), None
 
 

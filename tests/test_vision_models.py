@@ -110,18 +110,24 @@ def test_sample_images(tmp_path, caplog):
     fake = np.random.default_rng(0).integers(0, 256, size=(50, 28, 28))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", fake)
     kw = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), fashion_file=tmp_path / "t10k-images-idx3-ubyte.gz")
-    x = images.sample_images(32, n_fashion=10, seed=3, **kw)
-    n_photos = len(images.PHOTOS)
+    x = images.sample_images(32, n_fashion=10, seed=3, part="eval", **kw)
+    n_photos = len(images.PHOTOS[0::2])
     assert x.shape == (n_photos + 10, 3, 32, 32) and x.dtype == torch.float32
     assert x.min() >= -1.0 - 1e-5 and x.max() <= 1.0 + 1e-5
     assert torch.equal(x[-10:, 0], x[-10:, 2])  # grayscale repeated to 3 channels
-    assert torch.equal(x, images.sample_images(32, n_fashion=10, seed=3, **kw))  # deterministic
-    assert not torch.equal(x[-10:], images.sample_images(32, n_fashion=10, seed=4, **kw)[-10:])
+    assert torch.equal(x, images.sample_images(32, n_fashion=10, seed=3, part="eval", **kw))  # deterministic
+    assert not torch.equal(x[-10:], images.sample_images(32, n_fashion=10, seed=4, part="eval", **kw)[-10:])
+    # calibration and evaluation never share an image, whatever their seeds and sizes
+    c = images.sample_images(32, n_fashion=25, seed=3, part="calib", **kw)
+    assert c.shape[0] == len(images.PHOTOS[1::2]) + 25
+    e = images.sample_images(32, n_fashion=25, seed=7, part="eval", **kw)
+    assert not any(torch.equal(a, b) for a in c for b in e)
     with caplog.at_level(logging.WARNING, logger="hawqtool"):
-        only = images.sample_images(32, n_fashion=10, fashion_file=tmp_path / "absent.gz")
+        only = images.sample_images(32, n_fashion=10, fashion_file=tmp_path / "absent.gz", part="eval")
     assert only.shape[0] == n_photos and "Fashion-MNIST not found" in caplog.text
     (tmp_path / "junk.gz").write_bytes(gzip.compress(b"not an idx file at all"))
-    _user_error(images.sample_images, 32, n_fashion=5, fashion_file=tmp_path / "junk.gz", match="not an idx3")
+    _user_error(images.sample_images, 32, n_fashion=5, fashion_file=tmp_path / "junk.gz", part="calib",
+                match="not an idx3")
 
 
 def test_fashion_mnist_is_found_through_the_override_and_read_back(own_fashion_file, tmp_path, monkeypatch):
@@ -137,11 +143,11 @@ def test_fashion_mnist_is_found_through_the_override_and_read_back(own_fashion_f
     assert np.array_equal(imgs, photo_crops(256, 0)[0])  # exactly the pixels written, in order
     monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(own_fashion_file.parent))
     assert images.fashion_mnist_file() == own_fashion_file
-    x = images.sample_images(32, n_fashion=5, seed=1)
-    assert x.shape == (len(images.PHOTOS) + 5, 3, 32, 32)
+    x = images.sample_images(32, n_fashion=5, seed=1, part="calib")
+    assert x.shape == (len(images.PHOTOS[1::2]) + 5, 3, 32, 32)
     monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(tmp_path))  # an empty folder
     assert images.fashion_mnist_file() is None
-    assert images.sample_images(32, n_fashion=5, seed=1).shape[0] == len(images.PHOTOS)
+    assert images.sample_images(32, n_fashion=5, seed=1, part="calib").shape[0] == len(images.PHOTOS[1::2])
 
 
 def test_conv_activation_granularity_and_the_reader_checks():

@@ -5,6 +5,8 @@ does for evaluation; grayscale ones are repeated to 3 channels. Fashion-MNIST te
 (Debian package `dataset-fashion-mnist`, idx gz files) are upsampled from 28×28 to `size`
 and repeated to 3 channels. Everything is normalised with the given mean/std: pass the
 model's `data_config(model)` values.
+Calibration and evaluation never share an image: `part="eval"` takes the even-indexed photos and
+Fashion-MNIST test images, `part="calib"` the odd-indexed ones (each then drawn with its own seed).
 """
 from __future__ import annotations
 
@@ -115,16 +117,21 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
 
 
+PARTS = {"eval": 0, "calib": 1}  # which parity of photo and Fashion-MNIST index each part owns
+
+
 def sample_images(size: int, n_fashion: int = 2000, seed: int = 0, mean=IMAGENET_MEAN,
                   std=IMAGENET_STD, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                  fashion_file: str | Path | None = None) -> torch.Tensor:
-    """Float batch [N, 3, size, size]: the sample photos (in PHOTOS order) then `n_fashion`
-    Fashion-MNIST test images drawn without replacement with `seed`. Fashion-MNIST missing:
+                  fashion_file: str | Path | None = None, *, part: str) -> torch.Tensor:
+    """Float batch [N, 3, size, size]: the part's sample photos (PHOTOS order, every other one) then `n_fashion`
+    Fashion-MNIST test images of the part's half drawn without replacement with `seed`. Fashion-MNIST missing:
     photos only, with a warning. Memory is N·3·size²·4 bytes (2000 at 224: 1.2 GB)."""
     if size < 8:
         raise UserError(f"image size {size} is too small: use at least 8 (e.g. the model's 224)")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
     photos = []
-    for name in PHOTOS:
+    for name in PHOTOS[PARTS[part]::2]:
         try:
             photos.append(photo(name, size, mean, std, crop_pct, interpolation))
         except UserError:
@@ -138,7 +145,7 @@ def sample_images(size: int, n_fashion: int = 2000, seed: int = 0, mean=IMAGENET
             log.warning("Fashion-MNIST not found (apt-get install dataset-fashion-mnist): "
                         "using the %d sample photos only", len(photos))
         else:
-            imgs = read_idx_images(path)
+            imgs = read_idx_images(path)[PARTS[part]::2]
             idx = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(seed))[:n_fashion]
             for chunk in idx.split(256):
                 x = torch.from_numpy(imgs[chunk.numpy()]).float().div_(255.0)[:, None]

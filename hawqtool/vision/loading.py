@@ -44,8 +44,9 @@ def load_vision(ref: str):
 
 
 def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0) -> torch.Tensor:
-    """`n` preprocessed images [n, C, H, W] for the model: the sample photos and Fashion-MNIST test
-    images for RGB models; Fashion-MNIST *train* images only for 1-channel ones (test is for accuracy)."""
+    """`n` preprocessed images [n, C, H, W] for the model: the calibration half of the sample photos and of the
+    Fashion-MNIST test images for RGB models (the other half is the evaluation set); Fashion-MNIST *train*
+    images only for 1-channel ones (test is for accuracy)."""
     from .images import sample_images
     from .timm_models import data_config
 
@@ -59,7 +60,7 @@ def calibration_images(model: torch.nn.Module, calib: str, n: int, seed: int = 0
         from .fashion import calibration_fashion
 
         return calibration_fashion(n, seed, cfg["mean"], cfg["std"], size)
-    imgs = sample_images(size, n_fashion=max(0, n), seed=seed, mean=cfg["mean"], std=cfg["std"],
+    imgs = sample_images(size, n_fashion=max(0, n), seed=seed, part="calib", mean=cfg["mean"], std=cfg["std"],
                          crop_pct=float(cfg.get("crop_pct", 0.875)), interpolation=str(cfg.get("interpolation", "bicubic")))
     order = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(seed))[:n]
     return imgs[order].contiguous()
