@@ -66,6 +66,10 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str, *, embed_type: str | None
                         "checkpoint stores it: drop --embed-type")
     manifest = read_manifest(ckpt)
     _refuse_quantized_embedding(manifest, ckpt, fmt)
+    ggml = next((n for n, m in manifest["layers"].items() if isinstance(m, dict) and "ggml_type" in m), None)
+    if ggml is not None:
+        raise UserError(f"layer {ggml} of {ckpt} is stored in ggml type {manifest['layers'][ggml]['ggml_type']}, "
+                        f"which the {fmt} layout cannot hold; export it with --format gguf")
     tensors = load_file(str(ckpt / WEIGHTS))
     layers = {name: packed_from_tensors(tensors, name, meta) for name, meta in manifest["layers"].items()}
     rest = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}

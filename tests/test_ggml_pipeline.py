@@ -80,6 +80,9 @@ def test_export_gguf_holds_the_checkpoint_bytes(staged, tmp_path):
             assert sorted(map(bytes, np.asarray(g.data).reshape(mine.shape))) == sorted(map(bytes, mine))
         else:
             assert np.array_equal(np.asarray(g.data).reshape(mine.shape), mine)
+    for fmt in ("gptq", "compressed-tensors"):
+        one_line_error(invoke("export", staged / "ckpt", "--format", fmt, "-o", tmp_path / fmt, ok=False),
+                       "--format gguf")
 
 
 def test_run_formats_and_refusals(llama256, text_file, tmp_path):
