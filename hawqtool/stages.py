@@ -249,6 +249,9 @@ def _aphq(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: torch
 
     if loaded.task == "causal-lm":
         raise UserError("--method aphq reconstructs encoder/ViT blocks (non-causal); use --method gptq for causal LMs")
+    if any(lp.ggml_type for lp in plan.layers):
+        raise UserError("--method aphq learns hawqtool's own grid; a plan in ggml types (--formats) is quantized with "
+                        "--method gptq or rtn")
     if loaded.task == "image-classification":
         output_fn, loss = (lambda o: o), "kl"
     else:
