@@ -205,7 +205,9 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
 
         emb = quantize_embedding(loaded.model, plan.embedding, _batches(calib_ids, opts.batch_size))
     if opts.method == "aphq":
-        weights, info, extra = _aphq(loaded, plan, act, calib_ids, opts, state_dir, key, progress, extra)
+        from .aphq_stage import aphq_stage
+
+        weights, info, extra = aphq_stage(loaded, plan, act, calib_ids, opts, state_dir, key, progress, extra)
         retried: list[str] = []
     else:
         results = quantize_model(loaded.model, plan_specs(plan), calib_ids, opts, state_dir=state_dir,
@@ -238,43 +240,6 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     import shutil
     shutil.rmtree(state_dir, ignore_errors=True)
     return path
-
-
-def _aphq(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions,
-          state_dir: Path, key: str, progress: Callable | None, extra: dict | None) -> tuple[dict, dict, dict]:
-    """APHQ-style block reconstruction: (weights, per-layer manifest info, manifest extras incl. act_fn)."""
-    from .quantize.aphq import APHQOptions
-    from .quantize.aphq_driver import aphq_quantize_model
-    from .quantize.driver import _batches
-
-    if loaded.task == "causal-lm":
-        raise UserError("--method aphq reconstructs encoder/ViT blocks (non-causal); use --method gptq for causal LMs")
-    if any(lp.ggml_type for lp in plan.layers):
-        raise UserError("--method aphq learns hawqtool's own grid; a plan in ggml types (--formats) is quantized with "
-                        "--method gptq or rtn")
-    if loaded.task == "image-classification":
-        output_fn, loss = (lambda o: o), "kl"
-    else:
-        output_fn, loss = (lambda o: o.last_hidden_state), "mse"
-    aopts = APHQOptions(iters=opts.aphq_iters, mlp_relu=opts.aphq_mlp_relu, batch_size=opts.batch_size)
-    # each optimisation step draws aopts.batch_size rows from one calibration batch: batches at least that large
-    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids, max(opts.batch_size,
-                                                                                     aopts.batch_size)), output_fn,
-                              aopts, loss=loss, state_dir=state_dir, state_key=key,
-                              progress=(lambda msg: log.info("%s", msg)))
-    if progress:
-        for n in res.weights:
-            progress(n)
-    info = {}
-    for n, w in res.weights.items():
-        s = w.spec
-        info[n] = dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method="aphq",
-                       act_bits=act.get(n, 16), act_order=False)
-        if n in res.act:
-            info[n].update(act_mode="static", act_scale=float(res.act[n][0]), act_zero=float(res.act[n][1]))
-    blocks = [{k: v for k, v in b.items() if not k.endswith("seconds")} for b in res.blocks]  # same bytes per run
-    return res.weights, info, {**(extra or {}), "act_fn": res.act_fn, "aphq": {"options": asdict(aopts),
-                                                                            "blocks": blocks}}
 
 
 def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.Tensor, opts: QuantizeOptions) -> dict:

@@ -10,7 +10,8 @@ from torch import nn
 
 from hawqtool.models import quantizable_layers
 from hawqtool.quantize.act_quant import ActQuantizer, attach
-from hawqtool.quantize.aphq import AdaRoundWeight, LSQAct, aph_importance, output_loss, refit_relu_mlp, relu_clamp
+from hawqtool.quantize.aphq import AdaRoundWeight, LSQAct, aph_importance, output_loss
+from hawqtool.quantize.aphq_mlp import refit_relu_mlp, relu_clamp
 from hawqtool.quantize.aphq_driver import APHQOptions, aphq_quantize_model
 from hawqtool.quantize.gptq import gptq_quantize
 from hawqtool.quantize.quantizer import QuantSpec, rtn

@@ -8,10 +8,9 @@ from pathlib import Path
 import click
 
 from ._base import overwrite_option, _setup_logging, common, guarded, main
-from .params import (ACT_BITS, ALLOWS, BITS, FORMATS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
-                     positive)
+from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
+                     embed_options, formats_option, positive)
 
-EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must not import torch)
 
 
 @main.command()
@@ -26,12 +25,7 @@ EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must no
 @click.option("--model", type=TEXT, default=None,
               help="Model for quantization errors the report lacks, and to predict the whole file's bits per "
                    "parameter (default: the report's, loaded only when needed).")
-@click.option("--embed-bits", type=click.Choice(EMBED_BITS), default=16, show_default=True,
-              help="Also quantize the input embedding (and a head tied to it, one copy of the codes) at 4/6/8 bits; "
-                   "16 keeps it. Counted in --max-bytes, not in --avg-bits.")
-@click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
-              help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden units "
-                   "(at 4 bits 128 beats per row by far: RESULTS).")
+@embed_options("Counted in --max-bytes, not in --avg-bits.")
 @click.option("--pin", "pins", multiple=True, metavar="PATTERN=BITS", callback=PINS,
               help="Fix the bits of layers whose name matches the regex (repeatable; first match wins).")
 @click.option("--allow", "allows", multiple=True, metavar="PATTERN=B1,B2", callback=ALLOWS,
@@ -41,9 +35,8 @@ EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must no
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
 @click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
 @click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
-@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
-              help="Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
-                   "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
+@formats_option("Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
+                "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
 @click.option("--pairs", default=None, callback=PAIRS,
               help="Extra (weight:activation) bit pairs to choose from, e.g. '4:8,4:4'.")
 @click.option("--max-bops", type=positive(), default=None, help="BOPs budget per token (MACs × weight bits × act bits).")

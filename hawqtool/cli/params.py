@@ -198,3 +198,22 @@ ALLOWS = checked_by(_lazy("allocate.plan", "parse_allowed"))
 PAIRS = checked_by(_lazy("allocate.options", "parse_pairs"))
 TIES = checked_by(parse_ties)
 FORMATS = checked_by(_lazy("allocate.options", "parse_formats"))
+
+EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must not import torch)
+
+
+def embed_options(budget: str):
+    """--embed-bits and --embed-group-size (allocate, run); `budget` says how the commands' budgets count it."""
+    def add(fn):
+        fn = click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
+                          help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden "
+                               "units (at 4 bits 128 beats per row by far: RESULTS).")(fn)
+        return click.option("--embed-bits", type=click.Choice(EMBED_BITS), default=16, show_default=True,
+                            help="Also quantize the input embedding (and a head tied to it, one copy of the codes) at "
+                                 f"4/6/8 bits; 16 keeps it. {budget}")(fn)
+    return add
+
+
+def formats_option(what: str):
+    """--formats gguf|TYPE,... (sensitivity, allocate, run), checked at parse time; `what` says what it does there."""
+    return click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...", help=what)

@@ -8,8 +8,7 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
-from .allocate_cmd import EMBED_BITS
-from .params import BITS, COUNT, FORMATS, TEXT, GroupSize, PathArg, positive
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, embed_options, formats_option, positive
 
 # recipe keys without a flag of their own, checked like flags
 _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
@@ -35,15 +34,9 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--act-order", is_flag=True)
-@click.option("--embed-bits", type=click.Choice(EMBED_BITS), default=16, show_default=True,
-              help="Also quantize the input embedding (and a head tied to it, one copy of the codes) at 4/6/8 bits; "
-                   "16 keeps it. Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
-@click.option("--embed-group-size", type=GroupSize(), default=-1, show_default=True,
-              help="Embedding scales: -1 one fp16 scale per row, or one per group of this many hidden units "
-                   "(at 4 bits 128 beats per row by far: RESULTS).")
-@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
-              help="Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
-                   "--avg-bits is then bits per linear weight.")
+@embed_options("Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
+@formats_option("Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
+                "--avg-bits is then bits per linear weight.")
 @calib_options
 @overwrite_option
 @common

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
-from .params import BITS, COUNT, FORMATS, TEXT, GroupSize, PathArg, positive
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, formats_option, positive
 
 
 @main.command()
@@ -30,8 +30,7 @@ from .params import BITS, COUNT, FORMATS, TEXT, GroupSize, PathArg, positive
 @click.option("--max-seconds", type=positive(), default=None, help="Time budget for the probes.")
 @click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
 @click.option("--group-size", type=GroupSize(), default=128, show_default=True)
-@click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...",
-              help="Also record the error of these ggml block types (for `allocate --formats`).")
+@formats_option("Also record the error of these ggml block types (for `allocate --formats`).")
 @click.option("--nproc", type=COUNT, default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
 @click.option("--checkpoint-blocks", is_flag=True,

@@ -34,8 +34,8 @@ from torch import nn
 from ..blocks import capture_block_inputs, find_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .act_quant import ActQuantizer
-from .aphq import (APHQOptions, BlockData, aph_importance, native_weight, reconstruct_block, refit_relu_mlp,
-                   relu_clamp, run_block)
+from .aphq import APHQOptions, BlockData, aph_importance, native_weight, reconstruct_block, run_block
+from .aphq_mlp import refit_relu_mlp, relu_clamp
 from .gptq import HessianAccumulator, gptq_quantize
 from .quantizer import QuantizedWeight, QuantSpec, rtn
 from .resume_state import BlockState
