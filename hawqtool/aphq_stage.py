@@ -11,6 +11,7 @@ import torch
 
 from .allocate.plan import plan_specs
 from .artifacts import Plan
+from .device import model_device
 from .errors import UserError
 from .models import LoadedModel
 from .quantize.driver import QuantizeOptions
@@ -36,7 +37,7 @@ def aphq_stage(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: 
         output_fn, loss = (lambda o: o.last_hidden_state), "mse"
     aopts = APHQOptions(iters=opts.aphq_iters, mlp_relu=opts.aphq_mlp_relu, batch_size=opts.batch_size)
     # each optimisation step draws aopts.batch_size rows from one calibration batch: batches at least that large
-    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids, max(opts.batch_size,
+    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids.to(model_device(loaded.model)), max(opts.batch_size,
                                                                                      aopts.batch_size)), output_fn,
                               aopts, loss=loss, state_dir=state_dir, state_key=key,
                               progress=(lambda msg: log.info("%s", msg)))

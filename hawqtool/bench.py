@@ -64,6 +64,8 @@ class BenchResult:
     peak_rss_bytes: int = 0
     compiled: bool = False  # both models torch.compile'd, static KV cache
     graph_breaks: int = 0  # dynamo graph breaks while compiling both (0: whole graphs)
+    device: str = "cpu"
+    dtype: str = "float32"  # the models' compute dtype (--dtype)
 
     @property
     def decode_speedup(self) -> float:
@@ -77,14 +79,22 @@ class BenchResult:
         return {**asdict(self), "decode_speedup": self.decode_speedup, "prefill_speedup": self.prefill_speedup}
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it (no-op without CUDA in use)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms after `warmup` untimed calls."""
+    """Median wall time of fn() in ms after `warmup` untimed calls (GPU work included: synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -102,13 +112,13 @@ class _Decoder:
             out = self.fwd(input_ids=prompt, use_cache=True)
             return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         cache = static_cache(self.model, self.max_len)
-        out = self.fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
+        out = self.fwd(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device=prompt.device),
                        use_cache=True)
         return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
     def step(self, tok: torch.Tensor, cache, pos: int):
         """(cache, next token) after one decode step of `tok` at position `pos`."""
-        kw = {"cache_position": torch.tensor([pos])} if self.static else {}
+        kw = {"cache_position": torch.tensor([pos], device=tok.device)} if self.static else {}
         out = self.fwd(input_ids=tok, past_key_values=cache, use_cache=True, **kw)
         return (cache if self.static else out.past_key_values), out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -125,17 +135,21 @@ def time_models(models: list[nn.Module], prompt: torch.Tensor, decode_tokens: in
 
     def decode(r: _Decoder) -> float:
         cache, nxt = r.prefill(prompt)
+        _sync()
         t0 = time.perf_counter()
         for i in range(decode_tokens):
             cache, nxt = r.step(nxt, cache, n + i)
+        _sync()
         return decode_tokens / (time.perf_counter() - t0)
 
     pre: list[list[float]] = [[] for _ in models]
     tps: list[list[float]] = [[] for _ in models]
     for rep in range(repeats + 1):
         for i, r in enumerate(runs):
+            _sync()
             t0 = time.perf_counter()
             r.prefill(prompt)
+            _sync()
             p_ms = (time.perf_counter() - t0) * 1e3
             d = decode(r)
             if rep:  # round 0 warms up (and compiles)
@@ -151,20 +165,23 @@ def time_model(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repea
 
 
 @torch.inference_mode()
-def time_layers(model: nn.Module, prompt_tokens: int, repeats: int) -> list[LayerTiming]:
+def time_layers(model: nn.Module, prompt_tokens: int, repeats: int,
+                dtype: torch.dtype = torch.float32) -> list[LayerTiming]:
     """Every quantized layer (anything with a packed `pw`) against an fp32 Linear of its shape; a quantized
     embedding is a row lookup, not a matmul, and is left out (a head tied to it is timed as a layer)."""
     from .runtime import QuantEmbedding
 
     rows = []
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device="cpu").manual_seed(0)
     for name, m in model.named_modules():
         pw = getattr(m, "pw", None)
         if pw is None or isinstance(m, QuantEmbedding):
             continue
-        ref = nn.Linear(pw.in_features, pw.out_features, bias=getattr(m, "bias", None) is not None)
-        x1 = torch.randn(1, pw.in_features, generator=g)
-        xp = torch.randn(prompt_tokens, pw.in_features, generator=g)
+        dt = m.bias.dtype if getattr(m, "bias", None) is not None else dtype
+        ref = nn.Linear(pw.in_features, pw.out_features, bias=getattr(m, "bias", None) is not None,
+                        device=pw.device, dtype=dt)
+        x1 = torch.randn(1, pw.in_features, generator=g, device="cpu").to(pw.device, dt)
+        xp = torch.randn(prompt_tokens, pw.in_features, generator=g, device="cpu").to(pw.device, dt)
         rows.append(LayerTiming(
             name=name, bits=pw.bits, shape=(pw.out_features, pw.in_features),
             decode_ms=median_ms(lambda: m(x1), repeats), decode_fp32_ms=median_ms(lambda: ref(x1), repeats),
@@ -196,7 +213,8 @@ def _rss_after_forward(model: nn.Module, prompt: torch.Tensor) -> int:
 
 def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, prompt_tokens: int = 128,
                      decode_tokens: int = 32, repeats: int = 5, layers: bool = True, compile: bool = False,
-                     progress: Callable[[str], None] | None = None) -> BenchResult:
+                     progress: Callable[[str], None] | None = None, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.float32) -> BenchResult:
     """Time a hawqtool checkpoint and its full-precision model (default: the manifest's source) in this process;
     `compile`: both torch.compile'd (hawqtool.compiled), as a deployment that cuts per-op overhead runs them."""
     from quant_kernels import backend_info
@@ -213,16 +231,18 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
     if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
         raise UserError("--prompt-tokens, --decode-tokens and --repeats must be positive")
     say("loading the checkpoint")
-    qmodel = load_quantized(checkpoint, attn_implementation=ATTENTION)
+    device = device or torch.device("cpu")
+    qmodel = load_quantized(checkpoint, attn_implementation=ATTENTION, device=device, dtype=dtype)
     vocab = int(getattr(qmodel.config, "vocab_size", 1000))
-    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator(device="cpu").manual_seed(0),
+                           device="cpu").to(device)
     if getattr(qmodel.config, "is_encoder_decoder", False) or not hasattr(qmodel, "generation_config"):
         raise UserError("`hawqtool bench` times decoding of causal LMs; this checkpoint is not one")
     if layers:
         say("timing the checkpoint's layers")
-    rows = time_layers(qmodel, prompt_tokens, repeats) if layers else []
+    rows = time_layers(qmodel, prompt_tokens, repeats, dtype) if layers else []
     say("loading the full-precision model")
-    fmodel = load_model(reference, attn_implementation=ATTENTION).model
+    fmodel = load_model(reference, attn_implementation=ATTENTION, device=device, dtype=dtype).model
     say("compiling and timing both models, taking turns" if compile else "timing both models, taking turns")
     breaks0 = graph_breaks() if compile else 0
     try:
@@ -247,5 +267,5 @@ def bench_checkpoint(checkpoint: str | Path, *, reference: str | None = None, pr
                        backend=str(backend_info()),
                        quantized=ModelTiming(q_pre, q_tps, q_rss), full_precision=ModelTiming(f_pre, f_tps, f_rss),
                        layers=rows, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       compiled=compile, graph_breaks=breaks)
+                       compiled=compile, graph_breaks=breaks, device=str(device), dtype=str(dtype).replace("torch.", ""))
 

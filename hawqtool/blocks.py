@@ -24,6 +24,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[tuple]  # positional args after the hidden state
     kwargs: list[dict]
+    tuple_out: bool | None = None  # the blocks return (hidden, ...), not the hidden state (None: not run yet)
 
 
 def find_blocks(model: nn.Module, containers: tuple[type, ...] = (nn.ModuleList,)) -> tuple[str, nn.Module]:

@@ -32,6 +32,7 @@ from .artifacts import SCHEMA_VERSION, tool_version
 from .errors import UserError
 from .integrity import MIB, check_folder, check_listed_names, read_json, sha256_file
 from .outputs import staged_output
+from .streaming import streamer_of
 from .quantize.quantizer import QuantizedWeight, ggml_bytes
 from .tensorfile import save_tensors, tensors_nbytes
 
@@ -59,7 +60,7 @@ def packed_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight], *,
+def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight | PackedWeight], *,
                     layer_info: dict[str, dict], extra: dict, tokenizer=None, embedding=None) -> Path:
     """Write CKPT atomically (outputs.staged_output: built in OUT.tmp-PID, renamed over OUT when complete,
     removed on failure). `layer_info` and `extra` must not hold timings: the same inputs give the same bytes.
@@ -76,7 +77,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
         extra = {**extra, "embedding": embedding.summary()}
     layers_meta = {}
     for name, qw in weights.items():
-        if qw.grid is not None:
+        if getattr(qw, "grid", None) is not None:
             tensors[f"{name}.ggml"] = ggml_bytes(qw)
             state.pop(f"{name}.weight")
             if f"{name}.bias" in state:
@@ -86,7 +87,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
                                  "symmetric": False, "in_features": in_f, "out_features": out_f, "act_order": False,
                                  **layer_info.get(name, {})}
             continue
-        pw = pack_layer(qw)
+        pw = qw if isinstance(qw, PackedWeight) else pack_layer(qw)
         tensors.update(packed_tensors(name, pw))
         state.pop(f"{name}.weight")
         if f"{name}.bias" in state:
@@ -94,6 +95,10 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
         layers_meta[name] = {"bits": pw.bits, "group_size": pw.group_size, "symmetric": pw.symmetric,
                              "in_features": pw.in_features, "out_features": pw.out_features,
                              "act_order": pw.g_idx is not None, **layer_info.get(name, {})}
+    streamer = streamer_of(model)
+    for k, v in state.items():  # a streamed model's blocks are on the meta device: their other tensors as stored
+        if v.device.type == "meta":
+            state[k] = streamer.tensor(k).to(v.dtype)
     seen: dict[int, str] = {}
     tied = {}
     for k, v in state.items():

@@ -34,13 +34,22 @@ class PerplexityResult:
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
                progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Perplexity of a causal LM over [k, seqlen] token windows."""
+    from .device import model_device
+    from .streaming import streamed_outputs, streamer_of
+
     t0 = time.perf_counter()
     total, count = 0.0, 0
     model.eval()
+    dev = model_device(model)
+    batches = [{"input_ids": windows[i:i + batch_size].to(dev)} for i in range(0, len(windows), batch_size)]
+    if streamer_of(model) is not None:  # block by block over all windows, then each window's tail
+        outputs = streamed_outputs(model, batches, use_cache=False)
+    else:
+        outputs = ((j, model(**b, use_cache=False)) for j, b in enumerate(batches))
     with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            ids = windows[i:i + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
+        for j, out in outputs:
+            ids, i = batches[j]["input_ids"], j * batch_size
+            logits = out.logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                   reduction="sum")
             if not torch.isfinite(nll):
@@ -67,7 +76,9 @@ class FidelityResult:
 
 def mean_pooled(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean of the last hidden state over positions (sentence-transformers' pooling for MiniLM-style encoders)."""
-    return model(input_ids=ids).last_hidden_state.float().mean(dim=1)
+    from .device import model_device
+
+    return model(input_ids=ids.to(model_device(model))).last_hidden_state.float().mean(dim=1).cpu()
 
 
 def embedding_fidelity(reference: nn.Module, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
@@ -108,8 +119,8 @@ def classification_fidelity(reference: nn.Module, model: nn.Module, images: torc
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size]
-            lp_ref = F.log_softmax(reference(x).double(), dim=-1)
-            lp = F.log_softmax(model(x).double(), dim=-1)
+            lp_ref = F.log_softmax(_on_device(reference, x).double(), dim=-1)
+            lp = F.log_softmax(_on_device(model, x).double(), dim=-1)
             if not torch.isfinite(lp).all():
                 raise FloatingPointError(f"non-finite logits in evaluation batch {i}; the model produces NaN/inf")
             agree.append(lp.argmax(-1) == lp_ref.argmax(-1))
@@ -119,3 +130,10 @@ def classification_fidelity(reference: nn.Module, model: nn.Module, images: torc
     return ClassificationFidelity(top1_agreement=float(torch.cat(agree).double().mean()),
                                   mean_kl=float(torch.cat(kl).mean()), images=len(images),
                                   seconds=time.perf_counter() - t0)
+
+
+def _on_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) with x moved to the model's device; the output back on the CPU (results are compared there)."""
+    from .device import model_device
+
+    return model(x.to(model_device(model))).cpu()

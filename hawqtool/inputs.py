@@ -27,9 +27,11 @@ def calibration_inputs(loaded: LoadedModel, calib: str, n: int, seqlen: int, see
 
 
 def batches_of(loaded: LoadedModel, x: torch.Tensor, batch_size: int) -> list[dict]:
-    """Split calibration inputs into model-keyword batches."""
-    key = input_key(loaded)
-    return [{key: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
+    """Split calibration inputs into model-keyword batches, on the model's device."""
+    from .device import model_device
+
+    key, dev = input_key(loaded), model_device(loaded.model)
+    return [{key: x[i:i + batch_size].to(dev)} for i in range(0, len(x), batch_size)]
 
 
 def calibration_key(loaded: LoadedModel, calib: str, x: torch.Tensor, seed: int) -> str:

@@ -100,7 +100,8 @@ def save_latency_table(table: LatencyTable, path: str | Path) -> None:
 
 @torch.no_grad()
 def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmetric: bool = False, tokens: int = 1,
-                          repeats: int = 20, progress: Callable[[int], None] | None = None) -> LatencyTable:
+                          repeats: int = 20, progress: Callable[[int], None] | None = None,
+                          device: torch.device | None = None) -> LatencyTable:
     """Time each distinct (shape, option) once on random weights through the runtime's quantized layer
     (quant_kernels), and an fp32 F.linear per shape; layers of equal shape share the measurement."""
     from quant_kernels import backend_info
@@ -110,13 +111,14 @@ def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmet
     from .quantize.quantizer import rtn
     from .runtime import QuantLinear
 
-    g = torch.Generator().manual_seed(0)
+    device = device or torch.device("cpu")
+    g = torch.Generator(device="cpu").manual_seed(0)
     by_shape: dict[tuple[int, int], dict[str, float]] = {}
     fp32: dict[tuple[int, int], float] = {}
     for shape in dict.fromkeys(shapes.values()):
         out_f, in_f = shape
-        W = torch.randn(out_f, in_f, generator=g) * 0.02
-        x = torch.randn(tokens, in_f, generator=g)
+        W = (torch.randn(out_f, in_f, generator=g, device="cpu") * 0.02).to(device)
+        x = torch.randn(tokens, in_f, generator=g, device="cpu").to(device)
         fp32[shape] = median_ms(lambda: torch.nn.functional.linear(x, W), repeats)
         row = {}
         for opt in options:
@@ -127,5 +129,6 @@ def measure_latency_table(shapes: dict[str, tuple[int, int]], options, *, symmet
             progress(1)
     return LatencyTable(tokens=tokens, layers={n: dict(by_shape[s]) for n, s in shapes.items()},
                         fp32={n: fp32[s] for n, s in shapes.items()},
-                        machine=f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads",
+                        machine=(torch.cuda.get_device_name(device) if device.type == "cuda" else
+                                 f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads"),
                         backend=str(backend_info()))

@@ -158,12 +158,17 @@ def _replace_activations(model: nn.Module, act_fn, where: Path) -> None:
         _set_module(model, name, nn.Hardtanh(0.0, float(clip)))
 
 
-def _hf_skeleton(path: Path, config, attn_implementation: str, meta: bool) -> nn.Module:
-    """The transformers model config.json describes, random weights (on the meta device: no memory)."""
+def _hf_skeleton(path: Path, config, attn_implementation: str, meta: bool | str) -> nn.Module:
+    """The transformers model config.json describes, without memory: everything on the meta device (`meta`
+    True: to check shapes), or (`meta="params"`) only its parameters, buffers computed at construction (rotary
+    frequencies) real, to be filled by load_state_dict(assign=True)."""
+    from accelerate import init_empty_weights
+
     from .models import model_class, model_task
 
+    place = init_empty_weights(include_buffers=False) if meta == "params" else torch.device("meta")
     try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with place:
             return model_class(model_task(config)).from_config(config, dtype=torch.float32,
                                                                attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 - any failure to build from config.json is a bad checkpoint
@@ -270,7 +275,8 @@ def _check_embedding(model: nn.Module, emb: dict, tensors: dict[str, torch.Tenso
         _bias(tensors, head, pw.out_features)
 
 
-def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager") -> nn.Module:
+def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager",
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear (a quantized embedding as QuantEmbedding,
     its tied head as a QuantLinear on the same codes), in eval mode (transformers models
     with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
@@ -295,7 +301,7 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     else:
         config = _hf_config(path, len(tensors))
         _check_fits(_hf_skeleton(path, config, attn_implementation, meta=True), manifest, tensors, path)
-        model = _hf_skeleton(path, config, attn_implementation, meta=False)
+        model = _hf_skeleton(path, config, attn_implementation, meta="params")  # filled from the file below
         if "act_fn" in manifest:
             _replace_activations(model, manifest["act_fn"], path / MANIFEST)
     layers = manifest["layers"]
@@ -305,14 +311,14 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
             if not isinstance(target, nn.Linear):
                 raise UserError(f"checkpoint layer {name} is in {meta['ggml_type']}, which is for Linear layers only; "
                                 "re-create the checkpoint")
-            with torch.no_grad():
-                target.weight.copy_(ggml_from_tensors(tensors, name, meta).dequantize())
-                bias = _bias(tensors, name, target.out_features)
-                if (bias is None) != (target.bias is None):
-                    raise UserError(f"checkpoint layer {name} {'lacks the bias' if bias is None else 'has a bias'} "
-                                    "the model's Linear has not; re-create the checkpoint")
-                if bias is not None:
-                    target.bias.copy_(bias)
+            target.weight = nn.Parameter(ggml_from_tensors(tensors, name, meta).dequantize().float(),
+                                         requires_grad=False)  # the skeleton's own is on the meta device
+            bias = _bias(tensors, name, target.out_features)
+            if (bias is None) != (target.bias is None):
+                raise UserError(f"checkpoint layer {name} {'lacks the bias' if bias is None else 'has a bias'} "
+                                "the model's Linear has not; re-create the checkpoint")
+            if bias is not None:
+                target.bias = nn.Parameter(bias.float(), requires_grad=False)
             continue
         pw = packed_from_tensors(tensors, name, meta)
         target, bias, act = model.get_submodule(name), _bias(tensors, name, pw.out_features), _act_bits(meta, name)
@@ -329,8 +335,19 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
             _set_module(model, emb["tied_head"], QuantLinear(pw, _bias(tensors, emb["tied_head"], pw.out_features)))
     owners = _packed_owners(layers, emb)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in owners)}
-    model.load_state_dict(rest, strict=False)
+    own = model.state_dict()
+    rest = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in rest.items()}
+    model.load_state_dict(rest, strict=False, assign=True)  # meta parameters take the file's tensors (no copy)
     if tied:
         model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise UserError(f"{path / WEIGHTS} lacks {empty[0]} (and {len(empty) - 1} more tensors) that config.json "
+                        "describes; re-create the checkpoint")
     model.eval()
-    return model
+    if dtype is not None and dtype != torch.float32:  # the float parts; packed scales stay fp16 (runtime._Packed)
+        model.to(dtype=dtype)
+        for m in model.modules():
+            if isinstance(m, QuantEmbedding):
+                m.dtype = dtype
+    return model.to(device) if device is not None else model

@@ -171,20 +171,29 @@ def model_class(task: str):
 
 
 def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "eager") -> LoadedModel:
+               attn_implementation: str = "eager", device: torch.device | str | None = None,
+               offload: bool = False, max_memory: int | None = None) -> LoadedModel:
     """Load a causal LM (or, when the config is not one, an encoder via AutoModel) and its tokenizer
-    from a reference (see `resolve`), in eval mode; `timm:...` references load a vision model."""
+    from a reference (see `resolve`), in eval mode, on `device` (default CPU; a CUDA device gets the weights
+    loaded straight onto it); `timm:...` references load a vision model.
+    `offload` (or weights larger than `max_memory` bytes, or than the device's free memory): built on the meta
+    device, each repeated block streamed from the safetensors files while it runs (streaming.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .device import resolve_device
     from .vision.loading import is_vision_ref, load_vision
 
+    dev = resolve_device(device or "cpu")
     if is_vision_ref(ref):
         loaded = load_vision(ref)
+        loaded.model.to(device=dev, dtype=dtype)
         check_finite_weights(loaded.model, loaded.source)
         return loaded
     source, is_gguf = resolve(ref)
     kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code,
                         attn_implementation=attn_implementation)
+    if dev.type != "cpu":
+        kwargs["device_map"] = {"": str(dev)}
     try:
         if is_gguf:
             p = Path(source)
@@ -195,8 +204,12 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
             files = [p]
             task = "causal-lm"
         else:
-            task = model_task(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
-            model = _from_pretrained_checked(model_class(task), source, task, kwargs)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            task = model_task(config)
+            if offload or _too_big(source, dtype, dev, max_memory):
+                model = _streamed(model_class(task), config, source, dev, dtype, attn_implementation, trust_remote_code)
+            else:
+                model = _from_pretrained_checked(model_class(task), source, task, kwargs)
             tok = _load_tokenizer(source, trust_remote_code)
             files = _weight_files(source)
     except OSError as e:
@@ -211,6 +224,40 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
     model.eval()
     check_finite_weights(model, source)
     return LoadedModel(model=model, tokenizer=tok, source=source, files=files, task=task)
+
+
+def _too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:
+    """Whether the weights in `dtype` exceed `max_memory`, or (without one) 80% of the device's free memory."""
+    from .streaming import weights_bytes
+
+    need = weights_bytes(Path(source), dtype)
+    if need is None:
+        return False
+    if max_memory is None:
+        if dev.type == "cuda":
+            max_memory = int(0.8 * torch.cuda.mem_get_info(dev)[0])
+        else:
+            import psutil
+
+            max_memory = int(0.8 * psutil.virtual_memory().available)
+    if need > max_memory:
+        log.info("the weights need %.1f GiB in %s, more than %.1f GiB: streaming them block by block",
+                 need / 2**30, dtype, max_memory / 2**30)
+        return True
+    return False
+
+
+def _streamed(cls, config, source: str, dev: torch.device, dtype: torch.dtype, attn_implementation: str,
+              trust_remote_code: bool) -> nn.Module:
+    """A meta-built model whose blocks are read from `source`'s safetensors while they run (streaming.py)."""
+    from .streaming import Streamer, WeightSource, empty_model
+
+    if trust_remote_code:
+        raise UserError("--offload builds the model from its config; models with custom code load in memory only: "
+                        "drop --offload/--max-memory")
+    model = empty_model(cls, config, dtype, attn_implementation)
+    model._hawq_streamer = Streamer(model, WeightSource(Path(source)), dev, dtype)
+    return model
 
 
 def _from_pretrained_checked(cls, source: str, task: str, kwargs: dict) -> nn.Module:

@@ -34,6 +34,8 @@ from .artifacts import fingerprint, layer_records, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .data import calibration_windows, data_fingerprint, eval_windows
 from .embedding import check_embed_options, embedding_plan
+from .device import resolve_device, resolve_dtype
+from .streaming import parse_memory, streamer_of
 from .errors import UserError
 from .evaluate import classification_fidelity, perplexity
 from .inputs import calibration_inputs, calibration_key
@@ -80,6 +82,10 @@ class RunConfig:
     embed_group_size: int = -1  # its scales: one per row (-1) or per group of this many hidden units
     formats: str = ""  # "gguf" or ggml types (Q4_K,Q4_0,...): plans in ggml block types; "" = hawqtool's own grid
     trust_remote_code: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (device.resolve_device)
+    dtype: str = "auto"  # the model's compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    offload: bool = False  # stream the model block by block from its files (streaming.py)
+    max_memory: str | None = None  # e.g. "3GiB": stream when the weights exceed it
     stage_seconds: dict = field(default_factory=dict)
 
 
@@ -159,6 +165,9 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     if fmts and cfg.embed_bits != 16:
         raise UserError("--formats keeps the embedding for the GGUF export to write (`export --embed-type`); "
                         "drop --embed-bits")
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    mem = dict(offload=cfg.offload, max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     secs: dict[str, float] = {}
@@ -169,7 +178,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         secs[stage] = round(secs.get(stage, 0.0) + time.perf_counter() - t0, 2)
         return r
 
-    loaded = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    loaded = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=dev, dtype=dt,
+                                              **mem))
     if loaded.task not in TASKS:
         raise UserError(f"`hawqtool run` scores perplexity, and {loaded.source} is an encoder; run the stages "
                         "instead: sensitivity --objective output-mse, allocate, quantize, eval")
@@ -219,9 +229,11 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
         artifacts.save(report, sens_path)
 
-    layer_w = layer_weights(loaded)  # views of the loaded model's weights, no copy
+    layer_w: dict = {}
 
-    def weights() -> dict:
+    def weights() -> dict:  # read only if the report lacks an option's error (views of the model's weights)
+        if not layer_w:
+            layer_w.update(layer_weights(loaded))
         return layer_w
     emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
                          [ls.name for ls in report.layers])
@@ -261,14 +273,15 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         if _current(ck, qfp, "checkpoint"):
             rep.skip(f"quantize {name}")
         else:
-            fresh = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
+            fresh = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=dev,
+                                                     dtype=dt, **mem))
             q0 = time.perf_counter()
             with rep.bar(f"quantize {name}", len(p.layers)) as adv:
                 timed("quantize", lambda: quantize_stage(fresh, p, calib_ids, opts, ck, data_key=td.calib_key,
                                                          progress=lambda _n: adv(1)))
             qsecs = round(time.perf_counter() - q0, 2)
             del fresh
-        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck)))
+        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt)))
         results[name]["quantize_seconds"] = qsecs
         sizes[name] = checkpoint_sizes(ck)
 
@@ -282,7 +295,9 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                                                                                        "tensor_bytes")}}
     seconds = {f"{k}_{what}": results[k][field_] for k in ("uniform", "mixed")
                for what, field_ in (("quantize", "quantize_seconds"), ("eval", "seconds"))}
-    head = {"model": loaded.source, "task": loaded.task, "method": cfg.method, "group_size": cfg.group_size,
+    head = {"model": loaded.source, "task": loaded.task, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+            "offload": streamer_of(loaded.model) is not None,
+            "method": cfg.method, "group_size": cfg.group_size,
             "symmetric": cfg.symmetric, **({"formats": fmts} if fmts else {})}
     tail = {"sensitivity_probes": max(ls.probes for ls in report.layers), "stage_seconds": secs,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

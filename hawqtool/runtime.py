@@ -4,6 +4,8 @@ it is a QuantLinear on the same packed codes). Reading a checkpoint into a model
 (`load_quantized`, re-exported here)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -33,7 +35,24 @@ def _cpu_float(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
-class QuantLinear(nn.Module):
+class _Packed(nn.Module):
+    """A module whose PackedWeight's tensors are its buffers: `.to(device)` moves them and re-points `pw` at the
+    moved ones; a dtype change casts the module's float state but keeps the scales fp16 (the stored format)."""
+
+    def _apply(self, fn, recurse=True):
+        scales = self.scales.dtype
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales:
+            self.scales = self.scales.to(scales)
+        self.pw = replace(self.pw, qweight=self.qweight, scales=self.scales, qzeros=self.qzeros,
+                          g_idx=getattr(self, "g_idx", self.pw.g_idx))
+        for cached in ("_int8_fn", "_w"):
+            if hasattr(self, cached):
+                setattr(self, cached, None)
+        return self
+
+
+class QuantLinear(_Packed):
     """A Linear whose weight is kept packed; forward calls quant_kernels. With act_bits < 16 the input is
     quantized (per token, or with the static range act_static = (scale, zero)) and, where quant_kernels has
     an integer kernel for the weight (codes ≤ 4 bits, symmetric per-channel 8-bit), the sums are int32;
@@ -107,7 +126,7 @@ def _same_pad(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch.nn.functional.pad(x, (*pads[1], *pads[0]))
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_Packed):
     """A Conv2d/Conv1d whose weight is kept packed ([out, in/groups·k] rows, per-channel or grouped scales).
     With act_bits < 16 on CPU, Conv2d layers with zero padding (or timm's Conv2dSame) whose weight has an
     integer kernel (groups=1, or depthwise) run on int8 codes with int32 sums (quant_kernels.int8_ops; dynamic
@@ -166,7 +185,7 @@ class QuantConv2d(nn.Module):
         return f"shape={list(self.shape)}, bits={self.bits}, group={self.group_size}{_act_repr(self)}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Packed):
     """An input embedding whose table stays packed (b-bit codes, fp16 scales per row or group): a lookup
     dequantizes only the rows it gathers (quant_kernels.dequantize_gather, exact in fp32), in `dtype`.
     A head tied to the table is a QuantLinear on the same PackedWeight: one copy of the codes serves both."""

@@ -12,6 +12,8 @@ import torch
 
 from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, layer_records
 from .checkpoint import save_checkpoint
+from .device import model_device
+from .streaming import streamer_of
 from .errors import UserError
 from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
@@ -24,8 +26,11 @@ log = logging.getLogger("hawqtool")
 
 
 def model_digest(loaded: LoadedModel) -> str:
-    """Fingerprint of the model's files (or its id when it has no local files)."""
-    return files_digest(loaded.files) if loaded.files else loaded.source
+    """Fingerprint of the model's files (or its id when it has no local files), and of its compute dtype when
+    that is not float32 (a bfloat16 run measures and quantizes a different model; the device does not count)."""
+    digest = files_digest(loaded.files) if loaded.files else loaded.source
+    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+    return digest if dtype == torch.float32 else f"{digest}:{str(dtype).replace('torch.', '')}"
 
 
 def check_finite_ids(ids: torch.Tensor, what: str) -> None:
@@ -75,6 +80,10 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         raise UserError(f"--checkpoint-blocks works with --objective labels or --estimator fisher; objective "
                         f"{objective!r} uses forward-mode products that checkpointing does not support")
     model = loaded.model
+    streamed = streamer_of(model) is not None
+    if streamed and (estimator != "fisher" or quantize_head):
+        raise UserError("a streamed model (--offload) is measured with --estimator fisher (objective self-kl or "
+                        "output-mse) and without --quantize-head; change those options or load it in memory")
     head = untie_head(model) if quantize_head else None
     layers = quantizable_layers(model)
     if only is not None:
@@ -114,7 +123,14 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     from .sensitivity.memory import checkpointed_blocks
 
     with checkpointed_blocks(model) if checkpoint_blocks else contextlib.nullcontext():
-        if estimator == "fisher":
+        if streamed:
+            from .sensitivity.streamed import streamed_fisher_traces
+
+            common.pop("max_seconds")
+            traces = streamed_fisher_traces(model, params, batches, objective, max_seconds=max_seconds,
+                                            major_fraction=0.01, **common)
+            described = "fisher (sampled labels, one backward per probe; streamed block by block)"
+        elif estimator == "fisher":
             traces = fisher_traces(model, params, batches, objective, **common)
             described = "fisher (sampled labels, one backward per probe)"
         else:
@@ -125,10 +141,17 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         raise UserError(f"calibration produced NaN Hessian traces (e.g. {bad[0]}); check the model and data for NaN")
     from .quantize.importance import input_importance
 
-    imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
+    if streamed:
+        from .sensitivity.streamed import stored_weight, streamed_importance
+
+        imp = streamed_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
+        matrix = lambda n: stored_weight(model, n).to(model_device(model))  # noqa: E731
+    else:
+        imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
+        matrix = lambda n: weight_matrix(layers[n])  # noqa: E731
     out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
                             trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
-                            qerror=_qerrors(weight_matrix(layers[n]), qerror_bits, qerror_groups, imp.get(n),
+                            qerror=_qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n),
                                             qerror_sym, tuple(qerror_formats)))
            for n, t in traces.items()]
     report = SensitivityReport(model=loaded.source, objective=objective,
@@ -159,9 +182,13 @@ def add_top_eigenvalues(report: SensitivityReport, loaded: LoadedModel, calib_id
 
 
 def layer_weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """[out, in] weight of every quantizable layer."""
-    return {n: weight_matrix(m).detach().float()
-            for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
+    """[out, in] weight of every quantizable layer (a streamed model's read from its files)."""
+    layers = quantizable_layers(loaded.model, include_tied_head=True)
+    if streamer_of(loaded.model) is not None:
+        from .sensitivity.streamed import stored_weight
+
+        return {n: stored_weight(loaded.model, n) for n in layers}
+    return {n: weight_matrix(m).detach().float() for n, m in layers.items()}
 
 
 def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
@@ -203,7 +230,8 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
         from .quantize.driver import _batches
         from .quantize.embedding import quantize_embedding
 
-        emb = quantize_embedding(loaded.model, plan.embedding, _batches(calib_ids, opts.batch_size))
+        emb = quantize_embedding(loaded.model, plan.embedding,
+                                 _batches(calib_ids, opts.batch_size, model_device(loaded.model)))
     if opts.method == "aphq":
         from .aphq_stage import aphq_stage
 
@@ -253,7 +281,7 @@ def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.T
     out = {}
     for bits in sorted({a for a in act_bits.values() if a < 16}):
         names = [n for n, a in act_bits.items() if a == bits]
-        out.update(calibrate_activation_quantizers(model, names, _batches(calib_ids, opts.batch_size), bits,
+        out.update(calibrate_activation_quantizers(model, names, _batches(calib_ids, opts.batch_size, model_device(model)), bits,
                                                    opts.act_calib, symmetric=False, mse_min_ratio=0.05))
     return out
 
@@ -273,7 +301,9 @@ def lazy_weights(model_ref: str | None, trust_remote_code: bool = False) -> Call
 
 
 def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep,
-                 trust_remote_code: bool = False, reference: str | None = None) -> dict:
+                 trust_remote_code: bool = False, reference: str | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32, offload: bool = False,
+                 max_memory: int | None = None) -> dict:
     """Evaluate a model reference or a hawqtool checkpoint folder, as a dict: perplexity for causal
     LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model).
     `sizes`: bits per linear weight and whole-file bits per parameter (sizes.py)."""
@@ -289,13 +319,13 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
     from .vision.loading import is_vision_ref
 
     if manifest.get("task") == "image-classification" or (not manifest and is_vision_ref(ref)):
-        return _evaluate_vision(ref, manifest, reference, rep)
+        return _evaluate_vision(ref, manifest, reference, rep, device, dtype)
     if ref is not None and is_checkpoint(ref):
         from transformers import AutoConfig, AutoTokenizer
 
         from .runtime import load_quantized
 
-        model, sizes = load_quantized(ref), checkpoint_sizes(ref)
+        model, sizes = load_quantized(ref, device=device, dtype=dtype), checkpoint_sizes(ref)
         task = model_task(AutoConfig.from_pretrained(ref))
         source = read_manifest(ref, verify=False).get("source_model")
         try:
@@ -303,17 +333,18 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
         except (OSError, ValueError) as e:
             raise UserError(f"checkpoint {ref} has no tokenizer files; copy them from the source model") from e
     else:
-        loaded = load_model(ref, trust_remote_code=trust_remote_code)
+        loaded = load_model(ref, trust_remote_code=trust_remote_code, device=device, dtype=dtype, offload=offload,
+                            max_memory=max_memory)
         model, tok, task, sizes = loaded.model, loaded.tokenizer, loaded.task, model_sizes(loaded.model)
     windows = eval_windows(tok, data, seqlen, max_windows)
     if task == "causal-lm":
         with rep.bar("eval windows", len(windows)) as adv:
             res = perplexity(model, windows, progress=adv)
-        return {"task": task, **asdict(res), "sizes": sizes}
+        return {"task": task, **asdict(res), "sizes": sizes, "device": str(model_device(model))}
     reference = reference or source
     if reference is None:
         raise UserError("an encoder is scored against its full-precision model; pass --reference MODEL")
-    ref_model = load_model(reference, trust_remote_code=trust_remote_code).model
+    ref_model = load_model(reference, trust_remote_code=trust_remote_code, device=device, dtype=dtype).model
     with rep.bar("eval windows", len(windows)) as adv:
         fid = embedding_fidelity(ref_model, model, with_special_tokens(windows, tok), progress=adv)
     return {"task": task, "reference": str(reference), **asdict(fid), "sizes": sizes}
@@ -343,7 +374,8 @@ def vision_eval_images(model, n_fashion: int | None = None) -> tuple[torch.Tenso
                          interpolation=str(cfg.get("interpolation", "bicubic"))), None
 
 
-def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep) -> dict:
+def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep,
+                     device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Top-1 agreement and mean KL against the full-precision model on the pinned image set (+ accuracy
     against the labels where the set has them)."""
     from .evaluate import classification_fidelity
@@ -351,8 +383,8 @@ def _evaluate_vision(ref: str | None, manifest: dict, reference: str | None, rep
     from .runtime import load_quantized
 
     reference = reference or manifest.get("source_model") or ref
-    ref_model = load_model(reference).model
-    model = load_quantized(ref) if manifest else ref_model
+    ref_model = load_model(reference, device=device, dtype=dtype).model
+    model = load_quantized(ref, device=device, dtype=dtype) if manifest else ref_model
     images, labels = vision_eval_images(ref_model)
     with rep.bar("eval images", len(images)) as adv:
         fid = classification_fidelity(ref_model, model, images, progress=adv)

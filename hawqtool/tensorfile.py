@@ -32,7 +32,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """Write `tensors` (made contiguous) to `path` as safetensors with a canonical header."""
     path = Path(path)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     except SafetensorError as e:
         m = _OS_ERROR.search(str(e))
         if m is None:

@@ -223,7 +223,10 @@ def test_no_command_prints_the_help():
 FREE_FORM = {("allocate", "pins"): ["x=13", "x=0", "=4", "x", ""], ("allocate", "allows"): ["x=0", "x=2,9", "=", ""],
              ("allocate", "ties"): ["(", "", "[a-"], ("allocate", "pairs"): ["4:1", "9:8", "x", "4:", "4:16"],
              ("bench", "pairs"): ["4:1", "9:9", "a:b"],
-             **{(cmd, "formats"): ["Q7_Z", "ggufx", "Q4_K,"] for cmd in ("allocate", "run", "sensitivity")}}
+             **{(cmd, "formats"): ["Q7_Z", "ggufx", "Q4_K,"] for cmd in ("allocate", "run", "sensitivity")},
+             **{(cmd, "max_memory"): ["lots", "0", "-1GiB", "3 TiB", ""] for cmd in ("eval", "quantize", "run", "sensitivity")},
+             **{(cmd, "device"): ["tpu", "cuda:x", "mps", "banana"] for cmd in ("bench", "eval", "quantize", "run",
+                                                                               "sensitivity")}}
 
 
 def bad_values(kind: click.ParamType) -> list[str]:

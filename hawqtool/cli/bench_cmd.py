@@ -6,7 +6,7 @@ import json
 import click
 
 from ._base import _setup_logging, common, guarded, main
-from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg
+from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg, device_options
 
 
 @main.command(name="bench")
@@ -29,10 +29,11 @@ from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg
               help="torch.compile both models (static KV cache, whole graphs): cuts the per-op overhead that "
                    "dominates eager decoding of small models; compiling takes about a minute per model.")
 @click.option("--trust-remote-code", is_flag=True)
+@device_options
 @common
 @guarded
 def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, tokens, reference, prompt_tokens,
-              decode_tokens, repeats, no_layers, compile_, trust_remote_code, as_json, verbose, quiet):
+              decode_tokens, repeats, no_layers, compile_, trust_remote_code, device, dtype, as_json, verbose, quiet):
     """Latency on this machine: a checkpoint end to end against its full-precision model, or a table.
 
     \b
@@ -41,9 +42,12 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, to
     hawqtool bench --latency-table lat.json               # embedded model's layers × 2/3/4/8-bit
     hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
     """
+    from ..device import resolve_device, resolve_dtype
     from ..progress import Reporter
 
     _setup_logging(verbose)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     rep = Reporter(quiet or as_json)
     if latency_table is not None:
         from ..allocate.options import make_options, parse_pairs
@@ -56,7 +60,7 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, to
                                parse_pairs(pairs))
         with rep.bar("latency table (distinct shapes)", len(set(shapes.values()))) as adv:
             table = measure_latency_table(shapes, options, symmetric=sym, tokens=tokens, repeats=max(repeats, 5),
-                                          progress=adv)
+                                          progress=adv, device=dev)
         save_latency_table(table, latency_table)
         if as_json:
             click.echo(json.dumps({"latency_table": str(latency_table), "layers": len(shapes)}))
@@ -70,7 +74,8 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, to
     if target is None:
         raise UserError("give a checkpoint folder to bench, or --latency-table FILE [MODEL]")
     res = bench_checkpoint(target, reference=reference, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
-                           repeats=repeats, layers=not no_layers, compile=compile_, progress=rep.say)
+                           repeats=repeats, layers=not no_layers, compile=compile_, progress=rep.say, device=dev,
+                           dtype=dt)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:

@@ -217,3 +217,43 @@ def embed_options(budget: str):
 def formats_option(what: str):
     """--formats gguf|TYPE,... (sensitivity, allocate, run), checked at parse time; `what` says what it does there."""
     return click.option("--formats", default=None, callback=FORMATS, metavar="gguf|TYPE,...", help=what)
+
+
+DEVICE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # --dtype values (device.DTYPES + auto)
+
+
+def device_options(fn):
+    """--device and --dtype (sensitivity, quantize, eval, bench, run): where the stage computes and in what
+    precision; checked (device.resolve_device) before any work starts."""
+    fn = click.option("--dtype", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                      help="The model's compute dtype: auto = bfloat16 on CUDA, float32 on the CPU. Hessians, "
+                           "Cholesky factors and traces stay float32/float64.")(fn)
+    return click.option("--device", type=TEXT, default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                        help="Where every tensor of the stage lives: auto = CUDA when available, else the CPU. "
+                             "A CUDA request without CUDA is an error, never a silent CPU run.")(fn)
+
+
+class MemorySize(click.ParamType):
+    """A memory size (3GiB, 512MiB, 8GB, bytes), kept as the text; memsize.parse_memory checks it."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from ..errors import UserError
+        from ..memsize import parse_memory
+
+        try:
+            parse_memory(value)
+        except UserError as e:
+            self.fail(str(e).removeprefix("--max-memory ").strip(), param, ctx)
+        return str(value).strip()
+
+
+def offload_options(fn):
+    """--offload and --max-memory (sensitivity, quantize, eval, run): stream the model's blocks from its files."""
+    fn = click.option("--max-memory", type=MemorySize(), default=None, metavar="SIZE",
+                      help="Stream the model block by block when its weights exceed this (e.g. 3GiB); without it, "
+                           "when they exceed 80%% of the device's free memory.")(fn)
+    return click.option("--offload", is_flag=True,
+                        help="Build the model on the meta device and read each block's weights from its safetensors "
+                             "files only while the block runs: one block resident at a time.")(fn)

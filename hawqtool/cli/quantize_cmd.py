@@ -6,7 +6,7 @@ import json
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
-from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg
+from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, offload_options
 
 
 @main.command()
@@ -36,13 +36,15 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg
 @click.option("--grid", type=click.Choice(["search", "minmax"]), default=None,
               help="Each group's scale/zero: importance-weighted error search, or the group's min-max range "
                    "(default: search; chosen by scripts/bench_grid.py on the validation slice).")
+@device_options
+@offload_options
 @calib_options
 @overwrite_option
 @common
 @guarded
 def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, damp,
              blocksize, act_mode, act_calib,
-             first_token_weight, grid, seed, overwrite,
+             first_token_weight, grid, device, dtype, offload, max_memory, seed, overwrite,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
 
@@ -57,13 +59,20 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     from ..quantize.driver import QuantizeOptions, first_token_weight_for
     from ..stages import check_plan_matches, quantize_stage
 
+    from ..device import resolve_device, resolve_dtype
     from ..outputs import claim_output
 
     _setup_logging(verbose)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from ..streaming import parse_memory
+
+    max_memory = parse_memory(max_memory) if max_memory is not None else None
     claim_output(output, "checkpoint", inputs=[model, plan_file], overwrite=overwrite)
     rep = Reporter(quiet or as_json)
     plan = artifacts.load(plan_file, "plan")
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
+                        max_memory=max_memory)
     check_plan_matches(plan, loaded)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
@@ -87,9 +96,12 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
 @click.option("--reference", type=TEXT, default=None,
               help="Encoders: full-precision model to compare embeddings with (default: the checkpoint's source).")
 @click.option("--trust-remote-code", is_flag=True)
+@device_options
+@offload_options
 @common
 @guarded
-def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_json, verbose, quiet):
+def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, device, dtype, offload, max_memory,
+             as_json, verbose, quiet):
     """Perplexity of a causal LM, or embedding cosine of an encoder against full precision, for a
     model or a hawqtool checkpoint (pinned protocols, see README).
 
@@ -97,13 +109,17 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, as_
     hawqtool eval ckpt/ --data wiki --json
     hawqtool eval minilm-ckpt/ --seqlen 128      # encoder: cosine to its source model
     """
+    from ..device import resolve_device, resolve_dtype
     from ..stages import evaluate_any
+    from ..streaming import parse_memory
     from ..progress import Reporter
 
     _setup_logging(verbose)
+    dev = resolve_device(device)
     rep = Reporter(quiet or as_json)
     res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code,
-                       reference=reference)
+                       reference=reference, device=dev, dtype=resolve_dtype(dtype, dev), offload=offload,
+                       max_memory=parse_memory(max_memory) if max_memory is not None else None)
     if as_json:
         click.echo(json.dumps(res))
     elif res["task"] == "image-classification":

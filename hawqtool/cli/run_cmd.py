@@ -8,7 +8,7 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
-from .params import BITS, COUNT, TEXT, GroupSize, PathArg, embed_options, formats_option, positive
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, embed_options, offload_options, formats_option, positive
 
 # recipe keys without a flag of their own, checked like flags
 _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
@@ -37,13 +37,15 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @embed_options("Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
 @formats_option("Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
                 "--avg-bits is then bits per linear weight.")
+@device_options
+@offload_options
 @calib_options
 @overwrite_option
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, formats, seed,
-        trust_remote_code, overwrite, as_json, verbose, quiet):
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, formats,
+        device, dtype, offload, max_memory, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
     Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text, scored by perplexity.
@@ -71,7 +73,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
                  eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
                  act_order=act_order, embed_bits=embed_bits, embed_group_size=embed_group_size, formats=formats or "",
-                 trust_remote_code=trust_remote_code)
+                 device=device, dtype=dtype, offload=offload, max_memory=max_memory, trust_remote_code=trust_remote_code)
     if is_recipe(model):
         recipe = load_recipe(model)
         given["model"] = None
@@ -86,7 +88,13 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     from ..outputs import claim_output
 
     check_embed_options(cfg.embed_bits, cfg.embed_group_size)
+    from ..device import resolve_device
 
+    from ..streaming import parse_memory
+
+    resolve_device(cfg.device)  # a CUDA request without CUDA: one line, before the output folder is claimed
+    if cfg.max_memory is not None:
+        parse_memory(cfg.max_memory)
     claim_output(Path(cfg.out), "run", inputs=[cfg.model], overwrite=overwrite)
     summary = run_pipeline(cfg, rep)
     if as_json:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
-from .params import BITS, COUNT, TEXT, GroupSize, PathArg, formats_option, positive
+from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, formats_option, offload_options, positive
 
 
 @main.command()
@@ -41,12 +41,15 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, formats_option, posit
                    "untied, the embedding stays full precision. The fp32 head dominates decode time of small LMs.")
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
 @click.option("--eigen-iters", type=COUNT, default=20, show_default=True, help="Power-iteration limit per layer.")
+@device_options
+@offload_options
 @calib_options
 @overwrite_option
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
+                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, device, dtype, offload, max_memory, seed,
+                trust_remote_code, overwrite, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
     \b
@@ -70,13 +73,21 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     from ..allocate.options import parse_formats
     from ..stages import compute_sensitivity
 
+    from ..device import resolve_device, resolve_dtype
+
     _setup_logging(verbose)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from ..streaming import parse_memory
+
+    max_memory = parse_memory(max_memory) if max_memory is not None else None
     if rank == 0:  # the other ranks only contribute probes
         from ..outputs import claim_output
 
         claim_output(output, "json", inputs=[model], overwrite=overwrite)
     rep = Reporter(quiet or as_json)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
+                        max_memory=max_memory)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed + 1)
     with rep.probe_bar(max_probes) as cb:
         report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator, batch_size=batch_size,

@@ -17,10 +17,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..blocks import BlockInputs, _Stop, capture_block_inputs, find_blocks, run_block, sequential_groups, stop_after
+from ..blocks import BlockInputs, _Stop, find_blocks, run_block, sequential_groups, stop_after
+from ..device import model_device
+from ..errors import UserError
+from ..streaming import streamer_of, tail_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import ConvHessianAccumulator, gptq_conv
 from .gptq import GPTQError, HessianAccumulator, gptq_quantize
+from quant_kernels import PackedWeight
+
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
 from .resume_state import BlockState
 
@@ -63,7 +68,7 @@ class LayerResult:
     """What quantizing one layer produced and cost."""
 
     name: str
-    weight: QuantizedWeight
+    weight: QuantizedWeight | PackedWeight  # PackedWeight: kept packed (streamed models, `_finish`)
     method: str
     error: float  # mean over calibration tokens of ‖(W−Q)x‖²
     rtn_error: float  # the same for round-to-nearest at the same spec (reference point)
@@ -71,10 +76,15 @@ class LayerResult:
     retries: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    spec: QuantSpec | None = None  # the weight's (set from it when it is a QuantizedWeight)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = self.weight.spec
 
     def summary(self) -> dict:
         """What the checkpoint's manifest records of the layer (no timing: the same run gives the same bytes)."""
-        s = self.weight.spec
+        s = self.spec
         return dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method=self.method,
                     error=self.error, rtn_error=self.rtn_error, damp=self.damp, retries=self.retries,
                     notes=self.notes, act_order=self.weight.g_idx is not None, **({"ggml_type": s.fmt} if s.fmt else {}))
@@ -159,10 +169,10 @@ def _quantize_one(name: str, layer: nn.Module, H: torch.Tensor, spec: QuantSpec,
     return quantize_layer(name, weight_matrix(layer).float(), H, spec, opts)
 
 
-def _batches(ids: torch.Tensor, bs: int) -> list[dict]:
-    """Token windows go in as input_ids, image batches (float) as timm's x."""
+def _batches(ids: torch.Tensor, bs: int, device: torch.device | None = None) -> list[dict]:
+    """Token windows go in as input_ids, image batches (float) as timm's x; on `device` (default: where ids are)."""
     key = "x" if ids.is_floating_point() else "input_ids"
-    return [{key: ids[i:i + bs]} for i in range(0, len(ids), bs)]
+    return [{key: ids[i:i + bs].to(device or ids.device)} for i in range(0, len(ids), bs)]
 
 
 def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: torch.Tensor,
@@ -177,19 +187,24 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         _, blocks = find_blocks(model)
     except ValueError:  # no repeated ModuleList (e.g. timm CNNs): every layer is quantized in one pass below
         blocks = nn.ModuleList()
-    batches = _batches(calib_ids, opts.batch_size)
+    batches = _batches(calib_ids, opts.batch_size, model_device(model))
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
     done_blocks, hidden = _resume(state, blocks, layers, results)
     prefixes = [_prefix_of(model, b) for b in blocks]
     # blocks after the last one with planned layers need not run (the rest is calibrated on the whole model)
     last = max((i for i, p in enumerate(prefixes) if any(n.startswith(p) for n in specs)), default=-1)
-    if last >= done_blocks:
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        if hidden is not None:
-            inputs.hidden = hidden
-    for i in range(done_blocks, last + 1):
-        block = blocks[i]
+    streamed = streamer_of(model) is not None
+    # a streamed model's layers outside the blocks (an untied head) are calibrated on the last block's outputs
+    outside = streamed and any(not any(n.startswith(p) for p in prefixes) for n in specs)
+    stop = len(blocks) if outside else last + 1
+    box: dict = {}
+    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box) \
+        if stop > done_blocks or outside else ()
+    finished = None  # (block, its results): saved once the engine has its outputs, i.e. at the next step
+    for i, block, inputs in engine:
+        if state is not None and finished is not None:
+            _save_block(state, *finished, inputs.hidden)
         in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
         if not in_block:
             groups = []
@@ -202,23 +217,34 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
             Hs = _collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
                                    first_weight=opts.first_token_weight)
             for n in group:
-                results[n] = _quantize_one(n, layers[n], Hs[n].H, specs[n], opts)
-                set_weight_matrix(layers[n], results[n].weight.dequantize().to(layers[n].weight.dtype))
+                results[n] = _finish(n, layers[n], _quantize_one(n, layers[n], Hs[n].H, specs[n], opts), streamed)
                 if progress:
                     progress(n)
-        with torch.no_grad():
-            inputs.hidden = [run_block(block, inputs, j) for j in range(len(inputs.hidden))]
-        if state is not None:
-            _save_block(state, i, {n: results[n] for n in in_block}, inputs.hidden)
+        finished = (i, {n: results[n] for n in in_block})
+    if state is not None and finished is not None:
+        _save_block(state, *finished, inputs.hidden)
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
-        Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight)
+        Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
+                               final=box.get("inputs") if streamed else None)
         for n, layer in rest.items():
-            results[n] = _quantize_one(n, layer, Hs[n].H, specs[n], opts)
-            set_weight_matrix(layer, results[n].weight.dequantize().to(layer.weight.dtype))
+            results[n] = _finish(n, layer, _quantize_one(n, layer, Hs[n].H, specs[n], opts))
             if progress:
                 progress(n)
     return results
+
+
+def _finish(name: str, layer: nn.Module, res: LayerResult, compact: bool = False) -> LayerResult:
+    """Put the layer's dequantized weight in place (on its device) and keep the result's tensors on the CPU:
+    device memory then holds one layer's quantizer state at a time, and the checkpoint is written from the host.
+    `compact` (streamed models): kept packed, as the checkpoint stores it (int32 codes of a 3B model are 12 GB)."""
+    set_weight_matrix(layer, res.weight.dequantize().to(layer.weight.dtype))
+    res.weight = res.weight.to("cpu")
+    if compact and res.weight.grid is None:
+        from ..checkpoint import pack_layer
+
+        res.weight = pack_layer(res.weight)
+    return res
 
 
 def _prefix_of(model: nn.Module, block: nn.Module) -> str:
@@ -230,8 +256,9 @@ def _prefix_of(model: nn.Module, block: nn.Module) -> str:
 
 def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs | None, *,
                       early_stop: bool, batches: list[dict] | None = None,
-                      first_weight: float = 1.0) -> dict[str, HessianAccumulator]:
-    """Accumulate H = 2/n Σ x xᵀ for each layer's input while running the module."""
+                      first_weight: float = 1.0, final: BlockInputs | None = None) -> dict[str, HessianAccumulator]:
+    """Accumulate H = 2/n Σ x xᵀ for each layer's input while running the module (`final`: a streamed model's
+    last block outputs, so only what follows the blocks runs)."""
     acc = {n: ConvHessianAccumulator(m) if _is_conv(m) else HessianAccumulator(weight_matrix(m).shape[1])
            for n, m in group.items()}
     seen: dict[tuple, tuple] = {}  # input of this batch -> (first layer, tensor kept alive so its
@@ -257,9 +284,10 @@ def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Bl
     try:
         with torch.no_grad():
             if inputs is None:
-                for b in batches:
+                for j, b in enumerate(batches):
                     seen.clear()
-                    module(**b, **({"use_cache": False} if "input_ids" in b else {}))
+                    with tail_of(module, final, j) if final is not None else _nullctx():
+                        module(**b, **({"use_cache": False} if "input_ids" in b else {}))
             else:
                 with stop_after(list(group.values())) if early_stop else _nullctx() as ctx:
                     for j in range(len(inputs.hidden)):
@@ -292,7 +320,13 @@ def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: 
     tensors, meta = {}, {}
     for n, r in res.items():
         w = r.weight
-        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": w.spec.to_dict()}
+        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": r.spec.to_dict()}
+        if isinstance(w, PackedWeight):  # kept packed (streamed model): stored as the checkpoint will hold it
+            from ..checkpoint import packed_tensors
+
+            tensors.update(packed_tensors(n, w))
+            meta[n].update(packed=True, in_features=w.in_features, out_features=w.out_features)
+            continue
         if w.grid is not None:  # a ggml layer: its exact block bytes
             tensors[f"{n}.ggml"] = ggml_bytes(w)
             continue
@@ -314,13 +348,27 @@ def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, lis
     for meta, t in done:
         for n, m in meta["layers"].items():
             spec = QuantSpec(**m["spec"])
-            if spec.fmt:
+            if m.get("packed"):
+                from ..loader import packed_from_tensors
+
+                qw = packed_from_tensors(t, n, {"bits": spec.bits, "group_size": spec.group_size,
+                                                "symmetric": spec.symmetric, "in_features": m["in_features"],
+                                                "out_features": m["out_features"]})
+            elif spec.fmt:
                 qw = ggml_from_bytes(t[f"{n}.ggml"], spec, weight_matrix(layers[n]).shape[1])
             else:
                 qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
                                      spec, t.get(f"{n}.g_idx"))
             results[n] = LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"],
-                                     m["notes"], m["seconds"])
-            set_weight_matrix(layers[n], qw.dequantize().to(layers[n].weight.dtype))
+                                     m["notes"], m["seconds"], spec=spec)
+            if layers[n].weight.device.type != "meta":  # a streamed block is re-read when it runs again
+                set_weight_matrix(layers[n], (qw.dequantize() if isinstance(qw, QuantizedWeight) else
+                                              _dequantize_packed(qw)).to(layers[n].weight.dtype))
     log.info("resuming quantization at block %d of %d", len(done), len(blocks))
     return len(done), [hidden[f"h{j}"] for j in range(len(hidden))]
+
+
+def _dequantize_packed(pw: PackedWeight) -> torch.Tensor:
+    from quant_kernels import dequantize
+
+    return dequantize(pw, torch.float32)

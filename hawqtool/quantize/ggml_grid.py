@@ -27,7 +27,7 @@ REFINE = 3       # alternating refinement rounds
 
 def _lin(a: float, b: float, n: int) -> list[float]:
     """n evenly spaced candidate values from a to b."""
-    return torch.linspace(a, b, n).tolist()
+    return torch.linspace(a, b, n, device="cpu").tolist()
 
 
 # candidate grids per type: (fine, broad). fine: step counts maxq + δ (code units) across the range from its

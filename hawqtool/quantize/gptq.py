@@ -38,7 +38,7 @@ class HessianAccumulator:
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
         self.n_samples = 0
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self._sum: torch.Tensor | None = None  # float64 [in, in], made on the first batch's device
 
     def add_batch(self, X: torch.Tensor) -> None:
         """Add the rows of X [..., in] to the running sum."""
@@ -47,7 +47,8 @@ class HessianAccumulator:
         X = X.detach().reshape(-1, self.in_features).float()
         if X.shape[0] == 0:
             return
-        self._sum = self._sum.to(X.device)
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=X.device)
         self._sum += (X.t() @ X).double()
         self.n_samples += X.shape[0]
 

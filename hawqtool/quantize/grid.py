@@ -55,10 +55,10 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
         half = (maxq + 1) // 2
         amax = torch.maximum(-wmin, wmax).clamp(min=1e-12)
         z = torch.full_like(amax, float(half))
-        steps = torch.linspace(max(half - 1, 0.5), 2.0 * half, N_CANDIDATES).tolist()
+        steps = torch.linspace(max(half - 1, 0.5), 2.0 * half, N_CANDIDATES, device="cpu").tolist()
     else:
         span = (wmax - wmin).clamp(min=1e-12)
-        steps = torch.linspace(max(maxq - 1, 0.5), 1.75 * maxq + 1, N_CANDIDATES).tolist()
+        steps = torch.linspace(max(maxq - 1, 0.5), 1.75 * maxq + 1, N_CANDIDATES, device="cpu").tolist()
     for t in steps:
         if symmetric:
             s0 = amax / t

@@ -41,7 +41,7 @@ def input_importance(model: nn.Module, layers: dict[str, nn.Module], batches: li
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / counts[n]).float().cpu() for n in sums}
+    return {n: (sums[n] / counts[n]).float() for n in sums}
 
 
 def weighted_quant_error(W: torch.Tensor, spec: QuantSpec, d: torch.Tensor | None) -> float:

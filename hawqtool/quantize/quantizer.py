@@ -165,7 +165,17 @@ class QuantizedWeight:
         in_features = self.q.shape[1]
         if self.g_idx is not None:
             return self.g_idx.long()
-        return torch.arange(in_features) // self.spec.group_width(in_features)
+        return torch.arange(in_features, device=self.q.device) // self.spec.group_width(in_features)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on `device` (results are kept on the CPU, computed anywhere)."""
+        from dataclasses import replace
+
+        grid = self.grid
+        if grid is not None:
+            grid = replace(grid, fields={k: v.to(device) for k, v in grid.fields.items()})
+        return replace(self, q=self.q.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
+                       g_idx=None if self.g_idx is None else self.g_idx.to(device), grid=grid)
 
     def dequantize(self) -> torch.Tensor:
         if self.grid is not None:
@@ -210,7 +220,7 @@ def ggml_weight(W: torch.Tensor, spec: QuantSpec, *, search: bool = True, d: tor
         grid = fit_grid(W, spec.ggml, d, search=search)
     if q is None:
         q = grid_codes(W, grid)
-    empty = torch.zeros(W.shape[0], 0)
+    empty = torch.zeros(W.shape[0], 0, device=W.device)
     return QuantizedWeight(q=q.to(torch.int32), scales=empty, zeros=empty.to(torch.int32), spec=spec, grid=grid)
 
 
@@ -230,5 +240,5 @@ def ggml_from_bytes(raw: torch.Tensor, spec: QuantSpec, in_features: int) -> Qua
             or raw.shape[1] != in_features // t.block * t.type_size:
         raise ValueError(f"{t.name} bytes of shape {list(raw.shape)} {raw.dtype} do not hold rows of {in_features}")
     q, grid = unpack_grid(raw.numpy(), t, in_features)
-    empty = torch.zeros(raw.shape[0], 0)
+    empty = torch.zeros(raw.shape[0], 0, device="cpu")
     return QuantizedWeight(q=q.to(torch.int32), scales=empty, zeros=empty.to(torch.int32), spec=spec, grid=grid)

@@ -20,6 +20,8 @@ def world() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per rank: torchrun's LOCAL_RANK (device.resolve_device agrees)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -40,7 +42,8 @@ def round_robin(probe: Callable[[int], list[float]], rank: int, size: int) -> Ca
     def get(k: int) -> list[float]:
         if k not in cache:
             start = (k // size) * size
-            mine = torch.tensor(probe(start + rank), dtype=torch.float64)
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+            mine = torch.tensor(probe(start + rank), dtype=torch.float64, device=dev)
             parts = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(parts, mine)
             cache.clear()

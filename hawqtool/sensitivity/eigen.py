@@ -48,7 +48,7 @@ def top_eigenvalues(model: nn.Module, params: dict[str, torch.nn.Parameter], bat
     model_names = _model_names(model, plist) if hvp == "ggn" else names
     device = plist[0].device
     dev = [_to_device(b, device) for b in batches]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def block_hvp(members: list[str], v: dict[str, torch.Tensor], refs: list[Any]) -> dict[str, torch.Tensor]:
         """(H v) on the block, H averaged over the batches, v zero outside the block."""
@@ -71,7 +71,7 @@ def top_eigenvalues(model: nn.Module, params: dict[str, torch.nn.Parameter], bat
         with torch.no_grad():
             refs = [obj.prepare(model, b) for b in dev]
         for bname, members in blocks.items():
-            v = {m: torch.randn(params[m].shape, generator=gen).to(params[m]) for m in members}
+            v = {m: torch.randn(params[m].shape, generator=gen, device="cpu").to(params[m]) for m in members}
             norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in v.values()))
             v = {m: t / norm for m, t in v.items()}
             lam, converged, it = math.nan, False, 0

@@ -50,9 +50,15 @@ def sampled_loss(objective: str, z: torch.Tensor, mask: torch.Tensor, gen: torch
         y = torch.multinomial(probs, 1, generator=gen).to(z.device).view(z.shape[:-1] + (1,))
         return -(logp.gather(-1, y).squeeze(-1) * mask).sum() / n
     if objective == "output-mse":
-        eps = torch.randn(z.shape, generator=gen, dtype=torch.float64).to(device=z.device, dtype=z.dtype)
+        eps = torch.randn(z.shape, generator=gen, dtype=torch.float64, device="cpu").to(device=z.device, dtype=z.dtype)
         return ((z * eps).sum(-1) * mask).sum() / n
     raise ValueError(f"no sampled Fisher for objective {objective!r}")
+
+
+def squared_norm(g: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Σ g² in float64, a few million elements at a time (a 49152 × 3072 head's gradient in float64 is 1.2 GB)."""
+    flat = g.detach().reshape(-1)
+    return float(sum(c.double().pow(2).sum() for c in flat.split(chunk)))
 
 
 def fisher_probe(model: nn.Module, params: list[torch.Tensor], batch: Batch, objective: str,
@@ -68,7 +74,7 @@ def fisher_probe(model: nn.Module, params: list[torch.Tensor], batch: Batch, obj
             gs = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=d < draws - 1)
             for i, g in enumerate(gs):
                 if g is not None:
-                    acc[i] += n * float(g.double().pow(2).sum())
+                    acc[i] += n * squared_norm(g)
     return [a / draws for a in acc]
 
 
@@ -101,7 +107,7 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
         bi = k % len(batches)
         if bi not in dev_batches:
             dev_batches[bi] = _to_device(batches[bi], device)
-        gen = torch.Generator().manual_seed(probe_seed(seed, k))
+        gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
         return fisher_probe(model, plist, dev_batches[bi], obj.name, gen, samples_per_batch)
 
     with estimating(model, plist):

@@ -40,7 +40,7 @@ def position_mask(batch: dict, z: torch.Tensor) -> torch.Tensor:
     """[B, T] float mask of scored positions (attention_mask if given, else all ones)."""
     m = batch.get("attention_mask")
     if m is None or m.shape != z.shape[:2]:
-        return torch.ones(z.shape[:2], dtype=z.dtype)
+        return torch.ones(z.shape[:2], dtype=z.dtype, device=z.device)
     return m.to(z.dtype)
 
 

@@ -59,7 +59,7 @@ def relative_se(mean: float, stderr: float) -> float:
 
 def rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """±1 tensor shaped like `p` (drawn on CPU from `gen`, then moved to p's device/dtype)."""
-    r = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8)
+    r = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8, device="cpu")
     return (r * 2 - 1).to(device=p.device, dtype=p.dtype)
 
 
@@ -151,7 +151,7 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
             with torch.no_grad():
                 refs[bi] = obj.prepare(model, dev_batches[bi])
         batch = dev_batches[bi]
-        gen = torch.Generator().manual_seed(probe_seed(seed, k))
+        gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
         vs = [rademacher(p, gen) for p in plist]
         if hvp == "ggn":
             hv = _ggn_hvp(model, plist, model_names, batch, obj, vs)

@@ -1,0 +1,129 @@
+"""Sensitivity of a streamed model (--offload): one block resident at a time.
+
+A Fisher probe runs the blocks forward storing each block's input on the host, computes the head's sampled-label
+loss on the last block's output (streaming.replayed_blocks), then walks the blocks in reverse: each is loaded,
+its forward recomputed from its stored input with gradients, and backpropagated with the gradient arriving from
+the block above; its layers' squared gradient norms are the probe's samples. The result equals fisher.py's
+in-memory probe (same seed, same labels) up to float summation order."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import capture_block_inputs
+from ..streaming import replayed_blocks, streamer_of, tail_of, walk_blocks
+from .distributed import probe_seed, round_robin, world
+from .fisher import SUPPORTED, sampled_loss, scored_mask, squared_norm
+from .hutchinson import LayerTrace, adaptive_probes, check_probe_args
+from .objectives import Batch, model_logits, upcast
+
+
+def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, objective: str,
+                          gen: torch.Generator) -> list[float]:
+    """One sampled-label Fisher probe of a streamed model: per layer in `names`, N·‖g_l‖² (fisher_probe's value)."""
+    st = streamer_of(model)
+    inputs = capture_block_inputs(model, st.blocks[0], [batch])
+    h, stored, as_tuple = inputs.hidden[0], [], False
+    with torch.no_grad():
+        for i in range(len(st.blocks)):
+            with st.resident(i) as block:
+                stored.append(h.cpu())
+                out = block(h, *inputs.args[0], **inputs.kwargs[0])
+                as_tuple = isinstance(out, (tuple, list))
+                h = out[0] if as_tuple else out
+    final = h.detach().requires_grad_(True)
+    values = dict.fromkeys(names, 0.0)
+    outside = [nm for nm in names if not any(nm.startswith(p) for p in st.prefixes)]  # resident: an untied head
+    heads = [model.get_submodule(nm).weight for nm in outside]
+    with torch.enable_grad():
+        with replayed_blocks(model, final, as_tuple):
+            z = upcast(model_logits(model, batch))
+        mask = scored_mask(batch, z)
+        n = float(mask.sum().clamp_min(1))
+        g, *gh = torch.autograd.grad(sampled_loss(objective, z, mask, gen), [final] + heads)
+    for nm, gw in zip(outside, gh):
+        values[nm] = n * squared_norm(gw)
+    for i in reversed(range(len(st.blocks))):
+        with st.resident(i) as block:
+            mine = [nm for nm in names if nm.startswith(st.prefixes[i])]
+            ws = [model.get_submodule(nm).weight for nm in mine]
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for w in ws:
+                w.requires_grad_(True)
+            x = stored[i].to(g.device).requires_grad_(i > 0)
+            with torch.enable_grad():
+                out = block(x, *inputs.args[0], **inputs.kwargs[0])
+                out = out[0] if as_tuple else out
+                grads = torch.autograd.grad(out, ws + ([x] if i > 0 else []), grad_outputs=g, allow_unused=True)
+            for nm, gw in zip(mine, grads[:len(ws)]):
+                if gw is not None:
+                    values[nm] = n * squared_norm(gw)
+            if i > 0:
+                g = grads[-1].detach()
+    return [values[nm] for nm in names]
+
+
+def streamed_fisher_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
+                           *, seed: int = 0, **adaptive) -> dict[str, LayerTrace]:
+    """fisher_traces for a streamed model (one label draw per probe, batch k mod len(batches))."""
+    if objective not in SUPPORTED:
+        raise ValueError(f"a streamed model's sensitivity uses the Fisher estimator ({', '.join(SUPPORTED)}), "
+                         f"not objective {objective!r}")
+    check_probe_args(params, batches, adaptive["max_probes"])
+    names = list(params)
+
+    def probe(k: int) -> list[float]:
+        gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
+        return streamed_fisher_probe(model, names, batches[k % len(batches)], objective, gen)
+
+    return adaptive_probes(params, round_robin(probe, *world()), **adaptive)
+
+
+def streamed_importance(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch],
+                        first_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """importance.input_importance for a streamed model: the same hooks, on each block while it is resident."""
+    from transformers.pytorch_utils import Conv1D
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+
+    def hook(_m, a, n):
+        x = a[0].detach().float()
+        w = torch.ones(x.shape[:-1], device=x.device)
+        if first_weight != 1.0 and x.dim() == 3:
+            w[:, 0] = first_weight
+        sums[n] = sums.get(n, 0) + (x * x * w[..., None]).reshape(-1, x.shape[-1]).sum(0).double()
+        counts[n] = counts.get(n, 0.0) + float(w.sum())
+
+    st = streamer_of(model)
+    kinds = (nn.Linear, Conv1D)
+    handles: list = []
+    box: dict = {}
+    for i, _block, _inputs in walk_blocks(model, batches, box=box):
+        for h in handles:
+            h.remove()
+        handles = [m.register_forward_pre_hook(lambda m_, a, n=n: hook(m_, a, n))
+                   for n, m in layers.items() if n.startswith(st.prefixes[i]) and isinstance(m, kinds)]
+    for h in handles:
+        h.remove()
+    outside = {n: m for n, m in layers.items() if not any(n.startswith(p) for p in st.prefixes) and isinstance(m, kinds)}
+    if outside:  # what follows the blocks (an untied head), run once per batch on the last block's outputs
+        handles = [m.register_forward_pre_hook(lambda m_, a, n=n: hook(m_, a, n)) for n, m in outside.items()]
+        try:
+            with torch.no_grad():
+                for j, b in enumerate(batches):
+                    with tail_of(model, box["inputs"], j):
+                        model(**b, **({"use_cache": False} if "input_ids" in b else {}))
+        finally:
+            for h in handles:
+                h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}
+
+
+def stored_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """A streamed model's layer weight as [out, in] float32, read from its file (HF Conv1D stores [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    W = streamer_of(model).tensor(f"{name}.weight").float()
+    return W.t() if isinstance(model.get_submodule(name), Conv1D) else W

@@ -1,0 +1,151 @@
+"""Streamed models (--offload, issue 16): built on the meta device, one block read from the safetensors files at a
+time. Every stage must give what the in-memory model gives: the same checkpoint bytes, the same perplexity and
+the same sensitivity samples (float summation order aside)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from cli_helpers import invoke, one_line_error
+from conftest import make_tiny_llama
+from hawqtool.errors import UserError
+from hawqtool.streaming import parse_memory, streamer_of
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory, corpus_text):
+    """A 3-block tiny Llama (so the middle block's inputs come from a streamed block)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("llama3"), corpus_text, layers=3, seed=3)
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def either(request, llama3, tmp_path_factory):
+    """llama3, and a copy whose head is its own (a quantizable layer outside the blocks, resident when streamed)."""
+    if request.param == "tied":
+        return llama3
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama3)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 1.5)
+    out = tmp_path_factory.mktemp("untied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(llama3).save_pretrained(out)
+    return out
+
+
+def _load(path, **kw):
+    from hawqtool.models import load_model
+
+    return load_model(str(path), **kw)
+
+
+def _ids(loaded, text_file, n=4, seqlen=32):
+    from hawqtool.inputs import calibration_inputs
+
+    return calibration_inputs(loaded, str(text_file), n, seqlen, seed=1)
+
+
+def test_offload_builds_on_meta_and_loads_one_block(llama3):
+    loaded = _load(llama3, offload=True)
+    st = streamer_of(loaded.model)
+    assert st is not None and len(st.blocks) == 3
+    assert all(p.device.type == "meta" for b in st.blocks for p in b.parameters())
+    assert loaded.model.model.embed_tokens.weight.device.type == "cpu"
+    with st.resident(1) as block:
+        assert all(p.device.type == "cpu" for p in block.parameters())
+        assert all(p.device.type == "meta" for p in st.blocks[0].parameters())
+    assert all(p.device.type == "meta" for p in st.blocks[1].parameters())
+    assert streamer_of(_load(llama3).model) is None
+
+
+def test_max_memory_below_the_weights_streams(llama3):
+    assert streamer_of(_load(llama3, max_memory=1000).model) is not None
+    assert streamer_of(_load(llama3, max_memory=10**9).model) is None
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_file, act_order):
+    from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.models import quantizable_layers, weight_matrix
+    from hawqtool.quantize.driver import QuantizeOptions
+    from hawqtool.stages import quantize_stage
+
+    llama3 = either
+    mem = _load(llama3)
+    assert ("lm_head" in quantizable_layers(mem.model)) == (llama3.name.startswith("untied"))
+    ids = _ids(mem, text_file)
+    plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem.model).items()}, 3,
+                      group_size=16)
+    opts = QuantizeOptions(batch_size=2, act_order=act_order)
+    quantize_stage(mem, plan, ids, opts, tmp_path / "mem")
+    quantize_stage(_load(llama3, offload=True), plan, ids, opts, tmp_path / "streamed")
+    digest = {k: hashlib.sha256((tmp_path / k / "model.safetensors").read_bytes()).hexdigest() for k in ("mem", "streamed")}
+    assert digest["mem"] == digest["streamed"]
+    manifests = [json.loads((tmp_path / k / "hawqtool_manifest.json").read_text()) for k in ("mem", "streamed")]
+    assert manifests[0]["layers"] == manifests[1]["layers"]
+
+
+def test_streamed_perplexity_equals_in_memory(either, text_file):
+    from hawqtool.evaluate import perplexity
+
+    llama3 = either
+    mem = _load(llama3)
+    windows = _ids(mem, text_file, n=5, seqlen=48)
+    a = perplexity(mem.model, windows, batch_size=2)
+    b = perplexity(_load(llama3, offload=True).model, windows, batch_size=2)
+    assert b.tokens == a.tokens and b.nll == pytest.approx(a.nll, rel=1e-6)
+
+
+def test_streamed_sensitivity_equals_in_memory(either, text_file):
+    from hawqtool.stages import compute_sensitivity
+
+    llama3 = either
+    mem = _load(llama3)
+    ids = _ids(mem, text_file)
+    kw = dict(max_probes=4, min_probes=4, batch_size=2, estimator="fisher", first_token_weight=64.0, qerror_bits=(3, 4))
+    a = compute_sensitivity(mem, ids, **kw)
+    b = compute_sensitivity(_load(llama3, offload=True), ids, **kw)
+    assert a.fingerprint == b.fingerprint
+    for la, lb in zip(a.layers, b.layers):
+        assert la.name == lb.name
+        assert lb.samples == pytest.approx(la.samples, rel=1e-4), la.name
+        assert lb.qerror == pytest.approx(la.qerror, rel=1e-5), la.name
+
+
+def test_streamed_sensitivity_refuses_hutchinson(llama3, text_file):
+    from hawqtool.stages import compute_sensitivity
+
+    loaded = _load(llama3, offload=True)
+    with pytest.raises(UserError, match="fisher"):
+        compute_sensitivity(loaded, _ids(loaded, text_file), estimator="hutchinson", max_probes=2)
+
+
+def test_parse_memory():
+    assert parse_memory("3GiB") == 3 << 30 and parse_memory("512MiB") == 512 << 20 and parse_memory("8GB") == 8 * 10**9
+    for bad in ("lots", "-1GiB", "0"):
+        with pytest.raises(UserError, match="--max-memory"):
+            parse_memory(bad)
+
+
+def test_run_offload_end_to_end(tmp_path, llama3, text_file):
+    """`run --offload` completes and gives the in-memory run's plan and perplexities."""
+    small = ["--calib", text_file, "--data", text_file, "--avg-bits", 3.5, "--nsamples", 4, "--seqlen", 32,
+             "--sens-samples", 4, "--sens-seqlen", 32, "--max-probes", 4, "--eval-windows", 3, "--eval-seqlen", 32, "-q"]
+    invoke("run", llama3, "-o", tmp_path / "mem", *small)
+    invoke("run", llama3, "-o", tmp_path / "streamed", "--offload", *small)
+    a, b = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("mem", "streamed"))
+    assert b["offload"] is True and a["offload"] is False
+    assert json.loads((tmp_path / "mem" / "plan.json").read_text())["layers"] == \
+        json.loads((tmp_path / "streamed" / "plan.json").read_text())["layers"]
+    for k in ("baseline_ppl", "mixed_ppl", "uniform_ppl"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_offload_bad_memory_is_one_line(tmp_path, llama3, text_file):
+    res = invoke("run", llama3, "--calib", text_file, "-o", tmp_path / "r", "--max-memory", "lots", ok=False)
+    one_line_error(res, "--max-memory")
+    assert not (tmp_path / "r").exists()
