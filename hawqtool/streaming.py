@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -173,21 +173,25 @@ def streamer_of(model: nn.Module) -> Streamer | None:
 
 
 def walk_blocks(model: nn.Module, batches: list[dict], *, start: int = 0, stop: int | None = None,
-                hidden: list[torch.Tensor] | None = None, host: bool = False,
-                box: dict | None = None) -> Iterator[tuple[int, nn.Module, object]]:
+                hidden: list[torch.Tensor] | None = None, host: bool = False, box: dict | None = None,
+                containers: tuple[type, ...] = (nn.ModuleList,), call_kwargs: dict | None = None,
+                after: Callable[[int, object], None] | None = None) -> Iterator[tuple[int, nn.Module, object]]:
     """The one block engine: run `model` over `batches` block by block. Yields (i, block, inputs) with block i
     resident (streamed models: loaded for the step, dropped after); once the caller hands control back (it may
     have changed the block: GPTQ), the block's outputs become block i+1's inputs. `hidden`: block `start`'s
     inputs (a resumed run); `host`: keep boundary activations on the CPU between blocks (streamed models always
     do). `inputs.hidden` ends as the outputs of the last block run; `box["inputs"]` holds the inputs object
-    (also when no block runs: a resumed run that had finished every block)."""
+    (also when no block runs: a resumed run that had finished every block). `containers`, `call_kwargs`: what
+    blocks.find_blocks and capture_block_inputs take (timm models: nn.Sequential blocks, no use_cache).
+    `after(i, inputs)`: called once block i's outputs are in `inputs.hidden`, before block i+1 starts (where a
+    stage commits the block: its resume state needs those outputs)."""
     from .blocks import capture_block_inputs, find_blocks
 
-    _, blocks = find_blocks(model)
+    _, blocks = find_blocks(model, containers)
     stop = len(blocks) if stop is None else stop
     streamer = streamer_of(model)
     host = host or streamer is not None
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks[0], batches, call_kwargs)
     if hidden is not None:
         inputs.hidden = hidden
     elif host:
@@ -204,6 +208,8 @@ def walk_blocks(model: nn.Module, batches: list[dict], *, start: int = 0, stop: 
             inputs.tuple_out = bool(out) and isinstance(out[0], (tuple, list))
             out = [o[0] if inputs.tuple_out else o for o in out]
             inputs.hidden = [h.cpu() for h in out] if host else out
+            if after is not None:
+                after(i, inputs)
     return inputs
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..blocks import capture_block_inputs, find_blocks
+from ..streaming import walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .act_quant import ActQuantizer
 from .aphq import APHQOptions, BlockData, aph_importance, native_weight, reconstruct_block, run_block
@@ -251,15 +252,27 @@ def aphq_quantize_model(model: nn.Module, specs: dict[str, QuantSpec], act_bits:
     try:
         fdata = _capture(model, blocks[0], batches)
         _quantize_outside(model, pre, specs, act_bits, batches, opts.act_init, result, hooks)
-        xq, xf = (_capture(model, blocks[0], batches).x if pre else fdata.x), fdata.x
+        xf = fdata.x
         state = BlockState(Path(state_dir), state_key) if state_dir is not None else None
         done, hidden = _resume(state, model, layers, result, hooks, act_bits)
         if hidden is not None:
-            xq, xf = hidden
-        for i in range(done, len(blocks)):
+            xf = hidden[1]
+        # the block engine carries the quantized chain (each block's outputs once it is quantized); the float
+        # chain is this loop's own: a block's float outputs are its reconstruction targets z
+        finished: dict = {}  # block i's commit: saved (with the engine's outputs of it, the next inputs) and said
+
+        def commit(i: int, inputs) -> None:
+            if state is not None:
+                _save_block(state, i, result, finished["prefix"], finished["floats"], inputs.hidden, xf)
+            say(finished["line"])
+
+        engine = walk_blocks(model, batches, start=done, hidden=None if hidden is None else hidden[0],
+                             containers=(nn.ModuleList, nn.Sequential), call_kwargs={}, after=commit)
+        for i, block, inputs in engine:
+            xq = inputs.hidden
             t0 = time.perf_counter()
-            block, prefix = blocks[i], prefixes[i]
-            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + i)
+            prefix = prefixes[i]
+            gen = torch.Generator(device="cpu").manual_seed(opts.seed * 1_000_003 + i)
             fd = BlockData(xf, fdata.args, fdata.kwargs, [], masks)
             mlp = find_mlp(block, lambda: run_block(block, fd, 0)) if opts.mlp_relu else None
             z, mr = _float_pass(block, fd, mlp)
@@ -290,16 +303,12 @@ def aphq_quantize_model(model: nn.Module, specs: dict[str, QuantSpec], act_bits:
             for n, (s, zero) in out["act"].items():
                 result.act[prefix + n] = (s, zero)
                 hooks[prefix + n] = _attach(block.get_submodule(n), acts[n][0], s, zero)
-            with torch.no_grad():
-                xq = [run_block(block, qd, j).detach() for j in range(len(xq))]
             xf = z
             record.update({k: out[k] for k in ("loss_before", "loss_after", "loss_soft", "undecided", "kept", "iters")},
                           seconds=round(time.perf_counter() - t0, 3))
             result.blocks.append(record)
-            if state is not None:
-                _save_block(state, i, result, prefix, floats, xq, xf)
-            say(f"{prefix[:-1]}: loss {out['loss_before']:.4g} -> {out['loss_after']:.4g} "
-                f"({record['seconds']:.1f}s)")
+            finished.update(prefix=prefix, floats=floats, line=f"{prefix[:-1]}: loss {out['loss_before']:.4g} -> "
+                                                                  f"{out['loss_after']:.4g} ({record['seconds']:.1f}s)")
         _quantize_outside(model, post, specs, act_bits, batches, opts.act_init, result, hooks)
     finally:
         for hd in hooks.values():

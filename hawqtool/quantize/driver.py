@@ -199,12 +199,11 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     outside = streamed and any(not any(n.startswith(p) for p in prefixes) for n in specs)
     stop = len(blocks) if outside else last + 1
     box: dict = {}
-    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box) \
+    commit = (lambda i, inp: _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])},
+                                         inp.hidden)) if state is not None else None
+    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box, after=commit) \
         if stop > done_blocks or outside else ()
-    finished = None  # (block, its results): saved once the engine has its outputs, i.e. at the next step
     for i, block, inputs in engine:
-        if state is not None and finished is not None:
-            _save_block(state, *finished, inputs.hidden)
         in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
         if not in_block:
             groups = []
@@ -220,9 +219,6 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
                 results[n] = _finish(n, layers[n], _quantize_one(n, layers[n], Hs[n].H, specs[n], opts), streamed)
                 if progress:
                     progress(n)
-        finished = (i, {n: results[n] for n in in_block})
-    if state is not None and finished is not None:
-        _save_block(state, *finished, inputs.hidden)
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
