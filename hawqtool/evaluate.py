@@ -33,31 +33,39 @@ class PerplexityResult:
 
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
                progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """Perplexity of a causal LM over [k, seqlen] token windows."""
+    """Perplexity of a causal LM over [k, seqlen] token windows. Under torch.distributed each rank scores its
+    strided share of the batches; the per-batch sums are gathered and added in batch order (1-rank result)."""
     from .device import model_device
+    from .distributed import gather_list, my_share, world
     from .streaming import streamed_outputs, streamer_of
 
     t0 = time.perf_counter()
-    total, count = 0.0, 0
+    sums: list[tuple[float, int]] = []
     model.eval()
     dev = model_device(model)
-    batches = [{"input_ids": windows[i:i + batch_size].to(dev)} for i in range(0, len(windows), batch_size)]
+    rank, size = world()
+    every = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    batches = [{"input_ids": w.to(dev)} for w in my_share(every, rank, size)]
     if streamer_of(model) is not None:  # block by block over all windows, then each window's tail
         outputs = streamed_outputs(model, batches, use_cache=False)
     else:
         outputs = ((j, model(**b, use_cache=False)) for j, b in enumerate(batches))
     with torch.no_grad():
         for j, out in outputs:
-            ids, i = batches[j]["input_ids"], j * batch_size
+            ids = batches[j]["input_ids"]
             logits = out.logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                   reduction="sum")
             if not torch.isfinite(nll):
-                raise FloatingPointError(f"non-finite loss in evaluation window {i}; the model produces NaN/inf")
-            total += float(nll)
-            count += ids[:, 1:].numel()
+                raise FloatingPointError(f"non-finite loss in evaluation window {(j * size + rank) * batch_size}; "
+                                         "the model produces NaN/inf")
+            sums.append((float(nll), ids[:, 1:].numel()))
             if progress:
-                progress(len(ids))
+                progress(len(ids) * size)
+    total, count = 0.0, 0
+    for s, c in gather_list(sums, len(every)):  # in batch order: the sum one process forms
+        total += s
+        count += c
     nll = total / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(windows),
                             seqlen=windows.shape[1], seconds=time.perf_counter() - t0)

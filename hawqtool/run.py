@@ -45,8 +45,9 @@ from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
-from .stages import (EVAL_IMAGES, EVAL_IMAGE_SEED, compute_sensitivity, layer_weights, model_digest, quantize_stage,
-                     sensitivity_fingerprint, sensitivity_settings, vision_eval_images)
+from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
+from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
+                     sensitivity_settings)
 
 log = logging.getLogger("hawqtool")
 VISION = "image-classification"

@@ -77,7 +77,7 @@ def minilm_model():
 
 def minilm_cosine(ckpt: Path) -> float:
     from hawqtool.progress import Reporter
-    from hawqtool.stages import evaluate_any
+    from hawqtool.evaluate_stage import evaluate_any
 
     return evaluate_any(str(ckpt), "wiki", 128, 40, Reporter(True))["cosine"]
 

@@ -36,7 +36,7 @@ def main() -> None:
     from hawqtool.compiled import compile_model, graph_breaks
     from hawqtool.models import load_model
     from hawqtool.runtime import load_quantized
-    from hawqtool.stages import vision_eval_images
+    from hawqtool.evaluate_stage import vision_eval_images
     from quant_kernels import backend_info
 
     ref_name = read_manifest(args.checkpoints[0]).get("source_model")

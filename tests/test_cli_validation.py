@@ -192,7 +192,7 @@ def test_out_of_memory_is_a_user_error_but_other_failures_stay_internal(tiny_lla
     def fails_with(exc):
         def evaluate_any(*a, **k):
             raise exc
-        monkeypatch.setattr("hawqtool.stages.evaluate_any", evaluate_any)
+        monkeypatch.setattr("hawqtool.evaluate_stage.evaluate_any", evaluate_any)
         return cli("eval", tiny_llama)
 
     oom = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried "

@@ -74,7 +74,7 @@ def test_run_scores_an_image_classifier_resumes_and_matches_eval(tiny_cnn, tmp_p
     assert not {"sensitivity", "quantize"} & set(r["stage_seconds"])  # ("eval" times the skip checks too)
     assert r["mixed_mean_kl"] == s["mixed_mean_kl"] and r["uniform_top1_agreement"] == s["uniform_top1_agreement"]
 
-    monkeypatch.setattr("hawqtool.stages.EVAL_IMAGES", 8)  # `hawqtool eval` scores the same image set
+    monkeypatch.setattr("hawqtool.evaluate_stage.EVAL_IMAGES", 8)  # `hawqtool eval` scores the same image set
     ev = json.loads(invoke("eval", out / "mixed", "--json").stdout)
     assert ev["images"] == s["eval_images"]
     assert ev["top1_agreement"] == s["mixed_top1_agreement"] and ev["mean_kl"] == pytest.approx(s["mixed_mean_kl"])

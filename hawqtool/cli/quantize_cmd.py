@@ -62,14 +62,18 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     from ..device import resolve_device, resolve_dtype
     from ..outputs import claim_output
 
+    from ..distributed import world
+
     _setup_logging(verbose)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from ..streaming import parse_memory
 
     max_memory = parse_memory(max_memory) if max_memory is not None else None
-    claim_output(output, "checkpoint", inputs=[model, plan_file], overwrite=overwrite)
-    rep = Reporter(quiet or as_json)
+    rank = world()[0]  # under torchrun: data parallel over the calibration windows, rank 0 writes
+    if rank == 0:
+        claim_output(output, "checkpoint", inputs=[model, plan_file], overwrite=overwrite)
+    rep = Reporter(quiet or as_json or rank != 0)
     plan = artifacts.load(plan_file, "plan")
     loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
                         max_memory=max_memory)
@@ -82,6 +86,8 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
                               data_key=calibration_key(loaded, calib, ids, seed))
+    if rank != 0:
+        return
     if as_json:
         click.echo(json.dumps({"checkpoint": str(path)}))
     else:
@@ -110,16 +116,21 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, dev
     hawqtool eval minilm-ckpt/ --seqlen 128      # encoder: cosine to its source model
     """
     from ..device import resolve_device, resolve_dtype
-    from ..stages import evaluate_any
+    from ..evaluate_stage import evaluate_any
     from ..streaming import parse_memory
     from ..progress import Reporter
 
+    from ..distributed import world
+
     _setup_logging(verbose)
     dev = resolve_device(device)
-    rep = Reporter(quiet or as_json)
+    rank = world()[0]  # under torchrun: windows split over the ranks, rank 0 reports
+    rep = Reporter(quiet or as_json or rank != 0)
     res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code,
                        reference=reference, device=dev, dtype=resolve_dtype(dtype, dev), offload=offload,
                        max_memory=parse_memory(max_memory) if max_memory is not None else None)
+    if rank != 0:
+        return
     if as_json:
         click.echo(json.dumps(res))
     elif res["task"] == "image-classification":

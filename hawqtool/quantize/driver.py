@@ -17,13 +17,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..blocks import BlockInputs, _Stop, find_blocks, run_block, sequential_groups, stop_after
+from ..blocks import find_blocks, sequential_groups
 from ..device import model_device
+from ..distributed import broadcast_from, gather_list, my_share, owners, world
 from ..errors import UserError
-from ..streaming import streamer_of, tail_of, walk_blocks
+from ..streaming import streamer_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
-from .conv import ConvHessianAccumulator, gptq_conv
-from .gptq import GPTQError, HessianAccumulator, gptq_quantize
+from .conv import gptq_conv
+from .gptq import GPTQError, gptq_quantize
+from .hessians import collect_hessians, is_conv
 from quant_kernels import PackedWeight
 
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
@@ -96,20 +98,6 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
 
 
-def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d))
-
-
-def _padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input as the convolution sees it: timm's Conv2dSame pads dynamically (TF 'SAME') inside its
-    forward with `padding` left at 0, so its patches must be taken from the padded input."""
-    if type(m).__name__ == "Conv2dSame":
-        from timm.layers.padding import pad_same
-
-        return pad_same(x, m.weight.shape[-2:], m.stride, m.dilation)
-    return x
-
-
 def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     """output_error for a conv's flattened [out, d] weight with per-group patch Hessians H [groups, d, d]."""
     G = H.shape[0]
@@ -164,7 +152,7 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
 
 def _quantize_one(name: str, layer: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
     """quantize_conv for convolutions, quantize_layer for the rest."""
-    if _is_conv(layer):
+    if is_conv(layer):
         return quantize_conv(name, layer, H, spec, opts)
     return quantize_layer(name, weight_matrix(layer).float(), H, spec, opts)
 
@@ -187,10 +175,17 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         _, blocks = find_blocks(model)
     except ValueError:  # no repeated ModuleList (e.g. timm CNNs): every layer is quantized in one pass below
         blocks = nn.ModuleList()
-    batches = _batches(calib_ids, opts.batch_size, model_device(model))
+    rank, size = world()
+    every = _batches(calib_ids, opts.batch_size, model_device(model))
+    batches = my_share(every, rank, size)  # data parallel: this rank's strided share (all of them on one)
+    if size > 1:
+        log.info("data parallel: rank %d of %d runs %d of the %d calibration batches", rank, size, len(batches),
+                 len(every))
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
     done_blocks, hidden = _resume(state, blocks, layers, results)
+    if hidden is not None:
+        hidden = my_share(hidden, rank, size)
     prefixes = [_prefix_of(model, b) for b in blocks]
     # blocks after the last one with planned layers need not run (the rest is calibrated on the whole model)
     last = max((i for i, p in enumerate(prefixes) if any(n.startswith(p) for n in specs)), default=-1)
@@ -199,9 +194,13 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     outside = streamed and any(not any(n.startswith(p) for p in prefixes) for n in specs)
     stop = len(blocks) if outside else last + 1
     box: dict = {}
-    commit = (lambda i, inp: _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])},
-                                         inp.hidden)) if state is not None else None
-    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box, after=commit) \
+    def commit(i: int, inp) -> None:  # rank 0 keeps the state, with every rank's next inputs in global order
+        every_hidden = gather_list([h.cpu() for h in inp.hidden], len(every)) if size > 1 else inp.hidden
+        if rank == 0:
+            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden)
+
+    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
+                         after=commit if state is not None else None) \
         if stop > done_blocks or outside else ()
     for i, block, inputs in engine:
         in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
@@ -213,21 +212,34 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
             groups = [list(in_block)]
         for group in groups:
             # H is collected for RTN too: it gives the per-layer output error in the manifest.
-            Hs = _collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
-                                   first_weight=opts.first_token_weight)
-            for n in group:
-                results[n] = _finish(n, layers[n], _quantize_one(n, layers[n], Hs[n].H, specs[n], opts), streamed)
-                if progress:
-                    progress(n)
+            Hs = collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
+                                  first_weight=opts.first_token_weight, n_total=len(every))
+            _solve(group, layers, Hs, specs, opts, results, streamed, progress)
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
-        Hs = _collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
-                               final=box.get("inputs") if streamed else None)
-        for n, layer in rest.items():
-            results[n] = _finish(n, layer, _quantize_one(n, layer, Hs[n].H, specs[n], opts))
-            if progress:
-                progress(n)
+        Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
+                              final=box.get("inputs") if streamed else None, n_total=len(every))
+        _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
     return results
+
+
+def _solve(group: list[str], layers: dict[str, nn.Module], Hs: dict, specs: dict[str, QuantSpec],
+           opts: QuantizeOptions, results: dict[str, LayerResult], compact: bool, progress) -> None:
+    """Quantize the layers of one group (their H collected). Data parallel: each layer on its owner rank (sizes
+    balanced), then every result broadcast, so all ranks continue with the same weights."""
+    rank, size = world()
+    own = owners({n: weight_matrix(layers[n]).numel() for n in group}, size) if size > 1 else dict.fromkeys(group, 0)
+    mine = {n: _on_cpu(_quantize_one(n, layers[n], Hs[n].H, specs[n], opts)) for n in group if own[n] == rank}
+    for n in group:
+        res = broadcast_from(own[n], lambda n=n: mine[n]) if size > 1 else mine[n]
+        results[n] = _finish(n, layers[n], res, compact)
+        if progress:
+            progress(n)
+
+
+def _on_cpu(res: LayerResult) -> LayerResult:
+    res.weight = res.weight.to("cpu")
+    return res
 
 
 def _finish(name: str, layer: nn.Module, res: LayerResult, compact: bool = False) -> LayerResult:
@@ -248,66 +260,6 @@ def _prefix_of(model: nn.Module, block: nn.Module) -> str:
         if m is block:
             return name + "."
     raise ValueError("block not found in model")
-
-
-def _collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs | None, *,
-                      early_stop: bool, batches: list[dict] | None = None,
-                      first_weight: float = 1.0, final: BlockInputs | None = None) -> dict[str, HessianAccumulator]:
-    """Accumulate H = 2/n Σ x xᵀ for each layer's input while running the module (`final`: a streamed model's
-    last block outputs, so only what follows the blocks runs)."""
-    acc = {n: ConvHessianAccumulator(m) if _is_conv(m) else HessianAccumulator(weight_matrix(m).shape[1])
-           for n, m in group.items()}
-    seen: dict[tuple, tuple] = {}  # input of this batch -> (first layer, tensor kept alive so its
-    # memory cannot be reused by a different tensor within the same forward)
-    alias: dict[str, str] = {}  # q/k/v (gate/up) read one tensor: its XᵀX is computed once
-
-    def hook(_m, a, n):
-        x = a[0]
-        if _is_conv(group[n]):  # patches depend on the conv's own kernel/stride: no sharing
-            acc[n].add_batch(_padded_input(group[n], x.detach()))
-            return
-        key = (x.data_ptr(), tuple(x.shape))
-        first = seen.setdefault(key, (n, x))[0]
-        if first != n:
-            alias[n] = first
-        else:
-            x = x.detach()
-            if first_weight != 1.0 and x.dim() == 3:
-                x = torch.cat([x[:, :1] * first_weight ** 0.5, x[:, 1:]], dim=1)
-            acc[n].add_batch(x)
-
-    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(_m, a, n)) for n, m in group.items()]
-    try:
-        with torch.no_grad():
-            if inputs is None:
-                for j, b in enumerate(batches):
-                    seen.clear()
-                    with tail_of(module, final, j) if final is not None else _nullctx():
-                        module(**b, **({"use_cache": False} if "input_ids" in b else {}))
-            else:
-                with stop_after(list(group.values())) if early_stop else _nullctx() as ctx:
-                    for j in range(len(inputs.hidden)):
-                        seen.clear()
-                        if early_stop:
-                            ctx.reset()
-                        try:
-                            run_block(module, inputs, j)
-                        except _Stop:
-                            pass
-    finally:
-        for h in handles:
-            h.remove()
-    for n, first in alias.items():
-        acc[n] = acc[first]
-    return acc
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- resume state (resume_state.py: hashed, verified): one record per finished block + the next inputs ----

@@ -25,10 +25,10 @@ def layer_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: list
     full-precision model (position 0 weighted by `first_weight`, as the quantize stage does)."""
     from transformers.pytorch_utils import Conv1D
 
-    from .driver import _collect_hessians
+    from .hessians import collect_hessians
 
     dense = {n: m for n, m in layers.items() if isinstance(m, (nn.Linear, Conv1D))}
-    acc = _collect_hessians(model, dense, None, early_stop=False, batches=batches, first_weight=first_weight)
+    acc = collect_hessians(model, dense, None, early_stop=False, batches=batches, first_weight=first_weight)
     return {n: a.H for n, a in acc.items()}
 
 

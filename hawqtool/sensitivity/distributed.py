@@ -7,23 +7,11 @@ takes the same stopping decision, so N ranks give the 1-process estimate (about 
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size), starting the process group from torchrun's environment when needed."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():  # one GPU per rank: torchrun's LOCAL_RANK (device.resolve_device agrees)
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+from ..distributed import comm_device, world  # noqa: F401  (world: re-exported for the estimators)
 
 
 def probe_seed(seed: int, k: int) -> int:
@@ -42,8 +30,7 @@ def round_robin(probe: Callable[[int], list[float]], rank: int, size: int) -> Ca
     def get(k: int) -> list[float]:
         if k not in cache:
             start = (k // size) * size
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-            mine = torch.tensor(probe(start + rank), dtype=torch.float64, device=dev)
+            mine = torch.tensor(probe(start + rank), dtype=torch.float64, device=comm_device())
             parts = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(parts, mine)
             cache.clear()

@@ -1,0 +1,111 @@
+"""Data parallel over torch.distributed ranks (launched by torchrun; gloo on CPU, nccl on GPU): no launcher here.
+
+Batch g of a stage's calibration or evaluation list belongs to rank g mod W (strided). Sums that must equal the
+single-process result bit for bit are formed in lockstep: at step t every rank contributes its batch t·W + r
+(or an empty part when it has none), the parts are gathered and added in rank order, which is the global batch
+order a single process adds them in. Results computed once (a GPTQ layer) are made by their owner rank and
+broadcast."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size), starting the process group from torchrun's environment when needed."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per rank: torchrun's LOCAL_RANK (device.resolve_device agrees)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU under nccl, the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def my_share(items: list, rank: int, size: int) -> list:
+    """The items this rank handles: every size-th from its rank (strided, so gathers restore global order)."""
+    return items[rank::size]
+
+
+def steps(n: int, size: int) -> int:
+    """Lockstep rounds over n strided items: every rank runs this many, some with nothing in the last."""
+    return -(-n // size)
+
+
+def ordered_sum(part: torch.Tensor | None, like: torch.Tensor, total: torch.Tensor | None) -> torch.Tensor:
+    """total + the parts of all ranks for this step, added one by one in rank order (None: this rank has no part;
+    it adds nothing). `like` gives the shape and dtype of a part. Single process: total + part."""
+    rank, size = world()
+    if size == 1:
+        return part.clone() if total is None else total + part
+    import torch.distributed as dist
+
+    dev = comm_device()
+    mine = torch.stack([torch.tensor(float(part is not None), device=dev)])
+    x = (part if part is not None else torch.zeros_like(like)).to(dev).contiguous()
+    xs, flags = [torch.empty_like(x) for _ in range(size)], [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(flags, mine)
+    dist.all_gather(xs, x)
+    for f, p in zip(flags, xs):
+        if float(f) > 0:
+            p = p.to(like.device)
+            total = p.clone() if total is None else total + p
+    return total
+
+
+def gather_list(items: list[Any], n: int) -> list[Any]:
+    """All ranks' strided shares of an n-item list (each rank holding `items` = its share), back in global order
+    on every rank (objects pickled: for small results such as per-batch sums or CPU activations)."""
+    rank, size = world()
+    if size == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    shares: list = [None] * size
+    dist.all_gather_object(shares, list(items))
+    return [shares[g % size][g // size] for g in range(n)]
+
+
+def broadcast_from(owner: int, make: Callable[[], Any]) -> Any:
+    """make() on the owner rank, its result (a picklable object, e.g. CPU tensors) given to every rank."""
+    rank, size = world()
+    if size == 1:
+        return make()
+    import torch.distributed as dist
+
+    box = [make() if rank == owner else None]
+    dist.broadcast_object_list(box, src=owner)
+    return box[0]
+
+
+def barrier() -> None:
+    rank, size = world()
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def owners(sizes: dict[str, int], size: int) -> dict[str, int]:
+    """Each item's owner rank, greedily balancing the summed sizes (largest first; ties by name: every rank
+    computes the same assignment)."""
+    load = [0] * size
+    out: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(size), key=lambda i: (load[i], i))
+        out[name] = r
+        load[r] += sizes[name]
+    return out
