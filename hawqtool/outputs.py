@@ -31,8 +31,9 @@ log = logging.getLogger("hawqtool")
 # what marks a folder/file as hawqtool's own output of each kind
 CHECKPOINT_MARKER = "hawqtool_manifest.json"
 EXPORT_MARKER = "hawqtool_export.json"
-RUN_FILES = ("summary.json", "sensitivity.json", "plan.json", "plan_uniform.json")
+RUN_FILES = ("summary.json", "sensitivity.json", "plan.json", "plan_uniform.json", "job.yaml")  # job.yaml: a batch run
 JSON_KINDS = ("sensitivity", "plan")
+BATCH_MARKER = ".hawqtool-batch"
 _OVERWRITE: set[str] = set()  # foreign outputs the user let this process replace (--overwrite)
 _HELD: set[str] = set()  # outputs this process holds the lock of
 
@@ -48,6 +49,8 @@ def is_own_output(path: Path, kind: str) -> bool:
         return path.is_dir() and (path / EXPORT_MARKER).is_file()
     if kind == "run":
         return path.is_dir() and (not any(path.iterdir()) or any((path / f).is_file() for f in RUN_FILES))
+    if kind == "batch":  # marked when the batch starts, so a killed one is still ours
+        return path.is_dir() and (not any(path.iterdir()) or (path / BATCH_MARKER).is_file())
     if kind == "json":
         try:
             return path.is_file() and path.stat().st_size < 1 << 30 and \
@@ -81,7 +84,7 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
     if kind in ("json", "gguf") and out.is_dir():
         example = out / ("plan.json" if kind == "json" else "model.gguf")
         raise UserError(f"{out} is a folder; -o takes a file path here (e.g. {example})")
-    if kind in ("checkpoint", "export", "run") and out.exists() and not out.is_dir():
+    if kind in ("checkpoint", "export", "run", "batch") and out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; -o takes a folder here: choose another -o")
     if out.exists() or out.is_symlink():
         if not is_own_output(out, kind):
@@ -91,7 +94,7 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
                                 "to replace it, or choose another -o")
             log.warning("--overwrite: %s will be replaced", out)
             _OVERWRITE.add(str(out.resolve()))
-        elif kind != "run":
+        elif kind not in ("run", "batch"):
             log.warning("replacing the earlier hawqtool %s output at %s", kind, out)
     if lock:
         take_lock(out)

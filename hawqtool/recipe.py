@@ -58,10 +58,21 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise UserError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
     if not isinstance(data, dict):
         raise UserError(f"recipe {p} must be a mapping of settings, like `avg_bits: 3.0`")
+    return check_settings(data, f"recipe {p}")
+
+
+def check_settings(data: dict, where: str) -> dict[str, Any]:
+    """Validated {RunConfig field: value}: an unknown key is a one-line error naming the nearest valid one."""
+    import difflib
+
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of settings, like `avg_bits: 3.0`")
     fields = recipe_fields()
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise UserError(f"recipe {p} has unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
+        near = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(sorted(fields))}"
+        raise UserError(f"{where} has unknown key {unknown[0]!r}; {hint}")
     return {k: _coerce(k, v, fields[k]) for k, v in data.items()}
 
 

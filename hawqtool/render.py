@@ -134,3 +134,16 @@ def bench_layers_table(res, top: int = 12) -> Table:
                   f"{r.decode_fp32_ms / r.decode_ms:.2f}×" if r.decode_ms > 0 else "-", f"{r.prefill_ms:.3f}",
                   f"{r.prefill_fp32_ms:.3f}")
     return t
+
+
+def batch_table(rows: list[dict]) -> Table:
+    """One row per run of `hawqtool batch`: state, bits, bytes, score, seconds, peak memory."""
+    t = Table(title="hawqtool batch")
+    for col in ("job", "run", "state", "bits/weight", "bytes", "score", "seconds", "peak RSS GiB"):
+        t.add_column(col, justify="left" if col in ("job", "run", "state") else "right")
+    for r in rows:
+        score = "" if r["score"] is None else f"{r['score']:.4g} {r['score_kind']}"
+        t.add_row(r["job"], r["run"], r["state"] if r["state"] == "done" else f"[red]{r['state']}[/red]",
+                  "" if r["bits"] is None else f"{r['bits']:.3f}", "" if r["bytes"] is None else f"{r['bytes']:,.0f}",
+                  score, f"{r['seconds']:.0f}", "" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}")
+    return t

@@ -1,0 +1,213 @@
+"""`hawqtool batch JOBS.yaml`: many `hawqtool run`s from one file, each in its own process and folder.
+
+A jobs file holds `defaults` (run settings shared by every job: RunConfig keys, as in a recipe) and `jobs`, each
+with a `name`, optionally a `recipe` and any run settings; an `avg_bits` list makes the job a sweep whose budgets
+share one sensitivity report (computed by the first, copied to the others, where its fingerprint makes `run`
+skip the stage). Job J writes OUT/J/ (a sweep: OUT/J/bits-B/) with its settings (job.yaml) and its log
+(job.log); `run`'s fingerprints make a rerun resume every job where it stopped, and a failed job stops none of
+the others. With --gpus, one job per GPU runs at a time on each (CUDA_VISIBLE_DEVICES); otherwise one after
+another. OUT/batch_summary.json has one row per job and budget."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .errors import UserError
+
+@dataclass
+class Unit:
+    """One `hawqtool run` of the batch: a job, or one budget of a sweep."""
+
+    job: str
+    folder: Path
+    settings: dict  # RunConfig keys (model, avg_bits, ...) written to folder/job.yaml
+    shares_with: Path | None = None  # the sweep's first folder, whose sensitivity.json this one reuses
+
+
+@dataclass
+class Outcome:
+    """What one unit did (a row of batch_summary.json)."""
+
+    job: str
+    folder: str
+    state: str  # done | failed
+    exit_code: int
+    seconds: float
+    error: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+def read_jobs(path: Path) -> tuple[dict, list[dict]]:
+    """(defaults, jobs) of a jobs file, every key checked as a recipe's (recipe.load_recipe's rules)."""
+    from .recipe import check_settings, load_recipe
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"jobs file {p} does not exist; pass a YAML file with `jobs:` (see README, Batch jobs)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"jobs file {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    if isinstance(data, dict) and (unknown := sorted(set(data) - {"defaults", "jobs"})):
+        raise UserError(f"jobs file {p} has unknown top-level key {unknown[0]!r}; use `defaults:` and `jobs:`")
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
+        raise UserError(f"jobs file {p} must be a mapping with a non-empty `jobs:` list")
+    defaults = check_settings(data.get("defaults") or {}, f"jobs file {p} defaults")
+    jobs, names = [], set()
+    for k, job in enumerate(data["jobs"]):
+        where = f"jobs file {p} job {k + 1}"
+        if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not job["name"].strip():
+            raise UserError(f"{where} needs a `name:` (its output folder)")
+        name = job["name"]
+        if "/" in name or name.startswith(".") or name in names:
+            raise UserError(f"{where}: name {name!r} must be unique, without '/' and not start with '.'")
+        names.add(name)
+        settings = dict(defaults)
+        if "recipe" in job:
+            recipe = Path(job["recipe"])
+            settings.update(load_recipe(recipe if recipe.is_absolute() else p.parent / recipe))
+        own = {k_: v for k_, v in job.items() if k_ not in ("name", "recipe")}
+        sweep = own.pop("avg_bits", None)
+        settings.update(check_settings(own, f"{where} ({name})"))
+        budgets = sweep if isinstance(sweep, list) else [sweep] if sweep is not None else [settings.get("avg_bits")]
+        for b in budgets:
+            check_settings({"avg_bits": b}, f"{where} ({name})") if b is not None else None
+        jobs.append({"name": name, "settings": settings, "budgets": budgets, "sweep": isinstance(sweep, list)})
+    return defaults, jobs
+
+
+def plan_units(jobs: list[dict], out: Path) -> list[list[Unit]]:
+    """The runs, grouped: a sweep's budgets run in order in one group (they share its sensitivity)."""
+    groups = []
+    for job in jobs:
+        units, first = [], None
+        for b in job["budgets"]:
+            folder = out / job["name"] / f"bits-{b:g}" if job["sweep"] else out / job["name"]
+            settings = {**job["settings"], **({"avg_bits": float(b)} if b is not None else {})}
+            units.append(Unit(job["name"], folder, settings, shares_with=first))
+            first = first or folder
+        groups.append(units)
+    return groups
+
+
+def run_unit(unit: Unit, gpu: str | None, say: Callable[[str], None]) -> Outcome:
+    """`hawqtool run` of one unit in a child process (its own log), which dies with the batch."""
+    from .artifacts import write_atomic
+
+    unit.folder.mkdir(parents=True, exist_ok=True)
+    recipe = unit.folder / "job.yaml"
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unit.settings.items()}
+    write_atomic(recipe, yaml.safe_dump({**settings, "out": str(unit.folder)}, sort_keys=True))
+    if unit.shares_with is not None:
+        shared, mine = unit.shares_with / "sensitivity.json", unit.folder / "sensitivity.json"
+        if shared.is_file() and not mine.exists():  # `run` checks its fingerprint: a stale one is recomputed
+            write_atomic(mine, shared.read_text())
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+    cmd = [sys.executable, "-m", "hawqtool", "run", str(recipe)]  # progress lines (not a TTY) go to job.log
+    say(f"{unit.job} ({unit.folder.name}): started{f' on GPU {gpu}' if gpu is not None else ''}")
+    t0 = time.perf_counter()
+    with open(unit.folder / "job.log", "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        child = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, preexec_fn=_die_with_parent)
+        child.wait()
+    secs = round(time.perf_counter() - t0, 1)
+    if child.returncode == 0:
+        try:
+            summary = json.loads((unit.folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        say(f"{unit.job} ({unit.folder.name}): done in {secs:.0f} s")
+        return Outcome(unit.job, str(unit.folder), "done", 0, secs, summary=summary)
+    error = _last_error(unit.folder / "job.log")
+    say(f"{unit.job} ({unit.folder.name}): failed (exit {child.returncode}): {error}")
+    return Outcome(unit.job, str(unit.folder), "failed", child.returncode, secs, error=error)
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL when the batch process dies (Linux), so a killed batch leaves no run behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _last_error(log: Path) -> str:
+    """The error line a failed run printed last (its log's last non-empty line otherwise)."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("error:", "internal error:"))]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
+def run_batch(jobs_file: Path, out: Path, *, gpus: list[str] | None = None,
+              say: Callable[[str], None] = lambda _m: None) -> list[Outcome]:
+    """Run every job of the file (see the module doc); returns one Outcome per run, in the file's order."""
+    from .outputs import BATCH_MARKER
+
+    _, jobs = read_jobs(jobs_file)
+    groups = plan_units(jobs, Path(out))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / BATCH_MARKER).touch()
+    todo: queue.Queue = queue.Queue()
+    for k, g in enumerate(groups):
+        todo.put((k, g))
+    results: dict[int, list[Outcome]] = {}
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            try:
+                k, group = todo.get_nowait()
+            except queue.Empty:
+                return
+            results[k] = [run_unit(u, gpu, say) for u in group]
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus or [None])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes = [o for k in range(len(groups)) for o in results.get(k, [])]
+    write_summary(Path(out), outcomes)
+    return outcomes
+
+
+def write_summary(out: Path, outcomes: list[Outcome]) -> None:
+    from .artifacts import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "batch_summary.json", json.dumps({"kind": "batch_summary", "jobs": [asdict(o) for o in outcomes]},
+                                                          indent=1))
+
+
+def row(o: Outcome) -> dict:
+    """The table's view of an outcome: bits, bytes, score, seconds, peak memory."""
+    s = o.summary
+    score = s.get("mixed_ppl") if "mixed_ppl" in s else s.get("mixed_top1_agreement")
+    return {"job": o.job, "run": Path(o.folder).name, "state": o.state, "bits": s.get("mixed_avg_bits"),
+            "bytes": s.get("mixed_bytes"), "score": score, "score_kind": "ppl" if "mixed_ppl" in s else "top-1",
+            "seconds": o.seconds, "peak_rss_gib": (s["peak_rss_bytes"] / 2**30) if "peak_rss_bytes" in s else None,
+            "error": o.error}
+
+
+def check_gpus(spec: str | None) -> list[str] | None:
+    """--gpus 0,1,2,3: the CUDA device numbers jobs are spread over (None: one job at a time, default device)."""
+    if spec is None:
+        return None
+    ids = [g.strip() for g in spec.split(",")]
+    if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise UserError(f"--gpus {spec!r} must list distinct CUDA device numbers like 0,1,2,3")
+    return ids
+
