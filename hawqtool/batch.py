@@ -152,12 +152,26 @@ def _last_error(log: Path) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def run_batch(jobs_file: Path, out: Path, *, gpus: list[str] | None = None,
+def select(jobs: list[dict], only: str | None) -> list[dict]:
+    """The jobs `--only` names (a job's name or its 0-based index, e.g. $SLURM_ARRAY_TASK_ID); all without it."""
+    if only is None:
+        return jobs
+    for k, job in enumerate(jobs):
+        if only in (job["name"], str(k)):
+            return [job]
+    raise UserError(f"--only {only!r} is not a job of the file: give a name ({', '.join(j['name'] for j in jobs)}) "
+                    f"or an index 0..{len(jobs) - 1}")
+
+
+def run_batch(jobs_file: Path, out: Path, *, gpus: list[str] | None = None, only: str | None = None,
               say: Callable[[str], None] = lambda _m: None) -> list[Outcome]:
-    """Run every job of the file (see the module doc); returns one Outcome per run, in the file's order."""
+    """Run every job of the file (see the module doc), or the one `only` names; returns one Outcome per run, in
+    the file's order. The summary is OUT/batch_summary.json (with `only`: OUT/JOB/batch_summary.json, so the
+    tasks of a Slurm array do not overwrite each other's)."""
     from .outputs import BATCH_MARKER
 
     _, jobs = read_jobs(jobs_file)
+    jobs = select(jobs, only)
     groups = plan_units(jobs, Path(out))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / BATCH_MARKER).touch()
@@ -180,7 +194,7 @@ def run_batch(jobs_file: Path, out: Path, *, gpus: list[str] | None = None,
     for t in threads:
         t.join()
     outcomes = [o for k in range(len(groups)) for o in results.get(k, [])]
-    write_summary(Path(out), outcomes)
+    write_summary(Path(out) / jobs[0]["name"] if only is not None else Path(out), outcomes)
     return outcomes
 
 

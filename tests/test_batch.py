@@ -92,3 +92,26 @@ def test_gpus_runs_jobs_side_by_side(tmp_path, tiny_llama, text_file):
     rows = json.loads((tmp_path / "out" / "batch_summary.json").read_text())["jobs"]
     assert [(r["job"], r["state"]) for r in rows] == [("a", "done"), ("b", "done")]
     assert "started on GPU" not in (tmp_path / "out" / "a" / "job.log").read_text()  # said by the batch, not the run
+
+
+def test_only_runs_one_job_as_an_array_task(tmp_path, tiny_llama, text_file):
+    """--only INDEX|NAME (a Slurm array task): that job alone, its summary in its own folder."""
+    jf = jobs_file(tmp_path, tiny_llama, text_file, [{"name": "a", "avg_bits": 3.0}, {"name": "b", "avg_bits": 4.0}])
+    invoke("batch", jf, "-o", tmp_path / "out", "--only", "1", "-q")
+    rows = json.loads((tmp_path / "out" / "b" / "batch_summary.json").read_text())["jobs"]
+    assert [(r["job"], r["state"]) for r in rows] == [("b", "done")]
+    assert not (tmp_path / "out" / "a").exists() and not (tmp_path / "out" / "batch_summary.json").exists()
+    one_line_error(invoke("batch", jf, "-o", tmp_path / "out", "--only", "c", ok=False), "--only", "a, b")
+
+
+def test_the_slurm_examples_parse():
+    """scripts/slurm: the jobs file is valid (4 + 2 + 1 runs) and the sbatch scripts are valid bash."""
+    from pathlib import Path
+
+    from hawqtool.batch import plan_units, read_jobs
+
+    here = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
+    _, jobs = read_jobs(here / "jobs.example.yaml")
+    assert [len(g) for g in plan_units(jobs, Path("out"))] == [4, 2, 1]
+    for script in sorted(here.glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
