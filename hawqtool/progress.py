@@ -20,21 +20,26 @@ class Reporter:
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console, disable=self.quiet, transient=False)
 
+    def lines(self, description: str, total: int):
+        """advance(n) for a loop of `total` steps that prints a line at every tenth of it (no live display: usable
+        inside another bar, and what batch-job logs show)."""
+        done = [0, 0]
+
+        def advance(n: int = 1) -> None:
+            done[0] += n
+            decile = 10 * done[0] // max(total, 1)
+            if decile > done[1] and not self.quiet:
+                done[1] = decile
+                self.console.print(f"{description}: {done[0]}/{total}")
+
+        return advance
+
     @contextlib.contextmanager
     def bar(self, description: str, total: int):
         """Yields advance(n) for a loop of `total` steps (plain 10% lines when not on a terminal,
         so batch-job logs show progress)."""
         if not self.quiet and not is_tty():
-            done = [0, 0]
-
-            def advance(n: int = 1) -> None:
-                done[0] += n
-                decile = 10 * done[0] // max(total, 1)
-                if decile > done[1]:
-                    done[1] = decile
-                    self.console.print(f"{description}: {done[0]}/{total}")
-
-            yield advance
+            yield self.lines(description, total)
             return
         with self._progress() as p:
             task = p.add_task(description, total=total, info="")

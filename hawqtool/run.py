@@ -39,7 +39,7 @@ from .streaming import parse_memory, streamer_of
 from .errors import UserError
 from .evaluate import classification_fidelity, perplexity
 from .inputs import calibration_inputs, calibration_key
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, quantizable_layers
 from .progress import Reporter
 from .report import write_sensitivity_report
 from .quantize.driver import QuantizeOptions
@@ -225,7 +225,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
                 loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,), qerror_sym=(cfg.symmetric,),
-                qerror_formats=tuple(fmts), resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw))
+                qerror_formats=tuple(fmts), resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw,
+                qerror_progress=rep.lines("quantization error per layer", len(quantizable_layers(loaded.model)))))
         if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
         artifacts.save(report, sens_path)

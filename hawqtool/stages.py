@@ -47,7 +47,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
                         qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = (),
                         estimator: str = "auto", resume_path: Path | None = None,
                         quantize_head: bool = False, checkpoint_blocks: bool = False,
-                        first_token_weight: float = 1.0, only: str | None = None) -> SensitivityReport:
+                        first_token_weight: float = 1.0, only: str | None = None,
+                        qerror_progress: Callable[[int], None] | None = None) -> SensitivityReport:
     """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
     for the given widths/groups (sym and asym) so `allocate` needs no model.
 
@@ -60,7 +61,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one.
     `first_token_weight`: weight of each sequence's first position in the inputs' importance that
     weights ‖Q(W)−W‖² (the quantize stage's H uses the same weight).
-    `only`: a regex; measure just the layers whose name it matches (search), e.g. a few blocks."""
+    `only`: a regex; measure just the layers whose name it matches (search), e.g. a few blocks.
+    `qerror_progress(1)` after each layer's ‖Q(W)−W‖² (minutes on billion-parameter models)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
     if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
@@ -149,11 +151,14 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     else:
         imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
         matrix = lambda n: weight_matrix(layers[n])  # noqa: E731
-    out = [LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
-                            trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
-                            qerror=_qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n),
-                                            qerror_sym, tuple(qerror_formats)))
-           for n, t in traces.items()]
+    out = []
+    for n, t in traces.items():
+        out.append(LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
+                                    trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
+                                    qerror=_qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n),
+                                                    qerror_sym, tuple(qerror_formats))))
+        if qerror_progress:
+            qerror_progress(1)
     report = SensitivityReport(model=loaded.source, objective=objective,
                                estimator=described,
                                settings=settings, layers=out, seconds=time.perf_counter() - t0,

@@ -89,6 +89,9 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
                         max_memory=max_memory)
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed + 1)
+    from ..models import quantizable_layers
+
+    n_layers = len(quantizable_layers(loaded.model, include_tied_head=quantize_head))
     with rep.probe_bar(max_probes) as cb:
         report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator, batch_size=batch_size,
                                      target_rel_se=target, min_probes=min_probes,
@@ -97,7 +100,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
                                      qerror_bits=bits, qerror_groups=(group_size,), qerror_formats=tuple(parse_formats(formats)),
                                      resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
                                      checkpoint_blocks=checkpoint_blocks,
-                                     first_token_weight=first_token_weight_for(loaded))
+                                     first_token_weight=first_token_weight_for(loaded),
+                                     qerror_progress=rep.lines("quantization error per layer", n_layers))
     if rank != 0:
         return  # rank 0 writes the report; the others only contributed probes
     report.settings["ranks"] = size
