@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import EvalOptions
+
 
 @dataclass
 class PerplexityResult:
@@ -31,7 +33,7 @@ class PerplexityResult:
     seconds: float
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = EvalOptions.batch_size,
                progress: Callable[[int], None] | None = None) -> PerplexityResult:
     """Perplexity of a causal LM over [k, seqlen] token windows. Under torch.distributed each rank scores its
     strided share of the batches; the per-batch sums are gathered and added in batch order (1-rank result)."""

@@ -42,7 +42,7 @@ from .inputs import calibration_inputs, calibration_key
 from .models import LoadedModel, load_model, quantizable_layers
 from .progress import Reporter
 from .report import write_sensitivity_report
-from .quantize.driver import QuantizeOptions
+from .options import EvalOptions, QuantizeOptions, SensitivityOptions
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
@@ -61,24 +61,24 @@ class RunConfig:
     model: str | None = None
     out: Path = Path("out")
     calib: str = "wiki"
-    data: str = "wiki"
+    data: str = EvalOptions.data
     avg_bits: float = 3.0
-    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
-    group_size: int = 128
+    bit_choices: tuple[int, ...] = SensitivityOptions.bits
+    group_size: int = SensitivityOptions.group_size
     symmetric: bool = False
-    nsamples: int = 32
-    seqlen: int = 512
-    sens_samples: int = 8
-    sens_seqlen: int = 256
-    sens_max_probes: int = 32
-    sens_min_probes: int = 8
-    sens_target: float = 0.10
-    eval_seqlen: int = 512
-    eval_windows: int = 40
+    nsamples: int = QuantizeOptions.nsamples
+    seqlen: int = QuantizeOptions.seqlen
+    sens_samples: int = SensitivityOptions.nsamples
+    sens_seqlen: int = SensitivityOptions.seqlen
+    sens_max_probes: int = SensitivityOptions.max_probes
+    sens_min_probes: int = SensitivityOptions.min_probes
+    sens_target: float = SensitivityOptions.target_rel_se
+    eval_seqlen: int = EvalOptions.seqlen
+    eval_windows: int = EvalOptions.windows
     eval_images: int = EVAL_IMAGES  # vision: Fashion-MNIST images beside the sample photos (as `hawqtool eval`)
     seed: int = 0
-    method: str = "gptq"
-    act_order: bool = False
+    method: str = QuantizeOptions.method
+    act_order: bool = QuantizeOptions.act_order
     embed_bits: int = 16  # 4/6/8: the input embedding (and a head tied to it) quantized too; 16 keeps it
     embed_group_size: int = -1  # its scales: one per row (-1) or per group of this many hidden units
     formats: str = ""  # "gguf" or ggml types (Q4_K,Q4_0,...): plans in ggml block types; "" = hawqtool's own grid
@@ -207,12 +207,14 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     # the attention-sink weighting is for causal LMs (as `hawqtool quantize`); sensitivity weights its
     # ‖Q(W)−W‖² with the same input importance that quantize's H uses
     ftw = 1.0 if vision else QuantizeOptions().first_token_weight
-    sens_settings = sensitivity_settings(objective="self-kl", batch_size=2, qerror_bits=cfg.bit_choices,
+    sens_opts = SensitivityOptions()  # objective, estimator and batch size are not run settings: its defaults
+    sens_settings = sensitivity_settings(objective=sens_opts.objective, batch_size=sens_opts.batch_size,
+                                         qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
                                          qerror_sym=(cfg.symmetric,),
                                          seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
                                          min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
-                                         estimator="fisher",  # what compute_sensitivity's "auto" picks for self-kl
+                                         estimator=sens_opts.resolved_estimator(),
                                          first_token_weight=ftw, qerror_formats=tuple(fmts))
     sens_fp = sensitivity_fingerprint(mdig, td.sens_key, sens_settings)
     if _current(sens_path, sens_fp):
@@ -222,7 +224,8 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
         sens_ids = td.sens_inputs()
         with rep.probe_bar(cfg.sens_max_probes) as cb:
             report = timed("sensitivity", lambda: compute_sensitivity(
-                loaded, sens_ids, batch_size=2, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
+                loaded, sens_ids, objective=sens_opts.objective, estimator=sens_opts.estimator,
+                batch_size=sens_opts.batch_size, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
                 max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
                 qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,), qerror_sym=(cfg.symmetric,),
                 qerror_formats=tuple(fmts), resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw,
@@ -269,7 +272,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
             results[name], sizes[name] = {"ppl": None, "seconds": 0.0, "quantize_seconds": 0.0}, {}
             continue
         ck = out / name
-        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, asdict(opts),
+        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, opts.fingerprint(),
                           layer_records(p.layers))
         qsecs = 0.0  # this run's; the checkpoint records no timings (same inputs, same bytes)
         if _current(ck, qfp, "checkpoint"):

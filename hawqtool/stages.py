@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ from .streaming import streamer_of
 from .errors import UserError
 from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
+from .options import SensitivityOptions
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
 from .sensitivity.settings import (ESTIMATORS, FISHER_OBJECTIVES, _qerrors, convergence_summary,  # noqa: F401
@@ -38,14 +38,18 @@ def check_finite_ids(ids: torch.Tensor, what: str) -> None:
         raise UserError(f"{what} is empty; give more text")
 
 
-def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objective: str = "self-kl",
-                        batch_size: int = 2, target_rel_se: float = 0.10, min_probes: int = 8,
-                        max_probes: int = 64, max_seconds: float | None = None, seed: int = 0,
+_S = SensitivityOptions  # the defaults below are its fields' (one source: options.py)
+
+
+def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objective: str = _S.objective,
+                        batch_size: int = _S.batch_size, target_rel_se: float = _S.target_rel_se,
+                        min_probes: int = _S.min_probes, max_probes: int = _S.max_probes,
+                        max_seconds: float | None = None, seed: int = 0,
                         progress: Callable | None = None, data_key: str = "",
-                        qerror_bits: tuple[int, ...] = (2, 3, 4, 8),
-                        qerror_groups: tuple[int, ...] = (128,),
+                        qerror_bits: tuple[int, ...] = _S.bits,
+                        qerror_groups: tuple[int, ...] = (_S.group_size,),
                         qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = (),
-                        estimator: str = "auto", resume_path: Path | None = None,
+                        estimator: str = _S.estimator, resume_path: Path | None = None,
                         quantize_head: bool = False, checkpoint_blocks: bool = False,
                         first_token_weight: float = 1.0, only: str | None = None,
                         qerror_progress: Callable[[int], None] | None = None) -> SensitivityReport:
@@ -65,8 +69,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     `qerror_progress(1)` after each layer's ‖Q(W)−W‖² (minutes on billion-parameter models)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
-    if estimator == "auto":  # measured: same or better plans, 8-19x cheaper (benchmarks/RESULTS.md, 2026-11-24)
-        estimator = "fisher" if objective in FISHER_OBJECTIVES else "hutchinson"
+    estimator = SensitivityOptions(objective=objective, estimator=estimator).resolved_estimator()
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if estimator == "fisher" and objective not in FISHER_OBJECTIVES:
@@ -227,7 +230,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     check_plan_matches(plan, loaded)
     out_dir = Path(out_dir)
     state_dir = out_dir.with_name(out_dir.name + ".partial")
-    key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, asdict(opts),
+    key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, opts.fingerprint(),
                       layer_records(plan.layers))
     act = {lp.name: lp.act_bits for lp in plan.layers}
     emb = None
@@ -266,7 +269,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
         from .vision.loading import vision_manifest
 
         extra = {**vision_manifest(loaded), **(extra or {})}
-    meta = {"source_model": loaded.source, "method": opts.method, "options": asdict(opts),
+    meta = {"source_model": loaded.source, "method": opts.method, "options": opts.fingerprint(),
             "plan": {"fingerprint": plan.fingerprint, "budget": plan.budget, "avg_bits": plan.avg_bits,
                      "total_bytes": plan.total_bytes, "predicted_omega": plan.predicted_omega},
             "calibration": {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "data": data_key},

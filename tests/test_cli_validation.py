@@ -261,12 +261,13 @@ def base_args(name, tiny_llama, staged, tmp_path) -> list[str]:
     return {"sensitivity": [tiny_llama, "-o", out], "allocate": [sens, "--avg-bits", "3", "-o", out],
             "quantize": [tiny_llama, "--plan", plan, "-o", out], "eval": [tiny_llama], "bench": [tiny_llama],
             "export": [tiny_llama, "--format", "gptq", "-o", out], "report": [sens, "-o", out],
-            "run": [tiny_llama, "-o", out]}[name]
+            "run": [tiny_llama, "-o", out], "batch": [staged / "jobs.yaml", "-o", out]}[name]
 
 
 def test_fuzz_every_option_of_every_command(staged, tiny_llama, tmp_path):
     """Each bad value is refused before any work: exit 1, one line naming the option. An option with no
     validating type (other than the few free-form ones tested above) fails this test."""
+    (staged / "jobs.yaml").write_text(f"jobs:\n  - name: a\n    model: {tiny_llama}\n")
     tried, untyped = 0, []
     for name, cmd in sorted(main.commands.items()):
         base = [str(a) for a in base_args(name, tiny_llama, staged, tmp_path)]

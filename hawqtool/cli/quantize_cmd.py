@@ -6,6 +6,7 @@ import json
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
+from ..options import EvalOptions as _E, QuantizeOptions as _Q
 from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, offload_options
 
 
@@ -14,28 +15,28 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @click.option("--plan", "plan_file", type=PathArg(), required=True)
 @click.option("--calib", type=TEXT, default="wiki", show_default=True)
 @click.option("-o", "--output", type=PathArg(), required=True, help="Checkpoint folder.")
-@click.option("--method", type=click.Choice(["gptq", "rtn", "aphq"]), default="gptq", show_default=True,
+@click.option("--method", type=click.Choice(["gptq", "rtn", "aphq"]), default=_Q.method, show_default=True,
               help="aphq: APHQ-style block reconstruction (encoders, ViTs): learned rounding and static activation "
                    "ranges under the average-perturbation-Hessian loss.")
-@click.option("--aphq-iters", type=COUNT, default=1000, show_default=True, help="APHQ: optimisation steps per block.")
-@click.option("--aphq-mlp-relu/--no-aphq-mlp-relu", default=True, show_default=True,
+@click.option("--aphq-iters", type=COUNT, default=_Q.aphq_iters, show_default=True, help="APHQ: optimisation steps per block.")
+@click.option("--aphq-mlp-relu/--no-aphq-mlp-relu", default=_Q.aphq_mlp_relu, show_default=True,
               help="APHQ: replace each MLP's GELU by a clamped ReLU and refit fc1/fc2 (MLP reconstruction).")
-@click.option("--nsamples", type=COUNT, default=32, show_default=True)
-@click.option("--seqlen", type=COUNT, default=512, show_default=True)
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
-@click.option("--damp", type=Finite(min=0.0, max=1.0), default=0.01, show_default=True,
+@click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True)
+@click.option("--seqlen", type=COUNT, default=_Q.seqlen, show_default=True)
+@click.option("--act-order", is_flag=True, default=_Q.act_order, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--damp", type=Finite(min=0.0, max=1.0), default=_Q.percdamp, show_default=True,
               help="GPTQ damping, fraction of mean diag(H) added to its diagonal.")
-@click.option("--blocksize", type=COUNT, default=128, show_default=True)
-@click.option("--act-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+@click.option("--blocksize", type=COUNT, default=_Q.blocksize, show_default=True)
+@click.option("--act-mode", type=click.Choice(["dynamic", "static"]), default=_Q.act_mode, show_default=True,
               help="Activation-quantized layers (plan pairs): per-token ranges at run time, or static per-tensor "
                    "ranges calibrated here.")
-@click.option("--act-calib", type=click.Choice(["minmax", "percentile", "mse"]), default="mse", show_default=True,
+@click.option("--act-calib", type=click.Choice(["minmax", "percentile", "mse"]), default=_Q.act_calib, show_default=True,
               help="Static ranges: how they are calibrated.")
 @click.option("--first-token-weight", default=None, type=NON_NEGATIVE,
               help="Weight of each window's first token (attention sink) in GPTQ's H.")
-@click.option("--grid", type=click.Choice(["search", "minmax"]), default=None,
+@click.option("--grid", type=click.Choice(["search", "minmax"]), default=_Q.grid, show_default=True,
               help="Each group's scale/zero: importance-weighted error search, or the group's min-max range "
-                   "(default: search; chosen by scripts/bench_grid.py on the validation slice).")
+                   "(search chosen by scripts/bench_grid.py on the validation slice).")
 @device_options
 @offload_options
 @calib_options
@@ -81,7 +82,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
                            act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,
-                           **({"grid": grid} if grid else {}))
+                           grid=grid)
     opts.first_token_weight = first_token_weight_for(loaded) if first_token_weight is None else first_token_weight
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),
@@ -96,9 +97,9 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
 
 @main.command(name="eval")
 @click.argument("model", type=TEXT, required=False)
-@click.option("--data", type=TEXT, default="wiki", show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
-@click.option("--seqlen", type=COUNT, default=512, show_default=True)
-@click.option("--windows", "max_windows", type=COUNT, default=40, show_default=True, help="At most this many windows.")
+@click.option("--data", type=TEXT, default=_E.data, show_default=True, help="Evaluation text: `wiki` or a .txt/.jsonl file.")
+@click.option("--seqlen", type=COUNT, default=_E.seqlen, show_default=True)
+@click.option("--windows", "max_windows", type=COUNT, default=_E.windows, show_default=True, help="At most this many windows.")
 @click.option("--reference", type=TEXT, default=None,
               help="Encoders: full-precision model to compare embeddings with (default: the checkpoint's source).")
 @click.option("--trust-remote-code", is_flag=True)

@@ -8,6 +8,7 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
+from ..options import EvalOptions as _E, QuantizeOptions as _Q, SensitivityOptions as _S
 from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, embed_options, offload_options, formats_option, positive
 
 # recipe keys without a flag of their own, checked like flags
@@ -18,22 +19,22 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @click.argument("model", type=TEXT, required=False, metavar="[MODEL | RECIPE.yaml]")
 @click.option("-o", "--output", type=PathArg(), default=Path("out"), show_default=True)
 @click.option("--avg-bits", type=positive(), default=3.0, show_default=True)
-@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True)
-@click.option("--group-size", type=GroupSize(), default=128, show_default=True)
+@click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True)
+@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True)
 @click.option("--sym", is_flag=True)
 @click.option("--calib", type=TEXT, default="wiki", show_default=True)
-@click.option("--data", type=TEXT, default="wiki", show_default=True)
-@click.option("--nsamples", type=COUNT, default=32, show_default=True, help="GPTQ calibration windows.")
-@click.option("--seqlen", type=COUNT, default=512, show_default=True, help="GPTQ calibration window length.")
-@click.option("--sens-samples", type=COUNT, default=8, show_default=True)
-@click.option("--sens-seqlen", type=COUNT, default=256, show_default=True)
-@click.option("--max-probes", type=COUNT, default=32, show_default=True)
-@click.option("--eval-windows", type=COUNT, default=40, show_default=True)
-@click.option("--eval-seqlen", type=COUNT, default=512, show_default=True)
+@click.option("--data", type=TEXT, default=_E.data, show_default=True)
+@click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True, help="GPTQ calibration windows.")
+@click.option("--seqlen", type=COUNT, default=_Q.seqlen, show_default=True, help="GPTQ calibration window length.")
+@click.option("--sens-samples", type=COUNT, default=_S.nsamples, show_default=True)
+@click.option("--sens-seqlen", type=COUNT, default=_S.seqlen, show_default=True)
+@click.option("--max-probes", type=COUNT, default=_S.max_probes, show_default=True)
+@click.option("--eval-windows", type=COUNT, default=_E.windows, show_default=True)
+@click.option("--eval-seqlen", type=COUNT, default=_E.seqlen, show_default=True)
 @click.option("--eval-images", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
-@click.option("--act-order", is_flag=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default=_Q.method, show_default=True)
+@click.option("--act-order", is_flag=True, default=_Q.act_order, help="GPTQ: quantize columns by descending Hessian diagonal.")
 @embed_options("Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
 @formats_option("Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
                 "--avg-bits is then bits per linear weight.")

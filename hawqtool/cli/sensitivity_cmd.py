@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
+from ..options import SensitivityOptions as _S
 from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, formats_option, offload_options, positive
 
 
@@ -15,21 +16,21 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, forma
 @click.argument("model", type=TEXT, required=False)
 @click.option("--calib", type=TEXT, default="wiki", show_default=True, help="Calibration text: `wiki` or a .txt/.jsonl file.")
 @click.option("-o", "--output", type=PathArg(), default=Path("sensitivity.json"), show_default=True)
-@click.option("--nsamples", type=COUNT, default=8, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=COUNT, default=256, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", type=COUNT, default=2, show_default=True,
+@click.option("--nsamples", type=COUNT, default=_S.nsamples, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=COUNT, default=_S.seqlen, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", type=COUNT, default=_S.batch_size, show_default=True,
               help="Windows per probe. Activation memory scales with it: 1 halves it (SmolLM2 at 512 tokens: "
                    "see benchmarks/RESULTS.md for peak RSS).")
-@click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default="self-kl", show_default=True)
-@click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default="auto", show_default=True,
+@click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default=_S.objective, show_default=True)
+@click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default=_S.estimator, show_default=True,
               help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse, "
                    "hutchinson for labels. Fisher measured 8-19x faster at lower error (benchmarks/RESULTS.md).")
-@click.option("--target", type=positive(), default=0.10, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
-@click.option("--min-probes", type=COUNT, default=8, show_default=True)
-@click.option("--max-probes", type=COUNT, default=32, show_default=True)
+@click.option("--target", type=positive(), default=_S.target_rel_se, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
+@click.option("--min-probes", type=COUNT, default=_S.min_probes, show_default=True)
+@click.option("--max-probes", type=COUNT, default=_S.max_probes, show_default=True)
 @click.option("--max-seconds", type=positive(), default=None, help="Time budget for the probes.")
-@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Widths whose quantization error is recorded.")
-@click.option("--group-size", type=GroupSize(), default=128, show_default=True)
+@click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True, help="Widths whose quantization error is recorded.")
+@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True)
 @formats_option("Also record the error of these ggml block types (for `allocate --formats`).")
 @click.option("--nproc", type=COUNT, default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")

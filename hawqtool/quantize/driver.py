@@ -21,6 +21,7 @@ from ..blocks import find_blocks, sequential_groups
 from ..device import model_device
 from ..distributed import broadcast_from, gather_list, my_share, owners, world
 from ..errors import UserError
+from ..options import QuantizeOptions
 from ..streaming import streamer_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import gptq_conv
@@ -32,31 +33,6 @@ from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, 
 from .resume_state import BlockState
 
 log = logging.getLogger("hawqtool")
-
-
-@dataclass
-class QuantizeOptions:
-    """How the quantize stage runs (per-layer bits come from the plan)."""
-
-    method: str = "gptq"  # gptq | rtn | aphq (block reconstruction: quantize/aphq_driver.py)
-    act_mode: str = "dynamic"  # activation-quantized layers: per-token at run time, or static per-tensor
-    act_calib: str = "mse"  # static ranges: minmax | percentile | mse (on the quantized network's inputs)
-    blocksize: int = 128
-    percdamp: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
-    # Each group's scale/zero: "search" minimises the diag(H)-weighted error (quantize/grid.py),
-    # "minmax" takes the group's range (GPTQ's reference rule).
-    grid: str = "search"
-    true_sequential: bool = True
-    batch_size: int = 8
-    # Weight of each calibration window's first position in H. That token becomes the
-    # attention sink whose value vector every later token reads, so its error counts many
-    # times over; at weight 1 GPTQ's v_proj loses to RTN on SmolLM2 (benchmarks/RESULTS.md).
-    # 64 was chosen on the validation slice (60-80% of the text), not on the eval slice.
-    first_token_weight: float = 64.0
-    aphq_iters: int = 1000  # APHQ: optimisation steps per block
-    aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
 
 
 def first_token_weight_for(loaded) -> float:

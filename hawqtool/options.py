@@ -1,0 +1,78 @@
+"""Each stage's settings and their one default (issue 17): the CLI flags, `RunConfig`/recipes and the library
+functions take their defaults from these classes, and a test compares them by introspection. Pure Python, so the
+CLI can read them without importing torch (fast --help)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+FISHER_OBJECTIVES = ("self-kl", "output-mse")
+
+
+@dataclass
+class SensitivityOptions:
+    """How per-layer sensitivity is measured (compute_sensitivity)."""
+
+    objective: str = "self-kl"  # self-kl | labels | output-mse
+    estimator: str = "auto"  # auto | hutchinson | fisher
+    nsamples: int = 8  # calibration windows
+    seqlen: int = 256
+    batch_size: int = 2  # windows per probe
+    target_rel_se: float = 0.10  # stop when every major layer's relative s.e. is below this
+    min_probes: int = 8
+    max_probes: int = 32
+    bits: tuple[int, ...] = (2, 3, 4, 8)  # widths whose ‖Q(W)−W‖² the report records
+    group_size: int = 128
+
+    def resolved_estimator(self) -> str:
+        """What `auto` picks: the sampled-label Fisher for self-kl/output-mse (measured 8-19x cheaper at lower
+        error, benchmarks/RESULTS.md 2026-11-24), Hutchinson otherwise."""
+        if self.estimator != "auto":
+            return self.estimator
+        return "fisher" if self.objective in FISHER_OBJECTIVES else "hutchinson"
+
+    def fingerprint(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantizeOptions:
+    """How the quantize stage runs (per-layer bits come from the plan)."""
+
+    method: str = "gptq"  # gptq | rtn | aphq (block reconstruction: quantize/aphq_driver.py)
+    act_mode: str = "dynamic"  # activation-quantized layers: per-token at run time, or static per-tensor
+    act_calib: str = "mse"  # static ranges: minmax | percentile | mse (on the quantized network's inputs)
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    # Each group's scale/zero: "search" minimises the diag(H)-weighted error (quantize/grid.py),
+    # "minmax" takes the group's range (GPTQ's reference rule).
+    grid: str = "search"
+    true_sequential: bool = True
+    batch_size: int = 8
+    # Weight of each calibration window's first position in H. That token becomes the
+    # attention sink whose value vector every later token reads, so its error counts many
+    # times over; at weight 1 GPTQ's v_proj loses to RTN on SmolLM2 (benchmarks/RESULTS.md).
+    # 64 was chosen on the validation slice (60-80% of the text), not on the eval slice.
+    first_token_weight: float = 64.0
+    aphq_iters: int = 1000  # APHQ: optimisation steps per block
+    aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
+    nsamples: int = 32  # calibration windows (the CLI's; quantize_model takes the windows themselves)
+    seqlen: int = 512
+
+    def fingerprint(self) -> dict:
+        """What the checkpoint depends on (the calibration size enters through the data key)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
+
+
+@dataclass
+class EvalOptions:
+    """The pinned evaluation protocol's settings (evaluate.py, README)."""
+
+    data: str = "wiki"
+    seqlen: int = 512
+    windows: int = 40
+    batch_size: int = 4
+
+    def fingerprint(self) -> dict:
+        return asdict(self)

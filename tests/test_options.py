@@ -1,0 +1,83 @@
+"""One source of defaults (issue 17): the stage commands' flags, `RunConfig` (recipes) and the library functions
+take theirs from hawqtool/options.py; compared here by introspection, so a default changed in one place only
+fails this test. And every flag of `run` can be set from a recipe."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from hawqtool.cli import main
+from hawqtool.options import EvalOptions, QuantizeOptions, SensitivityOptions
+from hawqtool.run import RunConfig
+
+S, Q, E = SensitivityOptions(), QuantizeOptions(), EvalOptions()
+
+# (command, click parameter name) -> the option's default it must show
+CLI = {("sensitivity", "nsamples"): S.nsamples, ("sensitivity", "seqlen"): S.seqlen,
+       ("sensitivity", "batch_size"): S.batch_size, ("sensitivity", "objective"): S.objective,
+       ("sensitivity", "estimator"): S.estimator, ("sensitivity", "target"): S.target_rel_se,
+       ("sensitivity", "min_probes"): S.min_probes, ("sensitivity", "max_probes"): S.max_probes,
+       ("sensitivity", "bits"): S.bits, ("sensitivity", "group_size"): S.group_size,
+       ("quantize", "method"): Q.method, ("quantize", "aphq_iters"): Q.aphq_iters,
+       ("quantize", "aphq_mlp_relu"): Q.aphq_mlp_relu, ("quantize", "nsamples"): Q.nsamples,
+       ("quantize", "seqlen"): Q.seqlen, ("quantize", "act_order"): Q.act_order, ("quantize", "damp"): Q.percdamp,
+       ("quantize", "blocksize"): Q.blocksize, ("quantize", "act_mode"): Q.act_mode,
+       ("quantize", "act_calib"): Q.act_calib, ("quantize", "grid"): Q.grid,
+       ("eval", "data"): E.data, ("eval", "seqlen"): E.seqlen, ("eval", "max_windows"): E.windows,
+       ("run", "bits"): S.bits, ("run", "group_size"): S.group_size, ("run", "data"): E.data,
+       ("run", "nsamples"): Q.nsamples, ("run", "seqlen"): Q.seqlen, ("run", "sens_samples"): S.nsamples,
+       ("run", "sens_seqlen"): S.seqlen, ("run", "max_probes"): S.max_probes, ("run", "eval_windows"): E.windows,
+       ("run", "eval_seqlen"): E.seqlen, ("run", "method"): Q.method, ("run", "act_order"): Q.act_order}
+
+
+def _default(cmd: str, name: str):
+    param = next(p for p in main.commands[cmd].params if p.name == name)
+    value = param.default
+    if name == "bits":  # a list flag: its type parses the shown default
+        value = tuple(param.type.convert(value, param, None))
+    return value
+
+
+@pytest.mark.parametrize("cmd, name", sorted(CLI))
+def test_cli_defaults_are_the_options(cmd, name):
+    assert _default(cmd, name) == CLI[cmd, name]
+
+
+def test_run_config_defaults_are_the_options():
+    rc = RunConfig()
+    assert (rc.nsamples, rc.seqlen, rc.method, rc.act_order) == (Q.nsamples, Q.seqlen, Q.method, Q.act_order)
+    assert (rc.sens_samples, rc.sens_seqlen, rc.sens_max_probes, rc.sens_min_probes, rc.sens_target) == \
+        (S.nsamples, S.seqlen, S.max_probes, S.min_probes, S.target_rel_se)
+    assert (tuple(rc.bit_choices), rc.group_size) == (S.bits, S.group_size)
+    assert (rc.eval_windows, rc.eval_seqlen, rc.data) == (E.windows, E.seqlen, E.data)
+
+
+def test_library_defaults_are_the_options():
+    from hawqtool.evaluate import perplexity
+    from hawqtool.stages import compute_sensitivity
+
+    sig = inspect.signature(compute_sensitivity).parameters
+    got = {k: sig[k].default for k in ("objective", "estimator", "batch_size", "target_rel_se", "min_probes",
+                                       "max_probes", "qerror_bits")}
+    assert got == {"objective": S.objective, "estimator": S.estimator, "batch_size": S.batch_size,
+                   "target_rel_se": S.target_rel_se, "min_probes": S.min_probes, "max_probes": S.max_probes,
+                   "qerror_bits": S.bits}
+    assert sig["qerror_groups"].default == (S.group_size,)
+    assert inspect.signature(perplexity).parameters["batch_size"].default == E.batch_size
+    assert SensitivityOptions().resolved_estimator() == "fisher"
+    assert SensitivityOptions(objective="labels").resolved_estimator() == "hutchinson"
+
+
+def test_every_run_flag_can_be_set_from_a_recipe():
+    """Walk `run`'s options: each is a RunConfig field (recipe key), except the few that are not settings."""
+    from hawqtool.recipe import recipe_fields
+
+    not_settings = {"model", "overwrite", "as_json", "verbose", "quiet"}
+    renamed = {"output": "out", "bits": "bit_choices", "sym": "symmetric", "max_probes": "sens_max_probes"}
+    fields = set(recipe_fields())
+    missing = [p.name for p in main.commands["run"].params
+               if p.name not in not_settings and renamed.get(p.name, p.name) not in fields]
+    assert not missing, missing
+    assert {f.name for f in dataclasses.fields(RunConfig)} >= {"device", "dtype", "offload", "max_memory"}
