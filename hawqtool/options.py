@@ -76,3 +76,11 @@ class EvalOptions:
 
     def fingerprint(self) -> dict:
         return asdict(self)
+
+
+# The stage settings a recipe sets in its nested `sensitivity:` / `quantize:` sections: every field of the options
+# class that is not already a top-level run setting (nsamples, seqlen, probes, bits, method, act_order, ...).
+NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_size")),
+          "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
+                                         "true_sequential", "batch_size", "first_token_weight", "aphq_iters",
+                                         "aphq_mlp_relu"))}

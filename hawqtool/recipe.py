@@ -19,12 +19,58 @@ _INTERNAL = {"stage_seconds"}
 
 def recipe_fields() -> dict[str, Any]:
     """RunConfig fields a recipe may set, with their defaults."""
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else
+                     f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             for f in dataclasses.fields(RunConfig) if f.name not in _INTERNAL}
+
+
+def _nested(key: str, value: Any) -> dict:
+    """A recipe's `sensitivity:` or `quantize:` section: stage options (options.NESTED), each checked by type."""
+    import difflib
+
+    from .options import NESTED
+
+    cls, allowed = NESTED[key]
+    if not isinstance(value, dict):
+        raise UserError(f"recipe key {key} must be a mapping of {key} options like {{{allowed[0]}: ...}}, got {value!r}")
+    for k in value:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), list(allowed), n=1)
+            raise UserError(f"recipe section {key} has unknown key {k!r}; "
+                            + (f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(allowed)}"))
+    defaults = cls()
+    out = {k: _coerce(f"{key}.{k}", v, getattr(defaults, k)) for k, v in value.items()}
+    for k, v in out.items():
+        ok = _NESTED_OK.get(k, lambda _v: True)
+        if not ok(v):
+            raise UserError(f"recipe key {key}.{k} = {v!r} is not allowed ({ok.__doc__}); fix the recipe")
+    return out
+
+
+def _choice(*values):
+    def ok(v):
+        return v in values
+    ok.__doc__ = "one of " + ", ".join(values)
+    return ok
+
+
+def _at_least(lo, hi=None):
+    def ok(v):
+        return v >= lo and (hi is None or v <= hi)
+    ok.__doc__ = f"at least {lo}" + (f" and at most {hi}" if hi is not None else "")
+    return ok
+
+
+_NESTED_OK = {"objective": _choice("self-kl", "labels", "output-mse"), "estimator": _choice("auto", "hutchinson", "fisher"),
+              "act_mode": _choice("dynamic", "static"), "act_calib": _choice("minmax", "percentile", "mse"),
+              "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
+              "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a recipe value against the field's default type (ints may stand for floats)."""
+    if key in ("sensitivity", "quantize"):
+        return _nested(key, value)
     if key == "bit_choices":
         if not isinstance(value, list) or not value or not all(isinstance(b, int) and 1 <= b <= 8 for b in value):
             raise UserError(f"recipe key bit_choices must be a list of widths 1..8 like [2, 3, 4, 8], got {value!r}")

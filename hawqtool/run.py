@@ -87,6 +87,8 @@ class RunConfig:
     dtype: str = "auto"  # the model's compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
     offload: bool = False  # stream the model block by block from its files (streaming.py)
     max_memory: str | None = None  # e.g. "3GiB": stream when the weights exceed it
+    sensitivity: dict = field(default_factory=dict)  # SensitivityOptions fields (options.NESTED): objective, ...
+    quantize: dict = field(default_factory=dict)  # QuantizeOptions fields (options.NESTED): percdamp, grid, ...
     stage_seconds: dict = field(default_factory=dict)
 
 
@@ -207,7 +209,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
     # the attention-sink weighting is for causal LMs (as `hawqtool quantize`); sensitivity weights its
     # ‖Q(W)−W‖² with the same input importance that quantize's H uses
     ftw = 1.0 if vision else QuantizeOptions().first_token_weight
-    sens_opts = SensitivityOptions()  # objective, estimator and batch size are not run settings: its defaults
+    sens_opts = SensitivityOptions(**cfg.sensitivity)  # a recipe's `sensitivity:` section (objective, estimator, ...)
     sens_settings = sensitivity_settings(objective=sens_opts.objective, batch_size=sens_opts.batch_size,
                                          qerror_bits=cfg.bit_choices,
                                          qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
@@ -265,7 +267,7 @@ def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
 
     calib_ids = timed("data", td.calib_inputs)
     sizes: dict[str, dict] = {}
-    opts = QuantizeOptions(method=cfg.method, act_order=cfg.act_order, first_token_weight=ftw)
+    opts = QuantizeOptions(**{"first_token_weight": ftw, **cfg.quantize, "method": cfg.method, "act_order": cfg.act_order})
     results = {}
     for name, p in (("mixed", plan), ("uniform", uplan)):
         if p is None:

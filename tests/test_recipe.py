@@ -29,6 +29,11 @@ def test_default_recipe_is_the_default_job():
     ("nsamples: 3.5\n", "nsamples must be int"),
     ("- a\n- b\n", "must be a mapping"),
     ("avg_bits: [\n", "not valid YAML"),
+    ("sensitivity: {objectiv: labels}\n", "did you mean 'objective'"),
+    ("sensitivity: {nsamples: 4}\n", "section sensitivity has unknown key 'nsamples'"),  # a top-level key
+    ("quantize: {grid: best}\n", "quantize.grid = 'best' is not allowed (one of search, minmax)"),
+    ("quantize: {percdamp: 2.0}\n", "at most 1.0"),
+    ("quantize: 3\n", "must be a mapping of quantize options"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     p = tmp_path / "r.yaml"
@@ -54,3 +59,17 @@ def test_recipe_sets_defaults_and_flags_win(tiny_llama, text_file, tmp_path):
     assert s["budget"]["value"] == 3.0  # the flag, not the recipe's 4.0
     assert s["eval_tokens"] == 3 * 63 and s["calib_samples"] == 8  # the recipe's, not the defaults
     assert (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "from-recipe").exists()
+
+
+def test_nested_stage_sections_reach_the_stages(tmp_path, tiny_llama, text_file):
+    """`sensitivity:` and `quantize:` sections set what the stage commands' flags set (objective, grid, damping)."""
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {tiny_llama}\ncalib: {text_file}\ndata: {text_file}\nnsamples: 4\nseqlen: 32\n"
+                 "sens_samples: 4\nsens_seqlen: 32\nsens_max_probes: 4\nsens_min_probes: 2\neval_windows: 2\n"
+                 "eval_seqlen: 32\nsensitivity: {objective: labels}\nquantize: {grid: minmax, percdamp: 0.05}\n")
+    res = CliRunner().invoke(main, ["run", str(r), "-o", str(tmp_path / "out"), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    sens = json.loads((tmp_path / "out" / "sensitivity.json").read_text())
+    assert sens["objective"] == "labels" and sens["estimator"].startswith("hutchinson")
+    opts = json.loads((tmp_path / "out" / "mixed" / "hawqtool_manifest.json").read_text())["options"]
+    assert opts["grid"] == "minmax" and opts["percdamp"] == 0.05
