@@ -8,9 +8,10 @@ import torch
 
 from .device import model_device
 from .errors import UserError
+from .hooks import Hooks, Silent
 
 
-def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep,
+def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep: Hooks | None = None,
                  trust_remote_code: bool = False, reference: str | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32, offload: bool = False,
                  max_memory: int | None = None) -> dict:
@@ -18,6 +19,8 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
     LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model).
     `sizes`: bits per linear weight and whole-file bits per parameter (sizes.py)."""
     from .sizes import checkpoint_sizes, model_sizes
+
+    rep = rep or Silent()
 
     from .checkpoint import is_checkpoint, read_manifest
     from .data import eval_windows, with_special_tokens

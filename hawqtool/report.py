@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -284,3 +287,70 @@ def write_sensitivity_report(report: SensitivityReport, out_dir: Path, plan: Pla
     write_atomic(paths["markdown"], to_markdown(title, secs))
     write_atomic(paths["html"], to_html(title, secs, plots))
     return paths
+
+
+# ---- the allocate stage's Pareto sweep (allocate/sweep.py computes it; drawing and writing it are here) ----
+
+# axis -> (x label, scale to the plotted unit)
+AXES = {"bytes": ("quantized layer size (MB, scales and zeros included)", 1e-6),
+        "latency_ms": ("latency of the quantized layers (ms, sum of the latency table)", 1.0),
+        "bops": ("GBOPs per token (MACs × weight bits × activation bits)", 1e-9)}
+
+
+def sweep_figure(data: dict[str, Any]) -> Figure:
+    """Ω vs each axis (one panel each): frontier line, labelled uniform points (hollow if they break the
+    constraints), chosen plan star."""
+    axes = data.get("axes", ["bytes"])
+    fig = Figure(figsize=(8.0 * len(axes) ** 0.5 + 2.5 * (len(axes) - 1), 5.0), layout="constrained")
+    for n, axis in enumerate(axes):
+        ax = fig.add_subplot(1, len(axes), n + 1)
+        label, scale = AXES[axis]
+        fr = data.get("frontiers", {}).get(axis, data["frontier"])
+
+        def x_of(p: dict[str, Any]) -> float:
+            return p.get("costs", {}).get(axis, p["total_bytes"] if axis == "bytes" else float("nan")) * scale
+
+        ys = [p["predicted_omega"] for p in fr] + [u["predicted_omega"] for u in data["uniform"]]
+        ax.plot([x_of(p) for p in fr], [p["predicted_omega"] for p in fr], "o-", ms=4,
+                color="tab:blue", label="Pareto frontier (ILP)")
+        for k, u in enumerate(data["uniform"]):
+            x, y = x_of(u), u["predicted_omega"]
+            ax.scatter([x], [y], marker="s", s=40, zorder=4, edgecolors="tab:orange",
+                       facecolors="tab:orange" if u["feasible"] else "none",
+                       label="uniform" if k == 0 else None)
+            note = "" if u["feasible"] else " (breaks constraints)"
+            ax.annotate(u["label"] + note, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ch = data.get("chosen")
+        if ch is not None and axis in ch.get("costs", {"bytes": 0}):
+            ys.append(ch["predicted_omega"])
+            ax.scatter([x_of(ch)], [ch["predicted_omega"]], marker="*", s=220, color="tab:red", zorder=5,
+                       label=f"chosen plan ({ch['avg_bits']:.2f} bits/weight)")
+        if ys and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("predicted Ω = Σ Tr(H)/n · ‖Q(W)−W‖²")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Predicted perturbation vs cost — {data.get('model', '')}")
+    return fig
+
+
+def _write_bytes_atomic(path: Path, blob: bytes) -> None:
+    """Binary twin of artifacts.write_atomic (temporary name in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def write_sweep(result: dict[str, Any], out_json: Path, out_png: Path, chosen: Plan | None = None) -> dict[str, Path]:
+    """Write the sweep as JSON and a PNG plot (both atomically); returns their paths."""
+    data = {k: v for k, v in result.items() if not k.startswith("_")}
+    if chosen is not None:
+        from .allocate.sweep import chosen_point
+
+        data["chosen"] = chosen_point(chosen, result)
+    out_json, out_png = Path(out_json), Path(out_png)
+    write_atomic(out_json, json.dumps(data, indent=1))
+    _write_bytes_atomic(out_png, base64.b64decode(_png(sweep_figure(data))))
+    return {"json": out_json, "png": out_png}

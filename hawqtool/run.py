@@ -40,7 +40,7 @@ from .errors import UserError
 from .evaluate import classification_fidelity, perplexity
 from .inputs import calibration_inputs, calibration_key
 from .models import LoadedModel, load_model, quantizable_layers
-from .progress import Reporter
+from .hooks import Hooks, Silent
 from .report import write_sensitivity_report
 from .options import EvalOptions, QuantizeOptions, SensitivityOptions
 from .runtime import load_quantized
@@ -161,8 +161,10 @@ def _image_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
         score=lambda model, adv: asdict(classification_fidelity(reference, model, images, progress=adv)))
 
 
-def run_pipeline(cfg: RunConfig, rep: Reporter) -> dict:
-    """Run load → sensitivity → allocate → quantize (mixed and uniform) → eval; returns the summary."""
+def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
+    """Run load → sensitivity → allocate → quantize (mixed and uniform) → eval; returns the summary. Progress goes
+    through `rep`'s callables (the CLI's rich Reporter; nothing by default)."""
+    rep = rep or Silent()
     check_embed_options(cfg.embed_bits, cfg.embed_group_size)  # before any work
     fmts = parse_formats(cfg.formats)
     if fmts and cfg.embed_bits != 16:

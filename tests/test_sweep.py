@@ -10,7 +10,8 @@ from hawqtool import artifacts
 from hawqtool.allocate.budgets import Budgets
 from hawqtool.allocate.options import make_options
 from hawqtool.allocate.plan import allocate_bits
-from hawqtool.allocate.sweep import sweep_plans, write_sweep
+from hawqtool.allocate.sweep import sweep_plans
+from hawqtool.report import write_sweep
 from hawqtool.cli import main
 from hawqtool.latency import LatencyTable
 from test_plan import BITS, no_weights, synthetic_report

@@ -125,7 +125,8 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     artifacts.save(plan, output)
     written = [output]
     if sweep:
-        from ..allocate.sweep import sweep_plans, write_sweep
+        from ..allocate.sweep import sweep_plans
+        from ..report import write_sweep
 
         res = sweep_plans(report, weights, bit_choices, group_size, sym, group_sizes=groups, act_bits=acts, pairs=wa,
                           profile=profile, latency=latency, extra={k: [v] for k, v in plan.costs.items()}, **cons)
