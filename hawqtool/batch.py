@@ -49,15 +49,10 @@ class Outcome:
 
 def read_jobs(path: Path) -> tuple[dict, list[dict]]:
     """(defaults, jobs) of a jobs file, every key checked as a recipe's (recipe.load_recipe's rules)."""
-    from .recipe import check_settings, load_recipe
+    from .recipe import check_settings, load_recipe, read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"jobs file {p} does not exist; pass a YAML file with `jobs:` (see README, Batch jobs)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"jobs file {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    data = read_yaml(p, "jobs file", "pass a YAML file with `jobs:` (see README, Batch jobs)")
     if isinstance(data, dict) and (unknown := sorted(set(data) - {"defaults", "jobs"})):
         raise UserError(f"jobs file {p} has unknown top-level key {unknown[0]!r}; use `defaults:` and `jobs:`")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:

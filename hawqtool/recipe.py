@@ -93,15 +93,20 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def read_yaml(p: Path, what: str, fix: str) -> Any:
+    """The parsed YAML file `p` ({} if empty); one-line errors naming `what` when absent or not YAML."""
+    if not p.is_file():
+        raise UserError(f"{what} {p} does not exist; {fix}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Validated {RunConfig field: value} from a YAML recipe."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe {p} does not exist; pass a YAML file (see recipes/)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    data = read_yaml(p, "recipe", "pass a YAML file (see recipes/)")
     if not isinstance(data, dict):
         raise UserError(f"recipe {p} must be a mapping of settings, like `avg_bits: 3.0`")
     return check_settings(data, f"recipe {p}")

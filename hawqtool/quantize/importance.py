@@ -13,27 +13,42 @@ from torch import nn
 from .quantizer import QuantSpec, rtn
 
 
+class ImportanceSums:
+    """Running d = E[x_j²] per input column, from forward pre-hooks (`hook(name)`), position 0 of each sequence
+    weighted by `first_weight`; `result()` gives d per layer."""
+
+    def __init__(self, first_weight: float = 1.0):
+        self.first_weight, self.sums, self.counts = first_weight, {}, {}
+
+    def hook(self, n: str):
+        def add(_m, a):
+            x = a[0].detach().float()
+            w = torch.ones(x.shape[:-1], device=x.device)
+            if self.first_weight != 1.0 and x.dim() == 3:
+                w[:, 0] = self.first_weight
+            x2 = (x * x * w[..., None]).reshape(-1, x.shape[-1]).sum(0)
+            self.sums[n] = self.sums.get(n, 0) + x2.double()
+            self.counts[n] = self.counts.get(n, 0.0) + float(w.sum())
+        return add
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: (self.sums[n] / self.counts[n]).float() for n in self.sums}
+
+
+def weighted_layers(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The layers whose inputs get an importance: Linear and HF Conv1D (convolutions' inputs are unfolded patches)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {n: m for n, m in layers.items() if isinstance(m, (nn.Linear, Conv1D))}
+
+
 def input_importance(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict],
                      first_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """d = E[x_j²] per input column of every Linear / HF Conv1D layer in `layers` over the batches
     (position 0 of each sequence weighted by `first_weight`, as the quantize stage weights H);
     convolutions are left out (their inputs are unfolded patches: equal weights)."""
-    from transformers.pytorch_utils import Conv1D
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = {}
-
-    def hook(_m, a, n):
-        x = a[0].detach().float()
-        w = torch.ones(x.shape[:-1], device=x.device)
-        if first_weight != 1.0 and x.dim() == 3:
-            w[:, 0] = first_weight
-        x2 = (x * x * w[..., None]).reshape(-1, x.shape[-1]).sum(0)
-        sums[n] = sums.get(n, 0) + x2.double()
-        counts[n] = counts.get(n, 0.0) + float(w.sum())
-
-    handles = [m.register_forward_pre_hook(lambda m_, a, n=n: hook(m_, a, n))
-               for n, m in layers.items() if isinstance(m, (nn.Linear, Conv1D))]
+    acc = ImportanceSums(first_weight)
+    handles = [m.register_forward_pre_hook(acc.hook(n)) for n, m in weighted_layers(layers).items()]
     try:
         with torch.no_grad():
             for b in batches:
@@ -41,7 +56,7 @@ def input_importance(model: nn.Module, layers: dict[str, nn.Module], batches: li
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / counts[n]).float() for n in sums}
+    return acc.result()
 
 
 def weighted_quant_error(W: torch.Tensor, spec: QuantSpec, d: torch.Tensor | None) -> float:

@@ -82,34 +82,23 @@ def streamed_fisher_traces(model: nn.Module, params: dict[str, torch.Tensor], ba
 
 def streamed_importance(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch],
                         first_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """importance.input_importance for a streamed model: the same hooks, on each block while it is resident."""
-    from transformers.pytorch_utils import Conv1D
+    """importance.input_importance for a streamed model: the same hooks, on each block while it is resident, then
+    on what follows the blocks (an untied head) run once per batch on the last block's outputs."""
+    from ..quantize.importance import ImportanceSums, weighted_layers
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = {}
-
-    def hook(_m, a, n):
-        x = a[0].detach().float()
-        w = torch.ones(x.shape[:-1], device=x.device)
-        if first_weight != 1.0 and x.dim() == 3:
-            w[:, 0] = first_weight
-        sums[n] = sums.get(n, 0) + (x * x * w[..., None]).reshape(-1, x.shape[-1]).sum(0).double()
-        counts[n] = counts.get(n, 0.0) + float(w.sum())
-
-    st = streamer_of(model)
-    kinds = (nn.Linear, Conv1D)
+    acc, st = ImportanceSums(first_weight), streamer_of(model)
+    layers = weighted_layers(layers)
     handles: list = []
     box: dict = {}
     for i, _block, _inputs in walk_blocks(model, batches, box=box):
         for h in handles:
             h.remove()
-        handles = [m.register_forward_pre_hook(lambda m_, a, n=n: hook(m_, a, n))
-                   for n, m in layers.items() if n.startswith(st.prefixes[i]) and isinstance(m, kinds)]
+        handles = [m.register_forward_pre_hook(acc.hook(n)) for n, m in layers.items() if n.startswith(st.prefixes[i])]
     for h in handles:
         h.remove()
-    outside = {n: m for n, m in layers.items() if not any(n.startswith(p) for p in st.prefixes) and isinstance(m, kinds)}
-    if outside:  # what follows the blocks (an untied head), run once per batch on the last block's outputs
-        handles = [m.register_forward_pre_hook(lambda m_, a, n=n: hook(m_, a, n)) for n, m in outside.items()]
+    outside = {n: m for n, m in layers.items() if not any(n.startswith(p) for p in st.prefixes)}
+    if outside:
+        handles = [m.register_forward_pre_hook(acc.hook(n)) for n, m in outside.items()]
         try:
             with torch.no_grad():
                 for j, b in enumerate(batches):
@@ -118,7 +107,7 @@ def streamed_importance(model: nn.Module, layers: dict[str, nn.Module], batches:
         finally:
             for h in handles:
                 h.remove()
-    return {n: (sums[n] / counts[n]).float() for n in sums}
+    return acc.result()
 
 
 def stored_weight(model: nn.Module, name: str) -> torch.Tensor:
