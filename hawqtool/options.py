@@ -3,7 +3,7 @@ functions take their defaults from these classes, and a test compares them by in
 CLI can read them without importing torch (fast --help)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
@@ -78,9 +78,29 @@ class EvalOptions:
         return asdict(self)
 
 
+@dataclass
+class AllocateOptions:
+    """The integer program's choices besides the budget (allocate_bits): which options each layer gets and which
+    layers must agree."""
+
+    group_sizes: tuple[int, ...] = ()  # several group sizes as options (() = the run's group_size alone)
+    act_bits: tuple[int, ...] = (16,)  # 8 adds W8A8 options
+    pins: dict = field(default_factory=dict)  # {layer regex: bits}
+    allowed: dict = field(default_factory=dict)  # {layer regex: [bits, ...]}
+    ties: tuple[str, ...] = ()  # regexes: the layers each matches get one width
+    auto_ties: bool = False  # tie layers that read one input (q/k/v, gate/up)
+    trace_ucb: float = 0.0  # z > 0: plan on max(Tr, 0) + z·s.e. (noisy near-zero traces buy no 2-bit layer)
+
+    def kwargs(self) -> dict:
+        """allocate_bits keyword arguments (defaults left out, so the plan fingerprint is what it was)."""
+        base = AllocateOptions()
+        return {k: v for k, v in asdict(self).items() if v != getattr(base, k)}
+
+
 # The stage settings a recipe sets in its nested `sensitivity:` / `quantize:` sections: every field of the options
 # class that is not already a top-level run setting (nsamples, seqlen, probes, bits, method, act_order, ...).
 NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_size")),
+          "allocate": (AllocateOptions, ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties", "trace_ucb")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
                                          "true_sequential", "batch_size", "first_token_weight", "aphq_iters",
                                          "aphq_mlp_relu"))}

@@ -64,12 +64,13 @@ def _at_least(lo, hi=None):
 _NESTED_OK = {"objective": _choice("self-kl", "labels", "output-mse"), "estimator": _choice("auto", "hutchinson", "fisher"),
               "act_mode": _choice("dynamic", "static"), "act_calib": _choice("minmax", "percentile", "mse"),
               "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
-              "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1)}
+              "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1),
+              "trace_ucb": _at_least(0.0)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a recipe value against the field's default type (ints may stand for floats)."""
-    if key in ("sensitivity", "quantize"):
+    if key in ("sensitivity", "allocate", "quantize"):
         return _nested(key, value)
     if key == "bit_choices":
         if not isinstance(value, list) or not value or not all(isinstance(b, int) and 1 <= b <= 8 for b in value):
@@ -81,6 +82,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise UserError(f"recipe key {key} must be a string, got {value!r}")
         return value
+    if isinstance(default, tuple) and isinstance(value, list):  # YAML lists stand for tuples
+        value = tuple(value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

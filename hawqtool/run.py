@@ -42,7 +42,7 @@ from .inputs import calibration_inputs, calibration_key
 from .models import LoadedModel, load_model, quantizable_layers
 from .hooks import Hooks, Silent
 from .report import write_sensitivity_report
-from .options import EvalOptions, QuantizeOptions, SensitivityOptions
+from .options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityOptions
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
@@ -88,6 +88,7 @@ class RunConfig:
     offload: bool = False  # stream the model block by block from its files (streaming.py)
     max_memory: str | None = None  # e.g. "3GiB": stream when the weights exceed it
     sensitivity: dict = field(default_factory=dict)  # SensitivityOptions fields (options.NESTED): objective, ...
+    allocate: dict = field(default_factory=dict)  # AllocateOptions fields (options.NESTED): pins, ties, ...
     quantize: dict = field(default_factory=dict)  # QuantizeOptions fields (options.NESTED): percdamp, grid, ...
     stage_seconds: dict = field(default_factory=dict)
 
@@ -246,7 +247,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         return layer_w
     emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
                          [ls.name for ls in report.layers])
-    plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits,
+    alloc = AllocateOptions(**cfg.allocate).kwargs()  # a recipe's `allocate:` section
+    plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits, **alloc,
                                                    bit_choices=cfg.bit_choices, group_size=cfg.group_size,
                                                    symmetric=cfg.symmetric, embedding=emb, formats=fmts))
     plan.file = predict_file(loaded.model, plan)

@@ -34,6 +34,8 @@ def test_default_recipe_is_the_default_job():
     ("quantize: {grid: best}\n", "quantize.grid = 'best' is not allowed (one of search, minmax)"),
     ("quantize: {percdamp: 2.0}\n", "at most 1.0"),
     ("quantize: 3\n", "must be a mapping of quantize options"),
+    ("allocate: {pin: {x: 8}}\n", "did you mean 'pins'"),
+    ("allocate: {trace_ucb: -1}\n", "at least 0.0"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     p = tmp_path / "r.yaml"
@@ -66,10 +68,15 @@ def test_nested_stage_sections_reach_the_stages(tmp_path, tiny_llama, text_file)
     r = tmp_path / "r.yaml"
     r.write_text(f"model: {tiny_llama}\ncalib: {text_file}\ndata: {text_file}\nnsamples: 4\nseqlen: 32\n"
                  "sens_samples: 4\nsens_seqlen: 32\nsens_max_probes: 4\nsens_min_probes: 2\neval_windows: 2\n"
-                 "eval_seqlen: 32\nsensitivity: {objective: labels}\nquantize: {grid: minmax, percdamp: 0.05}\n")
+                 "eval_seqlen: 32\navg_bits: 4.0\nsensitivity: {objective: labels}\n"
+                 "quantize: {grid: minmax, percdamp: 0.05}\nallocate: {pins: {down_proj: 8}, auto_ties: true}\n")
     res = CliRunner().invoke(main, ["run", str(r), "-o", str(tmp_path / "out"), "-q"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     sens = json.loads((tmp_path / "out" / "sensitivity.json").read_text())
     assert sens["objective"] == "labels" and sens["estimator"].startswith("hutchinson")
     opts = json.loads((tmp_path / "out" / "mixed" / "hawqtool_manifest.json").read_text())["options"]
     assert opts["grid"] == "minmax" and opts["percdamp"] == 0.05
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())["layers"]
+    assert all(lp["bits"] == 8 for lp in plan if "down_proj" in lp["name"])
+    bits = {lp["name"]: lp["bits"] for lp in plan}
+    assert all(bits[f"model.layers.{i}.mlp.gate_proj"] == bits[f"model.layers.{i}.mlp.up_proj"] for i in range(2))
