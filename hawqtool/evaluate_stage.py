@@ -38,6 +38,9 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
 
         from .runtime import load_quantized
 
+        if offload or max_memory is not None:
+            raise UserError(f"{ref} is a checkpoint, which is loaded whole (its layers stay packed); --offload and "
+                            "--max-memory stream a model's own files: drop them here")
         model, sizes = load_quantized(ref, device=device, dtype=dtype), checkpoint_sizes(ref)
         task = model_task(AutoConfig.from_pretrained(ref))
         source = read_manifest(ref, verify=False).get("source_model")

@@ -149,3 +149,17 @@ def test_offload_bad_memory_is_one_line(tmp_path, llama3, text_file):
     res = invoke("run", llama3, "--calib", text_file, "-o", tmp_path / "r", "--max-memory", "lots", ok=False)
     one_line_error(res, "--max-memory")
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_of_a_checkpoint_refuses_offload(tmp_path, llama3, text_file):
+    """A checkpoint is loaded whole (packed): --offload there is refused, not silently ignored."""
+    from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.models import quantizable_layers, weight_matrix
+    from hawqtool.quantize.driver import QuantizeOptions
+    from hawqtool.stages import quantize_stage
+
+    mem = _load(llama3)
+    plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem.model).items()}, 4,
+                      group_size=16)
+    quantize_stage(mem, plan, _ids(mem, text_file), QuantizeOptions(method="rtn"), tmp_path / "ck")
+    one_line_error(invoke("eval", tmp_path / "ck", "--data", text_file, "--offload", ok=False), "checkpoint", "--offload")
