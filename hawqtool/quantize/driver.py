@@ -154,6 +154,9 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     rank, size = world()
     every = _batches(calib_ids, opts.batch_size, model_device(model))
     batches = my_share(every, rank, size)  # data parallel: this rank's strided share (all of them on one)
+    if size > len(every):
+        raise UserError(f"{size} ranks need at least {size} calibration batches of {opts.batch_size} windows; give "
+                        f"--nsamples {size * opts.batch_size} or more, or fewer ranks")
     if size > 1:
         log.info("data parallel: rank %d of %d runs %d of the %d calibration batches", rank, size, len(batches),
                  len(every))
