@@ -47,13 +47,19 @@ def _record(params: int, tensor_bytes: int, linear_params: int, linear_bytes: fl
     return out
 
 
+def _identity(v) -> object:
+    """What makes two state tensors one stored tensor: their memory, or (meta tensors of a streamed model, which
+    have none) the parameter object."""
+    return ("meta", id(v)) if v.device.type == "meta" else v.data_ptr()
+
+
 def predict_file(model: nn.Module, plan: Plan) -> dict:
     """The whole-file accounting of the checkpoint `plan` gives on `model` (a tied head the plan quantizes is
     untied by quantize: both matrices are then stored, and counted)."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # tied parameters: one object (also on the meta device: streamed)
     planned = {lp.name: lp for lp in plan.layers}
     emb = plan.embedding
-    emb_ptr = state[f"{emb.name}.weight"].data_ptr() if emb is not None else None
+    emb_ptr = _identity(state[f"{emb.name}.weight"]) if emb is not None else None
     seen: set[int] = set()
     params = nbytes = 0
     for key, v in state.items():
@@ -65,11 +71,11 @@ def predict_file(model: nn.Module, plan: Plan) -> dict:
             nbytes += (QuantSpec.for_ggml(lp.ggml_type).storage_bits(o, i) // 8 if lp.ggml_type
                        else packed_nbytes(o, i, lp.bits, lp.group_size, lp.symmetric))
             continue
-        if v.data_ptr() in seen:
+        if _identity(v) in seen:
             continue
-        seen.add(v.data_ptr())
+        seen.add(_identity(v))
         params += v.numel()
-        if emb is not None and v.data_ptr() == emb_ptr:
+        if emb is not None and _identity(v) == emb_ptr:
             nbytes += packed_nbytes(*emb.shape, emb.bits, emb.group_size, emb.symmetric)
         else:
             nbytes += v.numel() * v.element_size()
@@ -79,11 +85,11 @@ def predict_file(model: nn.Module, plan: Plan) -> dict:
 
 def model_sizes(model: nn.Module) -> dict:
     """Whole-file accounting of a model as it is in memory (every state tensor once, at its dtype)."""
-    seen: set[int] = set()
+    seen: set = set()
     params = nbytes = 0
-    for v in model.state_dict().values():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
+    for v in model.state_dict(keep_vars=True).values():
+        if _identity(v) not in seen:
+            seen.add(_identity(v))
             params += v.numel()
             nbytes += v.numel() * v.element_size()
     return _record(params, nbytes, 0, 0.0, None)

@@ -163,3 +163,15 @@ def test_eval_of_a_checkpoint_refuses_offload(tmp_path, llama3, text_file):
                       group_size=16)
     quantize_stage(mem, plan, _ids(mem, text_file), QuantizeOptions(method="rtn"), tmp_path / "ck")
     one_line_error(invoke("eval", tmp_path / "ck", "--data", text_file, "--offload", ok=False), "checkpoint", "--offload")
+
+
+def test_size_accounting_of_a_streamed_model(llama3):
+    """Meta tensors have no memory to tell them apart: the file accounting must still count each once."""
+    from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.models import quantizable_layers, weight_matrix
+    from hawqtool.sizes import model_sizes, predict_file
+
+    mem, streamed = _load(llama3).model, _load(llama3, offload=True).model
+    plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem).items()}, 3)
+    assert predict_file(streamed, plan) == predict_file(mem, plan)
+    assert model_sizes(streamed) == model_sizes(mem)
