@@ -59,12 +59,18 @@ def input_importance(model: nn.Module, layers: dict[str, nn.Module], batches: li
     return acc.result()
 
 
+ROWS = 8192  # rows per slice of weighted_quant_error (every SmolLM2 layer is one slice: same sums as before)
+
+
 def weighted_quant_error(W: torch.Tensor, spec: QuantSpec, d: torch.Tensor | None) -> float:
     """Σ_j d_j ‖Q(W)[:, j] − W[:, j]‖² / mean(d) for the searched RTN grid with importance d
     (plain ‖Q(W) − W‖² of the equal-weight search when d is None)."""
     W = W.detach().float()
-    D = rtn(W, spec, search=True, d=d).dequantize() - W
-    col = D.pow(2).sum(dim=0)
+    col = None
+    for r in range(0, W.shape[0], ROWS):  # rows are independent: a 49152-row head in slices, not 4 GB at once
+        Wr = W[r:r + ROWS]
+        c = (rtn(Wr, spec, search=True, d=d).dequantize() - Wr).pow(2).sum(dim=0)
+        col = c if col is None else col + c
     if d is None or float(d.mean()) <= 0:
         return float(col.sum())
     d = d.to(col.device).float()
