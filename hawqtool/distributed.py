@@ -23,7 +23,23 @@ def world() -> tuple[int, int]:
         if torch.cuda.is_available():  # one GPU per rank: torchrun's LOCAL_RANK (device.resolve_device agrees)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        import atexit
+
+        atexit.register(_shutdown)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _shutdown() -> None:
+    """At exit: wait for the other ranks, then tear the process group down (a rank leaving while gloo's threads
+    still run dies with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - another rank failed: torchrun reports that one
+        pass
 
 
 def comm_device() -> torch.device:
