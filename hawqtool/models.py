@@ -206,8 +206,11 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
         else:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             task = model_task(config)
-            if offload or _too_big(source, dtype, dev, max_memory):
-                model = _streamed(model_class(task), config, source, dev, dtype, attn_implementation, trust_remote_code)
+            from .streaming import streamed_model, too_big
+
+            if offload or too_big(source, dtype, dev, max_memory):
+                model = streamed_model(model_class(task), config, source, dev, dtype, attn_implementation,
+                                       trust_remote_code)
             else:
                 model = _from_pretrained_checked(model_class(task), source, task, kwargs)
             tok = _load_tokenizer(source, trust_remote_code)
@@ -224,40 +227,6 @@ def load_model(ref: str | None, *, trust_remote_code: bool = False, dtype: torch
     model.eval()
     check_finite_weights(model, source)
     return LoadedModel(model=model, tokenizer=tok, source=source, files=files, task=task)
-
-
-def _too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:
-    """Whether the weights in `dtype` exceed `max_memory`, or (without one) 80% of the device's free memory."""
-    from .streaming import weights_bytes
-
-    need = weights_bytes(Path(source), dtype)
-    if need is None:
-        return False
-    if max_memory is None:
-        if dev.type == "cuda":
-            max_memory = int(0.8 * torch.cuda.mem_get_info(dev)[0])
-        else:
-            import psutil
-
-            max_memory = int(0.8 * psutil.virtual_memory().available)
-    if need > max_memory:
-        log.info("the weights need %.1f GiB in %s, more than %.1f GiB: streaming them block by block",
-                 need / 2**30, dtype, max_memory / 2**30)
-        return True
-    return False
-
-
-def _streamed(cls, config, source: str, dev: torch.device, dtype: torch.dtype, attn_implementation: str,
-              trust_remote_code: bool) -> nn.Module:
-    """A meta-built model whose blocks are read from `source`'s safetensors while they run (streaming.py)."""
-    from .streaming import Streamer, WeightSource, empty_model
-
-    if trust_remote_code:
-        raise UserError("--offload builds the model from its config; models with custom code load in memory only: "
-                        "drop --offload/--max-memory")
-    model = empty_model(cls, config, dtype, attn_implementation)
-    model._hawq_streamer = Streamer(model, WeightSource(Path(source)), dev, dtype)
-    return model
 
 
 def _from_pretrained_checked(cls, source: str, task: str, kwargs: dict) -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -272,3 +273,33 @@ def streamed_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> It
     for j, b in enumerate(batches):
         with tail_of(model, inputs, j):
             yield j, model(**b, **call_kwargs)
+
+
+def too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:
+    """Whether the weights in `dtype` exceed `max_memory`, or (without one) 80% of the device's free memory."""
+    need = weights_bytes(Path(source), dtype)
+    if need is None:
+        return False
+    if max_memory is None:
+        if dev.type == "cuda":
+            max_memory = int(0.8 * torch.cuda.mem_get_info(dev)[0])
+        else:
+            import psutil
+
+            max_memory = int(0.8 * psutil.virtual_memory().available)
+    if need > max_memory:
+        logging.getLogger("hawqtool").info("the weights need %.1f GiB in %s, more than %.1f GiB: streaming them block by block",
+                 need / 2**30, dtype, max_memory / 2**30)
+        return True
+    return False
+
+
+def streamed_model(cls, config, source: str, dev: torch.device, dtype: torch.dtype, attn_implementation: str,
+              trust_remote_code: bool) -> nn.Module:
+    """A meta-built model whose blocks are read from `source`'s safetensors while they run (streaming.py)."""
+    if trust_remote_code:
+        raise UserError("--offload builds the model from its config; models with custom code load in memory only: "
+                        "drop --offload/--max-memory")
+    model = empty_model(cls, config, dtype, attn_implementation)
+    model._hawq_streamer = Streamer(model, WeightSource(Path(source)), dev, dtype)
+    return model
