@@ -73,20 +73,26 @@ class GPTQResult:
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, list[str]]:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp ×10 on failure."""
-    H64 = H.double()
-    mean_diag = float(H64.diagonal().mean())
-    damp, notes = percdamp, []
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp ×10 on failure.
+    At most two float64 [in, in] matrices live at once (an 8192-wide layer: 1 GB, not 2.7)."""
+    Hd = H.double()
+    if Hd.data_ptr() == H.data_ptr():
+        Hd = Hd.clone()
+    mean_diag = float(Hd.diagonal().mean())
+    damp, added, notes = percdamp, 0.0, []
     for attempt in range(max_retries + 1):
-        Hd = H64.clone()
-        Hd.diagonal().add_(damp * mean_diag)
+        Hd.diagonal().add_((damp - added) * mean_diag)  # damping raised in place on a retry
+        added = damp
         try:
             L = torch.linalg.cholesky(Hd)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            Hinv = torch.linalg.cholesky(Hinv, upper=True)
             reason = "" if torch.isfinite(Hinv).all() else "non-finite factor"
         except torch.linalg.LinAlgError:
             reason = "not positive definite"
         if not reason:
+            del Hd
             return Hinv.to(H.dtype), damp, notes
         if attempt < max_retries:
             notes.append(f"Cholesky failed at damp {damp:g} ({reason}), retried at {damp * 10:g}")
