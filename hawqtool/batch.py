@@ -204,9 +204,10 @@ def write_summary(out: Path, outcomes: list[Outcome]) -> None:
 def row(o: Outcome) -> dict:
     """The table's view of an outcome: bits, bytes, score, seconds, peak memory."""
     s = o.summary
-    score = s.get("mixed_ppl") if "mixed_ppl" in s else s.get("mixed_top1_agreement")
+    kind = next((k for k in ("ppl", "cosine", "top1_agreement") if f"mixed_{k}" in s), None)
     return {"job": o.job, "run": Path(o.folder).name, "state": o.state, "bits": s.get("mixed_avg_bits"),
-            "bytes": s.get("mixed_bytes"), "score": score, "score_kind": "ppl" if "mixed_ppl" in s else "top-1",
+            "bytes": s.get("mixed_bytes"), "score": s.get(f"mixed_{kind}"),
+            "score_kind": {"top1_agreement": "top-1", None: ""}.get(kind, kind),
             "seconds": o.seconds, "peak_rss_gib": (s["peak_rss_bytes"] / 2**30) if "peak_rss_bytes" in s else None,
             "error": o.error}
 

@@ -111,6 +111,11 @@ def token_slice(tokenizer, ref: str, fraction: tuple[float, float]) -> TokenSlic
     if not text.strip():
         raise UserError(f"data {ref} is empty; give a text with at least a few thousand words")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and len(ids) and float((ids == unk).float().mean()) > 0.5:
+        raise UserError(f"the model's tokenizer turns {float((ids == unk).float().mean()):.0%} of {ref} into its "
+                        f"unknown token (a vocabulary of {len(tokenizer)}); put the model's own tokenizer files "
+                        "beside it")
     lo, hi = int(fraction[0] * len(ids)), int(fraction[1] * len(ids))
     return TokenSlice(tokens=ids[lo:hi].clone(), source=ref, fraction=fraction)
 

@@ -22,6 +22,22 @@ class SensitivityOptions:
     max_probes: int = 32
     bits: tuple[int, ...] = (2, 3, 4, 8)  # widths whose ‖Q(W)−W‖² the report records
     group_size: int = 128
+    group_sizes: tuple[int, ...] = ()  # several group sizes measured (() = group_size alone)
+    sym: tuple[bool, ...] = (False, True)  # asymmetric and/or symmetric grids measured
+    formats: tuple[str, ...] = ()  # ggml types measured too (allocate --formats)
+    quantize_head: bool = False  # also measure an output head tied to the embedding (untied first)
+    checkpoint_blocks: bool = False  # activation checkpointing of the blocks: less memory, one more forward
+    # Weight of each window's first position in the inputs' importance that weights ‖Q(W)−W‖²; the CLI and `run`
+    # pass QuantizeOptions' for causal LMs, so sensitivity and GPTQ's H weigh tokens alike.
+    first_token_weight: float = 1.0
+    only: str | None = None  # a regex: measure only the layers whose names it matches
+    max_seconds: float | None = None  # stop probing after this long (the layers' estimates so far)
+    eigen: bool = False  # also each layer's top Hessian eigenvalue (power iteration, HAWQ-V1)
+    eigen_iters: int = 20  # its power-iteration limit per layer
+
+    def groups(self) -> tuple[int, ...]:
+        """The group sizes whose quantization error is measured."""
+        return tuple(self.group_sizes) or (self.group_size,)
 
     def resolved_estimator(self) -> str:
         """What `auto` picks: the sampled-label Fisher for self-kl/output-mse (measured 8-19x cheaper at lower
@@ -49,6 +65,11 @@ class QuantizeOptions:
     # "minmax" takes the group's range (GPTQ's reference rule).
     grid: str = "search"
     true_sequential: bool = True
+    # Fit each layer to the float model's outputs (W x_fp) rather than its own on the quantized chain's inputs (W x):
+    # GPTAQ's asymmetric calibration, so errors of earlier layers are compensated, not carried forward.
+    float_target: bool = False
+    # After GPTQ, re-solve each row's group scales for the layer's output error with the codes fixed (refit.py).
+    refit_scales: bool = False
     batch_size: int = 8
     # Weight of each calibration window's first position in H. That token becomes the
     # attention sink whose value vector every later token reads, so its error counts many
@@ -62,7 +83,11 @@ class QuantizeOptions:
 
     def fingerprint(self) -> dict:
         """What the checkpoint depends on (the calibration size enters through the data key)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
+        fp = {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
+        for late in ("float_target", "refit_scales"):  # added later: checkpoints made without them keep their
+            if not fp[late]:  # fingerprint
+                del fp[late]
+        return fp
 
 
 @dataclass
@@ -90,17 +115,37 @@ class AllocateOptions:
     ties: tuple[str, ...] = ()  # regexes: the layers each matches get one width
     auto_ties: bool = False  # tie layers that read one input (q/k/v, gate/up)
     trace_ucb: float = 0.0  # z > 0: plan on max(Tr, 0) + z·s.e. (noisy near-zero traces buy no 2-bit layer)
+    # budgets besides the size one (allocate/budgets.py), and what they need
+    max_bytes: float | None = None  # size budget in bytes of the quantized layers (and of a quantized embedding),
+    # instead of `run`'s avg_bits
+    pairs: str = ""  # extra weight:activation pairs, e.g. "4:8,4:4"
+    max_bops: float | None = None  # BOPs per token (MACs × weight bits × activation bits)
+    bops_frac: float | None = None  # BOPs as a fraction of 16×16-bit BOPs
+    latency_table: str | None = None  # layer × option → ms table (`hawqtool bench --latency-table`)
+    max_latency_ms: float | None = None
+    latency_frac: float | None = None  # latency as a fraction of the table's fp32 time
+    sweep: bool = False  # also write the Pareto frontiers (plan.sweep.json/.png)
 
     def kwargs(self) -> dict:
-        """allocate_bits keyword arguments (defaults left out, so the plan fingerprint is what it was)."""
+        """allocate_bits' constraint keyword arguments (defaults left out, so the plan fingerprint is what it
+        was); the budgets and what they need are built by the caller (run.py, cli/allocate_cmd.py)."""
         base = AllocateOptions()
-        return {k: v for k, v in asdict(self).items() if v != getattr(base, k)}
+        return {k: v for k, v in asdict(self).items() if k in CONSTRAINTS and v != getattr(base, k)}
 
+    def needs_profile(self) -> bool:
+        """BOPs budgets and activation-quantized options need the model's MACs/activation profile."""
+        return (self.max_bops is not None or self.bops_frac is not None or min(self.act_bits) < 16
+                or bool(self.pairs))
+
+
+CONSTRAINTS = ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties", "trace_ucb")
 
 # The stage settings a recipe sets in its nested `sensitivity:` / `quantize:` sections: every field of the options
 # class that is not already a top-level run setting (nsamples, seqlen, probes, bits, method, act_order, ...).
-NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_size")),
-          "allocate": (AllocateOptions, ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties", "trace_ucb")),
+NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_size", "max_seconds", "checkpoint_blocks",
+                                                 "quantize_head", "eigen", "eigen_iters")),
+          "allocate": (AllocateOptions, CONSTRAINTS + ("max_bytes", "pairs", "max_bops", "bops_frac", "latency_table",
+                                                       "max_latency_ms", "latency_frac", "sweep")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
-                                         "true_sequential", "batch_size", "first_token_weight", "aphq_iters",
-                                         "aphq_mlp_relu"))}
+                                         "true_sequential", "float_target", "refit_scales", "batch_size", "first_token_weight",
+                                         "aphq_iters", "aphq_mlp_relu"))}

@@ -65,7 +65,9 @@ _NESTED_OK = {"objective": _choice("self-kl", "labels", "output-mse"), "estimato
               "act_mode": _choice("dynamic", "static"), "act_calib": _choice("minmax", "percentile", "mse"),
               "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
               "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1),
-              "trace_ucb": _at_least(0.0)}
+              "trace_ucb": _at_least(0.0), "eigen_iters": _at_least(1)}
+# fields whose default is None but whose value is a positive number (budgets, limits)
+_NUMBERS = ("max_seconds", "max_bytes", "max_bops", "bops_frac", "max_latency_ms", "latency_frac")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -78,7 +80,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return tuple(sorted(set(value)))
     if key == "out":
         return Path(value)
-    if default is None:  # model: a string or null
+    if default is None and key.rsplit(".", 1)[-1] in _NUMBERS:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UserError(f"recipe key {key} must be a positive number, got {value!r}")
+        return None if value is None else float(value)
+    if default is None:  # model, latency_table: a string or null
         if value is not None and not isinstance(value, str):
             raise UserError(f"recipe key {key} must be a string, got {value!r}")
         return value

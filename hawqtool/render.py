@@ -65,10 +65,14 @@ def plan_table(plan: Plan) -> Table:
 
 def summary_table(s: dict) -> Table:
     """Baseline vs uniform vs mixed: perplexity (LMs) or top-1 agreement and KL (vision), bits, size, seconds."""
-    vision = s.get("task") == "image-classification"
+    vision, encoder = s.get("task") == "image-classification", s.get("task") == "encoder"
     if vision:
         t = Table(title=f"hawqtool run — {s['model']} ({s['eval_images']:,} eval images, vs full precision)")
         scores = ("top-1 agree", "mean KL")
+    elif encoder:
+        t = Table(title=f"hawqtool run — {s['model']} ({s['eval_windows']} eval windows × {s['eval_seqlen']} tokens, "
+                        "mean-pooled embedding vs full precision)")
+        scores = ("cosine", "min cosine")
     else:
         t = Table(title=f"hawqtool run — {s['model']} ({s['eval_tokens']:,} eval tokens)")
         scores = ("ppl",)
@@ -76,8 +80,9 @@ def summary_table(s: dict) -> Table:
                 "quantize s", "eval s"):
         t.add_column(col, justify="right")
     sec = s.get("seconds", {})
-    if vision:  # the reference itself: agreement 1, KL 0 by definition (not measured)
-        t.add_row("full precision", "1.0000", "0", "32", "-", _bits(s, "baseline"), "-", "-", "-")
+    if vision or encoder:  # the reference itself: agreement/cosine 1, KL 0 by definition (not measured)
+        t.add_row("full precision", "1.0000", "0" if vision else "1.0000", "32", "-", _bits(s, "baseline"), "-", "-",
+                  "-")
     else:
         t.add_row("baseline", f"{s['baseline_ppl']:.3f}", "32", "-", _bits(s, "baseline"), "-", "-",
                   f"{sec.get('baseline_eval', 0):.0f}")
@@ -86,6 +91,7 @@ def summary_table(s: dict) -> Table:
         if s.get(key + "_ppl", 0) is None:  # a ggml run whose budget no single type meets: no uniform plan
             continue
         cells = ([f"{s[key + '_top1_agreement']:.4f}", f"{s[key + '_mean_kl']:.4g}"] if vision
+                 else [f"{s[key + '_cosine']:.4f}", f"{s[key + '_cosine_min']:.4f}"] if encoder
                  else [f"{s[key + '_ppl']:.3f}"])
         t.add_row(label, *cells, f"{s[key + '_avg_bits']:.3f}", f"{s[key + '_bytes'] / 1e6:.2f}", _bits(s, key),
                   f"{s[key + '_file_bytes'] / 1e6:.2f}" if key + "_file_bytes" in s else "-",

@@ -29,29 +29,32 @@ import torch
 
 from . import artifacts
 from .allocate.options import parse_formats
-from .allocate.plan import allocate_bits, omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
+from .allocate.plan import omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
 from .artifacts import fingerprint, layer_records, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
-from .data import calibration_windows, data_fingerprint, eval_windows
+from .data import calibration_windows, data_fingerprint, eval_windows, with_special_tokens
 from .embedding import check_embed_options, embedding_plan
 from .device import resolve_device, resolve_dtype
 from .streaming import parse_memory, streamer_of
 from .errors import UserError
-from .evaluate import classification_fidelity, perplexity
+from .evaluate import classification_fidelity, embedding_fidelity, perplexity
 from .inputs import calibration_inputs, calibration_key
 from .models import LoadedModel, load_model, quantizable_layers
 from .hooks import Hooks, Silent
 from .report import write_sensitivity_report
 from .options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityOptions
+from .quantize.driver import first_token_weight_for
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
+from .allocate_stage import allocate_stage, write_sweep_of
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
 from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
-                     sensitivity_settings)
+                     report_settings)
 
 log = logging.getLogger("hawqtool")
 VISION = "image-classification"
-TASKS = ("causal-lm", VISION)
+ENCODER = "encoder"  # scored by the embedding cosine against the full-precision model, like `hawqtool eval`
+TASKS = ("causal-lm", VISION, ENCODER)
 
 
 @dataclass
@@ -138,6 +141,18 @@ def _text_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
         score=lambda model, adv: asdict(perplexity(model, windows, progress=adv)))
 
 
+def _encoder_data(loaded: LoadedModel, cfg: RunConfig) -> _TaskData:
+    """Token windows as for an LM; scored by the mean-pooled embedding's cosine with the unquantized model's (the
+    windows wrapped in [CLS] ... [SEP], as `hawqtool eval` does)."""
+    td = _text_data(loaded, cfg)
+    windows = with_special_tokens(eval_windows(loaded.tokenizer, cfg.data, cfg.eval_seqlen, cfg.eval_windows),
+                                  loaded.tokenizer)
+    reference = loaded.model  # never modified: sensitivity only reads it, quantize works on a fresh copy
+    td.eval_key = fingerprint("eval-encoder", td.eval_key)
+    td.score = lambda model, adv: asdict(embedding_fidelity(reference, model, windows, progress=adv))
+    return td
+
+
 def _tensor_digest(x: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (no copy for a contiguous CPU tensor)."""
     return hashlib.sha256(memoryview(x.detach().cpu().contiguous().numpy()).cast("B")).hexdigest()
@@ -187,13 +202,14 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     loaded = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=dev, dtype=dt,
                                               **mem))
     if loaded.task not in TASKS:
-        raise UserError(f"`hawqtool run` scores perplexity, and {loaded.source} is an encoder; run the stages "
-                        "instead: sensitivity --objective output-mse, allocate, quantize, eval")
+        raise UserError(f"`hawqtool run` handles causal LMs, encoders and image classifiers, not {loaded.task} "
+                        f"({loaded.source}); run the stages instead: sensitivity, allocate, quantize, eval")
     vision = loaded.task == VISION
     if vision and fmts:
         raise UserError("--formats (ggml types) is for language models' Linear layers; drop it for image classifiers")
     mdig = timed("load", lambda: model_digest(loaded))
-    td = timed("data", lambda: (_image_data if vision else _text_data)(loaded, cfg))
+    encoder = loaded.task == ENCODER
+    td = timed("data", lambda: (_image_data if vision else _encoder_data if encoder else _text_data)(loaded, cfg))
 
     def evaluate(name: str, model_fp: str, get_model) -> dict:
         path, fp = out / f"eval_{name}.json", fingerprint("eval", model_fp, td.eval_key)
@@ -206,21 +222,21 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         return d
 
     # an image classifier's reference is itself (agreement 1, KL 0): only the LM baseline is measured
-    base = None if vision else timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
+    base = None if vision or encoder else timed("eval", lambda: evaluate("baseline", mdig, lambda: loaded.model))
 
     sens_path = out / "sensitivity.json"
     # the attention-sink weighting is for causal LMs (as `hawqtool quantize`); sensitivity weights its
     # ‖Q(W)−W‖² with the same input importance that quantize's H uses
-    ftw = 1.0 if vision else QuantizeOptions().first_token_weight
-    sens_opts = SensitivityOptions(**cfg.sensitivity)  # a recipe's `sensitivity:` section (objective, estimator, ...)
-    sens_settings = sensitivity_settings(objective=sens_opts.objective, batch_size=sens_opts.batch_size,
-                                         qerror_bits=cfg.bit_choices,
-                                         qerror_groups=(cfg.group_size,), n_samples=cfg.sens_samples,
-                                         qerror_sym=(cfg.symmetric,),
-                                         seqlen=td.sens_seqlen, target_rel_se=cfg.sens_target,
-                                         min_probes=cfg.sens_min_probes, max_probes=cfg.sens_max_probes, seed=cfg.seed,
-                                         estimator=sens_opts.resolved_estimator(),
-                                         first_token_weight=ftw, qerror_formats=tuple(fmts))
+    ftw = first_token_weight_for(loaded)
+    # an encoder has no logits for self-KL: its output is the hidden state (unless the recipe says otherwise)
+    objective = {"objective": "output-mse"} if encoder else {}
+    # a recipe's `sensitivity:` section (objective, estimator, ...) plus the run's own settings
+    sens_opts = SensitivityOptions(**{**objective, **cfg.sensitivity, "bits": tuple(cfg.bit_choices), "group_size": cfg.group_size,
+                                      "sym": (cfg.symmetric,), "formats": tuple(fmts), "target_rel_se": cfg.sens_target,
+                                      "min_probes": cfg.sens_min_probes, "max_probes": cfg.sens_max_probes,
+                                      "first_token_weight": ftw})
+    sens_settings = report_settings(loaded, sens_opts, n_samples=cfg.sens_samples, seqlen=td.sens_seqlen,
+                                    seed=cfg.seed)
     sens_fp = sensitivity_fingerprint(mdig, td.sens_key, sens_settings)
     if _current(sens_path, sens_fp):
         rep.skip("sensitivity")
@@ -229,14 +245,17 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         sens_ids = td.sens_inputs()
         with rep.probe_bar(cfg.sens_max_probes) as cb:
             report = timed("sensitivity", lambda: compute_sensitivity(
-                loaded, sens_ids, objective=sens_opts.objective, estimator=sens_opts.estimator,
-                batch_size=sens_opts.batch_size, target_rel_se=cfg.sens_target, min_probes=cfg.sens_min_probes,
-                max_probes=cfg.sens_max_probes, seed=cfg.seed, progress=cb, data_key=td.sens_key,
-                qerror_bits=tuple(cfg.bit_choices), qerror_groups=(cfg.group_size,), qerror_sym=(cfg.symmetric,),
-                qerror_formats=tuple(fmts), resume_path=Path(str(sens_path) + ".partial"), first_token_weight=ftw,
+                loaded, sens_ids, sens_opts, seed=cfg.seed, progress=cb, data_key=td.sens_key,
+                resume_path=Path(str(sens_path) + ".partial"),
                 qerror_progress=rep.lines("quantization error per layer", len(quantizable_layers(loaded.model)))))
         if report.fingerprint != sens_fp:  # would re-run every time; a bug, not a user error
             log.warning("sensitivity fingerprint differs from the run's; the stage will not be skipped next time")
+        artifacts.save(report, sens_path)
+    if sens_opts.eigen and "eigen" not in report.settings:  # also when a report without them is reused
+        from .stages import add_top_eigenvalues
+
+        timed("sensitivity", lambda: add_top_eigenvalues(report, loaded, td.sens_inputs(), sens_opts.objective,
+                                                         max_iters=sens_opts.eigen_iters, seed=cfg.seed))
         artifacts.save(report, sens_path)
 
     layer_w: dict = {}
@@ -247,12 +266,19 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         return layer_w
     emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
                          [ls.name for ls in report.layers])
-    alloc = AllocateOptions(**cfg.allocate).kwargs()  # a recipe's `allocate:` section
-    plan = timed("allocate", lambda: allocate_bits(report, weights, avg_bits=cfg.avg_bits, **alloc,
-                                                   bit_choices=cfg.bit_choices, group_size=cfg.group_size,
-                                                   symmetric=cfg.symmetric, embedding=emb, formats=fmts))
+    aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
+    plan, ainputs = timed("allocate", lambda: allocate_stage(
+        report, weights, aopts, avg_bits=cfg.avg_bits if aopts.max_bytes is None else None, bit_choices=tuple(cfg.bit_choices), group_size=cfg.group_size,
+        symmetric=cfg.symmetric, embedding=emb, formats=tuple(fmts), model=cfg.model, calib=cfg.calib,
+        profile_cache=out / "sensitivity.profile.json"))
     plan.file = predict_file(loaded.model, plan)
     artifacts.save(plan, out / "plan.json")
+    if aopts.sweep:
+        if fmts:
+            raise UserError("allocate.sweep does not take formats yet; drop one of them from the recipe")
+        timed("allocate", lambda: write_sweep_of(report, weights, plan, aopts, ainputs,
+                                                 bit_choices=tuple(cfg.bit_choices), group_size=cfg.group_size,
+                                                 symmetric=cfg.symmetric, output=out / "plan.json"))
     timed("report", lambda: write_sensitivity_report(report, out, plan))
     if fmts:
         uplan = uniform_ggml_plan(report, weights, fmts, plan.budget["max_bytes"])
@@ -318,6 +344,12 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                    "mixed_top1_agreement": m["top1_agreement"], "mixed_mean_kl": m["mean_kl"], "seconds": seconds,
                    "budget": plan.budget, "eval_images": m["images"], "calib_samples": cfg.nsamples,
                    "sens_samples": cfg.sens_samples, **tail}
+    elif encoder:
+        u, m = results["uniform"], results["mixed"]
+        summary = {**head, **common, "uniform_cosine": u["cosine"], "uniform_cosine_min": u["cosine_min"],
+                   "mixed_cosine": m["cosine"], "mixed_cosine_min": m["cosine_min"], "seconds": seconds,
+                   "budget": plan.budget, "eval_windows": m["windows"], "eval_seqlen": m["seqlen"],
+                   "calib_samples": cfg.nsamples, "calib_seqlen": cfg.seqlen, **tail}
     else:
         summary = {**head, "baseline_ppl": base["ppl"], **common, "uniform_ppl": results["uniform"]["ppl"],
                    "mixed_ppl": results["mixed"]["ppl"], "seconds": {"baseline_eval": base["seconds"], **seconds},

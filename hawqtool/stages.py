@@ -15,12 +15,12 @@ from .device import model_device
 from .streaming import streamer_of
 from .errors import UserError
 from .inputs import batches_of
-from .models import LoadedModel, quantizable_layers, untie_head, weight_matrix
+from .models import LoadedModel, quantizable_layers, tied_head_name, untie_head, weight_matrix
 from .options import SensitivityOptions
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
 from .sensitivity.settings import (ESTIMATORS, FISHER_OBJECTIVES, _qerrors, convergence_summary,  # noqa: F401
-                                  hvp_for, sensitivity_fingerprint, sensitivity_settings)
+                                  hvp_for, options_settings, sensitivity_fingerprint)
 
 log = logging.getLogger("hawqtool")
 
@@ -38,38 +38,64 @@ def check_finite_ids(ids: torch.Tensor, what: str) -> None:
         raise UserError(f"{what} is empty; give more text")
 
 
-_S = SensitivityOptions  # the defaults below are its fields' (one source: options.py)
+# compute_sensitivity's keyword names of before the options object (issue 17), still accepted
+_LEGACY = {"qerror_bits": "bits", "qerror_groups": "group_sizes", "qerror_sym": "sym", "qerror_formats": "formats"}
 
 
-def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objective: str = _S.objective,
-                        batch_size: int = _S.batch_size, target_rel_se: float = _S.target_rel_se,
-                        min_probes: int = _S.min_probes, max_probes: int = _S.max_probes,
-                        max_seconds: float | None = None, seed: int = 0,
-                        progress: Callable | None = None, data_key: str = "",
-                        qerror_bits: tuple[int, ...] = _S.bits,
-                        qerror_groups: tuple[int, ...] = (_S.group_size,),
-                        qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = (),
-                        estimator: str = _S.estimator, resume_path: Path | None = None,
-                        quantize_head: bool = False, checkpoint_blocks: bool = False,
-                        first_token_weight: float = 1.0, only: str | None = None,
-                        qerror_progress: Callable[[int], None] | None = None) -> SensitivityReport:
-    """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q_b(W)−W‖²
-    for the given widths/groups (sym and asym) so `allocate` needs no model.
+def sensitivity_options(options: SensitivityOptions | None = None, **overrides) -> SensitivityOptions:
+    """`options` (default SensitivityOptions()) with `overrides` by field name (or compute_sensitivity's
+    former keyword names); an unknown name is a TypeError, as for any function."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(SensitivityOptions)}
+    fields = {_LEGACY.get(k, k): v for k, v in overrides.items()}
+    bad = sorted(set(fields) - names)
+    if bad:
+        raise TypeError(f"compute_sensitivity() got unexpected keyword arguments: {', '.join(bad)}")
+    for k in ("bits", "group_sizes", "sym", "formats"):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    return dataclasses.replace(options or SensitivityOptions(), **fields)
+
+
+def report_settings(loaded: LoadedModel, opts: SensitivityOptions, *, n_samples: int, seqlen: int,
+                    seed: int) -> dict:
+    """What a sensitivity report of `loaded` with these options records and fingerprints (`run` compares it to
+    skip the stage)."""
+    settings = options_settings(opts, n_samples=n_samples, seqlen=seqlen, seed=seed)
+    head = tied_head_name(loaded.model) if opts.quantize_head else None
+    if head is not None:  # only then, so existing fingerprints stay valid
+        settings["untied_head"] = head
+    if opts.checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
+        settings["checkpoint_blocks"] = True
+    if opts.only is not None:
+        settings["only"] = opts.only
+    return settings
+
+
+def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: SensitivityOptions | None = None, *,
+                        seed: int = 0, progress: Callable | None = None, data_key: str = "",
+                        resume_path: Path | None = None, qerror_progress: Callable[[int], None] | None = None,
+                        **overrides) -> SensitivityReport:
+    """Per-layer traces of the objective's Hessian over the quantizable layers, plus ‖Q(W)−W‖² for the options'
+    widths, group sizes, grids and formats, so `allocate` needs no model. `options` (SensitivityOptions) says
+    how; `overrides` replace its fields by name (e.g. max_probes=8).
 
     `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run.
-    `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward
-    per probe; self-kl / output-mse only, for models without cheap or supported HVPs).
-    `quantize_head`: also measure an output head tied to the input embedding (untied first, so
-    the embedding stays full precision; decode is dominated by a large fp32 head).
-    `checkpoint_blocks`: activation checkpointing of the repeated blocks (less memory, one more
-    forward per probe); for the double-backward and Fisher paths, not the forward-mode GGN one.
-    `first_token_weight`: weight of each sequence's first position in the inputs' importance that
-    weights ‖Q(W)−W‖² (the quantize stage's H uses the same weight).
-    `only`: a regex; measure just the layers whose name it matches (search), e.g. a few blocks.
-    `qerror_progress(1)` after each layer's ‖Q(W)−W‖² (minutes on billion-parameter models)."""
+    `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward per probe;
+    self-kl / output-mse only). `quantize_head`: also measure an output head tied to the input embedding
+    (untied first, so the embedding stays full precision). `checkpoint_blocks`: activation checkpointing of the
+    blocks; for the double-backward and Fisher paths, not the forward-mode GGN one. `first_token_weight`: weight
+    of each sequence's first position in the inputs' importance that weights ‖Q(W)−W‖² (quantize's H uses the
+    same). `only`: a regex; measure just the layers it matches. `qerror_progress(1)` after each layer's
+    ‖Q(W)−W‖² (minutes on billion-parameter models)."""
     from .sensitivity import fisher_traces, hutchinson_traces
 
-    estimator = SensitivityOptions(objective=objective, estimator=estimator).resolved_estimator()
+    opts = sensitivity_options(options, **overrides)
+    objective, batch_size, only = opts.objective, opts.batch_size, opts.only
+    quantize_head, checkpoint_blocks, max_seconds = opts.quantize_head, opts.checkpoint_blocks, opts.max_seconds
+    qerror_bits, qerror_groups, qerror_sym, qerror_formats = opts.bits, opts.groups(), tuple(opts.sym), opts.formats
+    estimator = opts.resolved_estimator()
     if estimator not in ESTIMATORS:
         raise UserError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if estimator == "fisher" and objective not in FISHER_OBJECTIVES:
@@ -89,7 +115,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     if streamed and (estimator != "fisher" or quantize_head):
         raise UserError("a streamed model (--offload) is measured with --estimator fisher (objective self-kl or "
                         "output-mse) and without --quantize-head; change those options or load it in memory")
-    head = untie_head(model) if quantize_head else None
+    settings = report_settings(loaded, opts, n_samples=len(calib_ids), seqlen=int(calib_ids.shape[1]), seed=seed)
+    if quantize_head:
+        untie_head(model)
     layers = quantizable_layers(model)
     if only is not None:
         import re
@@ -104,18 +132,6 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         batches = [{**b, "labels": b["input_ids"]} for b in batches]
     t0 = time.perf_counter()
     info: dict = {}
-    settings = sensitivity_settings(objective=objective, batch_size=batch_size, qerror_bits=qerror_bits,
-                                    qerror_groups=qerror_groups, n_samples=len(calib_ids),
-                                    seqlen=int(calib_ids.shape[1]), target_rel_se=target_rel_se,
-                                    min_probes=min_probes, max_probes=max_probes, seed=seed, estimator=estimator,
-                                    first_token_weight=first_token_weight, qerror_sym=qerror_sym,
-                                    qerror_formats=tuple(qerror_formats))
-    if head is not None:  # only then, so existing fingerprints stay valid
-        settings["untied_head"] = head
-    if checkpoint_blocks:  # recorded (same estimate, but the report says how it was run)
-        settings["checkpoint_blocks"] = True
-    if only is not None:
-        settings["only"] = only
     fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
     log_ = None
     if resume_path is not None:
@@ -123,7 +139,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
         from .sensitivity.hutchinson import ProbeLog
 
         log_ = ProbeLog(resume_path, fp, writer=world()[0] == 0)
-    common = dict(target_rel_se=target_rel_se, min_probes=min_probes, max_probes=max_probes,
+    common = dict(target_rel_se=opts.target_rel_se, min_probes=opts.min_probes, max_probes=opts.max_probes,
                   max_seconds=max_seconds, seed=seed, progress=progress, info=info, resume=log_)
     from .sensitivity.memory import checkpointed_blocks
 
@@ -149,10 +165,10 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, *, objecti
     if streamed:
         from .sensitivity.streamed import stored_weight, streamed_importance
 
-        imp = streamed_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
+        imp = streamed_importance(model, layers, batches_of(loaded, calib_ids, batch_size), opts.first_token_weight)
         matrix = lambda n: stored_weight(model, n).to(model_device(model))  # noqa: E731
     else:
-        imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), first_token_weight)
+        imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), opts.first_token_weight)
         matrix = lambda n: weight_matrix(layers[n])  # noqa: E731
     out = []
     for n, t in traces.items():

@@ -87,7 +87,28 @@ def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path):
     assert 0.5 < res["cosine"] < 1.0  # 4-bit changes the embeddings a little, not completely
 
 
-def test_run_refuses_encoders_with_a_hint(tiny_bert, tmp_path):
-    r = CliRunner().invoke(main, ["run", str(tiny_bert), "-o", str(tmp_path / "o"), "-q"])
-    assert r.exit_code == 1
-    assert "encoder" in r.output and "output-mse" in r.output
+def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):
+    """`run` on an encoder: output-mse sensitivity, no attention-sink weighting, and the mixed and uniform checkpoints
+    scored by embedding cosine; the run's score equals `hawqtool eval` of its checkpoint on the same windows."""
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", str(tiny_bert), "--calib", str(text_file), "--data", str(text_file),
+                                  "--avg-bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
+                                  "--sens-samples", "4", "--sens-seqlen", "32", "--max-probes", "4",
+                                  "--eval-windows", "6", "--eval-seqlen", "32", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["task"] == "encoder" and "baseline_ppl" not in s
+    assert 0.5 < s["mixed_cosine"] < 1.0 and 0.5 < s["uniform_cosine"] < 1.0
+    assert s["mixed_cosine_min"] <= s["mixed_cosine"]
+    assert json.loads((out / "sensitivity.json").read_text())["objective"] == "output-mse"
+    assert json.loads((out / "mixed" / "hawqtool_manifest.json").read_text())["options"]["first_token_weight"] == 1.0
+    e = CliRunner().invoke(main, ["eval", str(out / "mixed"), "--data", str(text_file), "--seqlen", "32",
+                                  "--windows", "6", "--json"])
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.output)["cosine"] == s["mixed_cosine"]
+    again = CliRunner().invoke(main, ["run", str(tiny_bert), "--calib", str(text_file), "--data", str(text_file),
+                                      "--avg-bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
+                                      "--sens-samples", "4", "--sens-seqlen", "32", "--max-probes", "4",
+                                      "--eval-windows", "6", "--eval-seqlen", "32", "-o", str(out)])
+    assert again.exit_code == 0, again.output  # every stage current: the table is printed from the kept results
+    assert "cosine" in again.output and f"{s['mixed_cosine']:.4f}" in again.output

@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from hawqtool.cli import main
-from hawqtool.options import EvalOptions, QuantizeOptions, SensitivityOptions
+from hawqtool.options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityOptions
 from hawqtool.run import RunConfig
 
 S, Q, E = SensitivityOptions(), QuantizeOptions(), EvalOptions()
@@ -29,7 +29,10 @@ CLI = {("sensitivity", "nsamples"): S.nsamples, ("sensitivity", "seqlen"): S.seq
        ("run", "bits"): S.bits, ("run", "group_size"): S.group_size, ("run", "data"): E.data,
        ("run", "nsamples"): Q.nsamples, ("run", "seqlen"): Q.seqlen, ("run", "sens_samples"): S.nsamples,
        ("run", "sens_seqlen"): S.seqlen, ("run", "max_probes"): S.max_probes, ("run", "eval_windows"): E.windows,
-       ("run", "eval_seqlen"): E.seqlen, ("run", "method"): Q.method, ("run", "act_order"): Q.act_order}
+       ("run", "eval_seqlen"): E.seqlen, ("run", "method"): Q.method, ("run", "act_order"): Q.act_order,
+       ("quantize", "float_target"): Q.float_target, ("sensitivity", "eigen_iters"): S.eigen_iters,
+       ("allocate", "bits"): S.bits, ("allocate", "group_size"): S.group_size,
+       ("allocate", "trace_ucb"): AllocateOptions().trace_ucb}
 
 
 def _default(cmd: str, name: str):
@@ -58,13 +61,15 @@ def test_library_defaults_are_the_options():
     from hawqtool.evaluate import perplexity
     from hawqtool.stages import compute_sensitivity
 
-    sig = inspect.signature(compute_sensitivity).parameters
-    got = {k: sig[k].default for k in ("objective", "estimator", "batch_size", "target_rel_se", "min_probes",
-                                       "max_probes", "qerror_bits")}
-    assert got == {"objective": S.objective, "estimator": S.estimator, "batch_size": S.batch_size,
-                   "target_rel_se": S.target_rel_se, "min_probes": S.min_probes, "max_probes": S.max_probes,
-                   "qerror_bits": S.bits}
-    assert sig["qerror_groups"].default == (S.group_size,)
+    from hawqtool.stages import sensitivity_options
+
+    params = list(inspect.signature(compute_sensitivity).parameters.values())
+    assert [p.name for p in params[:3]] == ["loaded", "calib_ids", "options"] and params[2].default is None
+    assert sensitivity_options() == S  # no options: SensitivityOptions' defaults
+    got = sensitivity_options(qerror_bits=[3, 4], qerror_groups=[64], max_probes=5)  # the former keyword names
+    assert (got.bits, got.groups(), got.max_probes, got.objective) == ((3, 4), (64,), 5, S.objective)
+    with pytest.raises(TypeError, match="max_probe"):
+        sensitivity_options(max_probe=5)
     assert inspect.signature(perplexity).parameters["batch_size"].default == E.batch_size
     assert SensitivityOptions().resolved_estimator() == "fisher"
     assert SensitivityOptions(objective="labels").resolved_estimator() == "hutchinson"
@@ -81,3 +86,39 @@ def test_every_run_flag_can_be_set_from_a_recipe():
                if p.name not in not_settings and renamed.get(p.name, p.name) not in fields]
     assert not missing, missing
     assert {f.name for f in dataclasses.fields(RunConfig)} >= {"device", "dtype", "offload", "max_memory"}
+
+
+# Every flag of every stage command, and the recipe key that sets it in `run` ("section.field": a nested section).
+# Flags that are not settings of a run: its inputs and outputs (run makes them), how the command prints, and
+# `sensitivity --nproc` (a torchrun shorthand: a run is launched by torchrun itself).
+NOT_SETTINGS = {"model", "output", "overwrite", "as_json", "verbose", "quiet", "sensitivity_file", "plan_file", "nproc",
+                "reference"}  # eval --reference: run always compares with its own baseline
+RECIPE_KEY = {
+    "sensitivity": {"nsamples": "sens_samples", "seqlen": "sens_seqlen", "target": "sens_target",
+                    "min_probes": "sens_min_probes", "max_probes": "sens_max_probes", "bits": "bit_choices"},
+    "allocate": {"bits": "bit_choices", "sym": "symmetric", "allows": "allocate.allowed"},
+    "quantize": {"damp": "quantize.percdamp"},
+    "eval": {"seqlen": "eval_seqlen", "max_windows": "eval_windows"},
+}
+
+
+@pytest.mark.parametrize("cmd", sorted(RECIPE_KEY))
+def test_every_stage_flag_can_be_set_from_a_recipe(cmd):
+    """Walk the stage command's click options: each is a top-level recipe key or a field of its nested section."""
+    from hawqtool.options import NESTED
+    from hawqtool.recipe import recipe_fields
+
+    top = set(recipe_fields())
+    missing = []
+    for p in main.commands[cmd].params:
+        if p.name in NOT_SETTINGS:
+            continue
+        key = RECIPE_KEY[cmd].get(p.name, p.name)
+        if "." in key:
+            section, name = key.split(".")
+            ok = name in NESTED[section][1]
+        else:
+            ok = key in top or (cmd in NESTED and key in NESTED[cmd][1])
+        if not ok:
+            missing.append(p.name)
+    assert not missing, f"{cmd} flags no recipe can set: {missing}"

@@ -80,3 +80,40 @@ def test_nested_stage_sections_reach_the_stages(tmp_path, tiny_llama, text_file)
     assert all(lp["bits"] == 8 for lp in plan if "down_proj" in lp["name"])
     bits = {lp["name"]: lp["bits"] for lp in plan}
     assert all(bits[f"model.layers.{i}.mlp.gate_proj"] == bits[f"model.layers.{i}.mlp.up_proj"] for i in range(2))
+
+
+def test_every_stage_setting_reaches_run(tmp_path, tiny_llama, text_file):
+    """The settings a recipe gained with the options objects (issue 17) reach the stages: a measured head and
+    top eigenvalues (sensitivity), a byte budget and the Pareto sweep (allocate), the float target (quantize)."""
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {tiny_llama}\ncalib: {text_file}\ndata: {text_file}\nnsamples: 4\nseqlen: 32\n"
+                 "sens_samples: 4\nsens_seqlen: 32\nsens_max_probes: 4\nsens_min_probes: 2\neval_windows: 2\n"
+                 "eval_seqlen: 32\navg_bits: 8.0\n"
+                 "sensitivity: {quantize_head: true, eigen: true, eigen_iters: 2, max_seconds: 600}\n"
+                 "allocate: {max_bytes: 30000, sweep: true}\nquantize: {float_target: true}\n")
+    res = CliRunner().invoke(main, ["run", str(r), "-o", str(tmp_path / "out"), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert "lm_head" in [ls["name"] for ls in sens["layers"]] and sens["settings"]["eigen"]["max_iters"] == 2
+    assert all(ls["top_eigenvalue"] is not None for ls in sens["layers"])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["total_bytes"] <= 30000 < json.loads((out / "plan_uniform.json").read_text())["total_bytes"] * 4
+    assert (out / "plan.sweep.json").is_file() and (out / "plan.sweep.png").is_file()
+    manifest = json.loads((out / "mixed" / "hawqtool_manifest.json").read_text())
+    assert manifest["options"]["float_target"] is True
+    assert "lm_head" in manifest["layers"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("allocate: {max_bytes: -3}", "allocate.max_bytes must be a positive number"),
+    ("allocate: {max_byte: 3}", "did you mean 'max_bytes'"),
+    ("sensitivity: {eigen_iters: 0}", "sensitivity.eigen_iters = 0 is not allowed"),
+    ("quantize: {float_target: 1}", "quantize.float_target must be bool"),
+])
+def test_new_nested_keys_are_checked(tmp_path, text, fragment):
+    p = tmp_path / "r.yaml"
+    p.write_text(text + "\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(p)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

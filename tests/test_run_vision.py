@@ -96,11 +96,13 @@ def test_text_data_for_an_image_classifier_is_a_one_line_error(tiny_cnn, tmp_pat
     assert "--data images" in r.output and r.output.count("\n") == 1
 
 
-def test_run_still_refuses_encoders(tmp_path):
+def test_run_refuses_a_tokenizer_without_a_vocabulary(tmp_path):
+    """An encoder saved without its tokenizer files gets a special-tokens-only tokenizer from transformers, which
+    turns all text into [UNK]: refused in one line rather than scored on identical inputs."""
     from transformers import BertConfig, BertModel
 
     folder = tmp_path / "bert"
     BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(folder)
     r = invoke("run", folder, "-o", tmp_path / "o", "-q", code=1)
-    assert "is an encoder" in r.output and "output-mse" in r.output and r.output.count("\n") == 1
+    assert "unknown token" in r.output and "tokenizer files" in r.output and r.output.count("\n") == 1

@@ -10,6 +10,7 @@ import click
 from ._base import overwrite_option, _setup_logging, common, guarded, main
 from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
                      embed_options, formats_option, positive)
+from ..options import AllocateOptions as _A, SensitivityOptions as _S
 
 
 
@@ -19,8 +20,8 @@ from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, P
               help="Size budget: at most the bytes of uniform B-bit linear layers (the embedding is not counted).")
 @click.option("--max-bytes", type=positive(), default=None,
               help="Size budget in bytes of the quantized layers, and of the embedding when --embed-bits < 16.")
-@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Allowed bit widths.")
-@click.option("--group-size", type=GroupSize(), default=128, show_default=True, help="Group size along inputs (-1: per channel).")
+@click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True, help="Allowed bit widths.")
+@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True, help="Group size along inputs (-1: per channel).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
 @click.option("--model", type=TEXT, default=None,
               help="Model for quantization errors the report lacks, and to predict the whole file's bits per "
@@ -34,7 +35,7 @@ from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, P
               help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
 @click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
-@click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
+@click.option("--act-bits", type=ACT_BITS, default=",".join(map(str, _A.act_bits)), show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
 @formats_option("Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
                 "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
 @click.option("--pairs", default=None, callback=PAIRS,
@@ -45,7 +46,7 @@ from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, P
               help="Layer × option → ms table (from `hawqtool bench --latency-table`).")
 @click.option("--max-latency-ms", type=positive(), default=None, help="Latency budget: sum of the layers' table times.")
 @click.option("--latency-frac", type=positive(), default=None, help="Latency budget as a fraction of the table's fp32 time.")
-@click.option("--trace-ucb", type=NON_NEGATIVE, default=0.0, show_default=True,
+@click.option("--trace-ucb", type=NON_NEGATIVE, default=_A.trace_ucb, show_default=True,
               help="Use the pessimistic trace max(Tr,0)+Z·s.e. (0: the estimate itself).")
 @click.option("--calib", type=TEXT, default="wiki", show_default=True, help="Text for measuring MACs/activations (BOPs, W8A8).")
 @click.option("--sweep", is_flag=True, help="Also write PLAN.sweep.json/.png: Pareto frontiers of Ω vs size (and BOPs, latency when given).")
@@ -70,10 +71,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --formats gguf --avg-bits 4.6 -o plan.json  # ggml types, for export --format gguf
     """
     from .. import artifacts
-    from ..allocate.budgets import Budgets
-    from ..allocate.options import parse_formats, parse_pairs
-    from ..allocate.plan import allocate_bits, parse_allowed, parse_pins
-    from ..latency import load_latency_table
+    from ..allocate.options import parse_formats
+    from ..allocate.plan import parse_allowed, parse_pins
+    from ..allocate_stage import allocate_stage, write_sweep_of
+    from ..options import AllocateOptions
     from ..progress import Reporter
     from ..render import plan_size_lines, plan_table
     from ..embedding import check_embed_options, embedding_plan
@@ -89,7 +90,11 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
 
         raise UserError("--sweep does not take --formats yet; sweep hawqtool's own formats, or run allocate per budget")
     claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
-    cons = dict(pins=parse_pins(pins), allowed=parse_allowed(allows), ties=list(ties), auto_ties=auto_ties)
+    opts = AllocateOptions(group_sizes=tuple(group_sizes or ()), act_bits=tuple(act_bits), pins=parse_pins(pins),
+                           allowed=parse_allowed(allows), ties=tuple(ties), auto_ties=auto_ties, trace_ucb=trace_ucb,
+                           max_bytes=max_bytes, pairs=pairs or "", max_bops=max_bops, bops_frac=bops_frac,
+                           latency_table=str(latency_table) if latency_table is not None else None,
+                           max_latency_ms=max_latency_ms, latency_frac=latency_frac, sweep=sweep)
     report = artifacts.load(sensitivity_file, "sensitivity")
     held: dict = {}
 
@@ -103,37 +108,19 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
             held["w"] = layer_weights(loaded())
         return held["w"]
 
-    bit_choices = bits
     emb = (embedding_plan(loaded().model, embed_bits, embed_group_size, sym, [ls.name for ls in report.layers])
            if check_embed_options(embed_bits, embed_group_size) else None)
-    acts = list(act_bits)
-    wa = parse_pairs(pairs)
-    groups = list(group_sizes) if group_sizes else None
-    profile = None
-    if max_bops is not None or bops_frac is not None or min(acts) < 16 or wa:
-        from ..macs import load_or_measure_profile
-
-        profile = load_or_measure_profile(report, model, calib, Path(sensitivity_file).with_suffix(".profile.json"))
-    latency = load_latency_table(latency_table) if latency_table is not None else None
-    budgets = Budgets(max_bops=max_bops, bops_frac=bops_frac, max_latency_ms=max_latency_ms, latency_frac=latency_frac)
-    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=max_bytes, bit_choices=bit_choices,
-                         group_size=group_size, symmetric=sym, group_sizes=groups, act_bits=acts, pairs=wa, budgets=budgets,
-                         profile=profile, latency=latency, trace_ucb=trace_ucb, embedding=emb, formats=parse_formats(formats),
-                         **cons)
+    plan, inputs = allocate_stage(report, weights, opts, avg_bits=avg_bits, bit_choices=tuple(bits),
+                                  group_size=group_size, symmetric=sym, embedding=emb,
+                                  formats=tuple(parse_formats(formats)), model=model, calib=calib,
+                                  profile_cache=Path(sensitivity_file).with_suffix(".profile.json"))
     if model is not None or emb is not None:
         plan.file = predict_file(loaded().model, plan)
     artifacts.save(plan, output)
     written = [output]
     if sweep:
-        from ..allocate.sweep import sweep_plans
-        from ..report import write_sweep
-
-        res = sweep_plans(report, weights, bit_choices, group_size, sym, group_sizes=groups, act_bits=acts, pairs=wa,
-                          profile=profile, latency=latency, extra={k: [v] for k, v in plan.costs.items()}, **cons)
-        base = output.with_suffix("") if output.suffix == ".json" else output
-        paths = write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"),
-                            plan)
-        written += list(paths.values())
+        written += list(write_sweep_of(report, weights, plan, opts, inputs, bit_choices=tuple(bits),
+                                       group_size=group_size, symmetric=sym, output=output).values())
     if as_json:
         click.echo(json.dumps(asdict(plan)))
     elif not quiet:

@@ -24,6 +24,9 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True)
 @click.option("--seqlen", type=COUNT, default=_Q.seqlen, show_default=True)
 @click.option("--act-order", is_flag=True, default=_Q.act_order, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--float-target/--no-float-target", default=_Q.float_target, show_default=True,
+              help="GPTQ: fit each layer to the float model's outputs rather than its own on the quantized inputs "
+                   "(GPTAQ's asymmetric calibration; one more block forward per layer group).")
 @click.option("--damp", type=Finite(min=0.0, max=1.0), default=_Q.percdamp, show_default=True,
               help="GPTQ damping, fraction of mean diag(H) added to its diagonal.")
 @click.option("--blocksize", type=COUNT, default=_Q.blocksize, show_default=True)
@@ -43,8 +46,8 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @overwrite_option
 @common
 @guarded
-def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, damp,
-             blocksize, act_mode, act_calib,
+def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, float_target,
+             damp, blocksize, act_mode, act_calib,
              first_token_weight, grid, device, dtype, offload, max_memory, seed, overwrite,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
@@ -82,7 +85,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
                            act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,
-                           grid=grid)
+                           grid=grid, float_target=float_target)
     opts.first_token_weight = first_token_weight_for(loaded) if first_token_weight is None else first_token_weight
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),

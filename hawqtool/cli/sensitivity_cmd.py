@@ -41,7 +41,7 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, forma
               help="Also measure (and so let allocate/quantize) an output head tied to the input embedding; it is "
                    "untied, the embedding stays full precision. The fp32 head dominates decode time of small LMs.")
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
-@click.option("--eigen-iters", type=COUNT, default=20, show_default=True, help="Power-iteration limit per layer.")
+@click.option("--eigen-iters", type=COUNT, default=_S.eigen_iters, show_default=True, help="Power-iteration limit per layer.")
 @device_options
 @offload_options
 @calib_options
@@ -94,14 +94,14 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
 
     n_layers = len(quantizable_layers(loaded.model, include_tied_head=quantize_head))
     with rep.probe_bar(max_probes) as cb:
-        report = compute_sensitivity(loaded, ids, objective=objective, estimator=estimator, batch_size=batch_size,
-                                     target_rel_se=target, min_probes=min_probes,
-                                     max_probes=max_probes, max_seconds=max_seconds, seed=seed, progress=cb,
+        opts = _S(objective=objective, estimator=estimator, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                  target_rel_se=target, min_probes=min_probes, max_probes=max_probes, bits=tuple(bits),
+                  group_size=group_size, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
+                  checkpoint_blocks=checkpoint_blocks, first_token_weight=first_token_weight_for(loaded),
+                  max_seconds=max_seconds, eigen=eigen, eigen_iters=eigen_iters)
+        report = compute_sensitivity(loaded, ids, opts, seed=seed, progress=cb,
                                      data_key=calibration_key(loaded, calib, ids, seed),
-                                     qerror_bits=bits, qerror_groups=(group_size,), qerror_formats=tuple(parse_formats(formats)),
-                                     resume_path=Path(str(output) + ".partial"), quantize_head=quantize_head,
-                                     checkpoint_blocks=checkpoint_blocks,
-                                     first_token_weight=first_token_weight_for(loaded),
+                                     resume_path=Path(str(output) + ".partial"),
                                      qerror_progress=rep.lines("quantization error per layer", n_layers))
     if rank != 0:
         return  # rank 0 writes the report; the others only contributed probes

@@ -8,6 +8,7 @@ the next block; a damaged saved block is recomputed, never used.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..blocks import find_blocks, sequential_groups
+from ..blocks import BlockInputs, find_blocks, run_block, sequential_groups
 from ..device import model_device
 from ..distributed import broadcast_from, gather_list, my_share, owners, world
 from ..errors import UserError
@@ -26,10 +27,11 @@ from ..streaming import streamer_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import gptq_conv
 from .gptq import GPTQError, gptq_quantize
-from .hessians import collect_hessians, is_conv
+from .hessians import collect_cross, collect_hessians, float_target, is_conv
 from quant_kernels import PackedWeight
 
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
+from .refit import refit_scales
 from .resume_state import BlockState
 
 log = logging.getLogger("hawqtool")
@@ -121,8 +123,9 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
         raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
     for note in res.notes:
         log.warning("%s: %s", name, note)
-    err = output_error(W, res.dequantized, H)
-    return LayerResult(name, res.weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
+    weight = refit_scales(W, H, res.weight) if opts.refit_scales else res.weight
+    err = output_error(W, weight.dequantize() if opts.refit_scales else res.dequantized, H)
+    return LayerResult(name, weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
                        notes=list(res.notes), seconds=time.perf_counter() - t0)
 
 
@@ -160,9 +163,11 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     if size > 1:
         log.info("data parallel: rank %d of %d runs %d of the %d calibration batches", rank, size, len(batches),
                  len(every))
+    if opts.float_target and size > 1:
+        raise UserError("--float-target runs in one process; launch `hawqtool quantize` without torchrun")
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
-    done_blocks, hidden = _resume(state, blocks, layers, results)
+    done_blocks, hidden, fp = _resume(state, blocks, layers, results)
     if hidden is not None:
         hidden = my_share(hidden, rank, size)
     prefixes = [_prefix_of(model, b) for b in blocks]
@@ -176,7 +181,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     def commit(i: int, inp) -> None:  # rank 0 keeps the state, with every rank's next inputs in global order
         every_hidden = gather_list([h.cpu() for h in inp.hidden], len(every)) if size > 1 else inp.hidden
         if rank == 0:
-            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden)
+            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden,
+                        fp if opts.float_target else None)
 
     engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
                          after=commit if state is not None else None) \
@@ -189,17 +195,39 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
             groups = sequential_groups(block, in_block, inputs)
         else:  # RTN needs H only to report each layer's error: one pass per block
             groups = [list(in_block)]
+        floats = None
+        if opts.float_target:  # the float chain: this block before quantization, on the float model's inputs
+            floats = (copy.deepcopy(block), BlockInputs([h.to(inputs.hidden[0].device) for h in (fp or inputs.hidden)],
+                                                        inputs.args, inputs.kwargs))
         for group in groups:
             # H is collected for RTN too: it gives the per-layer output error in the manifest.
             Hs = collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
                                   first_weight=opts.first_token_weight, n_total=len(every))
+            if floats is not None:
+                _retarget({n: in_block[n] for n in group}, Hs, block, inputs, floats, opts)
             _solve(group, layers, Hs, specs, opts, results, streamed, progress)
+        if floats is not None:
+            with torch.no_grad():
+                fp = [run_block(floats[0], floats[1], j) for j in range(len(floats[1].hidden))]
+            fp = [h.cpu() for h in fp] if streamed else fp
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
                               final=box.get("inputs") if streamed else None, n_total=len(every))
         _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
     return results
+
+
+def _retarget(group: dict[str, nn.Module], Hs: dict, block: nn.Module, inputs: BlockInputs,
+              floats: tuple[nn.Module, BlockInputs], opts: QuantizeOptions) -> None:
+    """Replace each layer's weight by the one that maps the quantized chain's inputs onto the float block's
+    outputs (hessians.float_target), which GPTQ then quantizes."""
+    if any(is_conv(m) for m in group.values()):
+        raise UserError("--float-target supports Linear and Conv1D layers; quantize convolutional models without it")
+    Ds = collect_cross(block, floats[0], group, inputs, floats[1], first_weight=opts.first_token_weight)
+    for n, m in group.items():
+        W = weight_matrix(m)
+        set_weight_matrix(m, float_target(W.float(), Ds[n], Hs[n]._sum, opts.percdamp).to(W.dtype))
 
 
 def _solve(group: list[str], layers: dict[str, nn.Module], Hs: dict, specs: dict[str, QuantSpec],
@@ -243,7 +271,8 @@ def _prefix_of(model: nn.Module, block: nn.Module) -> str:
 
 # ---- resume state (resume_state.py: hashed, verified): one record per finished block + the next inputs ----
 
-def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor]) -> None:
+def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor],
+                floats: list[torch.Tensor] | None = None) -> None:
     tensors, meta = {}, {}
     for n, r in res.items():
         w = r.weight
@@ -262,16 +291,18 @@ def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: 
         tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8)
         if w.g_idx is not None:
             tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32)
-    state.save(i, tensors, {f"h{j}": h for j, h in enumerate(hidden)}, {"layers": meta})
+    boundary = {f"h{j}": h for j, h in enumerate(hidden)}
+    boundary.update({f"f{j}": h.cpu() for j, h in enumerate(floats or [])})  # the float chain (--float-target)
+    state.save(i, tensors, boundary, {"layers": meta})
 
 
-def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, list[torch.Tensor] | None]:
-    """Re-apply the verified finished blocks of this run; returns (next block, its inputs)."""
+def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, list | None, list | None]:
+    """Re-apply the verified finished blocks of this run; returns (next block, its inputs, its float-chain inputs)."""
     if state is None:
-        return 0, None
+        return 0, None, None
     done, hidden = state.resume()
     if not done:
-        return 0, None
+        return 0, None, None
     for meta, t in done:
         for n, m in meta["layers"].items():
             spec = QuantSpec(**m["spec"])
@@ -292,7 +323,9 @@ def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, lis
                 set_weight_matrix(layers[n], (qw.dequantize() if isinstance(qw, QuantizedWeight) else
                                               _dequantize_packed(qw)).to(layers[n].weight.dtype))
     log.info("resuming quantization at block %d of %d", len(done), len(blocks))
-    return len(done), [hidden[f"h{j}"] for j in range(len(hidden))]
+    n = sum(k.startswith("h") for k in hidden)
+    floats = [hidden[f"f{j}"] for j in range(n)] if "f0" in hidden else None
+    return len(done), [hidden[f"h{j}"] for j in range(n)], floats
 
 
 def _dequantize_packed(pw: PackedWeight) -> torch.Tensor:

@@ -132,3 +132,70 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs,
+                  float_inputs: BlockInputs, *, first_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """D = Σ_t w_t (x_fp,t − x_t) x_tᵀ [in, in] (float64) for each layer of `group`: x_t its input in the block
+    being quantized (on the quantized chain's inputs), x_fp,t the same layer's input in `float_block` (the block
+    before quantization) on the float model's inputs; w_t the first-token weight, as in H. Layers reading one
+    tensor (q/k/v) share their D."""
+    names = list(group)
+    inner = {id(m): n for n, m in block.named_modules()}  # a group layer's name inside the block
+    fmods = dict(float_block.named_modules())
+    fgroup = {n: fmods[inner[id(m)]] for n, m in group.items()}
+    D: dict[str, torch.Tensor] = {}
+    got: dict[str, dict[str, torch.Tensor]] = {"q": {}, "f": {}}
+
+    def hook(kind, n):
+        def h(_m, a):
+            got[kind][n] = a[0].detach()
+        return h
+
+    def weighted(x: torch.Tensor) -> torch.Tensor:
+        if first_weight != 1.0 and x.dim() == 3:
+            return torch.cat([x[:, :1] * first_weight, x[:, 1:]], dim=1)
+        return x
+
+    handles = [m.register_forward_pre_hook(hook("q", n)) for n, m in group.items()]
+    handles += [m.register_forward_pre_hook(hook("f", n)) for n, m in fgroup.items()]
+    try:
+        with torch.no_grad(), stop_after(list(group.values())) as qctx, stop_after(list(fgroup.values())) as fctx:
+            for j in range(len(inputs.hidden)):
+                for ctx, mod, inp in ((qctx, block, inputs), (fctx, float_block, float_inputs)):
+                    ctx.reset()
+                    try:
+                        run_block(mod, inp, j)
+                    except _Stop:
+                        pass
+                done: dict[tuple, torch.Tensor] = {}
+                for n in names:
+                    x, xf = got["q"][n], got["f"][n]
+                    key = (x.data_ptr(), xf.data_ptr(), tuple(x.shape))
+                    if key not in done:
+                        x2 = x.reshape(-1, x.shape[-1]).float()
+                        d = (xf.reshape(-1, x.shape[-1]).float() - x2)
+                        w = weighted(x).reshape(-1, x.shape[-1]).float() if first_weight != 1.0 else x2
+                        done[key] = (d.t() @ w).double()
+                    D[n] = D[n] + done[key] if n in D else done[key].clone()
+                got["q"].clear()
+                got["f"].clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return D
+
+
+def float_target(W: torch.Tensor, D: torch.Tensor, S: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The weight whose outputs on the quantized chain's inputs best match W's on the float model's inputs:
+    argmin_V Σ_t w_t ‖W x_fp,t − V x_t‖² = W + W D S⁻¹ (S = Σ w_t x_t x_tᵀ, D from collect_cross), with S damped
+    by percdamp · mean(diag S) as GPTQ damps H. GPTQ on this weight minimises Σ‖W x_fp − Q x‖² exactly (the
+    least-squares residual is orthogonal to the inputs), GPTAQ's asymmetric calibration (Li et al. 2025)."""
+    S = S.double()
+    Sd = S + percdamp * float(S.diagonal().mean()) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    dead = S.diagonal() == 0
+    Sd[dead, dead] = 1
+    L = torch.linalg.cholesky(Sd)
+    corr = torch.cholesky_solve((W.double() @ D).t(), L).t()  # W D S⁻¹ (S symmetric)
+    corr[:, dead] = 0
+    return (W.double() + corr).to(W.dtype)

@@ -35,6 +35,16 @@ def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror
     return settings
 
 
+def options_settings(opts, *, n_samples: int, seqlen: int, seed: int) -> dict:
+    """sensitivity_settings of a SensitivityOptions (options.py) run on n_samples × seqlen tokens."""
+    return sensitivity_settings(objective=opts.objective, batch_size=opts.batch_size, qerror_bits=opts.bits,
+                                qerror_groups=opts.groups(), n_samples=n_samples, seqlen=seqlen,
+                                target_rel_se=opts.target_rel_se, min_probes=opts.min_probes,
+                                max_probes=opts.max_probes, seed=seed, estimator=opts.resolved_estimator(),
+                                first_token_weight=opts.first_token_weight, qerror_sym=tuple(opts.sym),
+                                qerror_formats=tuple(opts.formats))
+
+
 def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
     """Fingerprint of a sensitivity report: what `hawqtool run` compares to skip the stage."""
     return fingerprint("sensitivity", model_fp, data_key, settings)
