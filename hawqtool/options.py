@@ -68,8 +68,6 @@ class QuantizeOptions:
     # Fit each layer to the float model's outputs (W x_fp) rather than its own on the quantized chain's inputs (W x):
     # GPTAQ's asymmetric calibration, so errors of earlier layers are compensated, not carried forward.
     float_target: bool = False
-    # After GPTQ, re-solve each row's group scales for the layer's output error with the codes fixed (refit.py).
-    refit_scales: bool = False
     batch_size: int = 8
     # Weight of each calibration window's first position in H. That token becomes the
     # attention sink whose value vector every later token reads, so its error counts many
@@ -84,9 +82,8 @@ class QuantizeOptions:
     def fingerprint(self) -> dict:
         """What the checkpoint depends on (the calibration size enters through the data key)."""
         fp = {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
-        for late in ("float_target", "refit_scales"):  # added later: checkpoints made without them keep their
-            if not fp[late]:  # fingerprint
-                del fp[late]
+        if not self.float_target:  # added later: checkpoints made without it keep their fingerprint
+            del fp["float_target"]
         return fp
 
 
@@ -147,5 +144,5 @@ NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_
           "allocate": (AllocateOptions, CONSTRAINTS + ("max_bytes", "pairs", "max_bops", "bops_frac", "latency_table",
                                                        "max_latency_ms", "latency_frac", "sweep")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
-                                         "true_sequential", "float_target", "refit_scales", "batch_size", "first_token_weight",
+                                         "true_sequential", "float_target", "batch_size", "first_token_weight",
                                          "aphq_iters", "aphq_mlp_relu"))}

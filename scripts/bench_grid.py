@@ -46,8 +46,7 @@ def run_config(model_ref, cfg: str, seed: int, args, windows) -> dict:
     shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
     plan = fixed_plan(shapes, bits, group_size=group, symmetric=sym)
     opts = QuantizeOptions(method=method, grid=grid, static_groups=static, act_order=args.act_order,
-                           first_token_weight=args.first_token_weight, float_target=args.float_target,
-                           refit_scales=args.refit_scales)
+                           first_token_weight=args.first_token_weight, float_target=args.float_target)
     t0 = time.perf_counter()
     res = quantize_model(loaded.model, plan_specs(plan), calib, opts)
     qs = time.perf_counter() - t0
@@ -71,7 +70,6 @@ def main() -> None:
     ap.add_argument("--first-token-weight", type=float, default=QuantizeOptions().first_token_weight)
     ap.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
     ap.add_argument("--float-target", action="store_true", help="fit layers to the float model's outputs (GPTAQ)")
-    ap.add_argument("--refit-scales", action="store_true", help="re-solve group scales after GPTQ (refit.py)")
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -92,7 +90,7 @@ def main() -> None:
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                f"calibration {args.nsamples}×{args.seqlen} tokens ({args.data}, first 60%, seeds "
              f"{args.seeds}); scored on the {args.slice} slice: {fp.tokens} predicted tokens ({args.windows}×512); "
-             f"first-token weight {args.first_token_weight}; act-order {args.act_order}; float target {args.float_target}; scale refit {args.refit_scales}; baseline ppl {fp.ppl:.3f}; load: {load_now()}")
+             f"first-token weight {args.first_token_weight}; act-order {args.act_order}; float target {args.float_target}; baseline ppl {fp.ppl:.3f}; load: {load_now()}")
     lines = ["| config (method:bits:group:sym:grid) | avg bits | ppl per seed | median | GPTQ/RTN output error (median layer) | quantize s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['avg_bits']:.3f} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "

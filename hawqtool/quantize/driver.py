@@ -31,7 +31,6 @@ from .hessians import collect_cross, collect_hessians, float_target, is_conv
 from quant_kernels import PackedWeight
 
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
-from .refit import refit_scales
 from .resume_state import BlockState
 
 log = logging.getLogger("hawqtool")
@@ -123,9 +122,8 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
         raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
     for note in res.notes:
         log.warning("%s: %s", name, note)
-    weight = refit_scales(W, H, res.weight) if opts.refit_scales else res.weight
-    err = output_error(W, weight.dequantize() if opts.refit_scales else res.dequantized, H)
-    return LayerResult(name, weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
+    err = output_error(W, res.dequantized, H)
+    return LayerResult(name, res.weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
                        notes=list(res.notes), seconds=time.perf_counter() - t0)
 
 
