@@ -9,18 +9,20 @@ import torch
 from .device import model_device
 from .errors import UserError
 from .hooks import Hooks, Silent
+from .options import EvalOptions
 
 
-def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | None, rep: Hooks | None = None,
+def evaluate_any(ref: str | None, opts: EvalOptions | None = None, rep: Hooks | None = None, *,
                  trust_remote_code: bool = False, reference: str | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32, offload: bool = False,
                  max_memory: int | None = None) -> dict:
-    """Evaluate a model reference or a hawqtool checkpoint folder, as a dict: perplexity for causal
-    LMs; for encoders, embedding cosine against `reference` (default: the checkpoint's source model).
-    `sizes`: bits per linear weight and whole-file bits per parameter (sizes.py)."""
+    """Evaluate a model reference or a hawqtool checkpoint folder with `opts` (EvalOptions: data, seqlen, windows,
+    batch size), as a dict: perplexity for causal LMs; for encoders, embedding cosine against `reference` (default:
+    the checkpoint's source model). `sizes`: bits per linear weight and whole-file bits per parameter (sizes.py)."""
     from .sizes import checkpoint_sizes, model_sizes
 
     rep = rep or Silent()
+    opts = opts or EvalOptions()
 
     from .checkpoint import is_checkpoint, read_manifest
     from .data import eval_windows, with_special_tokens
@@ -52,10 +54,10 @@ def evaluate_any(ref: str | None, data: str, seqlen: int, max_windows: int | Non
         loaded = load_model(ref, trust_remote_code=trust_remote_code, device=device, dtype=dtype, offload=offload,
                             max_memory=max_memory)
         model, tok, task, sizes = loaded.model, loaded.tokenizer, loaded.task, model_sizes(loaded.model)
-    windows = eval_windows(tok, data, seqlen, max_windows)
+    windows = eval_windows(tok, opts.data, opts.seqlen, opts.windows)
     if task == "causal-lm":
         with rep.bar("eval windows", len(windows)) as adv:
-            res = perplexity(model, windows, progress=adv)
+            res = perplexity(model, windows, batch_size=opts.batch_size, progress=adv)
         return {"task": task, **asdict(res), "sizes": sizes, "device": str(model_device(model))}
     reference = reference or source
     if reference is None:

@@ -78,8 +78,9 @@ def minilm_model():
 def minilm_cosine(ckpt: Path) -> float:
     from hawqtool.progress import Reporter
     from hawqtool.evaluate_stage import evaluate_any
+    from hawqtool.options import EvalOptions
 
-    return evaluate_any(str(ckpt), "wiki", 128, 40, Reporter(True))["cosine"]
+    return evaluate_any(str(ckpt), EvalOptions(data="wiki", seqlen=128, windows=40), Reporter(True))["cosine"]
 
 
 def main() -> None:

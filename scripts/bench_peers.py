@@ -140,8 +140,7 @@ def autoround_storage_bits(shape: tuple[int, int], bits: int, scale, zp) -> int:
 
 
 def dequantize(weight, scale, zp, bits: int, group: int):
-    """fp32 scale16·(q − zero) from AutoRound's fake-quantized weight, scale and zero of one layer;
-    asserts that the codes are integers in [0, 2^bits − 1] and that the rebuilt weight equals AutoRound's."""
+    """fp32 scale16·(q − zero) of a layer from AutoRound's fake-quantized weight, scale, zero (asserted equal)."""
     import torch
 
     out, inf = weight.shape
@@ -220,7 +219,7 @@ def run_autoround(cfg: ArConfig, seed: int, args: argparse.Namespace) -> tuple[d
     return deq, dict(quant_s=quant_s, ar_bits=ar_bits, skipped=skipped, n_blocks=n_blocks)
 
 
-def score(deq: dict, windows, batch_size: int | None) -> object:
+def score(deq: dict, windows, batch_size: int | None):
     """Perplexity of a fresh fp32 model whose listed Linear weights are replaced by `deq`."""
     from hawqtool.evaluate import perplexity
     from hawqtool.models import load_model, quantizable_layers

@@ -130,7 +130,7 @@ def eval_cmd(model, data, seqlen, max_windows, reference, trust_remote_code, dev
     dev = resolve_device(device)
     rank = world()[0]  # under torchrun: windows split over the ranks, rank 0 reports
     rep = Reporter(quiet or as_json or rank != 0)
-    res = evaluate_any(model, data, seqlen, max_windows, rep, trust_remote_code=trust_remote_code,
+    res = evaluate_any(model, _E(data=data, seqlen=seqlen, windows=max_windows), rep, trust_remote_code=trust_remote_code,
                        reference=reference, device=dev, dtype=resolve_dtype(dtype, dev), offload=offload,
                        max_memory=parse_memory(max_memory) if max_memory is not None else None)
     if rank != 0:
