@@ -175,3 +175,32 @@ def test_size_accounting_of_a_streamed_model(llama3):
     plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem).items()}, 3)
     assert predict_file(streamed, plan) == predict_file(mem, plan)
     assert model_sizes(streamed) == model_sizes(mem)
+
+
+def test_gptq_parks_the_embedding_and_head_on_disk(either, text_file, tmp_path):
+    """While a streamed model's blocks are quantized, the parameters outside them (embedding, head, norm) are on
+    the meta device; after, they are back exactly as they were, changed values included, a tied head still tied."""
+    import torch
+
+    from hawqtool.allocate.plan import fixed_plan, plan_specs
+    from hawqtool.models import quantizable_layers, weight_matrix
+    from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+
+    loaded = _load(either, offload=True)
+    model = loaded.model
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[3] += 1.0  # a value the files do not hold (as a quantized embedding would be)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.device.type != "meta"}
+    tied = model.get_output_embeddings().weight is emb.weight
+    seen = []
+    layers = {n: m for n, m in quantizable_layers(model).items() if n.startswith("model.layers.")}
+    specs = plan_specs(fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in layers.items()}, 4, group_size=-1))
+    quantize_model(model, specs, _ids(loaded, text_file), QuantizeOptions(batch_size=2), state_dir=tmp_path / "s",
+                   progress=lambda _n: seen.append(model.get_input_embeddings().weight.device.type))
+    assert seen and set(seen) == {"meta"}
+    after = dict(model.named_parameters())
+    for n, t in before.items():
+        assert after[n].device.type == "cpu" and torch.equal(after[n], t), n
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert not list((tmp_path / "s").glob("outside-blocks*"))

@@ -8,8 +8,10 @@ the next block; a damaged saved block is recomputed, never used.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +168,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
     done_blocks, hidden, fp = _resume(state, blocks, layers, results)
+    chain = {"fp": fp}  # the float chain's inputs (float_target)
     if hidden is not None:
         hidden = my_share(hidden, rank, size)
     prefixes = [_prefix_of(model, b) for b in blocks]
@@ -180,11 +183,29 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         every_hidden = gather_list([h.cpu() for h in inp.hidden], len(every)) if size > 1 else inp.hidden
         if rank == 0:
             _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden,
-                        fp if opts.float_target else None)
+                        chain["fp"] if opts.float_target else None)
 
-    engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
-                         after=commit if state is not None else None) \
-        if stop > done_blocks or outside else ()
+    with contextlib.ExitStack() as stack:
+        # a streamed model's embedding and head wait on disk while the blocks run
+        park = (state_dir if state_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))) \
+            if streamed else None
+        engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
+                             after=commit if state is not None else None, park=park) \
+            if stop > done_blocks or outside else ()
+        _quantize_blocks(engine, model, layers, specs, prefixes, opts, results, streamed, progress, chain, len(every))
+    rest = {n: layers[n] for n in specs if n not in results}
+    if rest:
+        Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
+                              final=box.get("inputs") if streamed else None, n_total=len(every))
+        _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
+    return results
+
+
+def _quantize_blocks(engine, model: nn.Module, layers: dict, specs: dict, prefixes: list[str], opts: QuantizeOptions,
+                     results: dict, streamed: bool, progress, chain: dict, n_total: int) -> None:
+    """The block loop of quantize_model: each block's layers in true-sequential groups (H collected, the float
+    target applied when asked, solved). chain["fp"]: the float chain's inputs of the block (float_target), updated
+    before the block is committed."""
     for i, block, inputs in engine:
         in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
         if not in_block:
@@ -195,25 +216,19 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
             groups = [list(in_block)]
         floats = None
         if opts.float_target:  # the float chain: this block before quantization, on the float model's inputs
-            floats = (copy.deepcopy(block), BlockInputs([h.to(inputs.hidden[0].device) for h in (fp or inputs.hidden)],
+            floats = (copy.deepcopy(block), BlockInputs([h.to(inputs.hidden[0].device) for h in (chain["fp"] or inputs.hidden)],
                                                         inputs.args, inputs.kwargs))
         for group in groups:
             # H is collected for RTN too: it gives the per-layer output error in the manifest.
             Hs = collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
-                                  first_weight=opts.first_token_weight, n_total=len(every))
+                                  first_weight=opts.first_token_weight, n_total=n_total)
             if floats is not None:
                 _retarget({n: in_block[n] for n in group}, Hs, block, inputs, floats, opts)
             _solve(group, layers, Hs, specs, opts, results, streamed, progress)
         if floats is not None:
             with torch.no_grad():
                 fp = [run_block(floats[0], floats[1], j) for j in range(len(floats[1].hidden))]
-            fp = [h.cpu() for h in fp] if streamed else fp
-    rest = {n: layers[n] for n in specs if n not in results}
-    if rest:
-        Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
-                              final=box.get("inputs") if streamed else None, n_total=len(every))
-        _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
-    return results
+            chain["fp"] = [h.cpu() for h in fp] if streamed else fp
 
 
 def _retarget(group: dict[str, nn.Module], Hs: dict, block: nn.Module, inputs: BlockInputs,
