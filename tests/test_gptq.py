@@ -154,3 +154,26 @@ def test_hessian_accumulator_uneven_batches() -> None:
     torch.testing.assert_close(acc.H.double(), 2 * X.t() @ X / 30, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         acc.add_batch(torch.randn(2, d + 1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_layer_in_row_slices_equals_whole(monkeypatch, act_order, method):
+    """quantize_layer splits a layer with more than driver.ROWS rows into slices: the same codes, scales, zeros and
+    error sums as the whole layer at once (rows are independent given H)."""
+    from hawqtool.quantize import driver
+    from hawqtool.quantize.driver import QuantizeOptions, quantize_layer
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    H = 2 * X.t() @ X / 300
+    W = torch.randn(23, 48, generator=g)
+    opts = QuantizeOptions(method=method, act_order=act_order)
+    spec = QuantSpec(3, 16)
+    whole = quantize_layer("w", W, H, spec, opts)
+    monkeypatch.setattr(driver, "ROWS", 5)
+    sliced = quantize_layer("w", W, H, spec, opts)
+    assert torch.equal(sliced.weight.q, whole.weight.q) and torch.equal(sliced.weight.zeros, whole.weight.zeros)
+    assert torch.equal(sliced.weight.scales, whole.weight.scales)
+    assert (sliced.weight.g_idx is None) == (whole.weight.g_idx is None)
+    assert sliced.error == pytest.approx(whole.error, rel=1e-9) and sliced.rtn_error == pytest.approx(whole.rtn_error, rel=1e-9)

@@ -108,9 +108,28 @@ def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, 
                        retries=sum(r.retries for r in res.groups), notes=notes, seconds=time.perf_counter() - t0)
 
 
+ROWS = 8192  # a layer with more rows is quantized in slices of this many (GPTQ and RTN treat rows independently)
+
+
 def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
                    opts: QuantizeOptions) -> LayerResult:
-    """Quantize one [out, in] weight with GPTQ (needs H) or RTN."""
+    """Quantize one [out, in] weight with GPTQ (needs H) or RTN. More than ROWS rows (a large vocabulary's head, a
+    70B model's MLP) go in slices of ROWS: the result is the same (rows are independent given H), the peak memory
+    that of one slice (GPTQ holds several copies of its rows, the error sums a float64 one)."""
+    if W.shape[0] <= ROWS or spec.fmt:
+        return _quantize_rows(name, W, H, spec, opts)
+    parts = [_quantize_rows(name, W[r:r + ROWS], H, spec, opts) for r in range(0, W.shape[0], ROWS)]
+    first = parts[0]
+    weight = QuantizedWeight(torch.cat([p.weight.q for p in parts]), torch.cat([p.weight.scales for p in parts]),
+                             torch.cat([p.weight.zeros for p in parts]), spec, first.weight.g_idx)
+    return LayerResult(name, weight, first.method, sum(p.error for p in parts), sum(p.rtn_error for p in parts),
+                       damp=first.damp, retries=first.retries, notes=first.notes,
+                       seconds=sum(p.seconds for p in parts))
+
+
+def _quantize_rows(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
+                   opts: QuantizeOptions) -> LayerResult:
+    """quantize_layer on all of W's rows at once."""
     t0 = time.perf_counter()
     search = opts.grid == "search"
     base = rtn(W, spec, search=search, d=H.diagonal() if H is not None else None)
