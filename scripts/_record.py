@@ -32,3 +32,20 @@ def record(title: str, details: str, table: list[str], append: bool) -> str:
         with open(RESULTS, "a") as f:
             f.write(text)
     return text
+
+
+def seed_rows(configs, seeds, run) -> list[dict]:
+    """run(config, seed) -> result dict with "ppl", for every config and seed (each printed as a JSON line); one
+    row per config: its first seed's result plus the per-seed perplexities and their median."""
+    import json
+    import statistics
+
+    rows = []
+    for cfg in configs:
+        per_seed = []
+        for seed in seeds:
+            per_seed.append(run(cfg, seed))
+            print(json.dumps(per_seed[-1]), flush=True)
+        ppls = [r["ppl"] for r in per_seed]
+        rows.append(dict(per_seed[0], ppls=ppls, median=statistics.median(ppls)))
+    return rows

@@ -20,7 +20,7 @@ import torch
 
 import platform
 
-from _record import cpu_name, load_now, record
+from _record import cpu_name, load_now, record, seed_rows
 from hawqtool.allocate.plan import fixed_plan, plan_specs
 from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, eval_windows
 from hawqtool.evaluate import perplexity
@@ -79,14 +79,8 @@ def main() -> None:
     fp = perplexity(base.model, windows)
     del base
     print(json.dumps(dict(config="baseline", ppl=fp.ppl, tokens=fp.tokens)), flush=True)
-    rows = []
-    for cfg in args.configs.split(","):
-        per_seed = []
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            per_seed.append(run_config(args.model, cfg, seed, args, windows))
-            print(json.dumps(per_seed[-1]), flush=True)
-        ppls = [r["ppl"] for r in per_seed]
-        rows.append(dict(per_seed[0], ppls=ppls, median=statistics.median(ppls)))
+    rows = seed_rows(args.configs.split(","), [int(s) for s in args.seeds.split(",")],
+                     lambda cfg, seed: run_config(args.model, cfg, seed, args, windows))
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                f"calibration {args.nsamples}×{args.seqlen} tokens ({args.data}, first 60%, seeds "
              f"{args.seeds}); scored on the {args.slice} slice: {fp.tokens} predicted tokens ({args.windows}×512); "

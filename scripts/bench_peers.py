@@ -31,7 +31,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import cpu_name, load_now, record  # noqa: E402
+from _record import cpu_name, load_now, record, seed_rows  # noqa: E402
 
 SKIP_MESSAGE = ("auto-round is not installed (pip install auto-round==0.16.1 --no-deps after torch): "
                 "AutoRound rows skipped")
@@ -303,14 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     fp = perplexity(base.model, windows)
     del base
     print(json.dumps(dict(config="baseline", ppl=fp.ppl, tokens=fp.tokens, linear_layers=len(shapes))), flush=True)
-    rows = []
-    for cfg in configs:
-        per_seed = []
-        for seed in seeds:
-            per_seed.append(run_config(cfg, seed, args, windows, shapes))
-            print(json.dumps(per_seed[-1]), flush=True)
-        ppls = [r["ppl"] for r in per_seed]
-        rows.append(dict(per_seed[0], ppls=ppls, median=statistics.median(ppls)))
+    rows = seed_rows(configs, seeds, lambda cfg, seed: run_config(cfg, seed, args, windows, shapes))
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}, auto-round {auto_round.__version__}; {len(shapes)} decoder Linear layers; "
                f"calibration {args.nsamples}×{args.seqlen} tokens (wiki, first 60%, seeds {args.seeds}) as "
