@@ -117,22 +117,26 @@ class Streamer:
                   if not n.startswith(self.block_prefix) and p.device.type != "meta"}
         first: dict[int, str] = {}  # tied parameters (embedding and head) are stored once
         alias = {n: first.setdefault(id(p), n) for n, p in params.items()}
-        path = Path(folder) / "outside-blocks.safetensors"
         Path(folder).mkdir(parents=True, exist_ok=True)
-        save_file({n: params[n].detach().cpu().contiguous() for n in set(alias.values())}, str(path))
+        # one file per tensor: safetensors copies what it writes, so one file of all would double their memory
+        files = {n: Path(folder) / f"outside-blocks-{k}.safetensors" for k, n in enumerate(sorted(set(alias.values())))}
         dev = {n: (p.device, p.requires_grad) for n, p in params.items()}
-        for n in params:
-            set_module_tensor_to_device(self.model, n, "meta")
-        _return_freed_memory()
+        for n, f in files.items():  # each freed once written: at most one tensor's copy on top
+            save_file({"t": params[n].detach().cpu().contiguous()}, str(f))
+            for m in [m for m in params if alias[m] == n]:
+                set_module_tensor_to_device(self.model, m, "meta")
+                params[m] = None
+            _return_freed_memory()
         try:
             yield
         finally:
-            stored = load_file(str(path))
-            back = {n: torch.nn.Parameter(stored[n].to(dev[n][0]), requires_grad=dev[n][1]) for n in set(alias.values())}
+            back = {n: torch.nn.Parameter(load_file(str(f))["t"].to(dev[n][0]), requires_grad=dev[n][1])
+                    for n, f in files.items()}
             for n in params:
                 module, _, leaf = n.rpartition(".")
                 setattr(self.model.get_submodule(module) if module else self.model, leaf, back[alias[n]])
-            path.unlink()
+            for f in files.values():
+                f.unlink()
 
     def tensor(self, name: str) -> torch.Tensor:
         """One parameter of the model as stored (CPU), whether or not its block is resident."""

@@ -108,6 +108,10 @@ class ConvHessianAccumulator:
         self._sum = S.double() if self._sum is None else self._sum + S.double()
         self.n_samples += m
 
+    def release(self) -> None:
+        """Drop the float64 sums once `.H` has been taken."""
+        self._sum = None
+
     @property
     def H(self) -> torch.Tensor:
         """(2/n) Σ u uᵀ per group as float32 [groups, d, d]."""

@@ -71,10 +71,19 @@ class LayerResult:
                     notes=self.notes, act_order=self.weight.g_idx is not None, **({"ggml_type": s.fmt} if s.fmt else {}))
 
 
+COLS = 2048  # output_error takes H in float64 column slices of this width (every SmolLM2 layer is one slice)
+
+
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """Mean ‖(W−Q)x‖² over the samples behind H = (2/n) Σ x xᵀ."""
+    """Mean ‖(W−Q)x‖² over the samples behind H = (2/n) Σ x xᵀ, in float64 (H converted a column slice at a time:
+    an 8192-wide H is 537 MB in float64)."""
     D = (W - Q).double()
-    return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
+    if H.shape[1] <= COLS:
+        return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
+    total = 0.0
+    for c in range(0, H.shape[1], COLS):
+        total += float(torch.einsum("oi,ij,oj->", D, H[:, c:c + COLS].double(), D[:, c:c + COLS]))
+    return total / 2
 
 
 def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -268,7 +277,13 @@ def _solve(group: list[str], layers: dict[str, nn.Module], Hs: dict, specs: dict
     balanced), then every result broadcast, so all ranks continue with the same weights."""
     rank, size = world()
     own = owners({n: weight_matrix(layers[n]).numel() for n in group}, size) if size > 1 else dict.fromkeys(group, 0)
-    mine = {n: _on_cpu(_quantize_one(n, layers[n], Hs[n].H, specs[n], opts)) for n in group if own[n] == rank}
+    Hf = {}  # each accumulator's H once (q/k/v share one); its float64 sum is released (537 MB at 8192 inputs)
+    for n in group:
+        acc = Hs[n]
+        if id(acc) not in Hf:
+            Hf[id(acc)] = acc.H
+            acc.release()
+    mine = {n: _on_cpu(_quantize_one(n, layers[n], Hf[id(Hs[n])], specs[n], opts)) for n in group if own[n] == rank}
     for n in group:
         res = broadcast_from(own[n], lambda n=n: mine[n]) if size > 1 else mine[n]
         results[n] = _finish(n, layers[n], res, compact)

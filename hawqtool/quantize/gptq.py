@@ -52,6 +52,10 @@ class HessianAccumulator:
         self._sum += (X.t() @ X).double()
         self.n_samples += X.shape[0]
 
+    def release(self) -> None:
+        """Drop the float64 sum once `.H` has been taken (no more batches or reads after this)."""
+        self._sum = None
+
     @property
     def H(self) -> torch.Tensor:
         """(2/n) Σ x xᵀ as float32 [in, in]."""
@@ -74,17 +78,18 @@ class GPTQResult:
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, list[str]]:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, raising damp ×10 on failure.
-    At most two float64 [in, in] matrices live at once (an 8192-wide layer: 1 GB, not 2.7)."""
-    Hd = H.double()
-    if Hd.data_ptr() == H.data_ptr():
-        Hd = Hd.clone()
-    mean_diag = float(Hd.diagonal().mean())
-    damp, added, notes = percdamp, 0.0, []
+    At most two float64 [in, in] matrices live at once (an 8192-wide layer: 1 GB, not 2.7): the damped H is
+    rebuilt from H for a retry rather than kept."""
+    mean_diag = float(H.diagonal().double().mean())
+    damp, notes = percdamp, []
     for attempt in range(max_retries + 1):
-        Hd.diagonal().add_((damp - added) * mean_diag)  # damping raised in place on a retry
-        added = damp
+        Hd = H.double()
+        if Hd.data_ptr() == H.data_ptr():
+            Hd = Hd.clone()
+        Hd.diagonal().add_(damp * mean_diag)
         try:
             L = torch.linalg.cholesky(Hd)
+            del Hd
             Hinv = torch.cholesky_inverse(L)
             del L
             Hinv = torch.linalg.cholesky(Hinv, upper=True)
@@ -92,7 +97,6 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tup
         except torch.linalg.LinAlgError:
             reason = "not positive definite"
         if not reason:
-            del Hd
             return Hinv.to(H.dtype), damp, notes
         if attempt < max_retries:
             notes.append(f"Cholesky failed at damp {damp:g} ({reason}), retried at {damp * 10:g}")
