@@ -177,3 +177,13 @@ def test_layer_in_row_slices_equals_whole(monkeypatch, act_order, method):
     assert torch.equal(sliced.weight.scales, whole.weight.scales)
     assert (sliced.weight.g_idx is None) == (whole.weight.g_idx is None)
     assert sliced.error == pytest.approx(whole.error, rel=1e-9) and sliced.rtn_error == pytest.approx(whole.rtn_error, rel=1e-9)
+
+
+def test_dequantize_in_row_slices_equals_whole(monkeypatch):
+    from hawqtool.quantize import quantizer
+
+    W = torch.randn(21, 40, generator=torch.Generator().manual_seed(2))
+    qw = rtn(W, QuantSpec(3, 16))
+    whole = qw.dequantize()
+    monkeypatch.setattr(quantizer, "DEQUANT_ROWS", 4)
+    assert torch.equal(qw.dequantize(), whole)

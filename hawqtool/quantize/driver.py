@@ -127,13 +127,20 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
     that of one slice (GPTQ holds several copies of its rows, the error sums a float64 one)."""
     if W.shape[0] <= ROWS or spec.fmt:
         return _quantize_rows(name, W, H, spec, opts)
-    parts = [_quantize_rows(name, W[r:r + ROWS], H, spec, opts) for r in range(0, W.shape[0], ROWS)]
-    first = parts[0]
-    weight = QuantizedWeight(torch.cat([p.weight.q for p in parts]), torch.cat([p.weight.scales for p in parts]),
-                             torch.cat([p.weight.zeros for p in parts]), spec, first.weight.g_idx)
-    return LayerResult(name, weight, first.method, sum(p.error for p in parts), sum(p.rtn_error for p in parts),
-                       damp=first.damp, retries=first.retries, notes=first.notes,
-                       seconds=sum(p.seconds for p in parts))
+    first, q, scales, zeros, err, rtn_err, secs = None, None, None, None, 0.0, 0.0, 0.0
+    for r in range(0, W.shape[0], ROWS):  # each slice's result copied out and dropped: one slice's copies at a time
+        part = _quantize_rows(name, W[r:r + ROWS], H, spec, opts)
+        pw = part.weight
+        if first is None:
+            first = part
+            q = torch.empty(W.shape, dtype=pw.q.dtype, device=pw.q.device)
+            scales = torch.empty((W.shape[0], pw.scales.shape[1]), dtype=pw.scales.dtype, device=pw.scales.device)
+            zeros = torch.empty((W.shape[0], pw.zeros.shape[1]), dtype=pw.zeros.dtype, device=pw.zeros.device)
+        q[r:r + ROWS], scales[r:r + ROWS], zeros[r:r + ROWS] = pw.q, pw.scales, pw.zeros
+        err, rtn_err, secs = err + part.error, rtn_err + part.rtn_error, secs + part.seconds
+        del part, pw
+    return LayerResult(name, QuantizedWeight(q, scales, zeros, spec, first.weight.g_idx), first.method, err, rtn_err,
+                       damp=first.damp, retries=first.retries, notes=first.notes, seconds=secs)
 
 
 def _quantize_rows(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
