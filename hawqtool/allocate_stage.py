@@ -3,6 +3,7 @@ and `run`: the integer program under the size budget and the options' other budg
 constraints, with the model profile and latency table those need, and the Pareto sweep."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -10,16 +11,20 @@ from .artifacts import EmbeddingPlan, Plan, SensitivityReport
 from .options import AllocateOptions
 
 
-def allocate_stage(report: SensitivityReport, weights: Callable[[], dict], opts: AllocateOptions, *,
-                   avg_bits: float | None, bit_choices: tuple[int, ...], group_size: int, symmetric: bool,
-                   embedding: EmbeddingPlan | None = None, formats: tuple[str, ...] = (), model: str | None = None,
-                   calib: str = "wiki", profile_cache: Path | None = None) -> tuple[Plan, dict]:
-    """The plan, and what a sweep needs (`sweep_inputs`: profile, latency, pairs, constraints). `model`/`calib`:
-    where the MACs/activation profile is measured when a BOPs budget or W8A8 options need it (cached in
-    `profile_cache`, default beside nothing: measured each time)."""
-    from .allocate.budgets import Budgets
+@dataclass
+class BudgetInputs:
+    """What the options' budgets need besides the report: the model's MACs/activation profile (BOPs budgets and
+    W8A8 options), the latency table, the extra weight:activation pairs."""
+
+    profile: dict | None = None
+    latency: object | None = None
+    pairs: list = field(default_factory=list)
+
+
+def budget_inputs(report: SensitivityReport, opts: AllocateOptions, *, model: str | None = None, calib: str = "wiki",
+                  profile_cache: Path | None = None) -> BudgetInputs:
+    """Load (or measure, on `model` with `calib` text, cached in `profile_cache`) what `opts` needs."""
     from .allocate.options import parse_pairs
-    from .allocate.plan import allocate_bits
     from .latency import load_latency_table
 
     profile = None
@@ -28,29 +33,45 @@ def allocate_stage(report: SensitivityReport, weights: Callable[[], dict], opts:
 
         profile = load_or_measure_profile(report, model, calib, profile_cache)
     latency = load_latency_table(Path(opts.latency_table)) if opts.latency_table is not None else None
+    return BudgetInputs(profile, latency, parse_pairs(opts.pairs or None))
+
+
+def allocate_stage(report: SensitivityReport, weights: Callable[[], dict], opts: AllocateOptions, *,
+                   avg_bits: float | None, bit_choices: tuple[int, ...], group_size: int, symmetric: bool,
+                   embedding: EmbeddingPlan | None = None, formats: tuple[str, ...] = (),
+                   inputs: BudgetInputs | None = None) -> Plan:
+    """The plan: the integer program under the size budget and the options' budgets and constraints. `inputs`:
+    budget_inputs(report, opts, ...), needed when the options have a BOPs or latency budget, W8A8 options or
+    pairs (ValueError otherwise)."""
+    from .allocate.budgets import Budgets
+    from .allocate.plan import allocate_bits
+
+    inputs = inputs or BudgetInputs(pairs=[] if not opts.pairs else None)
+    if (opts.needs_profile() and inputs.profile is None) or (opts.latency_table and inputs.latency is None) \
+            or inputs.pairs is None:
+        raise ValueError("these AllocateOptions need a profile, latency table or pairs: pass "
+                         "inputs=budget_inputs(report, opts, ...)")
     budgets = Budgets(max_bops=opts.max_bops, bops_frac=opts.bops_frac, max_latency_ms=opts.max_latency_ms,
                       latency_frac=opts.latency_frac)
-    pairs = parse_pairs(opts.pairs or None)
-    cons = opts.kwargs()
-    plan = allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=opts.max_bytes, bit_choices=bit_choices,
-                         group_size=group_size, symmetric=symmetric, pairs=pairs, budgets=budgets, profile=profile,
-                         latency=latency, embedding=embedding, formats=formats, **cons)
-    return plan, dict(profile=profile, latency=latency, pairs=pairs, cons=cons)
+    return allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=opts.max_bytes, bit_choices=bit_choices,
+                         group_size=group_size, symmetric=symmetric, pairs=inputs.pairs, budgets=budgets,
+                         profile=inputs.profile, latency=inputs.latency, embedding=embedding, formats=formats,
+                         **opts.kwargs())
 
 
-def write_sweep_of(report: SensitivityReport, weights, plan: Plan, opts: AllocateOptions, inputs: dict, *,
+def write_sweep_of(report: SensitivityReport, weights, plan: Plan, opts: AllocateOptions, inputs: BudgetInputs, *,
                    bit_choices: tuple[int, ...], group_size: int, symmetric: bool, output: Path) -> dict:
     """The Pareto sweep around `plan` (frontiers of Ω vs size, BOPs and latency when given), written beside
     `output` as OUTPUT.sweep.json/.png; returns the written paths."""
     from .allocate.sweep import sweep_plans
     from .report import write_sweep
 
-    cons = dict(inputs["cons"])
+    cons = opts.kwargs()
     groups = cons.pop("group_sizes", None)
     acts = cons.pop("act_bits", opts.act_bits)
     cons.pop("trace_ucb", None)  # the sweep plans on the estimate itself
     res = sweep_plans(report, weights, bit_choices, group_size, symmetric, group_sizes=list(groups) if groups else None,
-                      act_bits=list(acts), pairs=inputs["pairs"], profile=inputs["profile"], latency=inputs["latency"],
+                      act_bits=list(acts), pairs=inputs.pairs, profile=inputs.profile, latency=inputs.latency,
                       extra={k: [v] for k, v in plan.costs.items()}, **cons)
     base = output.with_suffix("") if output.suffix == ".json" else output
     return write_sweep(res, base.with_name(base.name + ".sweep.json"), base.with_name(base.name + ".sweep.png"), plan)

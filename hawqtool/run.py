@@ -46,7 +46,7 @@ from .options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityO
 from .quantize.driver import first_token_weight_for
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
-from .allocate_stage import allocate_stage, write_sweep_of
+from .allocate_stage import allocate_stage, budget_inputs, write_sweep_of
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
 from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
                      report_settings)
@@ -267,10 +267,12 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
                          [ls.name for ls in report.layers])
     aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
-    plan, ainputs = timed("allocate", lambda: allocate_stage(
-        report, weights, aopts, avg_bits=cfg.avg_bits if aopts.max_bytes is None else None, bit_choices=tuple(cfg.bit_choices), group_size=cfg.group_size,
-        symmetric=cfg.symmetric, embedding=emb, formats=tuple(fmts), model=cfg.model, calib=cfg.calib,
-        profile_cache=out / "sensitivity.profile.json"))
+    ainputs = timed("allocate", lambda: budget_inputs(report, aopts, model=cfg.model, calib=cfg.calib,
+                                                      profile_cache=out / "sensitivity.profile.json"))
+    plan = timed("allocate", lambda: allocate_stage(
+        report, weights, aopts, avg_bits=cfg.avg_bits if aopts.max_bytes is None else None,
+        bit_choices=tuple(cfg.bit_choices), group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb,
+        formats=tuple(fmts), inputs=ainputs))
     plan.file = predict_file(loaded.model, plan)
     artifacts.save(plan, out / "plan.json")
     if aopts.sweep:

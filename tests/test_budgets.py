@@ -267,3 +267,21 @@ def test_pairs_add_weight_activation_options_and_bops_prefers_them():
     # a W4A4 layer's Ω carries the activation-noise term of 4-bit activations: more than W4A8's
     lp = plan.layers[0]
     assert lp.omega_by_bits["w4g128a4"] > lp.omega_by_bits["w4g128a8"] > lp.omega_by_bits["w4g128a16"]
+
+
+def test_allocate_stage_takes_the_options_budgets():
+    """allocate_stage(report, weights, AllocateOptions): the options' BOPs budget holds with the profile given as
+    its inputs, equals allocate_bits called directly, and without the inputs it needs is a ValueError."""
+    from hawqtool.allocate_stage import BudgetInputs, allocate_stage
+    from hawqtool.options import AllocateOptions
+
+    rep = with_w8a8_errors(synthetic_report())
+    prof = profile_of(rep)
+    opts = AllocateOptions(bops_frac=3 * 16 / 256)
+    plan = allocate_stage(rep, no_weights, opts, avg_bits=None, bit_choices=BITS, group_size=128, symmetric=False,
+                          inputs=BudgetInputs(profile=prof))
+    direct = allocate_bits(rep, no_weights, bit_choices=BITS, budgets=Budgets(bops_frac=3 * 16 / 256), profile=prof)
+    assert [lp.bits for lp in plan.layers] == [lp.bits for lp in direct.layers]
+    assert plan.fingerprint == direct.fingerprint
+    with pytest.raises(ValueError, match="budget_inputs"):
+        allocate_stage(rep, no_weights, opts, avg_bits=None, bit_choices=BITS, group_size=128, symmetric=False)

@@ -73,7 +73,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     from .. import artifacts
     from ..allocate.options import parse_formats
     from ..allocate.plan import parse_allowed, parse_pins
-    from ..allocate_stage import allocate_stage, write_sweep_of
+    from ..allocate_stage import allocate_stage, budget_inputs, write_sweep_of
     from ..options import AllocateOptions
     from ..progress import Reporter
     from ..render import plan_size_lines, plan_table
@@ -110,10 +110,10 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
 
     emb = (embedding_plan(loaded().model, embed_bits, embed_group_size, sym, [ls.name for ls in report.layers])
            if check_embed_options(embed_bits, embed_group_size) else None)
-    plan, inputs = allocate_stage(report, weights, opts, avg_bits=avg_bits, bit_choices=tuple(bits),
-                                  group_size=group_size, symmetric=sym, embedding=emb,
-                                  formats=tuple(parse_formats(formats)), model=model, calib=calib,
-                                  profile_cache=Path(sensitivity_file).with_suffix(".profile.json"))
+    inputs = budget_inputs(report, opts, model=model, calib=calib,
+                           profile_cache=Path(sensitivity_file).with_suffix(".profile.json"))
+    plan = allocate_stage(report, weights, opts, avg_bits=avg_bits, bit_choices=tuple(bits), group_size=group_size,
+                          symmetric=sym, embedding=emb, formats=tuple(parse_formats(formats)), inputs=inputs)
     if model is not None or emb is not None:
         plan.file = predict_file(loaded().model, plan)
     artifacts.save(plan, output)
