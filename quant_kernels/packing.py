@@ -43,6 +43,9 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+PACK_ROWS = 4096  # pack works on this many rows at a time
+
+
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (..., n) in [0, 2^bits-1] into int32 words (..., ceil(n*bits/32))."""
     _check_bits(bits)
@@ -55,11 +58,17 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     n = q.shape[-1]
     lead = q.shape[:-1]
     n_w = n_words(n, bits)
-    q64 = q.reshape(math.prod(lead), n).to(torch.int64)
+    rows = math.prod(lead)
+    if rows > PACK_ROWS:  # rows pack independently: slices bound the int64 temporaries (3× the codes' int64 size)
+        flat = q.reshape(rows, n)
+        out = torch.empty(rows, n_w, dtype=torch.int32, device=q.device)
+        for r in range(0, rows, PACK_ROWS):
+            out[r:r + PACK_ROWS] = pack(flat[r:r + PACK_ROWS], bits)
+        return out.reshape(*lead, n_w)
+    q64 = q.reshape(rows, n).to(torch.int64)
     if q64.numel() and (int(q64.min()) < 0 or int(q64.max()) > 2**bits - 1):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}; "
                          f"got min {int(q64.min())}, max {int(q64.max())}")
-    rows = q64.shape[0]
     out = torch.zeros(rows, n_w, dtype=torch.int64, device=q.device)
     if n:
         start = torch.arange(n, device=q.device, dtype=torch.int64) * bits

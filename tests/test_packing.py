@@ -158,3 +158,19 @@ def test_symmetric_validate_rules() -> None:
     with pytest.raises(ValueError, match="need zeros"):
         PackedWeight.from_codes(torch.zeros(2, 8, dtype=torch.int32), torch.ones(2, 1), None,
                                 bits=4, group_size=-1, symmetric=False)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_pack_in_row_slices_equals_whole(monkeypatch, bits):
+    """pack works PACK_ROWS rows at a time (bounded int64 temporaries): the same words as all rows at once, and
+    out-of-range codes in a later slice are still refused."""
+    from quant_kernels import packing
+
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (3, 7, 37), generator=g, dtype=torch.int32)
+    whole = packing.pack(q, bits)
+    monkeypatch.setattr(packing, "PACK_ROWS", 4)
+    assert torch.equal(packing.pack(q, bits), whole)
+    q[2, 6, 0] = 2**bits
+    with pytest.raises(ValueError, match="codes must lie in"):
+        packing.pack(q, bits)
