@@ -122,7 +122,14 @@ def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack`: int32 words (..., ceil(n*bits/32)) -> int32 codes (..., n)."""
+    """Inverse of `pack`: int32 words (..., ceil(n*bits/32)) -> int32 codes (..., n); PACK_ROWS rows at a time."""
+    rows = math.prod(packed.shape[:-1]) if isinstance(packed, torch.Tensor) and packed.dim() > 0 else 0
+    if rows > PACK_ROWS and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+        flat = packed.reshape(rows, packed.shape[-1])
+        out = torch.empty(rows, n, dtype=torch.int32, device=packed.device)
+        for r in range(0, rows, PACK_ROWS):
+            out[r:r + PACK_ROWS] = unpack(flat[r:r + PACK_ROWS], bits, n)
+        return out.reshape(*packed.shape[:-1], n)
     if isinstance(bits, int) and not isinstance(bits, bool) and bits >= 1 and 32 % bits == 0:
         return _unpack_aligned(packed, bits, n)
     return _unpack_general(packed, bits, n)

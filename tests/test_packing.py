@@ -162,8 +162,8 @@ def test_symmetric_validate_rules() -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_pack_in_row_slices_equals_whole(monkeypatch, bits):
-    """pack works PACK_ROWS rows at a time (bounded int64 temporaries): the same words as all rows at once, and
-    out-of-range codes in a later slice are still refused."""
+    """pack and unpack work PACK_ROWS rows at a time (bounded int64 temporaries): the same words and codes as all
+    rows at once, and out-of-range codes in a later slice are still refused."""
     from quant_kernels import packing
 
     g = torch.Generator().manual_seed(bits)
@@ -171,6 +171,7 @@ def test_pack_in_row_slices_equals_whole(monkeypatch, bits):
     whole = packing.pack(q, bits)
     monkeypatch.setattr(packing, "PACK_ROWS", 4)
     assert torch.equal(packing.pack(q, bits), whole)
+    assert torch.equal(packing.unpack(whole, bits, 37), q)
     q[2, 6, 0] = 2**bits
     with pytest.raises(ValueError, match="codes must lie in"):
         packing.pack(q, bits)
