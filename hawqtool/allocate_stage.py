@@ -46,9 +46,9 @@ def allocate_stage(report: SensitivityReport, weights: Callable[[], dict], opts:
     from .allocate.budgets import Budgets
     from .allocate.plan import allocate_bits
 
-    inputs = inputs or BudgetInputs(pairs=[] if not opts.pairs else None)
+    inputs = inputs or BudgetInputs()
     if (opts.needs_profile() and inputs.profile is None) or (opts.latency_table and inputs.latency is None) \
-            or inputs.pairs is None:
+            or (opts.pairs and not inputs.pairs):
         raise ValueError("these AllocateOptions need a profile, latency table or pairs: pass "
                          "inputs=budget_inputs(report, opts, ...)")
     budgets = Budgets(max_bops=opts.max_bops, bops_frac=opts.bops_frac, max_latency_ms=opts.max_latency_ms,

@@ -186,6 +186,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     if fmts and cfg.embed_bits != 16:
         raise UserError("--formats keeps the embedding for the GGUF export to write (`export --embed-type`); "
                         "drop --embed-bits")
+    if fmts and cfg.allocate.get("sweep"):
+        raise UserError("allocate.sweep does not take formats yet; drop one of them from the recipe")
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
     mem = dict(offload=cfg.offload, max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
@@ -276,8 +278,6 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     plan.file = predict_file(loaded.model, plan)
     artifacts.save(plan, out / "plan.json")
     if aopts.sweep:
-        if fmts:
-            raise UserError("allocate.sweep does not take formats yet; drop one of them from the recipe")
         timed("allocate", lambda: write_sweep_of(report, weights, plan, aopts, ainputs,
                                                  bit_choices=tuple(cfg.bit_choices), group_size=cfg.group_size,
                                                  symmetric=cfg.symmetric, output=out / "plan.json"))

@@ -118,10 +118,10 @@ class Streamer:
         first: dict[int, str] = {}  # tied parameters (embedding and head) are stored once
         alias = {n: first.setdefault(id(p), n) for n, p in params.items()}
         Path(folder).mkdir(parents=True, exist_ok=True)
-        # one file per tensor: safetensors copies what it writes, so one file of all would double their memory
+        # one file per tensor, each tensor freed as soon as it is on disk: host memory only falls while parking
         files = {n: Path(folder) / f"outside-blocks-{k}.safetensors" for k, n in enumerate(sorted(set(alias.values())))}
         dev = {n: (p.device, p.requires_grad) for n, p in params.items()}
-        for n, f in files.items():  # each freed once written: at most one tensor's copy on top
+        for n, f in files.items():
             save_file({"t": params[n].detach().cpu().contiguous()}, str(f))
             for m in [m for m in params if alias[m] == n]:
                 set_module_tensor_to_device(self.model, m, "meta")

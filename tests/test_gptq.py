@@ -159,9 +159,9 @@ def test_hessian_accumulator_uneven_batches() -> None:
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_layer_in_row_slices_equals_whole(monkeypatch, act_order, method):
-    """quantize_layer splits a layer with more than driver.ROWS rows into slices: the same codes, scales, zeros and
+    """quantize_layer splits a layer with more than quantizer.ROW_SLICE rows into slices: the same codes, scales, zeros and
     error sums as the whole layer at once (rows are independent given H)."""
-    from hawqtool.quantize import driver
+    from hawqtool.quantize import quantizer
     from hawqtool.quantize.driver import QuantizeOptions, quantize_layer
 
     g = torch.Generator().manual_seed(5)
@@ -171,7 +171,7 @@ def test_layer_in_row_slices_equals_whole(monkeypatch, act_order, method):
     opts = QuantizeOptions(method=method, act_order=act_order)
     spec = QuantSpec(3, 16)
     whole = quantize_layer("w", W, H, spec, opts)
-    monkeypatch.setattr(driver, "ROWS", 5)
+    monkeypatch.setattr(quantizer, "ROW_SLICE", 5)
     sliced = quantize_layer("w", W, H, spec, opts)
     assert torch.equal(sliced.weight.q, whole.weight.q) and torch.equal(sliced.weight.zeros, whole.weight.zeros)
     assert torch.equal(sliced.weight.scales, whole.weight.scales)
@@ -185,5 +185,5 @@ def test_dequantize_in_row_slices_equals_whole(monkeypatch):
     W = torch.randn(21, 40, generator=torch.Generator().manual_seed(2))
     qw = rtn(W, QuantSpec(3, 16))
     whole = qw.dequantize()
-    monkeypatch.setattr(quantizer, "DEQUANT_ROWS", 4)
+    monkeypatch.setattr(quantizer, "ROW_SLICE", 4)
     assert torch.equal(qw.dequantize(), whole)

@@ -32,6 +32,7 @@ from .gptq import GPTQError, gptq_quantize
 from .hessians import collect_cross, collect_hessians, float_target, is_conv
 from quant_kernels import PackedWeight
 
+from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
 from .resume_state import BlockState
 
@@ -117,26 +118,24 @@ def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, 
                        retries=sum(r.retries for r in res.groups), notes=notes, seconds=time.perf_counter() - t0)
 
 
-ROWS = 8192  # a layer with more rows is quantized in slices of this many (GPTQ and RTN treat rows independently)
-
-
 def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
                    opts: QuantizeOptions) -> LayerResult:
-    """Quantize one [out, in] weight with GPTQ (needs H) or RTN. More than ROWS rows (a large vocabulary's head, a
-    70B model's MLP) go in slices of ROWS: the result is the same (rows are independent given H), the peak memory
-    that of one slice (GPTQ holds several copies of its rows, the error sums a float64 one)."""
-    if W.shape[0] <= ROWS or spec.fmt:
+    """Quantize one [out, in] weight with GPTQ (needs H) or RTN, in slices of quantizer.ROW_SLICE rows: the result is
+    the same (rows are independent given H), the peak memory that of one slice (GPTQ holds several copies of its
+    rows, the error sums a float64 one)."""
+    rows = quantizer.ROW_SLICE
+    if W.shape[0] <= rows or spec.fmt:
         return _quantize_rows(name, W, H, spec, opts)
     first, q, scales, zeros, err, rtn_err, secs = None, None, None, None, 0.0, 0.0, 0.0
-    for r in range(0, W.shape[0], ROWS):  # each slice's result copied out and dropped: one slice's copies at a time
-        part = _quantize_rows(name, W[r:r + ROWS], H, spec, opts)
+    for r in range(0, W.shape[0], rows):  # each slice's result copied out and dropped: one slice's copies at a time
+        part = _quantize_rows(name, W[r:r + rows], H, spec, opts)
         pw = part.weight
         if first is None:
             first = part
             q = torch.empty(W.shape, dtype=pw.q.dtype, device=pw.q.device)
             scales = torch.empty((W.shape[0], pw.scales.shape[1]), dtype=pw.scales.dtype, device=pw.scales.device)
             zeros = torch.empty((W.shape[0], pw.zeros.shape[1]), dtype=pw.zeros.dtype, device=pw.zeros.device)
-        q[r:r + ROWS], scales[r:r + ROWS], zeros[r:r + ROWS] = pw.q, pw.scales, pw.zeros
+        q[r:r + rows], scales[r:r + rows], zeros[r:r + rows] = pw.q, pw.scales, pw.zeros
         err, rtn_err, secs = err + part.error, rtn_err + part.rtn_error, secs + part.seconds
         del part, pw
     return LayerResult(name, QuantizedWeight(q, scales, zeros, spec, first.weight.g_idx), first.method, err, rtn_err,
@@ -227,7 +226,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
                              after=commit if state is not None else None, park=park) \
             if stop > done_blocks or outside else ()
-        _quantize_blocks(engine, model, layers, specs, prefixes, opts, results, streamed, progress, chain, len(every))
+        _quantize_blocks(engine, layers, specs, prefixes, opts, results, streamed, progress, chain, len(every))
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
@@ -236,7 +235,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     return results
 
 
-def _quantize_blocks(engine, model: nn.Module, layers: dict, specs: dict, prefixes: list[str], opts: QuantizeOptions,
+def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opts: QuantizeOptions,
                      results: dict, streamed: bool, progress, chain: dict, n_total: int) -> None:
     """The block loop of quantize_model: each block's layers in true-sequential groups (H collected, the float
     target applied when asked, solved). chain["fp"]: the float chain's inputs of the block (float_target), updated

@@ -29,6 +29,14 @@ def padded_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def first_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x [batch, positions, features] with each sequence's first position times `factor` (the attention sink's
+    weight in H and D); x itself when factor is 1 or x has no sequence dimension."""
+    if factor == 1.0 or x.dim() != 3:
+        return x
+    return torch.cat([x[:, :1] * factor, x[:, 1:]], dim=1)
+
+
 def _accumulators(group: dict[str, nn.Module]) -> dict[str, HessianAccumulator | ConvHessianAccumulator]:
     from ..models import weight_matrix
 
@@ -64,8 +72,7 @@ def collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Blo
             alias[n] = first
         else:
             x = x.detach()
-            if first_weight != 1.0 and x.dim() == 3:
-                x = torch.cat([x[:, :1] * first_weight ** 0.5, x[:, 1:]], dim=1)
+            x = first_scaled(x, first_weight ** 0.5)  # XᵀX then weighs the first position first_weight
             (step.setdefault(n, HessianAccumulator(acc[n].in_features)) if size > 1 else acc[n]).add_batch(x)
 
     local = len(inputs.hidden) if inputs is not None else len(batches)
@@ -152,11 +159,6 @@ def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.
             got[kind][n] = a[0].detach()
         return h
 
-    def weighted(x: torch.Tensor) -> torch.Tensor:
-        if first_weight != 1.0 and x.dim() == 3:
-            return torch.cat([x[:, :1] * first_weight, x[:, 1:]], dim=1)
-        return x
-
     handles = [m.register_forward_pre_hook(hook("q", n)) for n, m in group.items()]
     handles += [m.register_forward_pre_hook(hook("f", n)) for n, m in fgroup.items()]
     try:
@@ -175,7 +177,7 @@ def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.
                     if key not in done:
                         x2 = x.reshape(-1, x.shape[-1]).float()
                         d = (xf.reshape(-1, x.shape[-1]).float() - x2)
-                        w = weighted(x).reshape(-1, x.shape[-1]).float() if first_weight != 1.0 else x2
+                        w = first_scaled(x, first_weight).reshape(-1, x.shape[-1]).float()
                         done[key] = (d.t() @ w).double()
                     D[n] = D[n] + done[key] if n in D else done[key].clone()
                 got["q"].clear()

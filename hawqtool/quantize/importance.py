@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import quantizer
 from .quantizer import QuantSpec, rtn
 
 
@@ -59,16 +60,13 @@ def input_importance(model: nn.Module, layers: dict[str, nn.Module], batches: li
     return acc.result()
 
 
-ROWS = 8192  # rows per slice of weighted_quant_error (every SmolLM2 layer is one slice: same sums as before)
-
-
 def weighted_quant_error(W: torch.Tensor, spec: QuantSpec, d: torch.Tensor | None) -> float:
     """Σ_j d_j ‖Q(W)[:, j] − W[:, j]‖² / mean(d) for the searched RTN grid with importance d
     (plain ‖Q(W) − W‖² of the equal-weight search when d is None)."""
     W = W.detach().float()
     col = None
-    for r in range(0, W.shape[0], ROWS):  # rows are independent: a 49152-row head in slices, not 4 GB at once
-        Wr = W[r:r + ROWS]
+    for r in range(0, W.shape[0], quantizer.ROW_SLICE):  # a 49152-row head in slices, not 4 GB at once
+        Wr = W[r:r + quantizer.ROW_SLICE]
         c = (rtn(Wr, spec, search=True, d=d).dequantize() - Wr).pow(2).sum(dim=0)
         col = c if col is None else col + c
     if d is None or float(d.mean()) <= 0:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, asdict
 import torch
 
 SCALE_BITS = 16  # scales are stored as float16
-DEQUANT_ROWS = 8192  # QuantizedWeight.dequantize works in row slices of this many
+# Rows per slice where a whole layer's temporaries would be large (a 49152-row head, a 70B MLP): quantizing
+# (driver.quantize_layer), dequantizing and the error table (importance.weighted_quant_error) treat rows
+# independently, so slicing changes the peak memory, not the values; every SmolLM2 layer is one slice.
+ROW_SLICE = 8192
 
 
 @dataclass(frozen=True)
@@ -187,11 +190,11 @@ class QuantizedWeight:
             return dequantize_grid(self.q, self.grid)
         g = self.group_index()
         rows = self.q.shape[0]
-        if rows <= DEQUANT_ROWS:
+        if rows <= ROW_SLICE:
             return self.scales[:, g] * (self.q.float() - self.zeros[:, g].float())
         out = torch.empty(self.q.shape, dtype=torch.promote_types(self.scales.dtype, torch.float32), device=self.q.device)
-        for r in range(0, rows, DEQUANT_ROWS):
-            s = slice(r, r + DEQUANT_ROWS)
+        for r in range(0, rows, ROW_SLICE):
+            s = slice(r, r + ROW_SLICE)
             out[s] = self.scales[s][:, g] * (self.q[s].float() - self.zeros[s][:, g].float())
         return out
 
