@@ -107,6 +107,25 @@ def broadcast_from(owner: int, make: Callable[[], Any]) -> Any:
     return box[0]
 
 
+def broadcast_tensors(owner: int, tensors: list[torch.Tensor] | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The owner rank's `tensors` on every rank (others pass None; `like` gives shapes, dtypes and devices), sent as
+    one flat tensor. Single process: `tensors` itself."""
+    rank, size = world()
+    if size == 1:
+        return tensors
+    import torch.distributed as dist
+
+    dev = comm_device()
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dev) if rank == owner else \
+        torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=dev)
+    dist.broadcast(flat, src=owner)
+    out, at = [], 0
+    for t in like:
+        out.append(flat[at:at + t.numel()].reshape(t.shape).to(t.device))
+        at += t.numel()
+    return out
+
+
 def barrier() -> None:
     rank, size = world()
     if size > 1:

@@ -68,6 +68,14 @@ class QuantizeOptions:
     # Fit each layer to the float model's outputs (W x_fp) rather than its own on the quantized chain's inputs (W x):
     # GPTAQ's asymmetric calibration, so errors of earlier layers are compensated, not carried forward.
     float_target: bool = False
+    # After GPTQ, tune each block's rounding (and optionally scales) by signed gradient descent on the block's output
+    # error against the float model (quantize/tune.py, SignRound as in AutoRound): steps per block, 0 = off.
+    # 20 steps, rounding only, MSE: chosen by scripts/bench_grid.py on the validation slice (benchmarks/RESULTS.md,
+    # 2026-12-05 11:16): uniform 3-bit g128 32.89 -> 27.99; scales tuned too 29.16, relative loss 28.52.
+    tune_iters: int = 20
+    tune_lr: float = 0.0  # the rounding offsets' signed step, decayed linearly to 0; 0 = 1 / tune_iters (AutoRound's)
+    tune_scale_lr: float = 0.0  # the log-scales' step, relative to tune_lr (0 = scales stay GPTQ's)
+    tune_loss: str = "mse"  # mse (AutoRound's) | relative (each token's output error over its norm)
     batch_size: int = 8
     # Weight of each calibration window's first position in H. That token becomes the
     # attention sink whose value vector every later token reads, so its error counts many
@@ -82,8 +90,11 @@ class QuantizeOptions:
     def fingerprint(self) -> dict:
         """What the checkpoint depends on (the calibration size enters through the data key)."""
         fp = {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
-        if not self.float_target:  # added later: checkpoints made without it keep their fingerprint
+        if not self.float_target:  # added later: checkpoints made without them keep their fingerprint
             del fp["float_target"]
+        if not self.tune_iters:
+            for k in ("tune_iters", "tune_lr", "tune_scale_lr", "tune_loss"):
+                del fp[k]
         return fp
 
 
@@ -144,5 +155,5 @@ NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_
           "allocate": (AllocateOptions, CONSTRAINTS + ("max_bytes", "pairs", "max_bops", "bops_frac", "latency_table",
                                                        "max_latency_ms", "latency_frac", "sweep")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
-                                         "true_sequential", "float_target", "batch_size", "first_token_weight",
+                                         "true_sequential", "float_target", "tune_iters", "tune_lr", "tune_scale_lr", "tune_loss", "batch_size", "first_token_weight",
                                          "aphq_iters", "aphq_mlp_relu"))}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
@@ -46,7 +47,9 @@ def run_config(model_ref, cfg: str, seed: int, args, windows) -> dict:
     shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
     plan = fixed_plan(shapes, bits, group_size=group, symmetric=sym)
     opts = QuantizeOptions(method=method, grid=grid, static_groups=static, act_order=args.act_order,
-                           first_token_weight=args.first_token_weight, float_target=args.float_target)
+                           first_token_weight=args.first_token_weight, float_target=args.float_target,
+                           tune_iters=args.tune_iters, tune_lr=args.tune_lr,
+                           tune_scale_lr=args.tune_scale_lr, tune_loss=args.tune_loss)
     t0 = time.perf_counter()
     res = quantize_model(loaded.model, plan_specs(plan), calib, opts)
     qs = time.perf_counter() - t0
@@ -70,8 +73,15 @@ def main() -> None:
     ap.add_argument("--first-token-weight", type=float, default=QuantizeOptions().first_token_weight)
     ap.add_argument("--act-order", action="store_true", help="GPTQ columns in order of decreasing diag(H)")
     ap.add_argument("--float-target", action="store_true", help="fit layers to the float model's outputs (GPTAQ)")
+    ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters,
+                    help="block tuning steps after GPTQ (quantize/tune.py); 0 = off")
+    ap.add_argument("--tune-lr", type=float, default=QuantizeOptions().tune_lr, help="0 = 1 / tune-iters")
+    ap.add_argument("--tune-scale-lr", type=float, default=QuantizeOptions().tune_scale_lr)
+    ap.add_argument("--tune-loss", choices=["mse", "relative"], default=QuantizeOptions().tune_loss)
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block tuning logs each block
+    logging.getLogger().handlers[0].addFilter(lambda r: r.name == "hawqtool" and "tuned" in r.getMessage())
     torch.manual_seed(0)
     base = load_model(args.model)
     frac = VALID_FRACTION if args.slice == "valid" else EVAL_FRACTION
@@ -84,7 +94,7 @@ def main() -> None:
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                f"calibration {args.nsamples}×{args.seqlen} tokens ({args.data}, first 60%, seeds "
              f"{args.seeds}); scored on the {args.slice} slice: {fp.tokens} predicted tokens ({args.windows}×512); "
-             f"first-token weight {args.first_token_weight}; act-order {args.act_order}; float target {args.float_target}; baseline ppl {fp.ppl:.3f}; load: {load_now()}")
+             f"first-token weight {args.first_token_weight}; act-order {args.act_order}; float target {args.float_target}; tune iters {args.tune_iters} (lr {args.tune_lr or '1/iters'}, scale lr ×{args.tune_scale_lr}, loss {args.tune_loss}); baseline ppl {fp.ppl:.3f}; load: {load_now()}")
     lines = ["| config (method:bits:group:sym:grid) | avg bits | ppl per seed | median | GPTQ/RTN output error (median layer) | quantize s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['avg_bits']:.3f} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "

@@ -45,6 +45,9 @@ def test_two_ranks_write_the_one_rank_checkpoint(tmp_path, tiny_llama, text_file
     assert digest[0] == digest[1]
     manifests = [json.loads((tmp_path / k / "hawqtool_manifest.json").read_text()) for k in ("one", "two")]
     assert manifests[0]["layers"] == manifests[1]["layers"]
+    # block tuning (on by default) ran under both, its steps' gradients sent from the rank holding each batch
+    notes = [n for layer in manifests[1]["layers"].values() for n in layer["notes"]]
+    assert any(n.startswith("block tuned") and "kept" not in n for n in notes), notes
     assert not (tmp_path / "two.partial").exists()
 
 

@@ -32,6 +32,8 @@ def test_default_recipe_is_the_default_job():
     ("sensitivity: {objectiv: labels}\n", "did you mean 'objective'"),
     ("sensitivity: {nsamples: 4}\n", "section sensitivity has unknown key 'nsamples'"),  # a top-level key
     ("quantize: {grid: best}\n", "quantize.grid = 'best' is not allowed (one of search, minmax)"),
+    ("quantize: {tune_loss: kl}\n", "quantize.tune_loss = 'kl' is not allowed (one of mse, relative)"),
+    ("quantize: {tune_iters: -1}\n", "quantize.tune_iters"),
     ("quantize: {percdamp: 2.0}\n", "at most 1.0"),
     ("quantize: 3\n", "must be a mapping of quantize options"),
     ("allocate: {pin: {x: 8}}\n", "did you mean 'pins'"),
@@ -108,3 +110,18 @@ def test_every_stage_setting_reaches_run(tmp_path, tiny_llama, text_file):
     assert manifest["options"]["float_target"] is True
     assert "lm_head" in manifest["layers"]
 
+
+
+def test_run_tune_iters_flag_wins_over_the_recipe(tmp_path, tiny_llama, text_file):
+    """`run --tune-iters N` sets quantize.tune_iters over the recipe's value; the checkpoint records and ran it."""
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {tiny_llama}\ncalib: {text_file}\ndata: {text_file}\nnsamples: 4\nseqlen: 32\n"
+                 "sens_samples: 4\nsens_seqlen: 32\nsens_max_probes: 4\nsens_min_probes: 2\neval_windows: 2\n"
+                 "eval_seqlen: 32\navg_bits: 3.0\nquantize: {tune_iters: 7, percdamp: 0.02}\n")
+    res = CliRunner().invoke(main, ["run", str(r), "--tune-iters", "3", "-o", str(tmp_path / "out"), "-q"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "out" / "mixed" / "hawqtool_manifest.json").read_text())
+    assert manifest["options"]["tune_iters"] == 3 and manifest["options"]["percdamp"] == 0.02
+    notes = [n for layer in manifest["layers"].values() for n in layer["notes"]]
+    assert any(n.startswith("block tuned (3 steps)") for n in notes), notes

@@ -67,8 +67,8 @@ def test_max_memory_below_the_weights_streams(llama3):
     assert streamer_of(_load(llama3, max_memory=10**9).model) is None
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_file, act_order):
+@pytest.mark.parametrize("act_order, tune", [(False, 0), (True, 0), (False, 4), (True, 4)])
+def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_file, act_order, tune):
     from hawqtool.allocate.plan import fixed_plan
     from hawqtool.models import quantizable_layers, weight_matrix
     from hawqtool.quantize.driver import QuantizeOptions
@@ -80,13 +80,15 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
     ids = _ids(mem, text_file)
     plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem.model).items()}, 3,
                       group_size=16)
-    opts = QuantizeOptions(batch_size=2, act_order=act_order)
+    opts = QuantizeOptions(batch_size=2, act_order=act_order, tune_iters=tune)
     quantize_stage(mem, plan, ids, opts, tmp_path / "mem")
     quantize_stage(_load(llama3, offload=True), plan, ids, opts, tmp_path / "streamed")
     digest = {k: hashlib.sha256((tmp_path / k / "model.safetensors").read_bytes()).hexdigest() for k in ("mem", "streamed")}
     assert digest["mem"] == digest["streamed"]
     manifests = [json.loads((tmp_path / k / "hawqtool_manifest.json").read_text()) for k in ("mem", "streamed")]
     assert manifests[0]["layers"] == manifests[1]["layers"]
+    if tune:  # block tuning ran (and moved codes) in both
+        assert any("block tuned" in note for m in manifests for l in m["layers"].values() for note in l["notes"])
 
 
 def test_streamed_perplexity_equals_in_memory(either, text_file):

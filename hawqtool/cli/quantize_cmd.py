@@ -27,6 +27,11 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @click.option("--float-target/--no-float-target", default=_Q.float_target, show_default=True,
               help="GPTQ: fit each layer to the float model's outputs rather than its own on the quantized inputs "
                    "(GPTAQ's asymmetric calibration; one more block forward per layer group).")
+@click.option("--tune-iters", type=click.IntRange(min=0), default=_Q.tune_iters, show_default=True,
+              help="GPTQ: then tune each block's rounding and scales for this many signed-gradient "
+                   "steps on the block's output error against the float model (SignRound, as AutoRound); 0 = off.")
+@click.option("--tune-lr", type=Finite(min=0.0, max=1.0), default=_Q.tune_lr, show_default=True,
+              help="Block tuning: the rounding offsets' signed step, decayed linearly to 0 (0 = 1 / tune-iters).")
 @click.option("--damp", type=Finite(min=0.0, max=1.0), default=_Q.percdamp, show_default=True,
               help="GPTQ damping, fraction of mean diag(H) added to its diagonal.")
 @click.option("--blocksize", type=COUNT, default=_Q.blocksize, show_default=True)
@@ -47,7 +52,7 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @common
 @guarded
 def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu, nsamples, seqlen, act_order, float_target,
-             damp, blocksize, act_mode, act_calib,
+             tune_iters, tune_lr, damp, blocksize, act_mode, act_calib,
              first_token_weight, grid, device, dtype, offload, max_memory, seed, overwrite,
              trust_remote_code, as_json, verbose, quiet):
     """Quantize MODEL layer by layer at the plan's bits and write a packed checkpoint.
@@ -85,7 +90,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
                            act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,
-                           grid=grid, float_target=float_target)
+                           grid=grid, float_target=float_target, tune_iters=tune_iters, tune_lr=tune_lr)
     opts.first_token_weight = first_token_weight_for(loaded) if first_token_weight is None else first_token_weight
     with rep.bar(f"quantize ({method})", len(plan.layers)) as adv:
         path = quantize_stage(loaded, plan, ids, opts, output, progress=lambda _n: adv(1),

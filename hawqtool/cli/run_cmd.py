@@ -35,6 +35,9 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
               help="Image classifiers: Fashion-MNIST images scored beside the sample photos (as `hawqtool eval`).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default=_Q.method, show_default=True)
 @click.option("--act-order", is_flag=True, default=_Q.act_order, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--tune-iters", type=click.IntRange(min=0), default=None,
+              help="GPTQ: block tuning steps per block (recipe quantize.tune_iters; default "
+                   f"{_Q.tune_iters}; 0 = off, faster).")
 @embed_options("Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
 @formats_option("Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
                 "--avg-bits is then bits per linear weight.")
@@ -45,7 +48,7 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, embed_bits, embed_group_size, formats,
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, tune_iters, embed_bits, embed_group_size, formats,
         device, dtype, offload, max_memory, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
     """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
 
@@ -84,6 +87,8 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
             src = ctx.get_parameter_source(param_of.get(key, key)) if key != "model" else None
             if src in (None, click.core.ParameterSource.DEFAULT):
                 given[key] = _check_recipe_value(ctx, model, key, value, param_of.get(key, key))
+    if tune_iters is not None:  # the flag wins over the recipe's quantize section
+        given["quantize"] = {**given.get("quantize", {}), "tune_iters": tune_iters}
     cfg = RunConfig(**given)
     from ..embedding import check_embed_options
     from ..outputs import claim_output

@@ -29,7 +29,8 @@ from ..streaming import streamer_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import gptq_conv
 from .gptq import GPTQError, gptq_quantize
-from .hessians import collect_cross, collect_hessians, float_target, is_conv
+from .float_chain import retarget, tune_results, uses_float_chain
+from .hessians import collect_hessians, is_conv
 from quant_kernels import PackedWeight
 
 from . import quantizer
@@ -59,6 +60,7 @@ class LayerResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     spec: QuantSpec | None = None  # the weight's (set from it when it is a QuantizedWeight)
+    updated: torch.Tensor | None = None  # GPTQ's error-compensated weights (opts.tune_iters: block tuning's start)
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -136,10 +138,15 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
             scales = torch.empty((W.shape[0], pw.scales.shape[1]), dtype=pw.scales.dtype, device=pw.scales.device)
             zeros = torch.empty((W.shape[0], pw.zeros.shape[1]), dtype=pw.zeros.dtype, device=pw.zeros.device)
         q[r:r + rows], scales[r:r + rows], zeros[r:r + rows] = pw.q, pw.scales, pw.zeros
+        if part.updated is not None:
+            if r == 0:
+                updated = torch.empty(W.shape, dtype=part.updated.dtype, device=part.updated.device)
+            updated[r:r + rows] = part.updated
         err, rtn_err, secs = err + part.error, rtn_err + part.rtn_error, secs + part.seconds
         del part, pw
     return LayerResult(name, QuantizedWeight(q, scales, zeros, spec, first.weight.g_idx), first.method, err, rtn_err,
-                       damp=first.damp, retries=first.retries, notes=first.notes, seconds=secs)
+                       damp=first.damp, retries=first.retries, notes=first.notes, seconds=secs,
+                       updated=updated if first.updated is not None else None)
 
 
 def _quantize_rows(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec,
@@ -153,14 +160,15 @@ def _quantize_rows(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
         return LayerResult(name, base, "rtn", rtn_err, rtn_err, seconds=time.perf_counter() - t0)
     try:
         res = gptq_quantize(W, H, spec, blocksize=opts.blocksize, percdamp=opts.percdamp,
-                            act_order=opts.act_order, static_groups=opts.static_groups, search=search)
+                            act_order=opts.act_order, static_groups=opts.static_groups, search=search,
+                            keep_updated=opts.tune_iters > 0)
     except GPTQError as e:
         raise GPTQError(f"GPTQ failed on layer {name}: {e}") from e
     for note in res.notes:
         log.warning("%s: %s", name, note)
     err = output_error(W, res.dequantized, H)
     return LayerResult(name, res.weight, "gptq", err, rtn_err, damp=res.damp, retries=res.retries,
-                       notes=list(res.notes), seconds=time.perf_counter() - t0)
+                       notes=list(res.notes), seconds=time.perf_counter() - t0, updated=res.updated)
 
 
 def _quantize_one(name: str, layer: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
@@ -183,6 +191,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     and return the per-layer results. Layers outside the repeated blocks go last."""
     if opts.grid not in ("search", "minmax"):
         raise ValueError(f"QuantizeOptions.grid must be 'search' or 'minmax', got {opts.grid!r}")
+    if opts.tune_loss not in ("mse", "relative"):
+        raise ValueError(f"QuantizeOptions.tune_loss must be 'mse' or 'relative', got {opts.tune_loss!r}")
     layers = quantizable_layers(model)
     try:
         _, blocks = find_blocks(model)
@@ -202,7 +212,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
     done_blocks, hidden, fp = _resume(state, blocks, layers, results)
-    chain = {"fp": fp}  # the float chain's inputs (float_target)
+    chain = {"fp": None if fp is None else my_share(fp, rank, size)}  # the float chain's inputs (this rank's)
     if hidden is not None:
         hidden = my_share(hidden, rank, size)
     prefixes = [_prefix_of(model, b) for b in blocks]
@@ -215,9 +225,11 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     box: dict = {}
     def commit(i: int, inp) -> None:  # rank 0 keeps the state, with every rank's next inputs in global order
         every_hidden = gather_list([h.cpu() for h in inp.hidden], len(every)) if size > 1 else inp.hidden
+        floats = chain["fp"] if uses_float_chain(opts) else None
+        if floats is not None and size > 1:
+            floats = gather_list([h.cpu() for h in floats], len(every))
         if rank == 0:
-            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden,
-                        chain["fp"] if opts.float_target else None)
+            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden, floats)
 
     with contextlib.ExitStack() as stack:
         # a streamed model's embedding and head wait on disk while the blocks run
@@ -249,32 +261,26 @@ def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opt
         else:  # RTN needs H only to report each layer's error: one pass per block
             groups = [list(in_block)]
         floats = None
-        if opts.float_target:  # the float chain: this block before quantization, on the float model's inputs
+        if uses_float_chain(opts):  # the float chain: this block before quantization, on the float model's inputs
             floats = (copy.deepcopy(block), BlockInputs([h.to(inputs.hidden[0].device) for h in (chain["fp"] or inputs.hidden)],
                                                         inputs.args, inputs.kwargs))
+        tune = bool(opts.tune_iters) and opts.method == "gptq" and bool(in_block)
         for group in groups:
             # H is collected for RTN too: it gives the per-layer output error in the manifest.
             Hs = collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
                                   first_weight=opts.first_token_weight, n_total=n_total)
-            if floats is not None:
-                _retarget({n: in_block[n] for n in group}, Hs, block, inputs, floats, opts)
-            _solve(group, layers, Hs, specs, opts, results, streamed, progress)
+            if opts.float_target:
+                retarget({n: in_block[n] for n in group}, Hs, block, inputs, floats, opts)
+            _solve(group, layers, Hs, specs, opts, results, streamed and not tune, progress)
         if floats is not None:
             with torch.no_grad():
                 fp = [run_block(floats[0], floats[1], j) for j in range(len(floats[1].hidden))]
+            del floats
+            if tune:  # the tuned weights into the block and the results (packed now for streamed models)
+                tune_results(block, in_block, results, inputs, fp, opts, i, n_total)
+                for n in in_block:
+                    results[n] = _finish(n, in_block[n], results[n], streamed)
             chain["fp"] = [h.cpu() for h in fp] if streamed else fp
-
-
-def _retarget(group: dict[str, nn.Module], Hs: dict, block: nn.Module, inputs: BlockInputs,
-              floats: tuple[nn.Module, BlockInputs], opts: QuantizeOptions) -> None:
-    """Replace each layer's weight by the one that maps the quantized chain's inputs onto the float block's
-    outputs (hessians.float_target), which GPTQ then quantizes."""
-    if any(is_conv(m) for m in group.values()):
-        raise UserError("--float-target supports Linear and Conv1D layers; quantize convolutional models without it")
-    Ds = collect_cross(block, floats[0], group, inputs, floats[1], first_weight=opts.first_token_weight)
-    for n, m in group.items():
-        W = weight_matrix(m)
-        set_weight_matrix(m, float_target(W.float(), Ds[n], Hs[n]._sum, opts.percdamp).to(W.dtype))
 
 
 def _solve(group: list[str], layers: dict[str, nn.Module], Hs: dict, specs: dict[str, QuantSpec],

@@ -74,6 +74,9 @@ class GPTQResult:
     retries: int
     notes: list[str] = field(default_factory=list)
     proxy_loss: float = 0.0  # ½ Σ err²/d² = ½ tr(ΔW H_damped ΔWᵀ): mean ‖(W−Q)x‖² under damped H
+    # keep_updated: the error-compensated weights each column was rounded from ([out, in], input order), so that
+    # codes = clamp(round(updated / scale) + zero) (block tuning starts from them, tune.py)
+    updated: torch.Tensor | None = None
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, list[str]]:
@@ -107,9 +110,10 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int) -> tup
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  max_retries: int = 4, search: bool = False) -> GPTQResult:
+                  max_retries: int = 4, search: bool = False, keep_updated: bool = False) -> GPTQResult:
     """Quantize W [out, in] column by column with GPTQ given H = (2/n) Σ x xᵀ; W, H untouched.
-    search: each group's scale/zero by the diag(H)-weighted grid search (grid.py), not min-max."""
+    search: each group's scale/zero by the diag(H)-weighted grid search (grid.py), not min-max.
+    keep_updated: also return the error-compensated columns the codes were rounded from (GPTQResult.updated)."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
     H = H.detach().to(device=W.device, dtype=dtype).clone()
@@ -153,6 +157,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     Hinv, damp, notes = _inverse_cholesky(H, percdamp, max_retries)
 
     codes = torch.zeros_like(W)
+    updated = torch.zeros_like(W) if keep_updated else None
     Losses = torch.zeros(rows, dtype=dtype, device=W.device)
     scales, zeros = [], []
     for i1 in range(0, columns, blocksize):
@@ -188,6 +193,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
             c = quant_codes(w, scale, zero, spec.maxq)
             q = scale * (c - zero)
             codes[:, j] = c
+            if updated is not None:
+                updated[:, j] = w
             err1 = (w - q) / d
             Losses += err1 ** 2
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
@@ -207,6 +214,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]
+        updated = None if updated is None else updated[:, invperm]
         if grouped and not static_groups:
             g_idx = (torch.arange(columns, device=W.device) // gw)[invperm].to(torch.int32)
     weight = QuantizedWeight(
@@ -216,4 +224,5 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
         spec=spec,
         g_idx=g_idx,
     )
-    return GPTQResult(weight, weight.dequantize(), damp, len(notes), notes, float(Losses.sum() / 2))
+    return GPTQResult(weight, weight.dequantize(), damp, len(notes), notes, float(Losses.sum() / 2),
+                      None if updated is None else updated.float())

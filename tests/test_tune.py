@@ -1,0 +1,139 @@
+"""Block tuning after GPTQ (quantize/tune.py): with no steps it reproduces GPTQ's codes from the compensated
+weights, scales stay fp16-exact and zeros fixed, the block's output error against the float model falls (measured by plain forwards of separate float and quantized models, not
+by the tuner's own functional calls), a block that cannot improve keeps GPTQ's codes, and a stopped run resumes to
+the same weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from hawqtool.allocate.plan import fixed_plan, plan_specs
+from hawqtool.blocks import BlockInputs, capture_block_inputs, find_blocks, run_block
+from hawqtool.models import load_model, quantizable_layers, set_weight_matrix, weight_matrix
+from hawqtool.quantize.driver import QuantizeOptions, quantize_model
+from hawqtool.quantize import tune
+from hawqtool.quantize.tune import _Tunable, tune_block
+
+IDS = torch.randint(0, 300, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _specs(model, bits=3):
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(model).items()}
+    return plan_specs(fixed_plan(shapes, bits, group_size=16))
+
+
+def _block_out(model, i: int, ids) -> torch.Tensor:
+    """Block i's output hidden states by an ordinary forward of the whole model."""
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[i + 1]
+
+
+def _quantized(tiny_llama, iters: int):
+    loaded = load_model(str(tiny_llama))
+    res = quantize_model(loaded.model, _specs(loaded.model), IDS, QuantizeOptions(tune_iters=iters, batch_size=3))
+    return loaded.model, res
+
+
+def test_tuning_lowers_block_error_and_moves_codes_by_one(tiny_llama):
+    floats = load_model(str(tiny_llama)).model
+    gptq_model, gptq = _quantized(tiny_llama, 0)
+    tuned_model, tuned = _quantized(tiny_llama, 40)
+    # block 0 reads the same inputs in both chains: its output error is exactly what the tuner minimised
+    ref = _block_out(floats, 0, IDS)
+    e_gptq = float((_block_out(gptq_model, 0, IDS) - ref).pow(2).sum())
+    e_tuned = float((_block_out(tuned_model, 0, IDS) - ref).pow(2).sum())
+    assert e_tuned < 0.95 * e_gptq, (e_tuned, e_gptq)
+    last = len(find_blocks(floats)[1]) - 1
+    assert float((_block_out(tuned_model, last, IDS) - _block_out(floats, last, IDS)).pow(2).sum()) < \
+        float((_block_out(gptq_model, last, IDS) - _block_out(floats, last, IDS)).pow(2).sum())
+    moved = 0
+    for n, r in tuned.items():
+        g = gptq[n].weight
+        if n.startswith("model.layers.0."):  # later blocks' GPTQ ran on other inputs (block 0 was tuned)
+            assert torch.equal(r.weight.zeros, g.zeros), n
+            moved += int((r.weight.q != g.q).sum())
+        assert torch.equal(r.weight.scales, r.weight.scales.half().float()), n
+        assert r.weight.q.min() >= 0 and r.weight.q.max() <= r.spec.maxq, n
+        # the model holds exactly the weights the results will pack
+        assert torch.equal(weight_matrix(dict(tuned_model.named_modules())[n]), r.weight.dequantize()), n
+    assert moved > 0
+
+
+def _gptq_with_updated(tiny_llama, monkeypatch):
+    """GPTQ's results and compensated weights, as the driver hands them to the tuner (one step), by block."""
+    loaded = load_model(str(tiny_llama))
+    kept = {}
+    orig = tune.tune_block
+
+    def spy(block, layers, weights, updated, *a, **k):
+        kept.update({n: (weights[n], updated[n]) for n in layers})
+        return orig(block, layers, weights, updated, *a, **k)
+
+    monkeypatch.setattr(tune, "tune_block", spy)
+    quantize_model(loaded.model, _specs(loaded.model), IDS, QuantizeOptions(tune_iters=1, batch_size=3))
+    monkeypatch.setattr(tune, "tune_block", orig)
+    return loaded.model, kept
+
+
+def test_zero_steps_reproduce_gptq_codes(tiny_llama, monkeypatch):
+    """V = θ = 0: rounding GPTQ's compensated weights against its scales gives exactly its codes."""
+    _, kept = _gptq_with_updated(tiny_llama, monkeypatch)
+    assert kept
+    for n, (qw, U) in kept.items():
+        assert U is not None and U.shape == qw.q.shape, n
+        assert torch.equal(_Tunable(qw, U, False).final().q, qw.q), n
+
+
+def test_block_that_cannot_improve_keeps_gptq(tiny_llama, monkeypatch):
+    """Targets equal to the GPTQ block's own outputs: the error starts at 0, so GPTQ's weights come back."""
+    model, kept = _gptq_with_updated(tiny_llama, monkeypatch)
+    _, blocks = find_blocks(model)
+    block = blocks[0]
+    inputs = capture_block_inputs(model, block, [{"input_ids": IDS[:3]}])
+    g = torch.Generator().manual_seed(5)
+    inputs = BlockInputs([h + torch.randn(h.shape, generator=g) for h in inputs.hidden], inputs.args, inputs.kwargs)
+    layers = {n: m for n, m in quantizable_layers(model).items() if n.startswith("model.layers.0.")}
+    for n, m in layers.items():  # the block as GPTQ left it (the model holds the one-step tune's result)
+        set_weight_matrix(m, kept[n][0].dequantize())
+    with torch.no_grad():
+        targets = [run_block(block, inputs, 0)]
+    out = tune_block(block, layers, {n: kept[n][0] for n in layers}, {n: kept[n][1] for n in layers}, inputs,
+                     targets, iters=5)
+    assert out.kept and out.loss_before == 0.0 and out.changed == 0.0
+    for n in layers:
+        assert out.weights[n] is kept[n][0]
+
+
+def test_resumed_run_equals_whole(tiny_llama, tmp_path):
+    """A run stopped after block 0 resumes with the saved float chain and ends with the same tuned weights."""
+    def run(state, stop_after=None):
+        loaded = load_model(str(tiny_llama))
+        specs = _specs(loaded.model)
+        if stop_after is not None:
+            specs = {n: s for n, s in specs.items() if n.startswith("model.layers.0.")}
+        res = quantize_model(loaded.model, specs, IDS, QuantizeOptions(tune_iters=10, batch_size=3),
+                             state_dir=state, state_key="k")
+        return {n: r.weight.dequantize() for n, r in res.items()}
+
+    whole = run(tmp_path / "a")
+    run(tmp_path / "b", stop_after=0)
+    resumed = run(tmp_path / "b")
+    assert whole.keys() == resumed.keys()
+    for n in whole:
+        assert torch.equal(whole[n], resumed[n]), n
+
+
+def test_tuning_leaves_the_block_parameters_as_they_were(tiny_llama, monkeypatch):
+    model, kept = _gptq_with_updated(tiny_llama, monkeypatch)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    block = find_blocks(model)[1][1]
+    inputs = capture_block_inputs(model, block, [{"input_ids": IDS[:3]}])
+    layers = {n: m for n, m in quantizable_layers(model).items() if n.startswith("model.layers.1.")}
+    targets = [t + 0.01 for t in inputs.hidden]
+    snapshot = copy.deepcopy({n: weight_matrix(m) for n, m in layers.items()})
+    tune_block(block, layers, {n: kept[n][0] for n in layers}, {n: kept[n][1] for n in layers}, inputs, targets,
+               iters=3)
+    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, m in layers.items():  # tune_block returns weights; it does not write them into the block
+        assert torch.equal(weight_matrix(m), snapshot[n]), n
