@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from hawqtool.allocate.plan import fixed_plan, plan_specs
@@ -60,7 +61,7 @@ def test_tuning_lowers_block_error_and_moves_codes_by_one(tiny_llama):
     assert moved > 0
 
 
-def _gptq_with_updated(tiny_llama, monkeypatch):
+def _gptq_with_updated(tiny_llama, monkeypatch, act_order=False):
     """GPTQ's results and compensated weights, as the driver hands them to the tuner (one step), by block."""
     loaded = load_model(str(tiny_llama))
     kept = {}
@@ -71,14 +72,17 @@ def _gptq_with_updated(tiny_llama, monkeypatch):
         return orig(block, layers, weights, updated, *a, **k)
 
     monkeypatch.setattr(tune, "tune_block", spy)
-    quantize_model(loaded.model, _specs(loaded.model), IDS, QuantizeOptions(tune_iters=1, batch_size=3))
+    quantize_model(loaded.model, _specs(loaded.model), IDS, QuantizeOptions(tune_iters=1, batch_size=3,
+                                                                           act_order=act_order))
     monkeypatch.setattr(tune, "tune_block", orig)
     return loaded.model, kept
 
 
-def test_zero_steps_reproduce_gptq_codes(tiny_llama, monkeypatch):
-    """V = θ = 0: rounding GPTQ's compensated weights against its scales gives exactly its codes."""
-    _, kept = _gptq_with_updated(tiny_llama, monkeypatch)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_zero_steps_reproduce_gptq_codes(tiny_llama, monkeypatch, act_order):
+    """V = θ = 0: rounding GPTQ's compensated weights against its scales gives exactly its codes (act-order: in
+    the layer's input order, through g_idx)."""
+    _, kept = _gptq_with_updated(tiny_llama, monkeypatch, act_order)
     assert kept
     for n, (qw, U) in kept.items():
         assert U is not None and U.shape == qw.q.shape, n
