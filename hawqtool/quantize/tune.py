@@ -142,7 +142,7 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         with torch.enable_grad():
             for step in range(iters):
                 if not order:
-                    order = torch.randperm(n_total, generator=gen).tolist()
+                    order = torch.randperm(n_total, generator=gen, device="cpu").tolist()
                 g = order.pop()
                 leaves = [t for n in tun for t in (tun[n].V, tun[n].theta)]
                 grads = None
