@@ -244,6 +244,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
                               final=box.get("inputs") if streamed else None, n_total=len(every))
         _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
+        for n in rest:  # outside the blocks nothing is tuned: GPTQ's compensated weights are not kept
+            results[n].updated = None
     return results
 
 
