@@ -4,10 +4,10 @@ by the tuner's own functional calls), a block that cannot improve keeps GPTQ's c
 the same weights."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from hawqtool.allocate.plan import fixed_plan, plan_specs
 from hawqtool.blocks import BlockInputs, capture_block_inputs, find_blocks, run_block
@@ -128,16 +128,72 @@ def test_resumed_run_equals_whole(tiny_llama, tmp_path):
         assert torch.equal(whole[n], resumed[n]), n
 
 
-def test_tuning_leaves_the_block_parameters_as_they_were(tiny_llama, monkeypatch):
+def test_tuning_leaves_the_block_holding_the_returned_weights(tiny_llama, monkeypatch):
+    """The tuner moves the layers' own weights while it runs; afterwards every tuned layer holds exactly the weight
+    it returns, and the parameters' requires_grad flags are as they were."""
     model, kept = _gptq_with_updated(tiny_llama, monkeypatch)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     block = find_blocks(model)[1][1]
     inputs = capture_block_inputs(model, block, [{"input_ids": IDS[:3]}])
     layers = {n: m for n, m in quantizable_layers(model).items() if n.startswith("model.layers.1.")}
-    targets = [t + 0.01 for t in inputs.hidden]
-    snapshot = copy.deepcopy({n: weight_matrix(m) for n, m in layers.items()})
-    tune_block(block, layers, {n: kept[n][0] for n in layers}, {n: kept[n][1] for n in layers}, inputs, targets,
-               iters=3)
-    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, m in layers.items():  # tune_block returns weights; it does not write them into the block
-        assert torch.equal(weight_matrix(m), snapshot[n]), n
+    for targets in ([t + 0.01 for t in inputs.hidden], None):
+        if targets is None:  # the block's own outputs: nothing to gain, GPTQ's weights come back and are in place
+            for n, m in layers.items():
+                set_weight_matrix(m, kept[n][0].dequantize())
+            with torch.no_grad():
+                targets = [run_block(block, inputs, 0)]
+        out = tune_block(block, layers, {n: kept[n][0] for n in layers}, {n: kept[n][1] for n in layers}, inputs,
+                         targets, iters=3)
+        assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+        for n, m in layers.items():
+            assert torch.equal(weight_matrix(m), out.weights[n].dequantize()), n
+
+
+def _autograd_weight(V, theta, U, s0, z, g, maxq):
+    """The tuned weight by plain autograd ops (the straight-through round as x + (⌊x⌉ − x).detach())."""
+    s = s0 * torch.exp(theta)
+    x = U / s[:, g] + V
+    c = torch.clamp(x + (torch.round(x) - x).detach() + z[:, g], 0, maxq)
+    return s[:, g] * (c - z[:, g])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tuner_gradients_match_plain_autograd(transposed, monkeypatch):
+    """_Tunable's weight and its ∂L/∂V from ∂L/∂Ŵ equal plain autograd's bit for bit, ∂L/∂θ to float tolerance,
+    with codes clipped at 0 and at maxq and several groups (transposed: an HF Conv1D's [in, out] gradient); the
+    row-sliced forms (signs, the weight written into a layer) equal the whole-matrix ones."""
+    monkeypatch.setattr(tune, "SLICE", 70)  # two rows of 32 per slice, and a last slice of 2
+    from hawqtool.quantize.quantizer import QuantizedWeight, QuantSpec
+
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, gs, maxq = 6, 32, 8, 7
+    g = torch.arange(cols) // gs
+    s0 = torch.rand(rows, cols // gs, generator=gen) * 0.1 + 0.02
+    z = torch.randint(0, maxq + 1, (rows, cols // gs), generator=gen)
+    U = torch.randn(rows, cols, generator=gen) * 0.4  # wide enough that some codes clip at both ends
+    V0 = torch.rand(rows, cols, generator=gen) - 0.5
+    th0 = (torch.rand(rows, cols // gs, generator=gen) - 0.5) * 0.2
+    G = torch.randn(rows, cols, generator=gen)
+    V, th = V0.clone().requires_grad_(True), th0.clone().requires_grad_(True)
+    W_ref = _autograd_weight(V, th, U, s0, z.float(), g, maxq)
+    (W_ref * G).sum().backward()
+    qw = QuantizedWeight(q=torch.zeros(rows, cols, dtype=torch.int32), scales=s0, zeros=z,
+                         spec=QuantSpec(bits=3, group_size=gs))
+    t = _Tunable(qw, U, transposed)
+    t.V, t.theta = V0.clone(), th0.clone()
+    gV, gθ = t.grads(G.t() if transposed else G)
+    c = torch.round(U / (s0 * th0.exp())[:, g] + V0) + z[:, g]
+    assert bool((c < 0).any()) and bool((c > maxq).any())  # both clamp ends exercised
+    assert torch.equal(t.weight(), W_ref.detach())
+    assert torch.equal(gV, V.grad)
+    assert torch.allclose(gθ, th.grad, rtol=1e-5, atol=1e-6)
+    assert bool((gV == 0).any()) and bool((gV != 0).any())
+    sV, sθ = t.signs(G.t() if transposed else G)
+    assert sV.dtype == torch.int8 and torch.equal(sV, V.grad.sign().to(torch.int8))
+    assert torch.equal(sθ, gθ.sign().to(torch.int8))
+    layer = torch.nn.Linear(cols, rows, bias=False) if not transposed else Conv1D(rows, cols)
+    t.write(layer)
+    assert torch.equal(weight_matrix(layer), W_ref.detach())
+    plain = _Tunable(qw, U, transposed, scales=False)
+    Gl = G.t() if transposed else G
+    assert plain.grads(Gl)[1] is None and plain.signs(Gl)[1] is None

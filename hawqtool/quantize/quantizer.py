@@ -188,15 +188,18 @@ class QuantizedWeight:
             from .ggml_grid import dequantize_grid
 
             return dequantize_grid(self.q, self.grid)
-        g = self.group_index()
         rows = self.q.shape[0]
         if rows <= ROW_SLICE:
-            return self.scales[:, g] * (self.q.float() - self.zeros[:, g].float())
+            return self.dequantize_rows(slice(None))
         out = torch.empty(self.q.shape, dtype=torch.promote_types(self.scales.dtype, torch.float32), device=self.q.device)
         for r in range(0, rows, ROW_SLICE):
-            s = slice(r, r + ROW_SLICE)
-            out[s] = self.scales[s][:, g] * (self.q[s].float() - self.zeros[s][:, g].float())
+            out[r:r + ROW_SLICE] = self.dequantize_rows(slice(r, r + ROW_SLICE))
         return out
+
+    def dequantize_rows(self, r: slice, g: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows r of the dequantized weight (hawqtool's own grid; g: group_index(), if the caller holds it)."""
+        g = self.group_index() if g is None else g
+        return self.scales[r][:, g] * (self.q[r].float() - self.zeros[r][:, g].float())
 
 
 def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ..blocks import BlockInputs
+from ..blocks import BlockInputs, run_block
 from ..distributed import broadcast_tensors, gather_list, world
+from ..models import set_weight_matrix
 from .hessians import is_conv
 from .quantizer import QuantizedWeight
 
 THETA_MAX = 0.5  # the scales move within e^±0.5
+SLICE = 1 << 22  # elements per row slice of the tuner's weight-sized temporaries
 
 
 @dataclass
@@ -47,47 +48,99 @@ class TuneResult:
                     codes_changed=self.changed)
 
 
-def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    return v + (torch.round(v) - v).detach()
-
-
 class _Tunable:
-    """One layer's V and θ around GPTQ's compensated weights U, and the weight they give."""
+    """One layer's V and θ around GPTQ's compensated weights U, the weight they give, and the loss's gradient in V
+    and θ given its gradient in the weight. Everything weight-sized is formed in row slices of ≈ SLICE elements,
+    so the temporaries stay small beside a large layer (one 8192-wide MLP projection is a quarter of its block)."""
 
-    def __init__(self, qw: QuantizedWeight, U: torch.Tensor, transposed: bool) -> None:
-        self.qw, self.transposed = qw, transposed
+    def __init__(self, qw: QuantizedWeight, U: torch.Tensor, transposed: bool, scales: bool = True) -> None:
+        self.qw, self.transposed, self.scales = qw, transposed, scales
         self.U = U.to(qw.scales.device).float()
         self.z = qw.zeros.float()
         self.g = qw.group_index()
-        self.V = torch.zeros_like(self.U, requires_grad=True)
-        self.theta = torch.zeros_like(qw.scales, requires_grad=True)
+        self.V = torch.zeros_like(self.U)
+        self.theta = torch.zeros_like(qw.scales)
 
-    def _codes(self, s: torch.Tensor, hard: bool) -> torch.Tensor:
-        x = self.U / s[:, self.g] + self.V
-        return torch.clamp((torch.round(x) if hard else _round_ste(x)) + self.z[:, self.g], 0, self.qw.spec.maxq)
+    def _slices(self) -> list[slice]:
+        step = max(1, SLICE // self.U.shape[1])
+        return [slice(r, r + step) for r in range(0, self.U.shape[0], step)]
+
+    def _s(self) -> torch.Tensor:
+        return self.qw.scales * torch.exp(self.theta)
+
+    def _codes(self, s: torch.Tensor, r: slice) -> torch.Tensor:
+        """Rows r of the unclamped codes ⌊U/s_g + V⌉ + z_g."""
+        return torch.round(self.U[r] / s[r][:, self.g] + self.V[r]) + self.z[r][:, self.g]
+
+    def _weight(self, s: torch.Tensor, r: slice) -> torch.Tensor:
+        return s[r][:, self.g] * (torch.clamp(self._codes(s, r), 0, self.qw.spec.maxq) - self.z[r][:, self.g])
 
     def weight(self) -> torch.Tensor:
-        s = self.qw.scales * torch.exp(self.theta)
-        W = s[:, self.g] * (self._codes(s, False) - self.z[:, self.g])
-        return W.t() if self.transposed else W
+        """Ŵ = s_g·(clamp(codes, 0, maxq) − z_g), s = s0·e^θ, [out, in]."""
+        return self._weight(self._s(), slice(None))
+
+    def write(self, layer: nn.Module) -> None:
+        """Ŵ into the layer's own weight (its layout and dtype), a row slice at a time."""
+        s = self._s()
+        _write_rows(layer, self.transposed, self._slices(), lambda r: self._weight(s, r))
+
+    def _grads(self, gW: torch.Tensor, s: torch.Tensor, r: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gW = gW.float()
+        sg, zg = s[r][:, self.g], self.z[r][:, self.g]
+        c = self._codes(s, r)
+        inside = (c >= 0) & (c <= self.qw.spec.maxq)
+        gV = torch.where(inside, gW * sg, torch.zeros((), dtype=gW.dtype, device=gW.device))
+        if not self.scales:
+            return gV, None
+        ds = gW * (torch.clamp(c, 0, self.qw.spec.maxq) - zg) - gV * self.U[r] / (sg * sg)
+        return gV, torch.zeros_like(s[r]).index_add_(1, self.g, ds) * s[r]
+
+    def grads(self, grad_W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """∂L/∂V and ∂L/∂θ from ∂L/∂Ŵ (`grad_W` in the layer's own layout), ⌊·⌉ passed straight through, as
+        autograd's mul and clamp backward give: ∂L/∂V = s_g·∂L/∂Ŵ where the code is inside [0, maxq], else 0;
+        ∂Ŵ/∂s_g = (clamp(c) − z_g) − inside·U/s_g, summed into groups, times ∂s/∂θ = s (None: scales not tuned)."""
+        return self._grads(grad_W.t() if self.transposed else grad_W, self._s(), slice(None))
+
+    def signs(self, grad_W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """sign(∂L/∂V) as int8 and sign(∂L/∂θ) (None: scales not tuned), formed a row slice at a time."""
+        s = self._s()
+        sV = torch.empty(self.V.shape, dtype=torch.int8, device=self.V.device)
+        sθ = torch.empty(s.shape, dtype=torch.int8, device=s.device) if self.scales else None
+        for r in self._slices():
+            gV, gθ = self._grads(grad_W[:, r].t() if self.transposed else grad_W[r], s, r)
+            sV[r] = gV.sign()
+            if sθ is not None:
+                sθ[r] = gθ.sign()
+        return sV, sθ
 
     def final(self) -> QuantizedWeight:
         """The tuned weight as stored: fp16-exact scales, the integer codes rounded against them."""
         from dataclasses import replace
 
-        with torch.no_grad():
-            s = (self.qw.scales * torch.exp(self.theta)).to(torch.float16).to(torch.float32)
-            s = torch.where(s == 0, torch.full_like(s, 2**-14), s)
-            q = self._codes(s, True).to(torch.int32)
+        s = (self.qw.scales * torch.exp(self.theta)).to(torch.float16).to(torch.float32)
+        s = torch.where(s == 0, torch.full_like(s, 2**-14), s)
+        q = torch.empty(self.V.shape, dtype=torch.int32, device=self.V.device)
+        for r in self._slices():
+            q[r] = torch.clamp(self._codes(s, r), 0, self.qw.spec.maxq)
         return replace(self.qw, q=q, scales=s)
 
 
-def _block_loss(block: nn.Module, params: dict[str, torch.Tensor], inputs: BlockInputs, targets: list[torch.Tensor],
-                j: int, relative: bool) -> torch.Tensor:
+def _write_rows(layer: nn.Module, transposed: bool, slices: list[slice], rows) -> None:
+    """rows(r) ([out, in] rows r) into the layer's weight, in its layout (HF Conv1D: [in, out]) and dtype."""
+    w = layer.weight.data
+    with torch.no_grad():
+        for r in slices:
+            if transposed:
+                w[:, r].copy_(rows(r).t())
+            else:
+                w[r].copy_(rows(r))
+
+
+def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], j: int,
+                relative: bool) -> torch.Tensor:
     """Σ over batch j's tokens of ‖ŷ_t − y_t‖² (relative: each divided by ‖y_t‖², so a token with massive
     activations, the attention sink, counts as much as any other)."""
-    out = functional_call(block, params, (inputs.hidden[j], *inputs.args[j]), inputs.kwargs[j])
-    out = out[0] if isinstance(out, (tuple, list)) else out
+    out = run_block(block, inputs, j)
     y = targets[j].to(out.device).float()
     err = (out.float() - y).pow(2).sum(-1)
     if relative:
@@ -95,11 +148,11 @@ def _block_loss(block: nn.Module, params: dict[str, torch.Tensor], inputs: Block
     return err.sum()
 
 
-def _total(block, params, inputs, targets, relative: bool, n_total: int) -> float:
+def _total(block, inputs, targets, relative: bool, n_total: int) -> float:
     """The loss summed over every calibration batch in global order (data parallel: each rank's share gathered
     first, so the sum is the one process's to the last bit)."""
     with torch.no_grad():
-        mine = [float(_block_loss(block, params, inputs, targets, j, relative)) for j in range(len(inputs.hidden))]
+        mine = [float(_block_loss(block, inputs, targets, j, relative)) for j in range(len(inputs.hidden))]
     return sum(gather_list(mine, n_total))
 
 
@@ -110,63 +163,94 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
     """Tune the quantized `weights` of `layers` (global name → module inside `block`), GPTQ's compensated weights
     `updated`, so the block's outputs on `inputs` (the quantized chain's) approach `targets` (the float block's on
     the float chain's); see the module docstring. Layers without compensated weights (ggml formats, RTN) are left
-    as they are. loss: "mse" (AutoRound's) or "relative" (each token's error relative to its target's norm).
+    as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's) or "relative"
+    (each token's error relative to its target's norm).
+    Memory: the layers' own weight tensors carry Ŵ and, one layer at a time, ∂L/∂Ŵ, of which only the signs in V
+    (int8) are kept; beyond U the tuner holds V (plain autograd through Ŵ(V) held about five more copies).
     Data parallel (n_total batches, this rank holding its strided share): every rank walks the same batch order;
-    each step's gradients come from the rank holding that batch, so every rank makes the one process's updates."""
+    each step's gradient signs come from the rank holding that batch, so every rank makes the one process's updates."""
     from transformers.pytorch_utils import Conv1D
 
     if loss not in ("mse", "relative"):
         raise ValueError(f"tune loss must be 'mse' or 'relative', got {loss!r}")
     relative = loss == "relative"
     t0 = time.perf_counter()
-    inner = {id(m): n for n, m in block.named_modules()}
-    tun = {n: _Tunable(weights[n].to(layers[n].weight.device), updated[n], isinstance(layers[n], Conv1D))
+    tun = {n: _Tunable(weights[n].to(layers[n].weight.device), updated[n], isinstance(layers[n], Conv1D),
+                       scales=scale_lr != 0)
            for n in layers if weights[n].grid is None and updated.get(n) is not None and not is_conv(layers[n])}
     if not tun:  # nothing tunable in this block (ggml formats, convolutions)
         return TuneResult(dict(weights), 0.0, 0.0, True, 0.0, time.perf_counter() - t0)
-    key = {n: inner[id(layers[n])] + ".weight" for n in tun}
-
-    def params(weight_of) -> dict[str, torch.Tensor]:
-        return {key[n]: weight_of(n).to(layers[n].weight.dtype) for n in tun}
-
     rank, size = world()
     n_total = len(inputs.hidden) if n_total is None else n_total
-    before = _total(block, params(lambda n: tun[n].weight()), inputs, targets, relative, n_total)
+    for n, t in tun.items():
+        t.write(layers[n])
+    before = _total(block, inputs, targets, relative, n_total)
     lr = 1.0 / max(iters, 1) if lr is None else lr
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     saved = {id(p): p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
+    ws = [layers[n].weight for n in tun]
+    tuners, index = list(tun.values()), {id(w): k for k, w in enumerate(ws)}
+    shapes = [t.V for t in tuners] + ([t.theta for t in tuners] if scale_lr else [])
+    like = [torch.empty(x.shape, dtype=torch.int8, device=x.device) for x in shapes] if size > 1 else None
     try:
-        with torch.enable_grad():
-            for step in range(iters):
-                if not order:
-                    order = torch.randperm(n_total, generator=gen, device="cpu").tolist()
-                g = order.pop()
-                leaves = [t for n in tun for t in (tun[n].V, tun[n].theta)]
-                grads = None
-                if g % size == rank:  # this rank holds global batch g (distributed.my_share's strided split)
-                    err = _block_loss(block, params(lambda n: tun[n].weight()), inputs, targets, g // size, relative)
-                    grads = list(torch.autograd.grad(err, leaves))
-                grads = broadcast_tensors(g % size, grads, leaves)
-                lr_t = lr * (1 - step / iters)
-                with torch.no_grad():
-                    for k, n in enumerate(tun):
-                        t = tun[n]
-                        t.V.sub_(lr_t * grads[2 * k].sign()).clamp_(-0.5, 0.5)
-                        t.theta.sub_(lr_t * scale_lr * grads[2 * k + 1].sign()).clamp_(-THETA_MAX, THETA_MAX)
+        for w in ws:
+            w.requires_grad_(True)
+        for step in range(iters):
+            if not order:
+                order = torch.randperm(n_total, generator=gen, device="cpu").tolist()
+            g = order.pop()
+            signs = None
+            if g % size == rank:  # this rank holds global batch g (distributed.my_share's strided split)
+                sV, sθ = [None] * len(tun), [None] * len(tun)
+
+                def to_signs(w: torch.Tensor) -> None:  # each layer's ∂L/∂Ŵ is released as soon as it is formed
+                    k = index[id(w)]
+                    sV[k], sθ[k] = tuners[k].signs(w.grad)
+                    w.grad = None
+
+                hooks = [w.register_post_accumulate_grad_hook(to_signs) for w in ws]
+                for w in ws:
+                    w.grad = None
+                try:
+                    with torch.enable_grad():
+                        _block_loss(block, inputs, targets, g // size, relative).backward()
+                finally:
+                    for h in hooks:
+                        h.remove()
+                signs = [x if x is not None else torch.zeros(y.shape, dtype=torch.int8, device=y.device)
+                         for x, y in zip(sV + (sθ if scale_lr else []), shapes)]  # a layer the loss misses: no step
+            signs = broadcast_tensors(g % size, signs, like)
+            lr_t = lr * (1 - step / iters)
+            with torch.no_grad():
+                for k, (n, t) in enumerate(tun.items()):
+                    t.V.sub_(lr_t * signs[k]).clamp_(-0.5, 0.5)
+                    if scale_lr:
+                        t.theta.sub_(lr_t * scale_lr * signs[len(tun) + k]).clamp_(-THETA_MAX, THETA_MAX)
+                    t.write(layers[n])
     finally:
         for p in block.parameters():
             p.requires_grad_(saved[id(p)])
-    tuned = {n: t.final() for n, t in tun.items()}
-    after = _total(block, params(lambda n: tuned[n].dequantize()), inputs, targets, relative, n_total)
+    tuners = shapes = like = None  # the tunables go one by one below, each with its V
+    tuned = {}
+    for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
+        t = tun.pop(n)
+        tuned[n] = qw = t.final()
+        g = qw.group_index()
+        _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
+        del t
+    after = _total(block, inputs, targets, relative, n_total)
     kept = not after < before
     out = dict(weights)
     moved, total = 0, 0
-    if not kept:
-        for n, qw in tuned.items():
-            moved += int((qw.q != weights[n].q.to(qw.q.device)).sum())
-            total += qw.q.numel()
-            out[n] = qw.to("cpu")
-    return TuneResult(out, before, after, kept, moved / total if total else 0.0, time.perf_counter() - t0, tuple(tun))
+    for n, qw in tuned.items():
+        if kept:
+            set_weight_matrix(layers[n], weights[n].dequantize())  # GPTQ's weights back in place
+            continue
+        moved += int((qw.q != weights[n].q.to(qw.q.device)).sum())
+        total += qw.q.numel()
+        out[n] = qw.to("cpu")
+    return TuneResult(out, before, after, kept, moved / total if total else 0.0, time.perf_counter() - t0,
+                      tuple(tuned))
