@@ -222,3 +222,20 @@ def test_directional_fisher_matches_the_exact_quadratic_form(name):
             assert se > 0 and abs(m - exact[n][k]) <= 3.5 * se, (n, k, m, se, exact[n][k])
     # directions are independent of each other: an isotropic error and a sparse one differ
     assert est[which[0]]["rand"][0] != est[which[0]]["sparse"][0]
+
+
+def test_label_draws_in_chunks_are_the_one_call_draws(monkeypatch):
+    """sampled_loss draws the self-KL labels a few rows at a time; the labels, and so the loss, are those of one
+    multinomial call over every position."""
+    from hawqtool.sensitivity import fisher
+
+    z = torch.randn(3, 11, 50, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 11)
+    whole = fisher.sampled_loss("self-kl", z, mask, torch.Generator().manual_seed(7))
+    monkeypatch.setattr(fisher, "DRAW_CHUNK", 120)  # 2 rows of 50 per call: 17 calls
+    chunked = fisher.sampled_loss("self-kl", z, mask, torch.Generator().manual_seed(7))
+    logp = torch.log_softmax(z, -1)
+    y = torch.multinomial(logp.exp().reshape(-1, 50).double(), 1, generator=torch.Generator().manual_seed(7))
+    ref = -logp.reshape(-1, 50).gather(-1, y).sum() / 33
+    assert torch.equal(whole, chunked)
+    assert torch.allclose(chunked, ref)

@@ -29,6 +29,7 @@ from .hutchinson import LayerTrace, ProgressFn, _to_device, adaptive_probes, che
 from .objectives import Batch, Objective, get_objective, model_logits, upcast
 
 SUPPORTED = ("self-kl", "output-mse")
+DRAW_CHUNK = 1 << 22  # probabilities per label-draw call (sampled_loss)
 
 
 def scored_mask(batch: Batch, z: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,11 @@ def sampled_loss(objective: str, z: torch.Tensor, mask: torch.Tensor, gen: torch
     n = mask.sum().clamp_min(1)
     if objective == "self-kl":
         logp = torch.log_softmax(z, dim=-1)
-        probs = logp.detach().exp().reshape(-1, z.shape[-1]).cpu().double()
-        y = torch.multinomial(probs, 1, generator=gen).to(z.device).view(z.shape[:-1] + (1,))
+        # drawn a few million probabilities at a time: the same draws as one call (the generator advances row by
+        # row), without a float64 copy of every position's distribution (8 × 256 × 49152 doubles are 0.8 GB)
+        rows = logp.detach().reshape(-1, z.shape[-1]).split(max(1, DRAW_CHUNK // z.shape[-1]))
+        y = torch.cat([torch.multinomial(r.exp().cpu().double(), 1, generator=gen) for r in rows])
+        y = y.to(z.device).view(z.shape[:-1] + (1,))
         return -(logp.gather(-1, y).squeeze(-1) * mask).sum() / n
     if objective == "output-mse":
         eps = torch.randn(z.shape, generator=gen, dtype=torch.float64, device="cpu").to(device=z.device, dtype=z.dtype)
