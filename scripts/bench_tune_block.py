@@ -1,11 +1,10 @@
 """One block's tuning under several settings, on the same GPTQ result: the block's output error over the calibration
-batches before and after (what tune.py's keep-or-retry rule compares). Blocks before it stay float, so its inputs
+batches before and after (what tune.py's keep-or-not rule compares). Blocks before it stay float, so its inputs
 are the float model's; calibration data only (no scored text).
 
     python scripts/bench_tune_block.py 11 --variants "lr=1,lr=0.25,lr=0.1,loss=relative" --iters 50
 
-lr=F: F × the default step (1 / iters); loss=relative: the per-token relative loss. The retry is off in every
-variant, so each row is one descent.
+lr=F: F × the default step (1 / iters); loss=relative: the per-token relative loss.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ def main() -> None:
             for n, m in layers.items():
                 set_weight_matrix(m, start[n])
             t0 = time.perf_counter()
-            r = real(block, layers, weights, updated, inputs, targets, **{**kw, **v, "retry": 0})
+            r = real(block, layers, weights, updated, inputs, targets, **{**kw, **v})
             print(json.dumps(dict(block=a.block, variant=v, before=r.loss_before, after=r.loss_after,
                                   ratio=r.loss_after / r.loss_before, codes_moved=r.changed,
                                   seconds=round(time.perf_counter() - t0, 1))), flush=True)

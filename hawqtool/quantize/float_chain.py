@@ -46,12 +46,10 @@ def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict
         results[n].updated = None  # GPTQ's compensated weights are needed no more
     if not res.tuned:
         return
-    log.info("block %d tuned in %.1f s: output error %.4g -> %.4g%s%s, %.2f%% of codes moved", i, res.seconds,
-             res.loss_before, res.loss_after, " (retried at a smaller step)" if res.retried else "",
-             " (worse: GPTQ's kept)" if res.kept else "", 100 * res.changed)
+    log.info("block %d tuned in %.1f s: output error %.4g -> %.4g%s, %.2f%% of codes moved", i, res.seconds,
+             res.loss_before, res.loss_after, " (worse: GPTQ's kept)" if res.kept else "", 100 * res.changed)
     for n in res.tuned:
         r = results[n]
         r.weight = res.weights[n]
         r.notes = r.notes + [f"block tuned ({opts.tune_iters} steps): block output error {res.loss_before:.6g} -> "
-                             f"{res.loss_after:.6g}" + ("; retried at a smaller step" if res.retried else "")
-                             + ("; GPTQ's codes kept" if res.kept else "")]
+                             f"{res.loss_after:.6g}" + ("; GPTQ's codes kept" if res.kept else "")]

@@ -10,10 +10,9 @@ float chain's inputs, with the quantized chain's inputs going in (AutoRound's ta
     L = Σ_t ‖block_Ŵ(x̂)_t − block_W(x)_t‖²   (or, loss="relative", each token's term over ‖block_W(x)_t‖²).
 SignRound's update: V ← V − lr_t·sign(∂L/∂V), θ likewise with lr_t·scale_lr, lr_t decayed linearly from lr
 (default 1/iters, AutoRound's) to 0, one calibration batch per step; sign() makes the step independent of the
-loss's scale. A block whose loss over every calibration batch ends above GPTQ's is tuned once more from GPTQ's
-codes at RETRY × the step (on SmolLM2 the full step diverges on the blocks where massive activations appear, and a
-quarter of it cuts their error by half); if that is worse too, it keeps GPTQ's result (the tuned one is measured with
-its scales rounded to fp16, as stored).
+loss's scale. A block whose loss over every calibration batch ends above GPTQ's keeps GPTQ's result (the tuned one
+is measured with its scales rounded to fp16, as stored). A retry of such blocks at a quarter of the step lowered
+their error but raised the validation perplexity (RESULTS.md, 2026-12-05 16:10), so there is none.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ from .quantizer import QuantizedWeight
 
 THETA_MAX = 0.5  # the scales move within e^±0.5
 SLICE = 1 << 22  # elements per row slice of the tuner's weight-sized temporaries
-RETRY = 0.25  # a block whose error rose is tuned again at this fraction of the step (RESULTS.md, 2026-12-05 15:20)
 
 
 @dataclass
@@ -45,11 +43,10 @@ class TuneResult:
     changed: float  # fraction of codes that moved
     seconds: float
     tuned: tuple[str, ...] = ()  # the block's layers that were tunable
-    retried: bool = False  # the first descent raised the error; the result is the retry's (at RETRY × the step)
 
     def summary(self) -> dict:
         return dict(loss_before=self.loss_before, loss_after=self.loss_after, kept_gptq=self.kept,
-                    codes_changed=self.changed, retried=self.retried)
+                    codes_changed=self.changed)
 
 
 class _Tunable:
@@ -219,13 +216,12 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
 def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str, QuantizedWeight],
                updated: dict[str, torch.Tensor | None], inputs: BlockInputs, targets: list[torch.Tensor], *,
                iters: int, lr: float | None = None, scale_lr: float = 1.0, loss: str = "mse",
-               seed: int = 0, n_total: int | None = None, retry: float = RETRY) -> TuneResult:
+               seed: int = 0, n_total: int | None = None) -> TuneResult:
     """Tune the quantized `weights` of `layers` (global name → module inside `block`), GPTQ's compensated weights
     `updated`, so the block's outputs on `inputs` (the quantized chain's) approach `targets` (the float block's on
     the float chain's); see the module docstring. Layers without compensated weights (ggml formats, RTN) are left
     as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's) or "relative"
-    (each token's error relative to its target's norm). A block whose error rose is tuned once more from GPTQ's
-    codes with the step times `retry` (0: no retry) before GPTQ's codes are kept.
+    (each token's error relative to its target's norm). A block whose error rose keeps GPTQ's codes.
     Memory: the layers' own weight tensors carry Ŵ and, one layer at a time, ∂L/∂Ŵ, of which only the signs in V
     (int8) are kept; beyond U the tuner holds V (plain autograd through Ŵ(V) held about five more copies).
     Data parallel: n_total batches, this rank holding its strided share (see _descend)."""
@@ -240,25 +236,20 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         return TuneResult(dict(weights), 0.0, 0.0, True, 0.0, time.perf_counter() - t0)
     n_total = len(inputs.hidden) if n_total is None else n_total
     lr = 1.0 / max(iters, 1) if lr is None else lr
-    before = None
-    for attempt, step in enumerate((lr, lr * retry) if retry else (lr,)):
-        tun = {n: _Tunable(weights[n].to(layers[n].weight.device), updated[n], isinstance(layers[n], Conv1D),
-                           scales=scale_lr != 0) for n in names}
-        if before is None:
-            for n, t in tun.items():
-                t.write(layers[n])
-            before = _total(block, inputs, targets, relative, n_total)
-        _descend(block, layers, tun, inputs, targets, iters, step, scale_lr, relative, seed, n_total)
-        tuned = {}
-        for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
-            t = tun.pop(n)
-            tuned[n] = qw = t.final()
-            g = qw.group_index()
-            _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
-            del t
-        after = _total(block, inputs, targets, relative, n_total)
-        if after < before:
-            break
+    tun = {n: _Tunable(weights[n].to(layers[n].weight.device), updated[n], isinstance(layers[n], Conv1D),
+                       scales=scale_lr != 0) for n in names}
+    for n, t in tun.items():
+        t.write(layers[n])
+    before = _total(block, inputs, targets, relative, n_total)
+    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total)
+    tuned = {}
+    for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
+        t = tun.pop(n)
+        tuned[n] = qw = t.final()
+        g = qw.group_index()
+        _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
+        del t
+    after = _total(block, inputs, targets, relative, n_total)
     kept = not after < before
     out = dict(weights)
     moved, total = 0, 0
@@ -270,4 +261,4 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         total += qw.q.numel()
         out[n] = qw.to("cpu")
     return TuneResult(out, before, after, kept, moved / total if total else 0.0, time.perf_counter() - t0,
-                      tuple(tuned), retried=attempt > 0)
+                      tuple(tuned))
