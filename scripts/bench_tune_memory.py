@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +32,12 @@ def _tune_module(rev: str):
         return tune
     src = subprocess.run(["git", "show", f"{rev}:hawqtool/quantize/tune.py"], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    path = Path(tune.__file__).with_name(f"_tune_{rev}.py")
-    path.write_text(src)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:  # outside the source tree; the module name places it in the package
+        path = Path(tmp) / f"_tune_{rev}.py"
+        path.write_text(src)
         spec = importlib.util.spec_from_file_location(f"hawqtool.quantize._tune_{rev}", path)
         mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-    finally:
-        path.unlink()
     return mod
 
 

@@ -281,7 +281,7 @@ def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opt
             if tune:  # the tuned weights into the block and the results (packed now for streamed models)
                 tune_results(block, in_block, results, inputs, fp, opts, i, n_total)
                 for n in in_block:
-                    results[n] = _finish(n, in_block[n], results[n], streamed)
+                    results[n] = _finish(n, in_block[n], results[n], streamed, put=False)
             chain["fp"] = [h.cpu() for h in fp] if streamed else fp
 
 
@@ -310,11 +310,13 @@ def _on_cpu(res: LayerResult) -> LayerResult:
     return res
 
 
-def _finish(name: str, layer: nn.Module, res: LayerResult, compact: bool = False) -> LayerResult:
+def _finish(name: str, layer: nn.Module, res: LayerResult, compact: bool = False, put: bool = True) -> LayerResult:
     """Put the layer's dequantized weight in place (on its device) and keep the result's tensors on the CPU:
     device memory then holds one layer's quantizer state at a time, and the checkpoint is written from the host.
-    `compact` (streamed models): kept packed, as the checkpoint stores it (int32 codes of a 3B model are 12 GB)."""
-    set_weight_matrix(layer, res.weight.dequantize().to(layer.weight.dtype))
+    `compact` (streamed models): kept packed, as the checkpoint stores it (int32 codes of a 3B model are 12 GB).
+    put=False: the layer already holds it (block tuning leaves each layer with the weight it returns)."""
+    if put:
+        set_weight_matrix(layer, res.weight.dequantize().to(layer.weight.dtype))
     res.weight = res.weight.to("cpu")
     if compact and res.weight.grid is None:
         from ..checkpoint import pack_layer
