@@ -112,9 +112,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
                         f"{objective!r} uses forward-mode products that checkpointing does not support")
     model = loaded.model
     streamed = streamer_of(model) is not None
-    if streamed and (estimator != "fisher" or quantize_head):
-        raise UserError("a streamed model (--offload) is measured with --estimator fisher (objective self-kl or "
-                        "output-mse) and without --quantize-head; change those options or load it in memory")
+    if streamed and (objective not in FISHER_OBJECTIVES or quantize_head):
+        raise UserError("a streamed model (--offload) is measured with objective self-kl or output-mse (--estimator "
+                        "fisher or hutchinson) and without --quantize-head; change those options or load it in memory")
     settings = report_settings(loaded, opts, n_samples=len(calib_ids), seqlen=int(calib_ids.shape[1]), seed=seed)
     if quantize_head:
         untie_head(model)
@@ -145,12 +145,14 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
 
     with checkpointed_blocks(model) if checkpoint_blocks else contextlib.nullcontext():
         if streamed:
-            from .sensitivity.streamed import streamed_fisher_traces
+            from .sensitivity.streamed import streamed_fisher_traces, streamed_ggn_traces
 
             common.pop("max_seconds")
-            traces = streamed_fisher_traces(model, params, batches, objective, max_seconds=max_seconds,
-                                            major_fraction=0.01, **common)
-            described = "fisher (sampled labels, one backward per probe; streamed block by block)"
+            fisher = estimator == "fisher"
+            traces = (streamed_fisher_traces if fisher else streamed_ggn_traces)(
+                model, params, batches, objective, max_seconds=max_seconds, major_fraction=0.01, **common)
+            described = ("fisher (sampled labels, one backward per probe" if fisher else
+                         "hutchinson (ggn Hessian-vector products") + "; streamed block by block)"
         elif estimator == "fisher":
             traces = fisher_traces(model, params, batches, objective, **common)
             described = "fisher (sampled labels, one backward per probe)"

@@ -4,7 +4,12 @@ A Fisher probe runs the blocks forward storing each block's input on the host, c
 loss on the last block's output (streaming.replayed_blocks), then walks the blocks in reverse: each is loaded,
 its forward recomputed from its stored input with gradients, and backpropagated with the gradient arriving from
 the block above; its layers' squared gradient norms are the probe's samples. The result equals fisher.py's
-in-memory probe (same seed, same labels) up to float summation order."""
+in-memory probe (same seed, same labels) up to float summation order.
+
+A Hutchinson probe with the exact Gauss-Newton product (ggn.py; self-kl / output-mse) walks the same way: forward,
+each block's jvp carries the tangent J·v (v Rademacher on the block's layers, drawn in the in-memory probe's
+order), the head turns it into u = H_out·J·v, and the reverse walk backpropagates u, so each layer's (Hv)_l = Jᵀu
+meets its v_l again (re-drawn from the generator state saved at the block): v_l·(Hv)_l, hutchinson.py's sample."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +19,8 @@ from ..blocks import capture_block_inputs
 from ..streaming import replayed_blocks, streamer_of, tail_of, walk_blocks
 from .distributed import probe_seed, round_robin, world
 from .fisher import SUPPORTED, sampled_loss, scored_mask, squared_norm
-from .hutchinson import LayerTrace, adaptive_probes, check_probe_args
+from .ggn import math_attention, output_hessian_product, position_mask
+from .hutchinson import LayerTrace, adaptive_probes, check_probe_args, rademacher
 from .objectives import Batch, model_logits, upcast
 
 
@@ -43,6 +49,19 @@ def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, obje
         g, *gh = torch.autograd.grad(sampled_loss(objective, z, mask, gen), [final] + heads)
     for nm, gw in zip(outside, gh):
         values[nm] = n * squared_norm(gw)
+
+    def sample(i: int, nm: str, gw: torch.Tensor) -> None:
+        values[nm] = n * squared_norm(gw)
+
+    _backward(model, names, stored, inputs, g, as_tuple, sample)
+    return [values[nm] for nm in names]
+
+
+def _backward(model: nn.Module, names: list[str], stored: list[torch.Tensor], inputs, g: torch.Tensor,
+              as_tuple: bool, per_layer) -> None:
+    """The reverse walk: block i loaded, its forward recomputed from stored[i] with gradients, the gradient `g`
+    arriving at its output backpropagated; per_layer(i, name, ∂/∂W) for each of its layers in `names`."""
+    st = streamer_of(model)
     for i in reversed(range(len(st.blocks))):
         with st.resident(i) as block:
             mine = [nm for nm in names if nm.startswith(st.prefixes[i])]
@@ -58,10 +77,81 @@ def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, obje
                 grads = torch.autograd.grad(out, ws + ([x] if i > 0 else []), grad_outputs=g, allow_unused=True)
             for nm, gw in zip(mine, grads[:len(ws)]):
                 if gw is not None:
-                    values[nm] = n * squared_norm(gw)
+                    per_layer(i, nm, gw)
             if i > 0:
                 g = grads[-1].detach()
+
+
+def streamed_ggn_probe(model: nn.Module, names: list[str], batch: Batch, objective: str,
+                       gen: torch.Generator) -> list[float]:
+    """One Hutchinson probe of a streamed model with the Gauss-Newton product: per layer v_l·(Hv)_l, as
+    hutchinson_traces(hvp="ggn") computes in memory (same generator, same draws)."""
+    from torch.func import functional_call, jvp
+
+    st = streamer_of(model)
+    outside = [nm for nm in names if not any(nm.startswith(p) for p in st.prefixes)]
+    if outside:
+        raise ValueError(f"streamed Hutchinson measures the blocks' layers only, not {outside[0]!r}")
+    inputs = capture_block_inputs(model, st.blocks[0], [batch])
+    h, stored, states, as_tuple = inputs.hidden[0], [], [], False
+    dh = torch.zeros_like(h)
+    with torch.no_grad(), math_attention():
+        for i in range(len(st.blocks)):
+            with st.resident(i) as block:
+                stored.append(h.cpu())
+                states.append(gen.get_state())  # the reverse walk re-draws this block's v from here
+                local = {nm[len(st.prefixes[i]):] + ".weight": model.get_submodule(nm).weight
+                         for nm in names if nm.startswith(st.prefixes[i])}
+                vs = {k: rademacher(w, gen) for k, w in local.items()}
+
+                def f(x, ws, block=block):
+                    nonlocal as_tuple
+                    out = functional_call(block, ws, (x, *inputs.args[0]), inputs.kwargs[0], strict=False)
+                    as_tuple = isinstance(out, (tuple, list))
+                    return out[0] if as_tuple else out
+
+                h, dh = jvp(f, (h, {k: w.detach() for k, w in local.items()}), (dh, vs))
+
+        def tail(x):
+            with replayed_blocks(model, x, as_tuple):
+                return upcast(model_logits(model, batch))
+
+        z, Jv = jvp(tail, (h,), (dh,))
+        u = output_hessian_product(objective, z, Jv, position_mask(batch, z))
+    final = h.detach().requires_grad_(True)
+    with torch.enable_grad(), math_attention():
+        (g,) = torch.autograd.grad(tail(final), [final], grad_outputs=u.to(z.dtype))
+    values = dict.fromkeys(names, 0.0)
+    redrawn: dict[int, dict[str, torch.Tensor]] = {}
+
+    def sample(i: int, nm: str, hv: torch.Tensor) -> None:
+        if i not in redrawn:  # this block's v, drawn again in the forward walk's order
+            gi = torch.Generator(device="cpu")
+            gi.set_state(states[i])
+            redrawn.clear()
+            redrawn[i] = {m: rademacher(model.get_submodule(m).weight, gi)
+                          for m in names if m.startswith(st.prefixes[i])}
+        values[nm] = float((redrawn[i][nm].double() * hv.double()).sum())
+
+    with math_attention():
+        _backward(model, names, stored, inputs, g, as_tuple, sample)
     return [values[nm] for nm in names]
+
+
+def streamed_ggn_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
+                        *, seed: int = 0, **adaptive) -> dict[str, LayerTrace]:
+    """hutchinson_traces(hvp="ggn") for a streamed model (batch k mod len(batches), the same Rademacher draws)."""
+    if objective not in SUPPORTED:
+        raise ValueError(f"a streamed model's Hutchinson traces use the Gauss-Newton product ({', '.join(SUPPORTED)}), "
+                         f"not objective {objective!r}")
+    check_probe_args(params, batches, adaptive["max_probes"])
+    names = list(params)
+
+    def probe(k: int) -> list[float]:
+        gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
+        return streamed_ggn_probe(model, names, batches[k % len(batches)], objective, gen)
+
+    return adaptive_probes(params, round_robin(probe, *world()), **adaptive)
 
 
 def streamed_fisher_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
