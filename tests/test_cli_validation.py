@@ -67,6 +67,8 @@ OPTION_CASES = [
     ("sensitivity {m} --calib {t} --nsamples=-1 -o {o}", ["--nsamples"]),
     ("sensitivity {m} --calib {t} --max-probes 0 -o {o}", ["--max-probes"]),
     ("sensitivity {m} --calib {t} --target nan -o {o}", ["--target", "finite"]),
+    ("sensitivity {m} --calib {t} --only ( -o {o}", ["--only", "regular expression"]),
+    ("sensitivity {m} --calib {t} --only nothing_is_named_so -o {o}", ["no quantizable layers", "nothing_is_named_so"]),
     ("quantize {m} --plan {p} --calib {t} --blocksize 0 -o {o}", ["--blocksize"]),
     ("quantize {m} --plan {p} --calib {t} --damp nan -o {o}", ["--damp", "finite"]),
     ("quantize {m} --plan {p} --calib {t} --damp=-1 -o {o}", ["--damp"]),
@@ -293,3 +295,10 @@ def test_fuzz_every_option_of_every_command(staged, tiny_llama, tmp_path):
     assert not untyped, untyped
     assert tried > 250  # every command's options were reached
     assert not (tmp_path / "fuzz-out").exists()
+
+
+def test_sensitivity_only_measures_the_matching_layers(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "mlp.json"
+    assert cli("sensitivity", tiny_llama, "--calib", text_file, "-o", out, *SMALL_SENS, "--only", r"mlp\.down").exit_code == 0
+    names = [ls["name"] for ls in json.loads(out.read_text())["layers"]]
+    assert names and all(n.endswith("mlp.down_proj") for n in names), names

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..options import SensitivityOptions as _S
 from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, formats_option, offload_options, positive
@@ -40,6 +41,8 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, forma
 @click.option("--quantize-head", is_flag=True,
               help="Also measure (and so let allocate/quantize) an output head tied to the input embedding; it is "
                    "untied, the embedding stays full precision. The fp32 head dominates decode time of small LMs.")
+@click.option("--only", type=TEXT, default=None,
+              help="A regex: measure only the layers whose names it matches (the probes still run the whole model).")
 @click.option("--eigen", is_flag=True, help="Also the top Hessian eigenvalue per layer (power iteration, HAWQ-V1).")
 @click.option("--eigen-iters", type=COUNT, default=_S.eigen_iters, show_default=True, help="Power-iteration limit per layer.")
 @device_options
@@ -49,7 +52,7 @@ from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, forma
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, eigen, eigen_iters, device, dtype, offload, max_memory, seed,
+                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, only, eigen, eigen_iters, device, dtype, offload, max_memory, seed,
                 trust_remote_code, overwrite, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
@@ -58,6 +61,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     hawqtool sensitivity MODEL --nproc 2 -o sens.json        # = torchrun --nproc-per-node 2 -m hawqtool ...
     """
     import os
+    import re
 
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _relaunch_under_torchrun(nproc)
@@ -65,6 +69,11 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
 
     rank, size = world()
     quiet = quiet or rank != 0
+    if only is not None:
+        try:
+            re.compile(only)
+        except re.error as e:
+            raise UserError(f"--only {only!r} is not a regular expression ({e}); e.g. --only 'mlp|lm_head'")
     from .. import artifacts
     from ..inputs import calibration_inputs, calibration_key
     from ..models import load_model
@@ -92,13 +101,14 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed + 1)
     from ..models import quantizable_layers
 
-    n_layers = len(quantizable_layers(loaded.model, include_tied_head=quantize_head))
+    n_layers = len([n for n in quantizable_layers(loaded.model, include_tied_head=quantize_head)
+                    if only is None or re.search(only, n)])
     with rep.probe_bar(max_probes) as cb:
         opts = _S(objective=objective, estimator=estimator, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                   target_rel_se=target, min_probes=min_probes, max_probes=max_probes, bits=tuple(bits),
                   group_size=group_size, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
                   checkpoint_blocks=checkpoint_blocks, first_token_weight=first_token_weight_for(loaded),
-                  max_seconds=max_seconds, eigen=eigen, eigen_iters=eigen_iters)
+                  only=only, max_seconds=max_seconds, eigen=eigen, eigen_iters=eigen_iters)
         report = compute_sensitivity(loaded, ids, opts, seed=seed, progress=cb,
                                      data_key=calibration_key(loaded, calib, ids, seed),
                                      resume_path=Path(str(output) + ".partial"),
