@@ -145,13 +145,12 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
 
     with checkpointed_blocks(model) if checkpoint_blocks else contextlib.nullcontext():
         if streamed:
-            from .sensitivity.streamed import streamed_fisher_traces, streamed_ggn_traces
+            from .sensitivity.streamed import streamed_traces
 
             common.pop("max_seconds")
-            fisher = estimator == "fisher"
-            traces = (streamed_fisher_traces if fisher else streamed_ggn_traces)(
-                model, params, batches, objective, max_seconds=max_seconds, major_fraction=0.01, **common)
-            described = ("fisher (sampled labels, one backward per probe" if fisher else
+            traces = streamed_traces(model, params, batches, objective, estimator, max_seconds=max_seconds,
+                                     major_fraction=0.01, **common)
+            described = ("fisher (sampled labels, one backward per probe" if estimator == "fisher" else
                          "hutchinson (ggn Hessian-vector products") + "; streamed block by block)"
         elif estimator == "fisher":
             traces = fisher_traces(model, params, batches, objective, **common)

@@ -138,34 +138,19 @@ def streamed_ggn_probe(model: nn.Module, names: list[str], batch: Batch, objecti
     return [values[nm] for nm in names]
 
 
-def streamed_ggn_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
-                        *, seed: int = 0, **adaptive) -> dict[str, LayerTrace]:
-    """hutchinson_traces(hvp="ggn") for a streamed model (batch k mod len(batches), the same Rademacher draws)."""
+def streamed_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
+                    estimator: str = "fisher", *, seed: int = 0, **adaptive) -> dict[str, LayerTrace]:
+    """fisher_traces (estimator "fisher": one label draw per probe) or hutchinson_traces(hvp="ggn") (estimator
+    "hutchinson": the same Rademacher draws) for a streamed model; probe k reads batch k mod len(batches)."""
     if objective not in SUPPORTED:
-        raise ValueError(f"a streamed model's Hutchinson traces use the Gauss-Newton product ({', '.join(SUPPORTED)}), "
-                         f"not objective {objective!r}")
+        raise ValueError(f"a streamed model's sensitivity needs objective {' or '.join(SUPPORTED)}, not {objective!r}")
+    probe_of = {"fisher": streamed_fisher_probe, "hutchinson": streamed_ggn_probe}[estimator]
     check_probe_args(params, batches, adaptive["max_probes"])
     names = list(params)
 
     def probe(k: int) -> list[float]:
         gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
-        return streamed_ggn_probe(model, names, batches[k % len(batches)], objective, gen)
-
-    return adaptive_probes(params, round_robin(probe, *world()), **adaptive)
-
-
-def streamed_fisher_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch], objective: str,
-                           *, seed: int = 0, **adaptive) -> dict[str, LayerTrace]:
-    """fisher_traces for a streamed model (one label draw per probe, batch k mod len(batches))."""
-    if objective not in SUPPORTED:
-        raise ValueError(f"a streamed model's sensitivity uses the Fisher estimator ({', '.join(SUPPORTED)}), "
-                         f"not objective {objective!r}")
-    check_probe_args(params, batches, adaptive["max_probes"])
-    names = list(params)
-
-    def probe(k: int) -> list[float]:
-        gen = torch.Generator(device="cpu").manual_seed(probe_seed(seed, k))
-        return streamed_fisher_probe(model, names, batches[k % len(batches)], objective, gen)
+        return probe_of(model, names, batches[k % len(batches)], objective, gen)
 
     return adaptive_probes(params, round_robin(probe, *world()), **adaptive)
 
