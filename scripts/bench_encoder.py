@@ -82,7 +82,8 @@ def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Mo
     calib = calibration_inputs(loaded, "wiki", args.nsamples, args.seqlen, seed=seed)
     if args.frame_calib:  # as the scored windows (and real inputs) are: [CLS] … [SEP]
         calib = with_special_tokens(calib, loaded.tokenizer)
-    opts = QuantizeOptions(method=method, act_order=act_order, first_token_weight=first_token_weight_for(loaded))
+    ftw = first_token_weight_for(loaded) if args.first_token_weight is None else args.first_token_weight
+    opts = QuantizeOptions(method=method, act_order=act_order, first_token_weight=ftw, tune_iters=args.tune_iters)
     t0 = time.perf_counter()
     if args.checkpoint:
         from hawqtool.runtime import load_quantized
@@ -105,6 +106,7 @@ def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Mo
     return dict(config=cfg, slice=args.slice, seed=seed, bits=bits, bits_gidx=gidx, cos=cos, quant_s=qs,
                 eval_s=time.perf_counter() - t0, widths=widths, groups=groups, checkpoint=args.checkpoint,
                 nsamples=args.nsamples, seqlen=args.seqlen, framed=args.frame_calib, windows=args.windows,
+                first_token_weight=ftw, tune_iters=args.tune_iters,
                 command="python scripts/bench_encoder.py " + shlex.join(sys.argv[1:]))
 
 
@@ -122,6 +124,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512, help="calibration tokens per window (`quantize` default)")
     ap.add_argument("--frame-calib", action="store_true", help="calibration windows framed [CLS] … [SEP] "
                     "(`hawqtool quantize` does not frame them)")
+    ap.add_argument("--first-token-weight", type=float, default=None,
+                    help="weight of each calibration window's first position in H (default: quantize's for an "
+                         "encoder, 1; with --frame-calib that position is [CLS])")
+    ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters, help="block tuning steps (0 = off)")
     ap.add_argument("--eval-seqlen", default="128,512", help="scored window lengths, comma-separated")
     ap.add_argument("--windows", type=int, default=40, help="windows scored per length (`hawqtool eval` default)")
     ap.add_argument("--checkpoint", action="store_true", help="score the packed checkpoint (quantize_stage)")
@@ -160,7 +166,8 @@ def print_table(rows: list[dict], model_ref: str, append: bool, note: str = "") 
     lines = ["| slice | config | bits / linear weight (+ g_idx) | widths 2/3/4/8 | groups | calib | "
              + " | ".join(f"cosine @{L} per seed | median @{L}" for L in lens) + " | quantize s | eval s |",
              "|---" * (8 + 2 * len(lens)) + "|"]
-    key = lambda r: (r["slice"], r["config"], r["checkpoint"], r["nsamples"], r["seqlen"], r.get("framed", False))  # noqa: E731
+    key = lambda r: (r["slice"], r["config"], r["checkpoint"], r["nsamples"], r["seqlen"], r.get("framed", False),  # noqa: E731
+                     r.get("first_token_weight", 1.0), r.get("tune_iters"))
     for k in dict.fromkeys(key(r) for r in rows):
         rs = [r for r in rows if key(r) == k]
         r0 = rs[0]
@@ -171,13 +178,15 @@ def print_table(rows: list[dict], model_ref: str, append: bool, note: str = "") 
             c = [x for x in c if x is not None]
             cells += [" / ".join(f"{x:.4f}" for x in c) or "–", f"{statistics.median(c):.4f}" if c else "–"]
         lines.append(f"| {r0['slice']}{' (ckpt)' if r0['checkpoint'] else ''} | {r0['config']} | {bits} | "
-                     f"{r0['widths']} | {r0['groups']} | {r0['nsamples']}×{r0['seqlen']}{' framed' if r0.get('framed') else ''} seeds "
+                     f"{r0['widths']} | {r0['groups']} | {r0['nsamples']}×{r0['seqlen']}{' framed' if r0.get('framed') else ''}"
+                     f"{', first ×' + format(r0['first_token_weight'], 'g') if r0.get('first_token_weight', 1.0) != 1.0 else ''}"
+                     f"{'' if r0.get('tune_iters') is None else ', tune ' + str(r0['tune_iters'])} seeds "
                      f"{','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
                      + f" | {statistics.mean(r['quant_s'] for r in rs):.0f} | {statistics.mean(r['eval_s'] for r in rs):.0f} |")
     commands = "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} thread(s), torch "
                f"{torch.__version__}, {platform.python_version()}; model {model_ref}; weights only (activations "
-               f"fp32), asymmetric, searched grid, first-token weight 1 (encoder default); calibration windows from "
+               f"fp32), asymmetric, searched grid, first-token weight 1 (encoder default) unless the calib column says otherwise; block tuning steps as the calib column says (not recorded before 2026-12-05 evening: then 0 before 11:16, 20 or 50 after); calibration windows from "
                f"wiki's first 60% (framed = [CLS] … [SEP] like the scored windows; `hawqtool quantize` does not frame them); each cosine over {rows[0]['windows'] if rows else '?'} windows per length with "
                f"[CLS]…[SEP]; valid = 60-80% of the text (options chosen there), eval = last 20%; (ckpt) = packed "
                f"checkpoint via quantize_stage + load_quantized, else fake-quant in place; eval s covers every "
