@@ -72,7 +72,7 @@ class QuantizeOptions:
     # error against the float model (quantize/tune.py, SignRound as in AutoRound): steps per block, 0 = off.
     # 50 steps, rounding only, MSE: chosen by scripts/bench_grid.py on the validation slice (benchmarks/RESULTS.md,
     # 2026-12-05 11:16 and 14:24): uniform 3-bit g128 32.89 -> 27.99 (20 steps) -> 27.72 (50); scales tuned too
-    # 29.16, relative loss 28.52 (20 steps).
+    # 29.16, relative loss 28.52 (20 steps); loss "weighted" (first position ×64) 28.91 against mse's 27.72 (50 steps).
     tune_iters: int = 50
     tune_lr: float = 0.0  # the rounding offsets' signed step, decayed linearly to 0; 0 = 1 / tune_iters (AutoRound's)
     tune_scale_lr: float = 0.0  # the log-scales' step, relative to tune_lr (0 = scales stay GPTQ's)
