@@ -86,7 +86,10 @@ class QuantizeOptions:
     first_token_weight: float = 64.0
     aphq_iters: int = 1000  # APHQ: optimisation steps per block
     aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
-    nsamples: int = 32  # calibration windows (the CLI's; quantize_model takes the windows themselves)
+    # Calibration windows (the CLI's; quantize_model takes the windows themselves). 128 (AutoRound's default count)
+    # was chosen by scripts/bench_grid.py --nsamples on the validation slice (benchmarks/RESULTS.md, 2026-12-05
+    # 21:16): uniform 3-bit g128 with 50 tuning steps 27.72 at 32 windows -> 26.46 at 128, the quantize ~1.4x longer.
+    nsamples: int = 128
     seqlen: int = 512
 
     def fingerprint(self) -> dict:
