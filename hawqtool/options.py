@@ -156,7 +156,7 @@ CONSTRAINTS = ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties"
 # The stage settings a recipe sets in its nested `sensitivity:` / `quantize:` sections: every field of the options
 # class that is not already a top-level run setting (nsamples, seqlen, probes, bits, method, act_order, ...).
 NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_size", "max_seconds", "checkpoint_blocks",
-                                                 "quantize_head", "eigen", "eigen_iters")),
+                                                 "quantize_head", "only", "eigen", "eigen_iters")),
           "allocate": (AllocateOptions, CONSTRAINTS + ("max_bytes", "pairs", "max_bops", "bops_frac", "latency_table",
                                                        "max_latency_ms", "latency_frac", "sweep")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",

@@ -61,7 +61,19 @@ def _at_least(lo, hi=None):
     return ok
 
 
-_NESTED_OK = {"objective": _choice("self-kl", "labels", "output-mse"), "estimator": _choice("auto", "hutchinson", "fisher"),
+def _regex(v) -> bool:
+    import re
+
+    try:
+        re.compile(v or "")
+    except re.error:
+        return False
+    return True
+
+
+_regex.__doc__ = "a regular expression, e.g. 'mlp|lm_head'"
+
+_NESTED_OK = {"only": _regex, "objective": _choice("self-kl", "labels", "output-mse"), "estimator": _choice("auto", "hutchinson", "fisher"),
               "act_mode": _choice("dynamic", "static"), "act_calib": _choice("minmax", "percentile", "mse"),
               "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
               "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1),

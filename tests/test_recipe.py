@@ -34,6 +34,7 @@ def test_default_recipe_is_the_default_job():
     ("quantize: {grid: best}\n", "quantize.grid = 'best' is not allowed (one of search, minmax)"),
     ("quantize: {tune_loss: kl}\n", "quantize.tune_loss = 'kl' is not allowed (one of mse, relative, weighted)"),
     ("quantize: {tune_iters: -1}\n", "quantize.tune_iters"),
+    ("sensitivity: {only: '('}\n", "sensitivity.only = '(' is not allowed (a regular expression"),
     ("quantize: {percdamp: 2.0}\n", "at most 1.0"),
     ("quantize: 3\n", "must be a mapping of quantize options"),
     ("allocate: {pin: {x: 8}}\n", "did you mean 'pins'"),
