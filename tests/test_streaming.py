@@ -119,18 +119,22 @@ def test_streamed_sensitivity_equals_in_memory(either, text_file):
 
 
 @pytest.mark.parametrize("objective", ["self-kl", "output-mse"])
-def test_streamed_hutchinson_equals_in_memory(llama3, text_file, objective):
+def test_streamed_hutchinson_equals_in_memory(either, text_file, objective):
     """Hutchinson with the Gauss-Newton product, streamed (jvp forward, backward in reverse, one block resident)
     against hutchinson_traces(hvp="ggn") in memory: the same Rademacher draws, so the same samples; they are
     signed (not all ≥ 0, unlike Fisher's), so an equality here is no accident of magnitudes."""
     from hawqtool.stages import compute_sensitivity
 
+    llama3 = either  # untied: the head is a layer outside the blocks, its v drawn last
     mem = _load(llama3)
     ids = _ids(mem, text_file)
     kw = dict(max_probes=3, min_probes=3, batch_size=2, estimator="hutchinson", objective=objective, qerror_bits=(4,))
     a = compute_sensitivity(mem, ids, **kw)
     b = compute_sensitivity(_load(llama3, offload=True), ids, **kw)
     assert "streamed" in b.estimator and "ggn" in b.estimator
+    heads = [la for la in b.layers if la.name == "lm_head"]
+    untied = json.loads((either / "config.json").read_text()).get("tie_word_embeddings") is False
+    assert len(heads) == int(untied) and all(x != 0 for la in heads for x in la.samples)
     samples = [x for la in a.layers for x in la.samples]
     assert any(x < 0 for x in samples) or len({round(x, 3) for x in samples}) > 3
     for la, lb in zip(a.layers, b.layers):

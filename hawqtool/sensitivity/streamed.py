@@ -89,12 +89,16 @@ def streamed_ggn_probe(model: nn.Module, names: list[str], batch: Batch, objecti
     from torch.func import functional_call, jvp
 
     st = streamer_of(model)
-    outside = [nm for nm in names if not any(nm.startswith(p) for p in st.prefixes)]
-    if outside:
-        raise ValueError(f"streamed Hutchinson measures the blocks' layers only, not {outside[0]!r}")
+    outside = [nm for nm in names if not any(nm.startswith(p) for p in st.prefixes)]  # resident: an untied head
     inputs = capture_block_inputs(model, st.blocks[0], [batch])
     h, stored, states, as_tuple = inputs.hidden[0], [], [], False
     dh = torch.zeros_like(h)
+
+    def tail(x, ws):  # what follows the blocks (final norm, head) on x, with the outside layers' weights ws
+        with replayed_blocks(model, x, as_tuple):
+            return upcast(model_logits(lambda **kw: functional_call(model, ws, (), kw, strict=False), batch))
+
+    heads = {nm + ".weight": model.get_submodule(nm).weight for nm in outside}
     with torch.no_grad(), math_attention():
         for i in range(len(st.blocks)):
             with st.resident(i) as block:
@@ -111,17 +115,16 @@ def streamed_ggn_probe(model: nn.Module, names: list[str], batch: Batch, objecti
                     return out[0] if as_tuple else out
 
                 h, dh = jvp(f, (h, {k: w.detach() for k, w in local.items()}), (dh, vs))
-
-        def tail(x):
-            with replayed_blocks(model, x, as_tuple):
-                return upcast(model_logits(model, batch))
-
-        z, Jv = jvp(tail, (h,), (dh,))
+        v_out = {k: rademacher(w, gen) for k, w in heads.items()}  # drawn last, as in memory
+        z, Jv = jvp(tail, (h, {k: w.detach() for k, w in heads.items()}), (dh, v_out))
         u = output_hessian_product(objective, z, Jv, position_mask(batch, z))
     final = h.detach().requires_grad_(True)
+    ws = {k: w.detach().requires_grad_(True) for k, w in heads.items()}
     with torch.enable_grad(), math_attention():
-        (g,) = torch.autograd.grad(tail(final), [final], grad_outputs=u.to(z.dtype))
+        g, *gh = torch.autograd.grad(tail(final, ws), [final] + list(ws.values()), grad_outputs=u.to(z.dtype))
     values = dict.fromkeys(names, 0.0)
+    for nm, hv in zip(outside, gh):
+        values[nm] = float((v_out[nm + ".weight"].double() * hv.double()).sum())
     redrawn: dict[int, dict[str, torch.Tensor]] = {}
 
     def sample(i: int, nm: str, hv: torch.Tensor) -> None:
