@@ -169,19 +169,24 @@ def checked_by(parse):
     return callback
 
 
-def parse_ties(patterns) -> None:
-    """--tie patterns: non-empty regular expressions."""
+def check_regex(p: str, flag: str) -> None:
+    """A non-empty regular expression, or a one-line UserError naming `flag`."""
     import re
 
     from ..errors import UserError
 
+    if not p:
+        raise UserError(f"a {flag} pattern is empty; give a regex like '(q|k|v)_proj'")
+    try:
+        re.compile(p)
+    except re.error as e:
+        raise UserError(f"{flag} pattern {p!r} is not a valid regular expression ({e})") from None
+
+
+def parse_ties(patterns) -> None:
+    """--tie patterns: non-empty regular expressions."""
     for p in patterns:
-        if not p:
-            raise UserError("a --tie pattern is empty; give a regex like '(q|k|v)_proj'")
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise UserError(f"--tie pattern {p!r} is not a valid regular expression ({e})") from None
+        check_regex(p, "--tie")
 
 
 def _lazy(module: str, name: str):
@@ -197,6 +202,7 @@ PINS = checked_by(_lazy("allocate.plan", "parse_pins"))
 ALLOWS = checked_by(_lazy("allocate.plan", "parse_allowed"))
 PAIRS = checked_by(_lazy("allocate.options", "parse_pairs"))
 TIES = checked_by(parse_ties)
+ONLY = checked_by(lambda p: check_regex(p, "--only"))
 FORMATS = checked_by(_lazy("allocate.options", "parse_formats"))
 
 EMBED_BITS = [4, 6, 8, 16]  # embedding.EMBED_BITS (kept literal: --help must not import torch)
