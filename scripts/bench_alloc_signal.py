@@ -2,12 +2,16 @@
 same way (GPTQ on the searched grid), scored on the validation slice beside uniform at the same bytes.
 
     python scripts/bench_alloc_signal.py --avg-bits 3.0 --signals weighted,plain --seeds 0 --append
+    python scripts/bench_alloc_signal.py --signals weighted --estimator hutchinson --tune-iters 0 --append
+
+`--estimator` chooses the trace estimator of the one sensitivity report (the default's choice, issue 14: run the
+script once per estimator, same signal and seeds, and compare); `--tune-iters` the quantize stage's tuning steps.
 
 Signals: `weighted` (input-importance-weighted error of the searched grid), `plain` (unweighted
 error of the searched grid), `fisher-dir` (ΔWᵀFΔW along the searched grid's real error,
 sensitivity/directional.py), `uniform` (no allocation: every layer at
 the largest width that fits). One sensitivity report (the `run` defaults: Fisher, self-KL, 8×256
-tokens, ≤32 probes) serves all signals; it is cached in --cache.
+tokens, ≤32 probes) serves all signals; it is cached in --cache, one file per estimator.
 """
 from __future__ import annotations
 
@@ -28,19 +32,21 @@ from hawqtool.allocate.plan import allocate_bits, fixed_plan, plan_specs
 from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, eval_windows
 from hawqtool.evaluate import perplexity
 from hawqtool.models import load_model, quantizable_layers, weight_matrix
+from hawqtool.options import SensitivityOptions
 from hawqtool.quantize.driver import QuantizeOptions, quantize_model
 from hawqtool.stages import _qerrors, compute_sensitivity, layer_weights
 
 
 def sensitivity(args) -> artifacts.SensitivityReport:
     groups = tuple(args.group_sizes)
+    est = "" if args.estimator == "auto" else f"_{args.estimator}"
     path = Path(args.sens_file) if args.sens_file else \
-        Path(args.cache) / ("sensitivity.json" if groups == (128,) else f"sensitivity_g{'-'.join(map(str, groups))}.json")
+        Path(args.cache) / ("sensitivity" + ("" if groups == (128,) else f"_g{'-'.join(map(str, groups))}") + est + ".json")
     if path.exists():
         return artifacts.load(path, "sensitivity")
     loaded = load_model(args.model)
     ids = calibration_windows(loaded.tokenizer, "wiki", 8, 256, seed=1)
-    rep = compute_sensitivity(loaded, ids, max_probes=32, min_probes=8, target_rel_se=0.10,
+    rep = compute_sensitivity(loaded, ids, estimator=args.estimator, max_probes=32, min_probes=8, target_rel_se=0.10,
                               qerror_bits=tuple(args.bits), qerror_groups=groups, qerror_sym=(False,),
                               first_token_weight=QuantizeOptions().first_token_weight)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +165,11 @@ def main() -> None:
                     help="valid (60-80%% of the text: for choosing) or eval (last 20%%: for reporting)")
     ap.add_argument("--sens-file", default=None, help="a cached sensitivity report to use (widths/group sizes it "
                     "lacks are measured with the same input importance)")
+    ap.add_argument("--estimator", default=SensitivityOptions().estimator, choices=["auto", "fisher", "hutchinson"],
+                    help="the sensitivity report's trace estimator (auto: what the sensitivity stage picks)")
+    ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters,
+                    help="block tuning steps after GPTQ (0: GPTQ alone, about 10x quicker)")
+    ap.add_argument("--nsamples", type=int, default=QuantizeOptions().nsamples, help="calibration windows of 512 tokens")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     report = fill_qerrors(args, sensitivity(args))
@@ -185,15 +196,17 @@ def main() -> None:
         ppls = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             loaded = load_model(args.model)
-            calib = calibration_windows(loaded.tokenizer, "wiki", 32, 512, seed=seed)
-            quantize_model(loaded.model, plan_specs(plan), calib, QuantizeOptions(act_order=args.act_order,
-                                                                          static_groups=args.act_order))
+            calib = calibration_windows(loaded.tokenizer, "wiki", args.nsamples, 512, seed=seed)
+            quantize_model(loaded.model, plan_specs(plan), calib, QuantizeOptions(
+                act_order=args.act_order, static_groups=args.act_order, tune_iters=args.tune_iters))
             ppls.append(perplexity(loaded.model, windows).ppl)
             print(json.dumps(dict(signal=signal, seed=seed, ppl=ppls[-1], avg_bits=plan.avg_bits, bits=hist)), flush=True)
         rows.append(dict(signal=signal, ppls=ppls, avg_bits=plan.avg_bits, bits=hist))
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                + (f"budget {args.max_bpw} bits per linear weight" if args.max_bpw else f"budget avg {args.avg_bits} bits (g128 asym)")
-               + f", widths {args.bits}, group sizes {args.group_sizes}, asymmetric; GPTQ{' act-order, static groups' if args.act_order else ''} on the searched grid, 32×512 "
+               + f"; sensitivity: {report.settings.get('estimator', args.estimator)} estimator, {report.settings.get('objective', 'self-kl')}"
+               + f"; widths {args.bits}, group sizes {args.group_sizes}, asymmetric; GPTQ{' act-order, static groups' if args.act_order else ''} on the searched grid"
+               f" + {args.tune_iters} tuning steps, {args.nsamples}×512 "
                f"calibration tokens (seeds {args.seeds}); scored on the {'validation' if args.slice == 'valid' else 'evaluation'} slice ({fp.tokens} tokens, baseline "
                f"ppl {fp.ppl:.3f}); load: {load_now()}")
     lines = ["| Ω signal | avg bits | layers per width | ppl per seed | median |", "|---|---|---|---|---|"]
