@@ -76,6 +76,9 @@ class QuantizeOptions:
     tune_iters: int = 50
     tune_lr: float = 0.0  # the rounding offsets' signed step, decayed linearly to 0; 0 = 1 / tune_iters (AutoRound's)
     tune_scale_lr: float = 0.0  # the log-scales' step, relative to tune_lr (0 = scales stay GPTQ's)
+    # The descent's forward and backward under autocast to this dtype (bfloat16: AutoRound's amp, about 2x faster on
+    # a CPU with AVX512-BF16 or AMX and on GPUs); the keep-or-not comparison and the stored codes stay float32.
+    tune_dtype: str = "float32"  # float32 | bfloat16 | float16
     tune_loss: str = "mse"  # mse (AutoRound's) | relative (each token's output error over its norm) | weighted (mse,
     # each window's first position weighted first_token_weight, as in GPTQ's H)
     batch_size: int = 8
@@ -97,9 +100,11 @@ class QuantizeOptions:
         fp = {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
         if not self.float_target:  # added later: checkpoints made without them keep their fingerprint
             del fp["float_target"]
+        if self.tune_dtype == "float32":  # added later: checkpoints made before it keep their fingerprint
+            del fp["tune_dtype"]
         if not self.tune_iters:
-            for k in ("tune_iters", "tune_lr", "tune_scale_lr", "tune_loss"):
-                del fp[k]
+            for k in ("tune_iters", "tune_lr", "tune_scale_lr", "tune_loss", "tune_dtype"):
+                fp.pop(k, None)
         return fp
 
 
@@ -160,5 +165,5 @@ NESTED = {"sensitivity": (SensitivityOptions, ("objective", "estimator", "batch_
           "allocate": (AllocateOptions, CONSTRAINTS + ("max_bytes", "pairs", "max_bops", "bops_frac", "latency_table",
                                                        "max_latency_ms", "latency_frac", "sweep")),
           "quantize": (QuantizeOptions, ("act_mode", "act_calib", "blocksize", "percdamp", "static_groups", "grid",
-                                         "true_sequential", "float_target", "tune_iters", "tune_lr", "tune_scale_lr", "tune_loss", "batch_size", "first_token_weight",
+                                         "true_sequential", "float_target", "tune_iters", "tune_lr", "tune_scale_lr", "tune_loss", "tune_dtype", "batch_size", "first_token_weight",
                                          "aphq_iters", "aphq_mlp_relu"))}

@@ -78,7 +78,8 @@ _NESTED_OK = {"only": _regex, "objective": _choice("self-kl", "labels", "output-
               "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
               "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1),
               "trace_ucb": _at_least(0.0), "eigen_iters": _at_least(1), "tune_iters": _at_least(0),
-              "tune_lr": _at_least(0.0, 1.0), "tune_scale_lr": _at_least(0.0), "tune_loss": _choice("mse", "relative", "weighted")}
+              "tune_lr": _at_least(0.0, 1.0), "tune_scale_lr": _at_least(0.0), "tune_loss": _choice("mse", "relative", "weighted"),
+              "tune_dtype": _choice("float32", "bfloat16", "float16")}
 # fields whose default is None but whose value is a positive number (budgets, limits)
 _NUMBERS = ("max_seconds", "max_bytes", "max_bops", "bops_frac", "max_latency_ms", "latency_frac")
 

@@ -56,7 +56,8 @@ def run_config(model_ref, cfg: str, seed: int, args, windows) -> dict:
                            percdamp=args.percdamp,
                            first_token_weight=args.first_token_weight, float_target=args.float_target,
                            tune_iters=args.tune_iters, tune_lr=args.tune_lr,
-                           tune_scale_lr=args.tune_scale_lr, tune_loss=args.tune_loss)
+                           tune_scale_lr=args.tune_scale_lr, tune_loss=args.tune_loss,
+                           tune_dtype=args.tune_dtype)
     t0 = time.perf_counter()
     res = quantize_model(loaded.model, plan_specs(plan), calib, opts)
     qs = time.perf_counter() - t0
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=QuantizeOptions().tune_lr, help="0 = 1 / tune-iters")
     ap.add_argument("--tune-scale-lr", type=float, default=QuantizeOptions().tune_scale_lr)
     ap.add_argument("--tune-loss", choices=["mse", "relative", "weighted"], default=QuantizeOptions().tune_loss)
+    ap.add_argument("--tune-dtype", choices=["float32", "bfloat16", "float16"], default=QuantizeOptions().tune_dtype,
+                    help="the tuning steps' autocast dtype")
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block tuning logs each block
@@ -103,7 +106,7 @@ def main() -> None:
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                f"calibration {args.nsamples}×{args.seqlen} tokens ({args.data}, first 60%, seeds "
              f"{args.seeds}); scored on the {args.slice} slice: {fp.tokens} predicted tokens ({args.windows}×512); "
-             f"first-token weight {args.first_token_weight}; damping {args.percdamp}; act-order {args.act_order}; float target {args.float_target}; tune iters {args.tune_iters} (lr {args.tune_lr or '1/iters'}, scale lr ×{args.tune_scale_lr}, loss {args.tune_loss}); baseline ppl {fp.ppl:.3f}; load: {load_now()}")
+             f"first-token weight {args.first_token_weight}; damping {args.percdamp}; act-order {args.act_order}; float target {args.float_target}; tune iters {args.tune_iters} (lr {args.tune_lr or '1/iters'}, scale lr ×{args.tune_scale_lr}, loss {args.tune_loss}, {args.tune_dtype}); baseline ppl {fp.ppl:.3f}; load: {load_now()}")
     lines = ["| config (method:bits:group:sym:grid) | avg bits | ppl per seed | median | GPTQ/RTN output error (median layer) | quantize s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['avg_bits']:.3f} | {' / '.join(f'{p:.2f}' for p in r['ppls'])} | "

@@ -214,3 +214,36 @@ def test_weighted_loss_weighs_each_windows_first_position(tiny_llama):
     assert got == pytest.approx(want, rel=1e-6) and want > 2 * float(e.sum())
     with pytest.raises(ValueError, match="weighted"):
         tune_block(block, {}, {}, {}, inputs, [y], iters=1, loss="sink")
+
+
+def test_bf16_descent_under_autocast_decides_in_float32(tiny_llama, monkeypatch):
+    """tune_dtype="bfloat16": every descent step's forward runs under bf16 autocast, every keep-or-not total
+    without it, so the error GPTQ's weights leave is the float32 tuner's to the bit; the block's error still falls."""
+    seen = []
+    real = tune._block_loss
+
+    def spy(*a, **k):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tune, "_block_loss", spy)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model(str(tiny_llama))
+        seen.clear()
+        res = quantize_model(loaded.model, _specs(loaded.model), IDS,
+                             QuantizeOptions(tune_iters=40, batch_size=3, tune_dtype=dtype))
+        results[dtype] = (res, [s for s in seen])
+    steps = [s for s in results["bfloat16"][1] if s[0]]
+    totals = [s for s in results["bfloat16"][1] if not s[0]]
+    assert len(steps) == 40 * 2 and all(s[1] and s[2] == torch.bfloat16 for s in steps)  # 2 blocks × 40 steps
+    assert totals and not any(s[1] for s in totals)
+    assert not any(s[1] for s in results["float32"][1])
+    n = "model.layers.0.self_attn.q_proj"
+    notes32, notes16 = results["float32"][0][n].notes[-1], results["bfloat16"][0][n].notes[-1]
+    before = lambda note: note.split("error ")[1].split(" ->")[0]  # noqa: E731
+    assert before(notes32) == before(notes16), (notes32, notes16)
+    after = float(notes16.split("-> ")[1].split(";")[0])
+    assert after < 0.95 * float(before(notes16)), notes16
+    with pytest.raises(ValueError, match="tune_dtype"):
+        quantize_model(load_model(str(tiny_llama)).model, {}, IDS, QuantizeOptions(tune_dtype="int8"))

@@ -36,7 +36,7 @@ from quant_kernels import PackedWeight
 from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
 from .resume_state import BlockState
-from .tune import LOSSES
+from .tune import DTYPES, LOSSES
 
 log = logging.getLogger("hawqtool")
 
@@ -190,10 +190,9 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
                    progress: Callable[[str], None] | None = None) -> dict[str, LayerResult]:
     """Quantize every layer in `specs` in place (weights become their dequantized values)
     and return the per-layer results. Layers outside the repeated blocks go last."""
-    if opts.grid not in ("search", "minmax"):
-        raise ValueError(f"QuantizeOptions.grid must be 'search' or 'minmax', got {opts.grid!r}")
-    if opts.tune_loss not in LOSSES:
-        raise ValueError(f"QuantizeOptions.tune_loss must be one of {', '.join(LOSSES)}, got {opts.tune_loss!r}")
+    for key, allowed in (("grid", ("search", "minmax")), ("tune_loss", LOSSES), ("tune_dtype", tuple(DTYPES))):
+        if getattr(opts, key) not in allowed:
+            raise ValueError(f"QuantizeOptions.{key} must be one of {', '.join(allowed)}, got {getattr(opts, key)!r}")
     layers = quantizable_layers(model)
     try:
         _, blocks = find_blocks(model)

@@ -42,7 +42,7 @@ def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict
     res = tune_block(block, in_block, {n: results[n].weight for n in in_block},
                      {n: results[n].updated for n in in_block}, inputs, targets, iters=opts.tune_iters,
                      lr=opts.tune_lr or None, scale_lr=opts.tune_scale_lr, loss=opts.tune_loss,
-                     first_weight=opts.first_token_weight, seed=i, n_total=n_total)
+                     first_weight=opts.first_token_weight, seed=i, n_total=n_total, dtype=opts.tune_dtype)
     for n in in_block:
         results[n].updated = None  # GPTQ's compensated weights are needed no more
     if not res.tuned:

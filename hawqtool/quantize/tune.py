@@ -138,6 +138,7 @@ def _write_rows(layer: nn.Module, transposed: bool, slices: list[slice], rows) -
 
 
 LOSSES = ("mse", "relative", "weighted")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the descent's autocast dtype
 
 
 def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], j: int,
@@ -165,8 +166,9 @@ def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 
 
 def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tunable], inputs: BlockInputs,
              targets: list[torch.Tensor], iters: int, lr: float, scale_lr: float, relative: bool, seed: int,
-             n_total: int, first: float = 1.0) -> None:
+             n_total: int, first: float = 1.0, amp: torch.dtype | None = None) -> None:
     """SignRound's steps on the tunables' V (and θ), from their current values; the layers hold Ŵ throughout.
+    amp: each step's forward under autocast to this dtype (its backward follows; ∂L/∂Ŵ lands in float32).
     Data parallel: every rank walks the same batch order; each step's gradient signs come from the rank holding
     that batch (distributed.my_share's strided split), so every rank makes the one process's updates."""
     rank, size = world()
@@ -200,7 +202,9 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
                     w.grad = None
                 try:
                     with torch.enable_grad():
-                        _block_loss(block, inputs, targets, g // size, relative, first).backward()
+                        with torch.autocast(ws[0].device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                            step_loss = _block_loss(block, inputs, targets, g // size, relative, first)
+                        step_loss.backward()
                 finally:
                     for h in hooks:
                         h.remove()
@@ -222,13 +226,15 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
 def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str, QuantizedWeight],
                updated: dict[str, torch.Tensor | None], inputs: BlockInputs, targets: list[torch.Tensor], *,
                iters: int, lr: float | None = None, scale_lr: float = 1.0, loss: str = "mse",
-               first_weight: float = 1.0, seed: int = 0, n_total: int | None = None) -> TuneResult:
+               first_weight: float = 1.0, seed: int = 0, n_total: int | None = None,
+               dtype: str = "float32") -> TuneResult:
     """Tune the quantized `weights` of `layers` (global name → module inside `block`), GPTQ's compensated weights
     `updated`, so the block's outputs on `inputs` (the quantized chain's) approach `targets` (the float block's on
     the float chain's); see the module docstring. Layers without compensated weights (ggml formats, RTN) are left
     as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's), "relative"
     (each token's error relative to its target's norm) or "weighted" (mse, each window's first position weighted
-    `first_weight`, as GPTQ's H). A block whose error rose keeps GPTQ's codes.
+    `first_weight`, as GPTQ's H). dtype: the descent's autocast dtype (DTYPES); the before/after losses that decide
+    are float32 whatever it is. A block whose error rose keeps GPTQ's codes.
     Memory: the layers' own weight tensors carry Ŵ and, one layer at a time, ∂L/∂Ŵ, of which only the signs in V
     (int8) are kept; beyond U the tuner holds V (plain autograd through Ŵ(V) held about five more copies).
     Data parallel: n_total batches, this rank holding its strided share (see _descend)."""
@@ -236,6 +242,8 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
 
     if loss not in LOSSES:
         raise ValueError(f"tune loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"tune dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     relative = loss == "relative"
     first = first_weight if loss == "weighted" else 1.0
     t0 = time.perf_counter()
@@ -249,7 +257,7 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
     for n, t in tun.items():
         t.write(layers[n])
     before = _total(block, inputs, targets, relative, n_total, first)
-    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total, first)
+    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total, first, DTYPES[dtype])
     tuned = {}
     for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
         t = tun.pop(n)
