@@ -70,7 +70,11 @@ def point(work: Path, name: str, sens: Path, alloc_args: list[str], model: str |
     the plan does not depend on the seed and is made once)."""
     cache = work / (f"{name}.json" if seed == 0 else f"{name}-s{seed}.json")
     if cache.exists():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if res.get("quantize_args", []) != QUANT_ARGS:  # a workdir holds one quantize setting's points
+            sys.exit(f"{cache} was made with --quantize-args {shlex.join(res.get('quantize_args', []))!r}; "
+                     "use another --workdir for other quantize options")
+        return res
     plan_path, ckpt = work / f"{name}.plan.json", work / (f"{name}.ckpt" if seed == 0 else f"{name}-s{seed}.ckpt")
     if not plan_path.exists():
         sh(["allocate", str(sens), "-q", "-o", str(plan_path), *alloc_args])
@@ -87,7 +91,7 @@ def point(work: Path, name: str, sens: Path, alloc_args: list[str], model: str |
     # one lower-is-better score: perplexity for causal LMs, 1 − embedding cosine for encoders
     score = ev["ppl"] if ev["task"] == "causal-lm" else 1.0 - ev["cosine"]
     res = dict(name=name, seed=seed, bytes=plan["total_bytes"], avg_bits=plan["avg_bits"], omega=plan["predicted_omega"],
-               ppl=score, task=ev["task"], quantize_s=qs, bits=hist)
+               ppl=score, task=ev["task"], quantize_s=qs, bits=hist, quantize_args=QUANT_ARGS)
     cache.write_text(json.dumps(res))
     print(json.dumps(res), flush=True)
     return res
@@ -153,7 +157,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=40)
     args = ap.parse_args()
     EVAL_ARGS.extend(["--seqlen", str(args.eval_seqlen), "--windows", str(args.eval_windows)])
-    QUANT_ARGS.extend(args.quantize_args.split())
+    QUANT_ARGS.extend(shlex.split(args.quantize_args))
     seeds = [int(x) for x in args.seeds.split(",")]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
