@@ -33,6 +33,7 @@ from hawqtool.data import EVAL_FRACTION, VALID_FRACTION, calibration_windows, ev
 from hawqtool.evaluate import perplexity
 from hawqtool.models import load_model, quantizable_layers, weight_matrix
 from hawqtool.options import SensitivityOptions
+from hawqtool.sensitivity.settings import ESTIMATORS
 from hawqtool.quantize.driver import QuantizeOptions, quantize_model
 from hawqtool.stages import _qerrors, compute_sensitivity, layer_weights
 
@@ -165,7 +166,7 @@ def main() -> None:
                     help="valid (60-80%% of the text: for choosing) or eval (last 20%%: for reporting)")
     ap.add_argument("--sens-file", default=None, help="a cached sensitivity report to use (widths/group sizes it "
                     "lacks are measured with the same input importance)")
-    ap.add_argument("--estimator", default=SensitivityOptions().estimator, choices=["auto", "fisher", "hutchinson"],
+    ap.add_argument("--estimator", default=SensitivityOptions().estimator, choices=("auto", *ESTIMATORS),
                     help="the sensitivity report's trace estimator (auto: what the sensitivity stage picks)")
     ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters,
                     help="block tuning steps after GPTQ (0: GPTQ alone, about 10x quicker)")
