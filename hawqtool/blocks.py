@@ -25,6 +25,9 @@ class BlockInputs:
     args: list[tuple]  # positional args after the hidden state
     kwargs: list[dict]
     tuple_out: bool | None = None  # the blocks return (hidden, ...), not the hidden state (None: not run yet)
+    # the block's outputs on `hidden`, already computed by the stage with the block as it will be left (block
+    # tuning's last loss): the block engine takes them as the next inputs instead of running the block again
+    outputs: list[torch.Tensor] | None = None
 
 
 def find_blocks(model: nn.Module, containers: tuple[type, ...] = (nn.ModuleList,)) -> tuple[str, nn.Module]:

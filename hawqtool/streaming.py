@@ -215,7 +215,8 @@ def walk_blocks(model: nn.Module, batches: list[dict], *, start: int = 0, stop: 
                 park: Path | None = None) -> Iterator[tuple[int, nn.Module, object]]:
     """The one block engine: run `model` over `batches` block by block. Yields (i, block, inputs) with block i
     resident (streamed models: loaded for the step, dropped after); once the caller hands control back (it may
-    have changed the block: GPTQ), the block's outputs become block i+1's inputs. `hidden`: block `start`'s
+    have changed the block: GPTQ), the block's outputs become block i+1's inputs (the caller's `inputs.outputs`
+    where it has computed them already). `hidden`: block `start`'s
     inputs (a resumed run); `host`: keep boundary activations on the CPU between blocks (streamed models always
     do). `inputs.hidden` ends as the outputs of the last block run; `box["inputs"]` holds the inputs object
     (also when no block runs: a resumed run that had finished every block). `containers`, `call_kwargs`: what
@@ -249,10 +250,12 @@ def _walk(blocks, streamer, inputs, start: int, stop: int, host: bool, after) ->
             dev = next((p.device for p in block.parameters()), torch.device("cpu"))
             inputs.hidden = [h.to(dev) for h in inputs.hidden]  # no copy when they are there already
             yield i, block, inputs
-            with torch.no_grad():
-                out = [block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]) for j in range(len(inputs.hidden))]
-            inputs.tuple_out = bool(out) and isinstance(out[0], (tuple, list))
-            out = [o[0] if inputs.tuple_out else o for o in out]
+            out, inputs.outputs = inputs.outputs, None
+            if out is None:
+                with torch.no_grad():
+                    out = [block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]) for j in range(len(inputs.hidden))]
+                inputs.tuple_out = bool(out) and isinstance(out[0], (tuple, list))
+                out = [o[0] if inputs.tuple_out else o for o in out]
             inputs.hidden = [h.cpu() for h in out] if host else out
             if after is not None:
                 after(i, inputs)

@@ -247,3 +247,29 @@ def test_bf16_descent_under_autocast_decides_in_float32(tiny_llama, monkeypatch)
     assert after < 0.95 * float(before(notes16)), notes16
     with pytest.raises(ValueError, match="tune_dtype"):
         quantize_model(load_model(str(tiny_llama)).model, {}, IDS, QuantizeOptions(tune_dtype="int8"))
+
+
+def test_engine_takes_the_tuned_blocks_outputs_from_the_last_loss(tiny_llama, monkeypatch):
+    """The block engine's next inputs come from tuning's last loss (the tuned weights in place) instead of one more
+    forward of every batch: the results are the recomputing run's to the bit, with that forward saved per block."""
+    from hawqtool.quantize import driver
+
+    def run():
+        loaded = load_model(str(tiny_llama))
+        blocks = find_blocks(loaded.model)[1]
+        calls = [0]
+        for b in blocks:
+            b.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        res = quantize_model(loaded.model, _specs(loaded.model), IDS, QuantizeOptions(tune_iters=20, batch_size=3))
+        kept = sum("GPTQ's codes kept" in " ".join(r.notes) for n, r in res.items() if n.endswith("down_proj"))
+        return res, calls[0], len(blocks) - kept
+
+    reused, n_reused, tuned_blocks = run()
+    orig = driver.tune_results
+    monkeypatch.setattr(driver, "tune_results", lambda *a: orig(*a) and None)  # the engine runs every block again
+    again, n_again, _ = run()
+    assert reused.keys() == again.keys()
+    for n in reused:
+        for f in ("q", "scales", "zeros"):
+            assert torch.equal(getattr(reused[n].weight, f), getattr(again[n].weight, f)), (n, f)
+    assert tuned_blocks > 0 and n_again - n_reused == tuned_blocks * 2, (n_again, n_reused, tuned_blocks)

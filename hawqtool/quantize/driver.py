@@ -279,7 +279,7 @@ def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opt
                 fp = [run_block(floats[0], floats[1], j) for j in range(len(floats[1].hidden))]
             del floats
             if tune:  # the tuned weights into the block and the results (packed now for streamed models)
-                tune_results(block, in_block, results, inputs, fp, opts, i, n_total)
+                inputs.outputs = tune_results(block, in_block, results, inputs, fp, opts, i, n_total)
                 for n in in_block:
                     results[n] = _finish(n, in_block[n], results[n], streamed, put=False)
             chain["fp"] = [h.cpu() for h in fp] if streamed else fp

@@ -34,9 +34,10 @@ def retarget(group: dict[str, nn.Module], Hs: dict, block: nn.Module, inputs: Bl
 
 
 def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict, inputs: BlockInputs,
-                 targets: list[torch.Tensor], opts: QuantizeOptions, i: int, n_total: int) -> None:
+                 targets: list[torch.Tensor], opts: QuantizeOptions, i: int, n_total: int) -> list | None:
     """Block tuning (tune.py) of block i's GPTQ results (driver.LayerResult): each result's weight becomes the tuned
-    one (or stays GPTQ's) with a note of the block's error; the caller puts them into the block."""
+    one (or stays GPTQ's) with a note of the block's error; the caller puts them into the block. Returns the
+    block's outputs on `inputs` with the tuned weights (the block engine's next inputs), None where not tuned."""
     from .tune import tune_block
 
     res = tune_block(block, in_block, {n: results[n].weight for n in in_block},
@@ -46,7 +47,7 @@ def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict
     for n in in_block:
         results[n].updated = None  # GPTQ's compensated weights are needed no more
     if not res.tuned:
-        return
+        return None
     log.info("block %d tuned in %.1f s: output error %.4g -> %.4g%s, %.2f%% of codes moved", i, res.seconds,
              res.loss_before, res.loss_after, " (worse: GPTQ's kept)" if res.kept else "", 100 * res.changed)
     for n in res.tuned:
@@ -54,3 +55,4 @@ def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict
         r.weight = res.weights[n]
         r.notes = r.notes + [f"block tuned ({opts.tune_iters} steps): block output error {res.loss_before:.6g} -> "
                              f"{res.loss_after:.6g}" + ("; GPTQ's codes kept" if res.kept else "")]
+    return res.outputs

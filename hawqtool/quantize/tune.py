@@ -43,6 +43,7 @@ class TuneResult:
     changed: float  # fraction of codes that moved
     seconds: float
     tuned: tuple[str, ...] = ()  # the block's layers that were tunable
+    outputs: list[torch.Tensor] | None = None  # the block's outputs on the inputs, tuned weights in place (not kept)
 
     def summary(self) -> dict:
         return dict(loss_before=self.loss_before, loss_after=self.loss_after, kept_gptq=self.kept,
@@ -142,11 +143,13 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], j: int,
-                relative: bool, first: float = 1.0) -> torch.Tensor:
+                relative: bool, first: float = 1.0, keep: list | None = None) -> torch.Tensor:
     """Σ over batch j's tokens of ‖ŷ_t − y_t‖² (relative: each divided by ‖y_t‖², so a token with massive
     activations, the attention sink, counts as much as any other; first ≠ 1: each window's first position
-    weighted `first`, as GPTQ's H weighs it)."""
+    weighted `first`, as GPTQ's H weighs it). keep: the block's output ŷ is appended to it."""
     out = run_block(block, inputs, j)
+    if keep is not None:
+        keep.append(out)
     y = targets[j].to(out.device).float()
     err = (out.float() - y).pow(2).sum(-1)
     if relative:
@@ -156,11 +159,11 @@ def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tenso
     return err.sum()
 
 
-def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 1.0) -> float:
+def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 1.0, keep: list | None = None) -> float:
     """The loss summed over every calibration batch in global order (data parallel: each rank's share gathered
-    first, so the sum is the one process's to the last bit)."""
+    first, so the sum is the one process's to the last bit); keep: this rank's block outputs are appended."""
     with torch.no_grad():
-        mine = [float(_block_loss(block, inputs, targets, j, relative, first)) for j in range(len(inputs.hidden))]
+        mine = [float(_block_loss(block, inputs, targets, j, relative, first, keep)) for j in range(len(inputs.hidden))]
     return sum(gather_list(mine, n_total))
 
 
@@ -265,7 +268,8 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         g = qw.group_index()
         _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
         del t
-    after = _total(block, inputs, targets, relative, n_total, first)
+    outs: list[torch.Tensor] = []
+    after = _total(block, inputs, targets, relative, n_total, first, keep=outs)
     kept = not after < before
     out = dict(weights)
     moved, total = 0, 0
@@ -277,4 +281,4 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         total += qw.q.numel()
         out[n] = qw.to("cpu")
     return TuneResult(out, before, after, kept, moved / total if total else 0.0, time.perf_counter() - t0,
-                      tuple(tuned))
+                      tuple(tuned), None if kept else outs)
