@@ -28,6 +28,7 @@ def evaluate_any(ref: str | None, opts: EvalOptions | None = None, rep: Hooks | 
     from .data import eval_windows, with_special_tokens
     from .evaluate import embedding_fidelity, perplexity
     from .models import load_model, model_task
+    from .streaming import streamer_of
 
     source = ref
     manifest = read_manifest(ref, verify=False) if ref is not None and is_checkpoint(ref) else {}
@@ -40,10 +41,8 @@ def evaluate_any(ref: str | None, opts: EvalOptions | None = None, rep: Hooks | 
 
         from .runtime import load_quantized
 
-        if offload or max_memory is not None:
-            raise UserError(f"{ref} is a checkpoint, which is loaded whole (its layers stay packed); --offload and "
-                            "--max-memory stream a model's own files: drop them here")
-        model, sizes = load_quantized(ref, device=device, dtype=dtype), checkpoint_sizes(ref)
+        model = load_quantized(ref, device=device, dtype=dtype, offload=offload, max_memory=max_memory)
+        sizes = checkpoint_sizes(ref)
         task = model_task(AutoConfig.from_pretrained(ref))
         source = read_manifest(ref, verify=False).get("source_model")
         try:
@@ -58,7 +57,8 @@ def evaluate_any(ref: str | None, opts: EvalOptions | None = None, rep: Hooks | 
     if task == "causal-lm":
         with rep.bar("eval windows", len(windows)) as adv:
             res = perplexity(model, windows, batch_size=opts.batch_size, progress=adv)
-        return {"task": task, **asdict(res), "sizes": sizes, "device": str(model_device(model))}
+        return {"task": task, **asdict(res), "sizes": sizes, "device": str(model_device(model)),
+                "offload": streamer_of(model) is not None}
     reference = reference or source
     if reference is None:
         raise UserError("an encoder is scored against its full-precision model; pass --reference MODEL")

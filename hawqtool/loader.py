@@ -9,7 +9,6 @@ exactly dequantized weight (llama.cpp runs those bytes natively after `export --
 """
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -276,7 +275,8 @@ def _check_embedding(model: nn.Module, emb: dict, tensors: dict[str, torch.Tenso
 
 
 def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager",
-                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   offload: bool = False, max_memory: int | None = None) -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear (a quantized embedding as QuantEmbedding,
     its tied head as a QuantLinear on the same codes), in eval mode (transformers models
     with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
@@ -284,17 +284,51 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     Everything read is validated before the model is allocated: the folder (exactly the listed files, no
     symlinks, each file's sha256 unless verify=False), manifest types, and every tensor's shape/dtype
     against the model config.json describes, built first on the meta device; any problem is a one-line
-    UserError."""
+    UserError. `offload` (automatic when the file exceeds `max_memory`, or 80% of the device's free memory):
+    the repeated blocks' packed tensors are read only while each block runs (streaming.Streamer), checked then."""
+    from .streaming import exceeds
+
     path = Path(path)
     manifest = read_manifest(path, verify=False)
     verify_folder(path, manifest, hashes=verify)  # the folder's shape always; the sha256 unless verify=False
     tied = manifest.get("tied") or {}
     if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
         raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if offload or exceeds((path / WEIGHTS).stat().st_size, dev, max_memory):
+        from .checkpoint_stream import streamed_checkpoint
+
+        return streamed_checkpoint(path, manifest, attn_implementation, dev, dtype or torch.float32)
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
+    model, emb = _packed_model(path, manifest, tensors, attn_implementation)
+    owners = _packed_owners(manifest["layers"], emb)
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in owners)}
+    own = model.state_dict()
+    rest = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in rest.items()}
+    model.load_state_dict(rest, strict=False, assign=True)  # meta parameters take the file's tensors (no copy)
+    if tied:
+        model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise UserError(f"{path / WEIGHTS} lacks {empty[0]} (and {len(empty) - 1} more tensors) that config.json "
+                        "describes; re-create the checkpoint")
+    model.eval()
+    if dtype is not None and dtype != torch.float32:  # the float parts; packed scales stay fp16 (runtime._Packed)
+        model.to(dtype=dtype)
+        for m in model.modules():
+            if isinstance(m, QuantEmbedding):
+                m.dtype = dtype
+    return model.to(device) if device is not None else model
+
+
+def _packed_model(path: Path, manifest: dict, tensors: dict[str, torch.Tensor],
+                  attn_implementation: str) -> tuple[nn.Module, dict | None]:
+    """The checkpoint's model, checked against `tensors` (real, or meta ones of the stored shapes), with its packed
+    layers (and embedding) in place as runtime modules on those tensors; its other parameters still on the meta
+    device. Returns it and the manifest's embedding entry."""
     if manifest.get("task") == "image-classification":
         model = _vision_skeleton(path, manifest)
         _check_fits(model, manifest, tensors, path)
@@ -304,8 +338,7 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
         model = _hf_skeleton(path, config, attn_implementation, meta="params")  # filled from the file below
         if "act_fn" in manifest:
             _replace_activations(model, manifest["act_fn"], path / MANIFEST)
-    layers = manifest["layers"]
-    for name, meta in layers.items():
+    for name, meta in manifest["layers"].items():
         if "ggml_type" in meta:
             target = model.get_submodule(name)
             if not isinstance(target, nn.Linear):
@@ -333,21 +366,4 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
         _set_module(model, emb["name"], QuantEmbedding(pw, model.get_submodule(emb["name"]).weight.dtype))
         if emb["tied_head"] is not None:  # the same packed codes: one copy serves the lookup and the logits
             _set_module(model, emb["tied_head"], QuantLinear(pw, _bias(tensors, emb["tied_head"], pw.out_features)))
-    owners = _packed_owners(layers, emb)
-    rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in owners)}
-    own = model.state_dict()
-    rest = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in rest.items()}
-    model.load_state_dict(rest, strict=False, assign=True)  # meta parameters take the file's tensors (no copy)
-    if tied:
-        model.tie_weights()
-    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if empty:
-        raise UserError(f"{path / WEIGHTS} lacks {empty[0]} (and {len(empty) - 1} more tensors) that config.json "
-                        "describes; re-create the checkpoint")
-    model.eval()
-    if dtype is not None and dtype != torch.float32:  # the float parts; packed scales stay fp16 (runtime._Packed)
-        model.to(dtype=dtype)
-        for m in model.modules():
-            if isinstance(m, QuantEmbedding):
-                m.dtype = dtype
-    return model.to(device) if device is not None else model
+    return model, emb

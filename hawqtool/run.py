@@ -320,7 +320,7 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                                                          progress=lambda _n: adv(1)))
             qsecs = round(time.perf_counter() - q0, 2)
             del fresh
-        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt)))
+        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt, **mem)))
         results[name]["quantize_seconds"] = qsecs
         sizes[name] = checkpoint_sizes(ck)
 

@@ -13,6 +13,8 @@ from quant_kernels import PackedWeight, dequantize, dequantize_gather, qmatmul, 
 from quant_kernels.int8_ops import (ActSpec, conv2d_int8, fake_quant, int8_conv_supported, int8_linear_fn,
                                     int8_linear_supported)
 
+from .errors import UserError
+
 
 def _act_spec(act_bits: int, act_static, granularity: str = "image") -> ActSpec | None:
     """The input quantizer of a layer: None (float input), dynamic (conv inputs scaled per `granularity`), or
@@ -39,17 +41,33 @@ class _Packed(nn.Module):
     """A module whose PackedWeight's tensors are its buffers: `.to(device)` moves them and re-points `pw` at the
     moved ones; a dtype change casts the module's float state but keeps the scales fp16 (the stored format)."""
 
+    keeps_stored_dtype = True  # streaming.Streamer reads its buffers as stored (int32 codes, fp16 scales)
+
     def _apply(self, fn, recurse=True):
         scales = self.scales.dtype
         super()._apply(fn, recurse)
         if self.scales.dtype != scales:
             self.scales = self.scales.to(scales)
+        self.rebind()
+        return self
+
+    def rebind(self) -> None:
+        """`pw` re-pointed at the module's buffers after they were replaced (moved, or read by a Streamer), the
+        kernel layouts built from the old ones dropped."""
         self.pw = replace(self.pw, qweight=self.qweight, scales=self.scales, qzeros=self.qzeros,
                           g_idx=getattr(self, "g_idx", self.pw.g_idx))
         for cached in ("_int8_fn", "_w"):
             if hasattr(self, cached):
                 setattr(self, cached, None)
-        return self
+
+    def read_from_file(self) -> None:
+        """Called by streaming.Streamer once it has read the buffers from the checkpoint's file: re-pointed and
+        checked as loader.packed_from_tensors checks a whole file's (values too: finite scales, g_idx range)."""
+        self.rebind()
+        try:
+            self.pw.validate()
+        except ValueError as e:
+            raise UserError(f"a packed layer of the checkpoint is malformed ({e}); re-create the checkpoint") from e
 
 
 class QuantLinear(_Packed):

@@ -57,7 +57,8 @@ class WeightSource:
 class Streamer:
     """Loads and drops the repeated blocks of a meta-built model; the rest of it is resident from the start."""
 
-    def __init__(self, model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype,
+                 tie: bool = True):
         from .blocks import find_blocks
 
         self.model, self.source, self.device, self.dtype = model, source, device, dtype
@@ -69,8 +70,9 @@ class Streamer:
         self.resident_now: set[int] = set()
         outside = [n for n, _ in _tensors(model) if not n.startswith(prefix + ".")]
         self._place(outside)
-        if hasattr(model, "tie_weights"):
+        if tie and hasattr(model, "tie_weights"):  # tie=False: a checkpoint whose tied head holds packed codes
             model.tie_weights()
+        _loaded(m for n, m in model.named_modules() if not n.startswith(prefix + "."))
 
     def _place(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -80,13 +82,16 @@ class Streamer:
             if key is None:
                 continue  # a tied copy or a buffer computed at construction (rotary inv_freq)
             t = self.source.get(key)  # a copy of its own: stages write to the block's weights
-            t = t.to(self.dtype) if t.is_floating_point() else t
+            owner = self.model.get_submodule(n.rpartition(".")[0])
+            if t.is_floating_point() and not getattr(owner, "keeps_stored_dtype", False):  # packed: fp16 scales
+                t = t.to(self.dtype)
             set_module_tensor_to_device(self.model, n, self.device, value=t)
 
     def load(self, i: int) -> None:
         """Read block i's weights onto the device."""
         if i not in self.resident_now:
             self._place([n for n, _ in _tensors(self.model) if n.startswith(self.prefixes[i])])
+            _loaded(self.blocks[i].modules())
             self.resident_now.add(i)
 
     def drop(self, i: int) -> None:
@@ -144,6 +149,13 @@ class Streamer:
         if key is None:
             raise KeyError(name)
         return self.source.get(key)
+
+
+def _loaded(modules) -> None:
+    """Tell the modules that keep state derived from their tensors (runtime's packed layers) that these were read."""
+    for m in modules:
+        if callable(getattr(m, "read_from_file", None)):
+            m.read_from_file()
 
 
 def _return_freed_memory() -> None:
@@ -325,8 +337,11 @@ def streamed_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> It
 def too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:
     """Whether the weights in `dtype` exceed `max_memory`, or (without one) 80% of the device's free memory."""
     need = weights_bytes(Path(source), dtype)
-    if need is None:
-        return False
+    return need is not None and exceeds(need, dev, max_memory, f"the weights need %.1f GiB in {dtype}")
+
+
+def exceeds(need: int, dev: torch.device, max_memory: int | None, what: str = "the checkpoint holds %.1f GiB") -> bool:
+    """Whether `need` bytes exceed `max_memory`, or (without one) 80% of the device's free memory (logged)."""
     if max_memory is None:
         if dev.type == "cuda":
             max_memory = int(0.8 * torch.cuda.mem_get_info(dev)[0])
@@ -335,8 +350,8 @@ def too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int 
 
             max_memory = int(0.8 * psutil.virtual_memory().available)
     if need > max_memory:
-        logging.getLogger("hawqtool").info("the weights need %.1f GiB in %s, more than %.1f GiB: streaming them block by block",
-                 need / 2**30, dtype, max_memory / 2**30)
+        logging.getLogger("hawqtool").info(what + ", more than %.1f GiB: streaming them block by block",
+                                           need / 2**30, max_memory / 2**30)
         return True
     return False
 

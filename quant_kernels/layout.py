@@ -102,7 +102,10 @@ class PackedWeight:
         return pw
 
     def validate(self) -> None:
-        """Check metadata, shapes, dtypes and devices; raise ValueError naming the first problem."""
+        """Check metadata, shapes, dtypes and devices; raise ValueError naming the first problem. Values (finite
+        scales, g_idx range) are checked where they exist: not on the meta device (a streamed checkpoint's
+        layers are built from the file's header and checked again when their block is read)."""
+        real = self.qweight.device.type != "meta" if isinstance(self.qweight, torch.Tensor) else True
         if not _is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {self.bits!r}")
         if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size < 1):
@@ -116,7 +119,7 @@ class PackedWeight:
         out_f, n_g = self.out_features, self.n_groups
         self._check_tensor("qweight", self.qweight, torch.int32, (out_f, n_words(self.in_features, self.bits)))
         self._check_tensor("scales", self.scales, torch.float16, (out_f, n_g))
-        if not bool(torch.isfinite(self.scales).all()):
+        if real and not bool(torch.isfinite(self.scales).all()):
             raise ValueError("scales contain inf or NaN")
         if self.symmetric:
             if self.qzeros is not None:
@@ -127,7 +130,7 @@ class PackedWeight:
             self._check_tensor("qzeros", self.qzeros, torch.int32, (out_f, n_words(n_g, self.bits)))
         if self.g_idx is not None:
             self._check_tensor("g_idx", self.g_idx, torch.int32, (self.in_features,))
-            if self.g_idx.numel() and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= n_g):
+            if real and self.g_idx.numel() and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= n_g):
                 raise ValueError(f"g_idx values must lie in [0, {n_g - 1}], got "
                                  f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
 

@@ -233,3 +233,17 @@ def test_run_reports_both_sizes(tmp_path, tiny_llama, text_file):
         plan = json.loads((out / ("plan.json" if key == "mixed" else "plan_uniform.json")).read_text())
         assert plan["embedding"]["bits"] == 8 and plan["file"]["tensor_bytes"] == c["tensor_bytes"]
     assert summary_table(s).columns[4].header == "file bits/param"
+
+
+def test_streamed_eval_of_a_quantized_embedding_equals_whole(staged, text_file):
+    """--offload on a checkpoint whose tied head shares the embedding's packed codes (stored once, under the
+    embedding's name): the streamed model's head reads those codes and scores what the whole load scores."""
+    from hawqtool.runtime import QuantEmbedding, QuantLinear, load_quantized
+
+    model = load_quantized(staged / "ckpt", offload=True)
+    table, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(table, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.qweight is table.qweight and head.pw.qweight is table.qweight and table.qweight.device.type == "cpu"
+    args = ["eval", staged / "ckpt", "--data", text_file, "--seqlen", 32, "--windows", 3, "--json"]
+    whole, streamed = (json.loads(invoke(*args, *flag).stdout) for flag in ([], ["--offload"]))
+    assert streamed["offload"] is True and streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)

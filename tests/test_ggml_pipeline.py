@@ -59,6 +59,11 @@ def test_plan_checkpoint_and_eval(staged, llama256, text_file):
     assert np.isfinite(res["ppl"]) and res["sizes"]["linear_bits_per_weight"] == pytest.approx(plan["avg_bits"])
 
 
+def test_streamed_eval_of_ggml_layers_is_refused(staged, text_file):
+    """ggml layers load as dequantized dense Linear layers, whole: --offload says so in one line."""
+    one_line_error(invoke("eval", staged / "ckpt", "--data", text_file, "--offload", ok=False), "ggml", "--offload")
+
+
 def test_export_gguf_holds_the_checkpoint_bytes(staged, tmp_path):
     out = tmp_path / "m.gguf"
     invoke("export", staged / "ckpt", "--format", "gguf", "-o", out)

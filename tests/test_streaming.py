@@ -177,18 +177,70 @@ def test_offload_bad_memory_is_one_line(tmp_path, llama3, text_file):
     assert not (tmp_path / "r").exists()
 
 
-def test_eval_of_a_checkpoint_refuses_offload(tmp_path, llama3, text_file):
-    """A checkpoint is loaded whole (packed): --offload there is refused, not silently ignored."""
+def _checkpoint(model_dir, text_file, out, act_order=False, sym=False):
+    """An RTN (or, with act_order, GPTQ) checkpoint of every quantizable layer at 4 bits, groups of 16."""
     from hawqtool.allocate.plan import fixed_plan
     from hawqtool.models import quantizable_layers, weight_matrix
     from hawqtool.quantize.driver import QuantizeOptions
     from hawqtool.stages import quantize_stage
 
-    mem = _load(llama3)
+    mem = _load(model_dir)
     plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem.model).items()}, 4,
-                      group_size=16)
-    quantize_stage(mem, plan, _ids(mem, text_file), QuantizeOptions(method="rtn"), tmp_path / "ck")
-    one_line_error(invoke("eval", tmp_path / "ck", "--data", text_file, "--offload", ok=False), "checkpoint", "--offload")
+                      group_size=16, symmetric=sym)
+    opts = QuantizeOptions(method="gptq" if act_order else "rtn", act_order=act_order, tune_iters=0)
+    quantize_stage(mem, plan, _ids(mem, text_file), opts, out)
+    return out
+
+
+@pytest.mark.parametrize("act_order, sym", [(False, False), (True, True)])
+def test_streamed_checkpoint_equals_whole(tmp_path, either, text_file, act_order, sym):
+    """`eval CKPT --offload` reads each block's packed tensors only while it runs, and scores what the whole
+    checkpoint scores (asymmetric, and symmetric with act-order's g_idx; tied and untied quantized heads)."""
+    import torch
+
+    from hawqtool.evaluate import perplexity
+    from hawqtool.runtime import QuantLinear, load_quantized
+
+    ck = _checkpoint(either, text_file, tmp_path / "ck", act_order, sym)
+    model = load_quantized(ck, offload=True)
+    st = streamer_of(model)
+    assert st is not None and len(st.blocks) == 3
+    packed = [m for b in st.blocks for m in b.modules() if isinstance(m, QuantLinear)]
+    assert packed and all(m.qweight.device.type == "meta" for m in packed)
+    with st.resident(1) as block:
+        assert all(t.device.type == "cpu" for t in block.state_dict().values())
+        assert all(m.scales.dtype == torch.float16 for m in block.modules() if isinstance(m, QuantLinear))
+        assert all(t.device.type == "meta" for t in st.blocks[0].state_dict().values())
+    assert all(m.qweight.device.type == "meta" for m in packed)
+    windows = _ids(_load(either), text_file, n=5, seqlen=48)
+    a = perplexity(load_quantized(ck), windows, batch_size=2)
+    b = perplexity(model, windows, batch_size=2)
+    assert b.tokens == a.tokens and b.nll == pytest.approx(a.nll, rel=1e-6)
+    # the CLI: --offload, and --max-memory below the file's size, stream; both report the whole load's figures
+    whole = json.loads(invoke("eval", ck, "--data", text_file, "--seqlen", 32, "--windows", 3, "--json").stdout)
+    for flag in (["--offload"], ["--max-memory", "1000"]):
+        res = json.loads(invoke("eval", ck, "--data", text_file, "--seqlen", 32, "--windows", 3, "--json", *flag).stdout)
+        assert res["ppl"] == pytest.approx(whole["ppl"], rel=1e-6) and res["tokens"] == whole["tokens"]
+        assert res["sizes"] == whole["sizes"] and res["offload"] is True and whole["offload"] is False
+
+
+def test_streamed_checkpoint_checks_each_block_as_it_is_read(tmp_path, llama3, text_file):
+    """A block's packed tensors are checked when the streamer reads them: a NaN scale (sha256 check off) is one
+    line naming the problem, not a NaN perplexity."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hawqtool.evaluate import perplexity
+    from hawqtool.runtime import load_quantized
+
+    ck = _checkpoint(llama3, text_file, tmp_path / "ck")
+    t = load_file(str(ck / "model.safetensors"))
+    t["model.layers.2.mlp.up_proj.scales"][0, 0] = float("nan")
+    save_file(t, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    model = load_quantized(ck, offload=True, verify=False)  # only the header is read up front
+    with pytest.raises(UserError, match="scales contain inf or NaN"):
+        perplexity(model, _ids(_load(llama3), text_file, n=2, seqlen=16), batch_size=2)
+    assert torch.isnan(load_file(str(ck / "model.safetensors"))["model.layers.2.mlp.up_proj.scales"][0, 0])
 
 
 def test_size_accounting_of_a_streamed_model(llama3):

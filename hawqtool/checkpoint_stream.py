@@ -1,0 +1,68 @@
+"""A packed checkpoint run block by block (`eval CKPT --offload`, issue 16): the model is built from the file's
+header on the meta device, its packed layers as runtime modules on meta buffers, and each repeated block's codes,
+scales and zeros are read from model.safetensors only while the block runs (streaming.Streamer); the embedding,
+final norm and head are read at once. Memory then holds one block's packed weights, not the whole file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import WEIGHTS
+from .errors import UserError
+
+# safetensors' dtype names (its header) -> torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def header_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a meta tensor of its stored shape and dtype (only the header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(str(file), framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                dt = _DTYPES.get(sl.get_dtype())
+                if dt is None:
+                    raise UserError(f"{file} stores {k} as {sl.get_dtype()}, which no checkpoint holds; re-create it")
+                out[k] = torch.empty(sl.get_shape(), dtype=dt, device="meta")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} cannot be read ({str(e).splitlines()[0]}); re-create the checkpoint") from e
+    return out
+
+
+def streamed_checkpoint(path: Path, manifest: dict, attn_implementation: str, device: torch.device,
+                        dtype: torch.dtype) -> nn.Module:
+    """The checkpoint at `path` (folder already verified) as a streamed model (streaming.streamer_of finds its
+    Streamer), in eval mode, float parts in `dtype`, packed ones as stored."""
+    from .loader import _packed_model
+    from .streaming import Streamer, WeightSource
+
+    if manifest.get("task") == "image-classification":
+        raise UserError(f"{path} holds an image classifier, which is loaded whole; drop --offload/--max-memory")
+    ggml = [n for n, m in manifest["layers"].items() if isinstance(m, dict) and "ggml_type" in m]
+    if ggml:
+        raise UserError(f"{path} has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear "
+                        "layers; drop --offload/--max-memory")
+    model, emb = _packed_model(path, manifest, header_tensors(path / WEIGHTS), attn_implementation)
+    # reads what lies outside the blocks now; float tensors the checkpoint stores once are tied as when loaded whole
+    streamer = Streamer(model, WeightSource(path), device, dtype, tie=bool(manifest.get("tied")))
+    if emb is not None:
+        table = model.get_submodule(emb["name"])
+        table.dtype = dtype
+        if emb["tied_head"] is not None:  # the file stores the codes once, under the embedding's name
+            head = model.get_submodule(emb["tied_head"])
+            head.qweight, head.scales, head.qzeros = table.qweight, table.scales, table.qzeros
+            head.rebind()
+    empty = [n for n, t in model.state_dict(keep_vars=True).items()
+             if t.device.type == "meta" and not n.startswith(streamer.block_prefix)]
+    if empty:
+        raise UserError(f"{path / WEIGHTS} lacks {empty[0]} (and {len(empty) - 1} more tensors) that config.json "
+                        "describes; re-create the checkpoint")
+    model._hawq_streamer = streamer
+    return model.eval()
