@@ -18,6 +18,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+def wants_streaming(path: Path, device: torch.device, offload: bool, max_memory: int | None) -> bool:
+    """Whether a stage that can run a streamed model should stream the checkpoint at `path`: --offload, or its file
+    larger than `max_memory` (without one, 80% of the device's free memory), as for a model's own files."""
+    from .streaming import exceeds
+
+    return offload or exceeds((Path(path) / WEIGHTS).stat().st_size, device, max_memory)
+
+
 def header_tensors(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a meta tensor of its stored shape and dtype (only the header is read)."""
     from safetensors import SafetensorError, safe_open

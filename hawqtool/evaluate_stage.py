@@ -41,7 +41,10 @@ def evaluate_any(ref: str | None, opts: EvalOptions | None = None, rep: Hooks | 
 
         from .runtime import load_quantized
 
-        model = load_quantized(ref, device=device, dtype=dtype, offload=offload, max_memory=max_memory)
+        from .checkpoint_stream import wants_streaming
+
+        stream = wants_streaming(ref, device or torch.device("cpu"), offload, max_memory)
+        model = load_quantized(ref, device=device, dtype=dtype, offload=stream)
         sizes = checkpoint_sizes(ref)
         task = model_task(AutoConfig.from_pretrained(ref))
         source = read_manifest(ref, verify=False).get("source_model")

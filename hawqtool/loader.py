@@ -276,7 +276,7 @@ def _check_embedding(model: nn.Module, emb: dict, tensors: dict[str, torch.Tenso
 
 def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation: str = "eager",
                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                   offload: bool = False, max_memory: int | None = None) -> nn.Module:
+                   offload: bool = False) -> nn.Module:
     """Model from a hawqtool checkpoint, quantized layers as QuantLinear (a quantized embedding as QuantEmbedding,
     its tied head as a QuantLinear on the same codes), in eval mode (transformers models
     with `attn_implementation`: eager by default, as evaluation and sensitivity use; bench runs sdpa).
@@ -284,20 +284,18 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     Everything read is validated before the model is allocated: the folder (exactly the listed files, no
     symlinks, each file's sha256 unless verify=False), manifest types, and every tensor's shape/dtype
     against the model config.json describes, built first on the meta device; any problem is a one-line
-    UserError. `offload` (automatic when the file exceeds `max_memory`, or 80% of the device's free memory):
-    the repeated blocks' packed tensors are read only while each block runs (streaming.Streamer), checked then."""
-    from .streaming import exceeds
-
+    UserError. `offload`: the repeated blocks' packed tensors are read only while each block runs, and checked
+    then (checkpoint_stream.py; only code that walks the blocks, such as evaluation, runs such a model)."""
     path = Path(path)
     manifest = read_manifest(path, verify=False)
     verify_folder(path, manifest, hashes=verify)  # the folder's shape always; the sha256 unless verify=False
     tied = manifest.get("tied") or {}
     if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
         raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if offload or exceeds((path / WEIGHTS).stat().st_size, dev, max_memory):
+    if offload:
         from .checkpoint_stream import streamed_checkpoint
 
+        dev = torch.device(device) if device is not None else torch.device("cpu")
         return streamed_checkpoint(path, manifest, attn_implementation, dev, dtype or torch.float32)
     try:
         tensors = load_file(str(path / WEIGHTS))

@@ -32,6 +32,7 @@ from .allocate.options import parse_formats
 from .allocate.plan import omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
 from .artifacts import fingerprint, layer_records, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
+from .checkpoint_stream import wants_streaming
 from .data import calibration_windows, data_fingerprint, eval_windows, with_special_tokens
 from .embedding import check_embed_options, embedding_plan
 from .device import resolve_device, resolve_dtype
@@ -320,7 +321,9 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                                                          progress=lambda _n: adv(1)))
             qsecs = round(time.perf_counter() - q0, 2)
             del fresh
-        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt, **mem)))
+        stream = wants_streaming(ck, dev, **mem)  # a checkpoint streams as the model did (--offload, --max-memory)
+        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt,
+                                                                                         offload=stream)))
         results[name]["quantize_seconds"] = qsecs
         sizes[name] = checkpoint_sizes(ck)
 
