@@ -6,7 +6,8 @@ time and peak RSS (os.wait4), appended to benchmarks/RESULTS.md (issue 16).
 
 Small settings throughout (random weights make perplexity meaningless: the figures are that every stage
 completes, its peak RSS, and its seconds per block). `--stages` picks some of sensitivity, allocate,
-quantize, eval (the baseline, streamed)."""
+quantize, eval (the baseline, streamed), eval_ckpt (quantize's checkpoint, streamed) and eval_ckpt_whole (the same,
+loaded whole)."""
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,13 @@ def main() -> None:
                                                 "option costs ~0.16 s per million weights on one core)")
     ap.add_argument("--avg-bits", default="3.5")
     ap.add_argument("--grid", default="minmax", help="quantize's grid (search costs as much again per layer)")
+    ap.add_argument("--ckpt", default=None, help="the checkpoint eval_ckpt* score (default: WORK/ckpt, quantize's)")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     hw = [sys.executable, "-m", "hawqtool"]
+    ckpt = Path(a.ckpt) if a.ckpt else work / "ckpt"
     mem = ["--max-memory", a.max_memory]
     cmds = {
         "sensitivity": hw + ["sensitivity", a.model, "-o", str(work / "sens.json"), "--nsamples", "1", "--seqlen", "64",
@@ -54,6 +57,9 @@ def main() -> None:
         "quantize": hw + ["quantize", a.model, "--plan", str(work / "plan.json"), "-o", str(work / "ckpt"),
                           "--nsamples", "2", "--seqlen", "64", "--grid", a.grid, "--overwrite", "-q"] + mem,
         "eval": hw + ["eval", a.model, "--windows", "2", "--seqlen", "64", "--json"] + mem,
+        # the quantized checkpoint: streamed (its blocks' packed tensors read while each runs), and loaded whole
+        "eval_ckpt": hw + ["eval", str(ckpt), "--windows", "2", "--seqlen", "64", "--json"] + mem,
+        "eval_ckpt_whole": hw + ["eval", str(ckpt), "--windows", "2", "--seqlen", "64", "--json"],
     }
     blocks = json.loads((Path(a.model) / "config.json").read_text()).get("num_hidden_layers", 0)
     rows = []
