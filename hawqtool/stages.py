@@ -81,7 +81,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     widths, group sizes, grids and formats, so `allocate` needs no model. `options` (SensitivityOptions) says
     how; `overrides` replace its fields by name (e.g. max_probes=8).
 
-    `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run.
+    `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run, and so are
+    the layers whose ‖Q(W)−W‖² is done (RESUME_PATH.qerror).
     `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward per probe;
     self-kl / output-mse only). `quantize_head`: also measure an output head tied to the input embedding
     (untied first, so the embedding stays full precision). `checkpoint_blocks`: activation checkpointing of the
@@ -133,12 +134,13 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     t0 = time.perf_counter()
     info: dict = {}
     fp = sensitivity_fingerprint(model_digest(loaded), data_key, settings)
-    log_ = None
+    log_ = qlog = None
     if resume_path is not None:
         from .sensitivity.distributed import world
-        from .sensitivity.hutchinson import ProbeLog
+        from .sensitivity.resume import ProbeLog, QerrorLog
 
         log_ = ProbeLog(resume_path, fp, writer=world()[0] == 0)
+        qlog = QerrorLog(Path(str(resume_path) + ".qerror"), fp, writer=world()[0] == 0)
     common = dict(target_rel_se=opts.target_rel_se, min_probes=opts.min_probes, max_probes=opts.max_probes,
                   max_seconds=max_seconds, seed=seed, progress=progress, info=info, resume=log_)
     from .sensitivity.memory import checkpointed_blocks
@@ -172,11 +174,15 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
         imp = input_importance(model, layers, batches_of(loaded, calib_ids, batch_size), opts.first_token_weight)
         matrix = lambda n: weight_matrix(layers[n])  # noqa: E731
     out = []
+    done = qlog.load() if qlog is not None else {}  # a killed run's error pass, layer by layer
     for n, t in traces.items():
+        if n not in done:
+            done[n] = _qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n), qerror_sym, tuple(qerror_formats))
+            if qlog is not None:
+                qlog.save(done)
         out.append(LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,
                                     trace=t.mean, stderr=t.stderr, probes=t.probes, samples=list(t.samples),
-                                    qerror=_qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n),
-                                                    qerror_sym, tuple(qerror_formats))))
+                                    qerror=done[n]))
         if qerror_progress:
             qerror_progress(1)
     report = SensitivityReport(model=loaded.source, objective=objective,
@@ -186,6 +192,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     report.fingerprint = fp
     if log_ is not None:
         log_.clear()
+        qlog.clear()
     return report
 
 

@@ -156,3 +156,41 @@ def test_damaged_sensitivity_probes_are_recomputed(tmp_path, caplog):
     path.write_text(path.read_text().replace("2.5", "2.6"))  # one digit: a silently different estimate
     assert log.load(["fc1", "fc2"]) is None
     assert "damaged" in caplog.text
+
+
+def test_killed_error_pass_resumes_after_the_last_saved_layer(tmp_path, tiny_llama, text_file, monkeypatch):
+    """The ‖Q(W)−W‖² pass (longer than the probes on a large model) is kept layer by layer: a run killed in it
+    resumes with the layers not yet done, and the report's errors equal an uninterrupted run's exactly."""
+    from hawqtool.inputs import calibration_inputs
+    from hawqtool.models import load_model
+    from hawqtool.sensitivity import settings
+    from hawqtool.sensitivity.resume import QerrorLog
+    from hawqtool.stages import compute_sensitivity
+
+    loaded = load_model(str(tiny_llama))
+    ids = calibration_inputs(loaded, str(text_file), 2, 32, seed=0)
+    kw = dict(min_probes=2, max_probes=2, bits=(3, 4), data_key="k")
+    whole = compute_sensitivity(loaded, ids, **kw)
+    monkeypatch.setattr(QerrorLog, "EVERY", 0.0)  # saved after every layer
+    calls, kill = [], [True]
+    orig = settings._qerrors
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3 and kill[0]:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    import hawqtool.stages as stages
+
+    monkeypatch.setattr(stages, "_qerrors", counted)
+    part = tmp_path / "sens.json.partial"
+    with pytest.raises(KeyboardInterrupt):
+        compute_sensitivity(loaded, ids, resume_path=part, **kw)
+    assert len(QerrorLog(Path(str(part) + ".qerror"), whole.fingerprint).load()) == 2
+    calls.clear()
+    kill[0] = False
+    resumed = compute_sensitivity(loaded, ids, resume_path=part, **kw)
+    assert len(calls) == len(whole.layers) - 2  # the two saved layers were not measured again
+    assert [(l.name, l.qerror) for l in resumed.layers] == [(l.name, l.qerror) for l in whole.layers]
+    assert not part.exists() and not Path(str(part) + ".qerror").exists()

@@ -20,6 +20,7 @@ from torch import nn
 from .distributed import probe_seed, round_robin, world
 from .ggn import ggn_vector_product, math_attention
 from .objectives import Batch, Objective, get_objective, model_inputs
+from .resume import ProbeLog  # noqa: F401 - the stopping rule resumes from it (and callers import it here)
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -200,61 +201,6 @@ def convergence_error(mean: float, stderr: float, floor: float) -> float:
     if stderr == 0:
         return 0.0
     return stderr / scale if scale > 0 and not math.isnan(mean) else math.inf
-
-
-class ProbeLog:
-    """Per-probe samples kept in a JSON file (written atomically after every probe) so that an
-    interrupted run with the same key (the sensitivity fingerprint) resumes where it stopped;
-    probes are seeded per probe, so the resumed run equals an uninterrupted one. The samples are
-    sealed with their sha256: a damaged file is never used (the probes are recomputed, and the
-    user is told)."""
-
-    def __init__(self, path, key: str, writer: bool = True):
-        from pathlib import Path
-
-        self.path, self.key, self.writer = Path(path), key, writer
-
-    @staticmethod
-    def _seal(key: str, samples) -> str:
-        import hashlib
-        import json
-
-        return hashlib.sha256(json.dumps([key, samples], sort_keys=True).encode()).hexdigest()
-
-    def load(self, names: list[str]) -> dict[str, list[float]] | None:
-        import json
-        import logging
-
-        try:
-            d = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, RecursionError):
-            d = None
-        if isinstance(d, dict) and "seal" not in d and d.get("key") != self.key:
-            return None  # another run's probes (other model, data or settings)
-        s = d.get("samples") if isinstance(d, dict) else None
-        if not isinstance(d, dict) or d.get("seal") != self._seal(d.get("key"), s):
-            logging.getLogger("hawqtool").warning("the saved probes in %s are damaged: they are not used; the "
-                                                  "probes are recomputed", self.path)
-            return None
-        if d.get("key") != self.key or not isinstance(s, dict) or set(s) != set(names) or \
-                len({len(v) for v in s.values()}) != 1:
-            return None
-        return {n: [float(x) for x in s[n]] for n in names}
-
-    def save(self, samples: dict[str, list[float]]) -> None:
-        import json
-
-        from ..artifacts import write_atomic
-
-        if self.writer:
-            write_atomic(self.path, json.dumps({"key": self.key, "samples": samples,
-                                                "seal": self._seal(self.key, samples)}))
-
-    def clear(self) -> None:
-        if self.writer:
-            self.path.unlink(missing_ok=True)
 
 
 def adaptive_probes(params: dict[str, torch.Tensor], probe: Callable[[int], list[float]], *,
