@@ -88,8 +88,8 @@ def summary_table(s: dict) -> Table:
                   f"{sec.get('baseline_eval', 0):.0f}")
     ub = s["uniform_bits"]
     for key, label in (("uniform", f"uniform {ub}" + ("-bit" if isinstance(ub, int) else "")), ("mixed", "mixed (HAWQ)")):
-        if s.get(key + "_ppl", 0) is None:  # a ggml run whose budget no single type meets: no uniform plan
-            continue
+        if s.get(key + "_ppl", s.get(key + "_cosine", s.get(key + "_top1_agreement", 0))) is None:
+            continue  # no uniform checkpoint: a ggml budget no single type meets, or `run --no-uniform`
         cells = ([f"{s[key + '_top1_agreement']:.4f}", f"{s[key + '_mean_kl']:.4g}"] if vision
                  else [f"{s[key + '_cosine']:.4f}", f"{s[key + '_cosine_min']:.4f}"] if encoder
                  else [f"{s[key + '_ppl']:.3f}"])

@@ -89,6 +89,7 @@ class RunConfig:
     trust_remote_code: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N (device.resolve_device)
     dtype: str = "auto"  # the model's compute dtype: auto = bfloat16 on CUDA, float32 on the CPU
+    uniform: bool = True  # also quantize and score the uniform comparison (False: one quantize, for large models)
     offload: bool = False  # stream the model block by block from its files (streaming.py)
     max_memory: str | None = None  # e.g. "3GiB": stream when the weights exceed it
     sensitivity: dict = field(default_factory=dict)  # SensitivityOptions fields (options.NESTED): objective, ...
@@ -302,9 +303,10 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     sizes: dict[str, dict] = {}
     opts = QuantizeOptions(**{"first_token_weight": ftw, **cfg.quantize, "method": cfg.method, "act_order": cfg.act_order})
     results = {}
-    for name, p in (("mixed", plan), ("uniform", uplan)):
-        if p is None:
-            results[name], sizes[name] = {"ppl": None, "seconds": 0.0, "quantize_seconds": 0.0}, {}
+    for name, p in (("mixed", plan), ("uniform", uplan if cfg.uniform else None)):
+        if p is None:  # no uniform plan fits (ggml types), or none asked for: every figure None
+            results[name], sizes[name] = {k: None for k in ("ppl", "top1_agreement", "mean_kl", "cosine",
+                                                            "cosine_min")} | {"seconds": 0.0, "quantize_seconds": 0.0}, {}
             continue
         ck = out / name
         qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, opts.fingerprint(),

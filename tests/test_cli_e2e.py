@@ -78,6 +78,20 @@ def test_run_chains_and_skips_current_stages(tmp_path, tiny_llama, text_file):
     assert again["mixed_ppl"] == s["mixed_ppl"]
 
 
+def test_run_no_uniform_quantizes_once(tmp_path, tiny_llama, text_file):
+    """--no-uniform (recipe `uniform: false`): only the mixed checkpoint is made and scored; the table and the
+    summary say there is no uniform figure instead of failing or inventing one."""
+    out = tmp_path / "out"
+    res = invoke("run", tiny_llama, "--calib", text_file, "--data", text_file, "--avg-bits", 3.0, "-o", out, *SMALL,
+                 "--sens-samples", 4, "--sens-seqlen", 32, "--max-probes", 8, "--eval-windows", 3,
+                 "--eval-seqlen", 64, "--no-uniform")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["uniform_ppl"] is None and s["mixed_ppl"] > 1 and s["seconds"]["uniform_quantize"] == 0.0
+    assert (out / "mixed").is_dir() and not (out / "uniform").exists() and (out / "plan_uniform.json").is_file()
+    rows = [ln for ln in res.output.splitlines() if ln.startswith("│")]  # the summary table: one quantized row
+    assert any("(HAWQ)" in r for r in rows) and not any("uniform" in r for r in rows)
+
+
 # ---- bad input: one line, exit code 1 ----
 
 def test_labels_objective_and_batch_size_from_the_cli(tmp_path, tiny_llama, text_file):

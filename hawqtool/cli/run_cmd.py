@@ -38,6 +38,9 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @click.option("--tune-iters", type=click.IntRange(min=0), default=None,
               help="GPTQ: block tuning steps per block (recipe quantize.tune_iters; default "
                    f"{_Q.tune_iters}; 0 = off, faster).")
+@click.option("--uniform/--no-uniform", default=True, show_default=True,
+              help="Also quantize and score the uniform plan of the same bytes; --no-uniform quantizes once (the "
+                   "mixed plan), for large models.")
 @embed_options("Not counted in --avg-bits (linear layers only); summary.json reports both sizes.")
 @formats_option("Plans in ggml block types (gguf = Q2_K..Q8_0) for `export --format gguf`; "
                 "--avg-bits is then bits per linear weight.")
@@ -48,9 +51,10 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @common
 @guarded
 def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
-        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, tune_iters, embed_bits, embed_group_size, formats,
+        max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, tune_iters, uniform, embed_bits,
+        embed_group_size, formats,
         device, dtype, offload, max_memory, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
-    """Whole pipeline: sensitivity → allocate → quantize (mixed and uniform) → eval.
+    """Whole pipeline: sensitivity → allocate → quantize (mixed, and uniform unless --no-uniform) → eval.
 
     Without MODEL it uses the embedded SmolLM2-135M and the built-in wiki text, scored by perplexity.
     An image classifier (efficientnet-lite0, the embedded one, or timm:NAME:WEIGHTS) calibrates on the
@@ -76,7 +80,7 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
                  group_size=group_size, symmetric=sym, nsamples=nsamples, seqlen=seqlen,
                  sens_samples=sens_samples, sens_seqlen=sens_seqlen, sens_max_probes=max_probes,
                  eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_images=eval_images, seed=seed, method=method,
-                 act_order=act_order, embed_bits=embed_bits, embed_group_size=embed_group_size, formats=formats or "",
+                 act_order=act_order, uniform=uniform, embed_bits=embed_bits, embed_group_size=embed_group_size, formats=formats or "",
                  device=device, dtype=dtype, offload=offload, max_memory=max_memory, trust_remote_code=trust_remote_code)
     if is_recipe(model):
         recipe = load_recipe(model)
