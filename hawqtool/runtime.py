@@ -41,7 +41,7 @@ class _Packed(nn.Module):
     """A module whose PackedWeight's tensors are its buffers: `.to(device)` moves them and re-points `pw` at the
     moved ones; a dtype change casts the module's float state but keeps the scales fp16 (the stored format)."""
 
-    keeps_stored_dtype = True  # streaming.Streamer reads its buffers as stored (int32 codes, fp16 scales)
+    stored_as_is = ("qweight", "scales", "qzeros", "g_idx")  # streaming.Streamer reads these as stored (fp16 scales)
 
     def _apply(self, fn, recurse=True):
         scales = self.scales.dtype

@@ -82,9 +82,9 @@ class Streamer:
             if key is None:
                 continue  # a tied copy or a buffer computed at construction (rotary inv_freq)
             t = self.source.get(key)  # a copy of its own: stages write to the block's weights
-            owner = self.model.get_submodule(n.rpartition(".")[0])
-            if t.is_floating_point() and not getattr(owner, "keeps_stored_dtype", False):  # packed: fp16 scales
-                t = t.to(self.dtype)
+            owner, _, leaf = n.rpartition(".")
+            if t.is_floating_point() and leaf not in getattr(self.model.get_submodule(owner), "stored_as_is", ()):
+                t = t.to(self.dtype)  # not a packed layer's codes and fp16 scales
             set_module_tensor_to_device(self.model, n, self.device, value=t)
 
     def load(self, i: int) -> None:
