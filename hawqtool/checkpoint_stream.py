@@ -44,21 +44,24 @@ def header_tensors(file: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def streamed_checkpoint(path: Path, manifest: dict, attn_implementation: str, device: torch.device,
-                        dtype: torch.dtype) -> nn.Module:
-    """The checkpoint at `path` (folder already verified) as a streamed model (streaming.streamer_of finds its
-    Streamer), in eval mode, float parts in `dtype`, packed ones as stored."""
-    from .loader import _packed_model
-    from .streaming import Streamer, WeightSource
-
+def check_streamable(path: Path, manifest: dict) -> None:
+    """Refuse, in one line, what has no streamed form: image classifiers, and layers in ggml types (loaded as
+    dequantized dense Linear layers)."""
     if manifest.get("task") == "image-classification":
         raise UserError(f"{path} holds an image classifier, which is loaded whole; drop --offload/--max-memory")
     ggml = [n for n, m in manifest["layers"].items() if isinstance(m, dict) and "ggml_type" in m]
     if ggml:
         raise UserError(f"{path} has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear "
                         "layers; drop --offload/--max-memory")
-    model, emb = _packed_model(path, manifest, header_tensors(path / WEIGHTS), attn_implementation)
-    # reads what lies outside the blocks now; float tensors the checkpoint stores once are tied as when loaded whole
+
+
+def attach_streamer(model: nn.Module, emb: dict | None, path: Path, manifest: dict, device: torch.device,
+                    dtype: torch.dtype) -> nn.Module:
+    """`model` (loader._packed_model built on header_tensors) made a streamed model (streaming.streamer_of finds its
+    Streamer): what lies outside the blocks is read now, float parts in `dtype`, packed ones as stored; eval mode."""
+    from .streaming import Streamer, WeightSource
+
+    # float tensors the checkpoint stores once (a tied head) are tied as when it is loaded whole
     streamer = Streamer(model, WeightSource(path), device, dtype, tie=bool(manifest.get("tied")))
     if emb is not None:
         table = model.get_submodule(emb["name"])

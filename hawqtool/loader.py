@@ -292,11 +292,13 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
     tied = manifest.get("tied") or {}
     if not isinstance(tied, dict) or not all(isinstance(k, str) for k in tied):
         raise UserError(f"{path / MANIFEST} has a malformed 'tied' entry; re-create the checkpoint")
-    if offload:
-        from .checkpoint_stream import streamed_checkpoint
+    if offload:  # built from the file's header; each block's tensors are read (and checked) when it runs
+        from .checkpoint_stream import attach_streamer, check_streamable, header_tensors
 
+        check_streamable(path, manifest)
+        model, emb = _packed_model(path, manifest, header_tensors(path / WEIGHTS), attn_implementation)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        return streamed_checkpoint(path, manifest, attn_implementation, dev, dtype or torch.float32)
+        return attach_streamer(model, emb, path, manifest, dev, dtype or torch.float32)
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
