@@ -41,7 +41,8 @@ class SensitivityOptions:
 
     def resolved_estimator(self) -> str:
         """What `auto` picks: the sampled-label Fisher for self-kl/output-mse (measured 8-19x cheaper at lower
-        error, benchmarks/RESULTS.md 2026-11-24), Hutchinson otherwise."""
+        error, benchmarks/RESULTS.md 2026-11-24; its plan ties Hutchinson's once tuned, validation slice 2026-12-06,
+        scripts/bench_alloc_signal.py and bench_grid.py), Hutchinson otherwise."""
         if self.estimator != "auto":
             return self.estimator
         return "fisher" if self.objective in FISHER_OBJECTIVES else "hutchinson"
