@@ -34,6 +34,7 @@ EXPORT_MARKER = "hawqtool_export.json"
 RUN_FILES = ("summary.json", "sensitivity.json", "plan.json", "plan_uniform.json", "job.yaml")  # job.yaml: a batch run
 JSON_KINDS = ("sensitivity", "plan")
 BATCH_MARKER = ".hawqtool-batch"
+RUN_MARKER = ".hawqtool-run"  # written when a run starts, so a run killed before its first artifact is still ours
 _OVERWRITE: set[str] = set()  # foreign outputs the user let this process replace (--overwrite)
 _HELD: set[str] = set()  # outputs this process holds the lock of
 
@@ -48,7 +49,7 @@ def is_own_output(path: Path, kind: str) -> bool:
     if kind == "export":
         return path.is_dir() and (path / EXPORT_MARKER).is_file()
     if kind == "run":
-        return path.is_dir() and (not any(path.iterdir()) or any((path / f).is_file() for f in RUN_FILES))
+        return path.is_dir() and (not any(path.iterdir()) or any((path / f).is_file() for f in (RUN_MARKER, *RUN_FILES)))
     if kind == "batch":  # marked when the batch starts, so a killed one is still ours
         return path.is_dir() and (not any(path.iterdir()) or (path / BATCH_MARKER).is_file())
     if kind == "json":

@@ -36,6 +36,7 @@ from .checkpoint_stream import wants_streaming
 from .data import calibration_windows, data_fingerprint, eval_windows, with_special_tokens
 from .embedding import check_embed_options, embedding_plan
 from .device import resolve_device, resolve_dtype
+from .outputs import RUN_MARKER
 from .streaming import parse_memory, streamer_of
 from .errors import UserError
 from .evaluate import classification_fidelity, embedding_fidelity, perplexity
@@ -195,6 +196,7 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     mem = dict(offload=cfg.offload, max_memory=parse_memory(cfg.max_memory) if cfg.max_memory is not None else None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).touch()  # a run killed in its first stage resumes in this folder (outputs.is_own_output)
     secs: dict[str, float] = {}
 
     def timed(stage: str, fn):

@@ -78,6 +78,27 @@ def test_run_chains_and_skips_current_stages(tmp_path, tiny_llama, text_file):
     assert again["mixed_ppl"] == s["mixed_ppl"]
 
 
+def test_run_killed_in_its_first_stage_resumes_in_its_folder(tmp_path, tiny_llama, text_file, monkeypatch):
+    """A run stopped during sensitivity (only the baseline's eval and the probes written) is still a hawqtool run
+    folder: the re-run resumes there instead of refusing it as someone else's."""
+    import hawqtool.run as run_mod
+
+    args = ["run", tiny_llama, "--calib", text_file, "--data", text_file, "--avg-bits", 3.0, "-o", tmp_path / "out",
+            *SMALL, "--sens-samples", 4, "--sens-seqlen", 32, "--max-probes", 4, "--eval-windows", 2,
+            "--eval-seqlen", 64, "--no-uniform", "-q"]
+    real = run_mod.compute_sensitivity
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "compute_sensitivity", killed)
+    assert invoke(*args, ok=False).exit_code == 130
+    assert (tmp_path / "out" / "eval_baseline.json").is_file() and not (tmp_path / "out" / "sensitivity.json").exists()
+    monkeypatch.setattr(run_mod, "compute_sensitivity", real)
+    invoke(*args)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["mixed_ppl"] > 1
+
+
 def test_run_no_uniform_quantizes_once(tmp_path, tiny_llama, text_file):
     """--no-uniform (recipe `uniform: false`): only the mixed checkpoint is made and scored; the table and the
     summary say there is no uniform figure instead of failing or inventing one."""
