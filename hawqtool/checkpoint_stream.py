@@ -4,6 +4,7 @@ scales and zeros are read from model.safetensors only while the block runs (stre
 final norm and head are read at once. Memory then holds one block's packed weights, not the whole file."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,15 +19,30 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def wants_streaming(path: Path, device: torch.device, offload: bool, max_memory: int | None) -> bool:
+def wants_streaming(path: Path, device: torch.device, offload: bool, max_memory: int | None, *,
+                    strict: bool = True) -> bool:
     """Whether a stage that can run a streamed model should stream the checkpoint at `path`: --offload, or what a
     whole load needs more than `max_memory` (without one, 80% of the device's free memory), as for a model's own
     files. On the CPU a whole load needs twice the file: the fast kernels keep a layout of every packed weight
-    beside it (codes as bytes, fp32 scales; quant_kernels/fast_cpu.py: repack), 5.1 GB for a 2.1 GB file."""
+    beside it (codes as bytes, fp32 scales; quant_kernels/fast_cpu.py: repack), 5.1 GB for a 2.1 GB file.
+    A checkpoint without a streamed form (not_streamable) is refused where --offload asked for it and `strict`
+    (`eval CKPT --offload`), else loaded whole with a warning (`run --offload`'s evaluations, the automatic choice)."""
+    from .checkpoint import read_manifest
     from .streaming import exceeds
 
-    size = (Path(path) / WEIGHTS).stat().st_size
-    return offload or exceeds(2 * size if device.type == "cpu" else size, device, max_memory)
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        return offload  # the loader's folder check names what is missing
+    if not (offload or exceeds(2 * file.stat().st_size if device.type == "cpu" else file.stat().st_size, device,
+                               max_memory)):
+        return False
+    why = not_streamable(Path(path), read_manifest(Path(path), verify=False))
+    if why is None:
+        return True
+    if offload and strict:
+        raise UserError(f"{path} {why}; drop --offload/--max-memory")
+    logging.getLogger("hawqtool").warning("%s %s: loaded whole", path, why)
+    return False
 
 
 def header_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -47,15 +63,32 @@ def header_tensors(file: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_streamable(path: Path, manifest: dict) -> None:
-    """Refuse, in one line, what has no streamed form: image classifiers, and layers in ggml types (loaded as
-    dequantized dense Linear layers)."""
+def not_streamable(path: Path, manifest: dict) -> str | None:
+    """Why the checkpoint at `path` has no streamed form (None: it has one): image classifiers and encoders are
+    scored whole, and layers in ggml types load as dequantized dense Linear layers."""
     if manifest.get("task") == "image-classification":
-        raise UserError(f"{path} holds an image classifier, which is loaded whole; drop --offload/--max-memory")
-    ggml = [n for n, m in manifest["layers"].items() if isinstance(m, dict) and "ggml_type" in m]
+        return "holds an image classifier, which is loaded whole"
+    ggml = [n for n, m in manifest.get("layers", {}).items() if isinstance(m, dict) and "ggml_type" in m]
     if ggml:
-        raise UserError(f"{path} has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear "
-                        "layers; drop --offload/--max-memory")
+        return f"has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear layers"
+    from transformers import AutoConfig
+
+    from .models import model_task
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None  # the loader says what is wrong with config.json
+    if model_task(config) != "causal-lm":
+        return "holds an encoder, whose embeddings are scored with the model whole"
+    return None
+
+
+def check_streamable(path: Path, manifest: dict) -> None:
+    """Refuse, in one line, a checkpoint that has no streamed form (not_streamable)."""
+    why = not_streamable(path, manifest)
+    if why is not None:
+        raise UserError(f"{path} {why}; drop --offload/--max-memory")
 
 
 def attach_streamer(model: nn.Module, emb: dict | None, path: Path, manifest: dict, device: torch.device,

@@ -297,6 +297,8 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
 
         check_streamable(path, manifest)
         model, emb = _packed_model(path, manifest, header_tensors(path / WEIGHTS), attn_implementation)
+        if dtype is not None and dtype != torch.float32:  # as a whole load's model.to(dtype): buffers made at
+            model.to(dtype=dtype)  # construction (rotary frequencies) too; packed scales stay fp16 (runtime._Packed)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return attach_streamer(model, emb, path, manifest, dev, dtype or torch.float32)
     try:

@@ -325,7 +325,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                                                          progress=lambda _n: adv(1)))
             qsecs = round(time.perf_counter() - q0, 2)
             del fresh
-        stream = wants_streaming(ck, dev, **mem)  # a checkpoint streams as the model did (--offload, --max-memory)
+        # a checkpoint streams as the model did (--offload, --max-memory); one without a streamed form loads whole
+        stream = wants_streaming(ck, dev, **mem, strict=False)
         results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt,
                                                                                          offload=stream)))
         results[name]["quantize_seconds"] = qsecs

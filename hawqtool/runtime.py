@@ -44,10 +44,10 @@ class _Packed(nn.Module):
     stored_as_is = ("qweight", "scales", "qzeros", "g_idx")  # streaming.Streamer reads these as stored (fp16 scales)
 
     def _apply(self, fn, recurse=True):
-        scales = self.scales.dtype
+        scales = self.scales
         super()._apply(fn, recurse)
-        if self.scales.dtype != scales:
-            self.scales = self.scales.to(scales)
+        if self.scales.dtype != scales.dtype:  # the stored scales, moved only: a round trip through bf16 and back
+            self.scales = scales.to(self.scales.device)  # would drop 3 of fp16's mantissa bits
         self.rebind()
         return self
 

@@ -83,9 +83,9 @@ class Streamer:
                 continue  # a tied copy or a buffer computed at construction (rotary inv_freq)
             t = self.source.get(key)  # a copy of its own: stages write to the block's weights
             owner, _, leaf = n.rpartition(".")
-            if t.is_floating_point() and leaf not in getattr(self.model.get_submodule(owner), "stored_as_is", ()):
-                t = t.to(self.dtype)  # not a packed layer's codes and fp16 scales
-            set_module_tensor_to_device(self.model, n, self.device, value=t)
+            as_is = not t.is_floating_point() or leaf in getattr(self.model.get_submodule(owner), "stored_as_is", ())
+            # the dtype named: accelerate would otherwise cast to the placeholder's (a float32 skeleton's)
+            set_module_tensor_to_device(self.model, n, self.device, value=t, dtype=t.dtype if as_is else self.dtype)
 
     def load(self, i: int) -> None:
         """Read block i's weights onto the device."""

@@ -8,6 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_helpers import invoke, one_line_error
+
 from hawqtool.cli import main
 from hawqtool.data import with_special_tokens
 from hawqtool.evaluate import embedding_fidelity
@@ -67,7 +69,7 @@ def test_fidelity_is_one_against_itself_and_drops_with_noise(tiny_bert):
     assert r.cosine < 0.999 and r.cosine_min <= r.cosine and r.windows == 6
 
 
-def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path):
+def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path, caplog):
     run = CliRunner().invoke
     sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ckpt"
     r = run(main, ["sensitivity", str(tiny_bert), "--calib", str(text_file), "--objective", "output-mse",
@@ -85,6 +87,12 @@ def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path):
     res = json.loads(r.output)
     assert res["task"] == "encoder" and res["windows"] == 8
     assert 0.5 < res["cosine"] < 1.0  # 4-bit changes the embeddings a little, not completely
+    # an encoder checkpoint has no streamed form: --offload is refused in one line; a memory limit that would
+    # stream it loads it whole, saying so, and scores the same
+    args = ("eval", ckpt, "--data", text_file, "--seqlen", 32, "--windows", 8, "--json")
+    one_line_error(invoke(*args, "--offload", ok=False), "encoder", "--offload")
+    limited = invoke(*args, "--max-memory", 1000)
+    assert json.loads(limited.stdout)["cosine"] == res["cosine"] and "loaded whole" in caplog.text  # CLI: stderr
 
 
 def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):

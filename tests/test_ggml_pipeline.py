@@ -59,9 +59,13 @@ def test_plan_checkpoint_and_eval(staged, llama256, text_file):
     assert np.isfinite(res["ppl"]) and res["sizes"]["linear_bits_per_weight"] == pytest.approx(plan["avg_bits"])
 
 
-def test_streamed_eval_of_ggml_layers_is_refused(staged, text_file):
+def test_streamed_eval_of_ggml_layers_is_refused(staged, text_file, caplog):
     """ggml layers load as dequantized dense Linear layers, whole: --offload says so in one line."""
     one_line_error(invoke("eval", staged / "ckpt", "--data", text_file, "--offload", ok=False), "ggml", "--offload")
+    # where streaming would only be chosen by a memory limit, it is loaded whole, with a warning that says so
+    res = invoke("eval", staged / "ckpt", "--data", text_file, "--seqlen", 64, "--windows", 2, "--max-memory", 1000,
+                 "--json")
+    assert np.isfinite(json.loads(res.stdout)["ppl"]) and "ggml" in caplog.text and "loaded whole" in caplog.text
 
 
 def test_export_gguf_holds_the_checkpoint_bytes(staged, tmp_path):
@@ -99,6 +103,10 @@ def test_run_formats_and_refusals(llama256, text_file, tmp_path):
     u = json.loads((tmp_path / "r" / "plan_uniform.json").read_text())
     assert {lp["ggml_type"] for lp in u["layers"]} == {s["uniform_bits"]}
     assert np.isfinite(s["mixed_ppl"]) and np.isfinite(s["uniform_ppl"])
+    # streamed: every stage runs block by block, the ggml checkpoints (no streamed form) are scored whole
+    o = json.loads(invoke(*args, "--formats", "Q4_0,Q4_K,Q8_0", "--avg-bits", 6.0, "--offload", "-o",
+                          tmp_path / "r_off").stdout)
+    assert o["offload"] is True and o["mixed_ppl"] == pytest.approx(s["mixed_ppl"], rel=1e-5)
     one_line_error(invoke("run", llama256, "--formats", "gguf", "--embed-bits", 8, "-o", tmp_path / "r3", ok=False),
                    "--embed-bits")
     one_line_error(invoke("allocate", tmp_path / "r" / "sensitivity.json", "--formats", "Q4_K,Q8_0", "--sweep",

@@ -226,6 +226,48 @@ def test_streamed_checkpoint_equals_whole(tmp_path, either, text_file, act_order
         assert res["sizes"] == whole["sizes"] and res["offload"] is True and whole["offload"] is False
 
 
+def test_streamed_checkpoint_takes_the_compute_dtype(tmp_path, either, text_file):
+    """With --dtype bfloat16 a streamed checkpoint's float parts (embedding, norms, head, biases, rotary buffers)
+    are bf16 as in a whole load, packed scales stay fp16, and the two score the same. accelerate's placement
+    casts to its placeholder's dtype unless told: this failed when the skeleton was float32."""
+    import torch
+
+    from hawqtool.evaluate import perplexity
+    from hawqtool.runtime import load_quantized
+
+    ck = _checkpoint(either, text_file, tmp_path / "ck")
+    whole = load_quantized(ck, dtype=torch.bfloat16)
+    model = load_quantized(ck, offload=True, dtype=torch.bfloat16)
+    st = streamer_of(model)
+
+    def dtypes(m, prefix=""):
+        return {prefix + n: t.dtype for n, t in m.state_dict().items()}
+
+    from safetensors.torch import load_file
+
+    stored = load_file(str(ck / "model.safetensors"))
+    scales = {n: t for n, t in whole.state_dict().items() if n.endswith(".scales")}
+    assert scales and all(torch.equal(t, stored[n]) for n, t in scales.items())  # bf16 never rounds the scales
+    want = dtypes(whole)
+    assert {n: d for n, d in dtypes(model).items() if not n.startswith(st.block_prefix)} == \
+        {n: d for n, d in want.items() if not n.startswith(st.block_prefix)}
+    with st.resident(1) as block:
+        assert dtypes(block, st.prefixes[1]) == {n: d for n, d in want.items() if n.startswith(st.prefixes[1])}
+    assert torch.bfloat16 in want.values() and torch.float16 in want.values()
+    bufs = {n: b.dtype for n, b in model.named_buffers() if "inv_freq" in n}
+    assert bufs and bufs == {n: b.dtype for n, b in whole.named_buffers() if "inv_freq" in n}
+    windows = _ids(_load(either), text_file, n=5, seqlen=48)
+    a, b = perplexity(whole, windows, batch_size=2), perplexity(model, windows, batch_size=2)
+    assert b.tokens == a.tokens and b.nll == pytest.approx(a.nll, rel=1e-5)
+
+
+def test_streamed_checkpoint_missing_file_is_one_line(tmp_path, llama3, text_file):
+    ck = _checkpoint(llama3, text_file, tmp_path / "ck")
+    (ck / "model.safetensors").unlink()
+    for flag in ([], ["--offload"], ["--max-memory", "1000"]):
+        one_line_error(invoke("eval", ck, "--data", text_file, *flag, ok=False), "model.safetensors")
+
+
 def test_streamed_checkpoint_checks_each_block_as_it_is_read(tmp_path, llama3, text_file):
     """A block's packed tensors are checked when the streamer reads them: a NaN scale (sha256 check off) is one
     line naming the problem, not a NaN perplexity."""
