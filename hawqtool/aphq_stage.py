@@ -37,8 +37,8 @@ def aphq_stage(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: 
         output_fn, loss = (lambda o: o.last_hidden_state), "mse"
     aopts = APHQOptions(iters=opts.aphq_iters, mlp_relu=opts.aphq_mlp_relu, batch_size=opts.batch_size)
     # each optimisation step draws aopts.batch_size rows from one calibration batch: batches at least that large
-    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids.to(model_device(loaded.model)), max(opts.batch_size,
-                                                                                     aopts.batch_size)), output_fn,
+    res = aphq_quantize_model(loaded.model, plan_specs(plan), act, _batches(calib_ids, max(opts.batch_size, aopts.batch_size),
+                                                                       model_device(loaded.model), loaded.model), output_fn,
                               aopts, loss=loss, state_dir=state_dir, state_key=key,
                               progress=(lambda msg: log.info("%s", msg)))
     if progress:

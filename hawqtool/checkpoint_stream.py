@@ -100,12 +100,10 @@ def attach_streamer(model: nn.Module, emb: dict | None, path: Path, manifest: di
     # float tensors the checkpoint stores once (a tied head) are tied as when it is loaded whole
     streamer = Streamer(model, WeightSource(path), device, dtype, tie=bool(manifest.get("tied")))
     if emb is not None:
-        table = model.get_submodule(emb["name"])
-        table.dtype = dtype
-        if emb["tied_head"] is not None:  # the file stores the codes once, under the embedding's name
-            head = model.get_submodule(emb["tied_head"])
-            head.qweight, head.scales, head.qzeros = table.qweight, table.scales, table.qzeros
-            head.rebind()
+        from .loader import share_tied_codes
+
+        model.get_submodule(emb["name"]).dtype = dtype
+        share_tied_codes(model, emb)
     empty = [n for n, t in model.state_dict(keep_vars=True).items()
              if t.device.type == "meta" and not n.startswith(streamer.block_prefix)]
     if empty:

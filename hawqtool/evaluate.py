@@ -147,6 +147,6 @@ def classification_fidelity(reference: nn.Module, model: nn.Module, images: torc
 
 def _on_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """model(x) with x moved to the model's device; the output back on the CPU (results are compared there)."""
-    from .device import model_device
+    from .device import model_device, model_dtype
 
-    return model(x.to(model_device(model))).cpu()
+    return model(x.to(model_device(model), model_dtype(model) if x.is_floating_point() else x.dtype)).cpu()

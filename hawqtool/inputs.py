@@ -28,9 +28,11 @@ def calibration_inputs(loaded: LoadedModel, calib: str, n: int, seqlen: int, see
 
 def batches_of(loaded: LoadedModel, x: torch.Tensor, batch_size: int) -> list[dict]:
     """Split calibration inputs into model-keyword batches, on the model's device."""
-    from .device import model_device
+    from .device import model_device, model_dtype
 
     key, dev = input_key(loaded), model_device(loaded.model)
+    if x.is_floating_point():  # images take the model's dtype (a bf16 conv refuses fp32 inputs)
+        x = x.to(model_dtype(loaded.model))
     return [{key: x[i:i + batch_size].to(dev)} for i in range(0, len(x), batch_size)]
 
 

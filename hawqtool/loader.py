@@ -323,7 +323,19 @@ def load_quantized(path: str | Path, *, verify: bool = True, attn_implementation
         for m in model.modules():
             if isinstance(m, QuantEmbedding):
                 m.dtype = dtype
-    return model.to(device) if device is not None else model
+    if device is not None:
+        model.to(device)
+        share_tied_codes(model, emb)  # Module.to moved the embedding's and the head's buffers one module at a time
+    return model
+
+
+def share_tied_codes(model: nn.Module, emb: dict | None) -> None:
+    """A quantized embedding's tied head re-pointed at the embedding's packed codes, scales and zeros (the file
+    stores them once, under the embedding's name), so memory holds one copy after a move or a streamed read."""
+    if emb is not None and emb["tied_head"] is not None:
+        table, head = model.get_submodule(emb["name"]), model.get_submodule(emb["tied_head"])
+        head.qweight, head.scales, head.qzeros = table.qweight, table.scales, table.qzeros
+        head.rebind()
 
 
 def _packed_model(path: Path, manifest: dict, tensors: dict[str, torch.Tensor],

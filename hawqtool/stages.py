@@ -263,7 +263,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
         from .quantize.embedding import quantize_embedding
 
         emb = quantize_embedding(loaded.model, plan.embedding,
-                                 _batches(calib_ids, opts.batch_size, model_device(loaded.model)))
+                                 _batches(calib_ids, opts.batch_size, model_device(loaded.model), loaded.model))
     if opts.method == "aphq":
         from .aphq_stage import aphq_stage
         from .distributed import world
@@ -323,7 +323,7 @@ def static_activation_ranges(model, act_bits: dict[str, int], calib_ids: torch.T
     out = {}
     for bits in sorted({a for a in act_bits.values() if a < 16}):
         names = [n for n, a in act_bits.items() if a == bits]
-        out.update(calibrate_activation_quantizers(model, names, _batches(calib_ids, opts.batch_size, model_device(model)), bits,
+        out.update(calibrate_activation_quantizers(model, names, _batches(calib_ids, opts.batch_size, model_device(model), model), bits,
                                                    opts.act_calib, symmetric=False, mse_min_ratio=0.05))
     return out
 

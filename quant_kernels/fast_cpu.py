@@ -178,7 +178,7 @@ def repack_w8a8(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         return cached
     K = pw.in_features
     q = unpack(pw.qweight, 8, K).to(torch.int16) - pw.implicit_zero
-    wq = torch.zeros(pw.out_features, -(-K // 16) * 16, dtype=torch.int8)
+    wq = torch.zeros(pw.out_features, -(-K // 16) * 16, dtype=torch.int8, device=q.device)
     wq[:, :K] = q.to(torch.int8)
     pw._w8a8_weight = (wq, pw.scales[:, 0].float().contiguous())
     return pw._w8a8_weight

@@ -131,3 +131,17 @@ def test_load_model_places_the_model(tiny_llama):
     loaded = _tiny(tiny_llama, device="cpu")
     assert model_device(loaded.model) == torch.device("cpu")
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+
+
+def test_aphq_is_device_clean():
+    """APHQ's block reconstruction (QDrop's random masks drawn from a CPU generator) names every device: under the
+    strict default device it gives the plain run's codes and activation ranges."""
+    from test_aphq import run, stripes, tiny_vit
+
+    model = tiny_vit(2)
+    batches = [{"x": stripes(16, s)[0]} for s in (1, 2)]
+    _, plain = run(model, batches, iters=4, batch_size=8)
+    with strict_device():
+        _, strict = run(model, batches, iters=4, batch_size=8)
+    assert plain.act == strict.act and plain.weights.keys() == strict.weights.keys()
+    assert all(torch.equal(plain.weights[n].q, strict.weights[n].q) for n in plain.weights)

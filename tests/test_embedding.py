@@ -247,3 +247,14 @@ def test_streamed_eval_of_a_quantized_embedding_equals_whole(staged, text_file):
     args = ["eval", staged / "ckpt", "--data", text_file, "--seqlen", 32, "--windows", 3, "--json"]
     whole, streamed = (json.loads(invoke(*args, *flag).stdout) for flag in ([], ["--offload"]))
     assert streamed["offload"] is True and streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
+
+
+def test_tied_codes_stay_shared_after_a_move(staged):
+    """Module.to moves buffers one module at a time, which would give the embedding and its tied head copies of
+    their own (twice the codes in GPU memory); the loader re-points the head. The meta device stands in for CUDA."""
+    from hawqtool.runtime import load_quantized
+
+    model = load_quantized(staged / "ckpt", device="meta")
+    table, head = model.model.embed_tokens, model.lm_head
+    assert table.qweight.device.type == "meta"
+    assert head.qweight is table.qweight and head.scales is table.scales and head.pw.qweight is table.qweight

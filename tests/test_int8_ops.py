@@ -167,3 +167,21 @@ def test_fine_activation_scales_are_refused_elsewhere():
     for g, match in (("channel", "depthwise"), ("pixel", "1×1")):
         with pytest.raises(ValueError, match=match):
             conv2d_int8(torch.randn(1, 3, 5, 5), pw, None, ActSpec(8, granularity=g), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_w8a8_layout_is_built_where_the_weight_lives():
+    """The cached int8 layout of a symmetric per-channel 8-bit weight is made on the weight's device (a CPU copy
+    would be sent to the GPU on every forward). The meta device stands in for CUDA."""
+    from hawqtool.checkpoint import pack_layer
+    from hawqtool.quantize.quantizer import QuantSpec, rtn
+    from quant_kernels.fast_cpu import repack_w8a8
+
+    g = torch.Generator().manual_seed(0)
+    pw = pack_layer(rtn(torch.randn(8, 40, generator=g), QuantSpec(8, group_size=-1, symmetric=True)))
+    wq, sw = repack_w8a8(pw)
+    assert wq.shape == (8, 48) and wq.dtype == torch.int8 and wq.device.type == "cpu"
+    from dataclasses import replace
+
+    meta = replace(pw, qweight=pw.qweight.to("meta"), scales=pw.scales.to("meta"), qzeros=None if pw.qzeros is None else pw.qzeros.to("meta"))
+    wq, sw = repack_w8a8(meta)
+    assert wq.device.type == "meta" and sw.device.type == "meta"

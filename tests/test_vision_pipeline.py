@@ -79,6 +79,14 @@ def test_quantize_and_eval_a_timm_model(small_timm, tmp_path):
     res = json.loads(invoke("eval", ckpt, "--json").stdout)
     assert res["task"] == "image-classification" and 0 <= res["top1_agreement"] <= 1 and res["mean_kl"] >= 0
     assert res["images"] >= len(PHOTOS[0::2])  # at least the evaluation photos (Fashion-MNIST where installed)
+    # bf16 (the GPU default): the images take the model's dtype in every stage, as a bf16 conv requires
+    invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
+           "--max-probes", 2, "--dtype", "bfloat16", "-q", "-o", tmp_path / "s16.json")
+    invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "--dtype", "bfloat16", "-q",
+           "-o", tmp_path / "ck16")
+    for ck in (ckpt, tmp_path / "ck16"):
+        r16 = json.loads(invoke("eval", ck, "--dtype", "bfloat16", "--json").stdout)
+        assert r16["images"] == res["images"] and 0 <= r16["top1_agreement"] <= 1 and r16["mean_kl"] >= 0
 
 
 def test_static_activation_ranges_are_calibrated_stored_and_applied(small_timm, tmp_path):

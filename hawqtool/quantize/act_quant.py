@@ -35,7 +35,7 @@ def _qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[torch.Te
     s = max(-lo, hi) / qmax if symmetric else (hi - lo) / qmax
     s = s if s > 0 else 1.0
     z = 0.0 if symmetric else float(min(max(round(-lo / s), 0), qmax))
-    return torch.tensor(s), torch.tensor(z)
+    return torch.tensor(s, device="cpu"), torch.tensor(z, device="cpu")
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -90,7 +90,7 @@ class ActQuantizer:
         self.n_observed += v.numel()
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
-        keys = torch.rand(v.numel(), generator=self._gen).to(v.device)
+        keys = torch.rand(v.numel(), generator=self._gen, device="cpu").to(v.device)
         R = self.reservoir_size
         if v.numel() > R:  # only the R smallest new keys can enter the reservoir
             keys, idx = torch.topk(keys, R, largest=False)
@@ -139,7 +139,7 @@ class ActQuantizer:
     def _mse_range(self, v: torch.Tensor) -> tuple[float, float]:
         """Clipping range r·[min, max], r on a grid in [mse_min_ratio, 1], minimising mean (Q(x)−x)²."""
         best, best_range = float("inf"), (self._min, self._max)
-        for r in torch.linspace(1.0, self.mse_min_ratio, self.mse_steps).tolist():  # ties keep the wider range
+        for r in torch.linspace(1.0, self.mse_min_ratio, self.mse_steps, device="cpu").tolist():  # ties keep the wider range
             lo, hi = r * self._min, r * self._max
             s, z = _qparams(lo, hi, self.bits, self.symmetric)
             err = float(((_codes(v, s, z, self.bits, self.symmetric) - z) * s - v).pow(2).mean())

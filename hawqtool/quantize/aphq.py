@@ -102,7 +102,7 @@ def aph_importance(model: nn.Module, block: nn.Module, batches: list[dict], outp
     for j, b in enumerate(batches):
         z = z_fp[j].float()
         d = delta * float(z.pow(2).mean().sqrt().clamp_min(1e-12))
-        v = torch.ones_like(z) if probe == "ones" else torch.randint(0, 2, z.shape, generator=gen).to(z) * 2 - 1
+        v = torch.ones_like(z) if probe == "ones" else torch.randint(0, 2, z.shape, generator=gen, device=gen.device).to(z) * 2 - 1
         g = []
         for sign in (1.0, -1.0):
             zz = (z + sign * d * v).requires_grad_(True)
@@ -194,11 +194,11 @@ class LSQAct(nn.Module):
     """Static asymmetric per-tensor fake quantizer with a learned scale s = s₀·e^θ and a fixed integer zero;
     `drop` (p, generator) keeps each element quantized with probability p and float otherwise (QDrop)."""
 
-    def __init__(self, bits: int, scale: float, zero: float) -> None:
+    def __init__(self, bits: int, scale: float, zero: float, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.bits, self.maxq, self.zero = bits, 2 ** bits - 1, float(zero)
-        self.register_buffer("s0", torch.tensor(float(scale)))
-        self.theta = nn.Parameter(torch.zeros(()))
+        self.register_buffer("s0", torch.tensor(float(scale), device=device))
+        self.theta = nn.Parameter(torch.zeros((), device=device))
         self.drop: tuple[float, torch.Generator | None] | None = None
 
     def scale(self) -> torch.Tensor:
@@ -211,7 +211,7 @@ class LSQAct(nn.Module):
         xq = (s * (torch.clamp(t + self.zero, 0, self.maxq) - self.zero)).to(x.dtype)
         if self.drop is None:
             return xq
-        return torch.where(torch.rand(x.shape, generator=self.drop[1]) < self.drop[0], xq, x)
+        return torch.where((torch.rand(x.shape, generator=self.drop[1], device=self.drop[1].device) < self.drop[0]).to(x.device), xq, x)
 
     def export(self) -> tuple[float, float]:
         """(scale, zero) in quant_kernels.int8_ops.fake_quant's convention."""
@@ -280,7 +280,8 @@ def reconstruct_block(block: nn.Module, weights: dict[str, QuantizedWeight], act
     minimising the APH-weighted block output error; returns weights, act, loss_before, loss_after, kept."""
     mods = dict(block.named_modules())
     ada = {n: AdaRoundWeight(weight_matrix(mods[n]).float(), q) for n, q in weights.items()}
-    lsq = {n: LSQAct(*a) for n, a in acts.items()}
+    dev = next((p.device for p in block.parameters()), torch.device("cpu"))
+    lsq = {n: LSQAct(*a, device=dev) for n, a in acts.items()}
     handles = [mods[n].register_forward_pre_hook(lambda _m, a, q=q: (q(a[0]), *a[1:])) for n, q in lsq.items()]
 
     def params(hard: bool) -> dict[str, torch.Tensor]:
@@ -295,15 +296,15 @@ def reconstruct_block(block: nn.Module, weights: dict[str, QuantizedWeight], act
         opt_a = torch.optim.Adam(theta, lr=opts.lr_act) if theta else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=max(iters, 1), eta_min=0.0) if theta else None
         n_w = max(sum(v.numel() for v in V), 1)
-        sizes = torch.tensor([float(x.shape[0]) for x in data.x])
+        sizes = torch.tensor([float(x.shape[0]) for x in data.x], device="cpu")
         drop = opts.drop_prob < 1 and data.x_fp is not None
         for t in range(iters):
             j = int(torch.multinomial(sizes / sizes.sum(), 1, generator=gen))
-            rows = torch.randperm(int(sizes[j]), generator=gen)[:opts.batch_size]
+            rows = torch.randperm(int(sizes[j]), generator=gen, device=gen.device)[:opts.batch_size]
             m = data.masks[j][rows] if data.masks[j] is not None else None
             x = data.x[j][rows]
             if drop:  # QDrop: a random mix of quantized and float inputs, and of quantized and float activations
-                x = torch.where(torch.rand(x.shape, generator=gen) < opts.drop_prob, x, data.x_fp[j][rows])
+                x = torch.where((torch.rand(x.shape, generator=gen, device=gen.device) < opts.drop_prob).to(x.device), x, data.x_fp[j][rows])
             for q in lsq.values():
                 q.drop = (opts.drop_prob, gen) if drop else None
             with torch.enable_grad():

@@ -189,7 +189,8 @@ def _observe_ranges(root: nn.Module, bits: dict[str, int], run: Callable[[], Non
 
 def _attach(module: nn.Module, bits: int, scale: float, zero: float) -> Any:
     """Fake-quantize the module's input as the runtime will (static per-tensor, asymmetric)."""
-    q = ActQuantizer(bits=bits, mode="static", symmetric=False, scale=torch.tensor(scale), zero=torch.tensor(zero))
+    q = ActQuantizer(bits=bits, mode="static", symmetric=False, scale=torch.tensor(scale, device="cpu"),
+                     zero=torch.tensor(zero, device="cpu"))
     return module.register_forward_pre_hook(lambda _m, a: (q(a[0]), *a[1:]))
 
 

@@ -15,7 +15,7 @@ def relu_clamp(gelu_out: list[torch.Tensor], percentile: float, gen: torch.Gener
     if v.numel() == 0:
         return 1.0
     if v.numel() > 1 << 22:
-        v = v[torch.randperm(v.numel(), generator=gen)[:1 << 22]]
+        v = v[torch.randperm(v.numel(), generator=gen, device=gen.device)[:1 << 22]]
     return float(torch.quantile(v, percentile / 100.0))
 
 
@@ -43,10 +43,10 @@ def refit_relu_mlp(fc1: nn.Module, fc2: nn.Module, u: list[torch.Tensor], y: lis
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1), eta_min=0.0)
-    sizes = torch.tensor([float(x.shape[0]) for x in u])
+    sizes = torch.tensor([float(x.shape[0]) for x in u], device="cpu")
     for _ in range(iters):
         j = int(torch.multinomial(sizes / sizes.sum(), 1, generator=gen))
-        rows = torch.randperm(int(sizes[j]), generator=gen)[:batch_size]
+        rows = torch.randperm(int(sizes[j]), generator=gen, device=gen.device)[:batch_size]
         with torch.enable_grad():
             e, n = aph_error(mlp(u[j][rows]), y[j][rows], h, masks[j][rows] if masks[j] is not None else None)
             grads = torch.autograd.grad(e / n / max(swap, 1e-30), params)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockInputs, find_blocks, run_block, sequential_groups
-from ..device import model_device
+from ..device import model_device, model_dtype
 from ..distributed import broadcast_from, gather_list, my_share, owners, world
 from ..errors import UserError
 from ..options import QuantizeOptions
@@ -179,9 +179,12 @@ def _quantize_one(name: str, layer: nn.Module, H: torch.Tensor, spec: QuantSpec,
     return quantize_layer(name, weight_matrix(layer).float(), H, spec, opts)
 
 
-def _batches(ids: torch.Tensor, bs: int, device: torch.device | None = None) -> list[dict]:
-    """Token windows go in as input_ids, image batches (float) as timm's x; on `device` (default: where ids are)."""
+def _batches(ids: torch.Tensor, bs: int, device: torch.device | None = None, model: nn.Module | None = None) -> list[dict]:
+    """Token windows go in as input_ids, image batches (float) as timm's x, in `model`'s dtype (a bf16 conv refuses
+    fp32 inputs); on `device` (default: where ids are)."""
     key = "x" if ids.is_floating_point() else "input_ids"
+    if key == "x" and model is not None:
+        ids = ids.to(model_dtype(model))
     return [{key: ids[i:i + bs].to(device or ids.device)} for i in range(0, len(ids), bs)]
 
 
@@ -199,7 +202,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     except ValueError:  # no repeated ModuleList (e.g. timm CNNs): every layer is quantized in one pass below
         blocks = nn.ModuleList()
     rank, size = world()
-    every = _batches(calib_ids, opts.batch_size, model_device(model))
+    every = _batches(calib_ids, opts.batch_size, model_device(model), model)
     batches = my_share(every, rank, size)  # data parallel: this rank's strided share (all of them on one)
     if size > len(every):
         raise UserError(f"{size} ranks need at least {size} calibration batches of {opts.batch_size} windows; give "

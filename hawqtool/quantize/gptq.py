@@ -160,6 +160,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     updated = torch.zeros_like(W) if keep_updated else None
     Losses = torch.zeros(rows, dtype=dtype, device=W.device)
     scales, zeros = [], []
+    column = perm.tolist() if perm is not None else range(columns)  # original index of column j (no per-column sync)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
@@ -171,7 +172,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
             w = W1[:, i]
             d = Hinv1[i, i]
             if grid is not None:
-                g = int(perm[j] if perm is not None else j) // gw
+                g = column[j] // gw
                 a, b = A[:, g], B[:, g]
                 c = torch.where(a != 0, torch.clamp(torch.round((w - b) / a), 0, spec.maxq), torch.zeros_like(w))
                 codes[:, j] = c
@@ -181,7 +182,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
                 Err1[:, i] = err1
                 continue
             if grouped and static_groups:
-                scale, zero = groups[int(perm[j] if perm is not None else j) // gw]
+                scale, zero = groups[column[j] // gw]
             elif grouped and j % gw == 0:
                 cols = W1[:, i:i + gw]
                 if j + gw > i2:  # group spills into later blocks: apply their pending update

@@ -72,7 +72,8 @@ def collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Blo
             alias[n] = first
         else:
             x = x.detach()
-            x = first_scaled(x, first_weight ** 0.5)  # XᵀX then weighs the first position first_weight
+            # XᵀX then weighs the first position first_weight; scaled in fp32 (a bf16 model's inputs would round)
+            x = first_scaled(x.float() if x.is_floating_point() else x, first_weight ** 0.5)
             (step.setdefault(n, HessianAccumulator(acc[n].in_features)) if size > 1 else acc[n]).add_batch(x)
 
     local = len(inputs.hidden) if inputs is not None else len(batches)
@@ -177,7 +178,7 @@ def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.
                     if key not in done:
                         x2 = x.reshape(-1, x.shape[-1]).float()
                         d = (xf.reshape(-1, x.shape[-1]).float() - x2)
-                        w = first_scaled(x, first_weight).reshape(-1, x.shape[-1]).float()
+                        w = first_scaled(x.float(), first_weight).reshape(-1, x.shape[-1])
                         done[key] = (d.t() @ w).double()
                     D[n] = D[n] + done[key] if n in D else done[key].clone()
                 got["q"].clear()
