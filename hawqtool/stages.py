@@ -103,6 +103,11 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
         raise UserError(f"estimator 'fisher' supports objectives {', '.join(FISHER_OBJECTIVES)}, not "
                         f"{objective!r} (the empirical Fisher needs per-position gradients); use 'hutchinson'")
 
+    from .device import model_dtype
+
+    if model_dtype(loaded.model) == torch.float16:  # per-position gradients are ~1/N of the loss's: below fp16's range
+        raise UserError("sensitivity backpropagates without loss scaling, so float16 gradients underflow; use "
+                        "--dtype bfloat16 (float32's exponent range) or float32")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if objective == "labels" and loaded.task != "causal-lm":

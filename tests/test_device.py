@@ -145,3 +145,10 @@ def test_aphq_is_device_clean():
         _, strict = run(model, batches, iters=4, batch_size=8)
     assert plain.act == strict.act and plain.weights.keys() == strict.weights.keys()
     assert all(torch.equal(plain.weights[n].q, strict.weights[n].q) for n in plain.weights)
+
+
+def test_sensitivity_refuses_float16(tmp_path, tiny_llama, text_file):
+    """Without loss scaling, fp16 per-position gradients underflow: one line pointing to bfloat16."""
+    one_line_error(invoke("sensitivity", tiny_llama, "--calib", text_file, "--dtype", "float16", "-o",
+                          tmp_path / "s.json", ok=False), "float16", "bfloat16")
+    assert not (tmp_path / "s.json").exists()
