@@ -64,8 +64,10 @@ def read_jobs(path: Path) -> tuple[dict, list[dict]]:
         if not isinstance(job, dict) or not isinstance(job.get("name"), str) or not job["name"].strip():
             raise UserError(f"{where} needs a `name:` (its output folder)")
         name = job["name"]
-        if "/" in name or name.startswith(".") or name in names:
-            raise UserError(f"{where}: name {name!r} must be unique, without '/' and not start with '.'")
+        if "/" in name or name.startswith(".") or name in names or len(name) > 200 or \
+                any(ord(c) < 32 for c in name):
+            raise UserError(f"{where}: name {name[:60]!r} must be unique, at most 200 characters, without '/' or "
+                            "control characters, and not start with '.'")
         names.add(name)
         settings = dict(defaults)
         if "recipe" in job:
@@ -99,7 +101,10 @@ def run_unit(unit: Unit, gpu: str | None, say: Callable[[str], None]) -> Outcome
     """`hawqtool run` of one unit in a child process (its own log), which dies with the batch."""
     from .artifacts import write_atomic
 
+    from .outputs import RUN_MARKER
+
     unit.folder.mkdir(parents=True, exist_ok=True)
+    (unit.folder / RUN_MARKER).touch()  # the batch made this folder for `run`: it is a run folder from the start
     recipe = unit.folder / "job.yaml"
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unit.settings.items()}
     write_atomic(recipe, yaml.safe_dump({**settings, "out": str(unit.folder)}, sort_keys=True))
@@ -127,6 +132,18 @@ def run_unit(unit: Unit, gpu: str | None, say: Callable[[str], None]) -> Outcome
     error = _last_error(unit.folder / "job.log")
     say(f"{unit.job} ({unit.folder.name}): failed (exit {child.returncode}): {error}")
     return Outcome(unit.job, str(unit.folder), "failed", child.returncode, secs, error=error)
+
+
+def _run_unit_or_fail(unit: Unit, gpu: str | None, say: Callable[[str], None]) -> Outcome:
+    """run_unit, with anything it raises (its folder unwritable, a disk full) recorded as that unit's failure: a
+    worker thread that died would drop the unit from the summary and leave the batch's exit code 0."""
+    try:
+        return run_unit(unit, gpu, say)
+    except Exception as e:  # noqa: BLE001 - reported in the summary and the exit code, not lost
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+        say(f"{unit.job} ({unit.folder.name}): failed before it ran: {error}")
+        return Outcome(unit.job, str(unit.folder), "failed", 1 if isinstance(e, (UserError, OSError)) else 2, 0.0,
+                       error=error)
 
 
 def _die_with_parent() -> None:
@@ -181,7 +198,7 @@ def run_batch(jobs_file: Path, out: Path, *, gpus: list[str] | None = None, only
                 k, group = todo.get_nowait()
             except queue.Empty:
                 return
-            results[k] = [run_unit(u, gpu, say) for u in group]
+            results[k] = [_run_unit_or_fail(u, gpu, say) for u in group]
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus or [None])]
     for t in threads:

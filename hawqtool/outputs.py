@@ -48,8 +48,9 @@ def is_own_output(path: Path, kind: str) -> bool:
         return path.is_dir() and (path / CHECKPOINT_MARKER).is_file()
     if kind == "export":
         return path.is_dir() and (path / EXPORT_MARKER).is_file()
-    if kind == "run":
-        return path.is_dir() and (not any(path.iterdir()) or any((path / f).is_file() for f in (RUN_MARKER, *RUN_FILES)))
+    if kind == "run":  # marked when it starts; a folder from before the marker: by its artifacts' contents, not names
+        return path.is_dir() and (not any(path.iterdir()) or (path / RUN_MARKER).is_file()
+                                  or any(is_own_output(path / f, "json") for f in RUN_FILES if f.endswith(".json")))
     if kind == "batch":  # marked when the batch starts, so a killed one is still ours
         return path.is_dir() and (not any(path.iterdir()) or (path / BATCH_MARKER).is_file())
     if kind == "json":
@@ -75,7 +76,7 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
                  lock: bool = True) -> None:
     """Refuse `out` unless it is free, or an output of ours of the same kind (or --overwrite), and not
     inside/above any existing input path; then lock it for this process."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `-o .`: the folder's own name, not an empty one
     for ref in inputs:
         if ref is None or not Path(ref).exists():
             continue
@@ -103,7 +104,7 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
 
 
 def lock_path(out: Path) -> Path:
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     return out.with_name(f".{out.name}.hawqtool-lock")
 
 
@@ -264,7 +265,7 @@ def staged_output(out: Path, kind: str, need_bytes: int = 0, *, file: bool = Fal
     moves it into place (replace_dir). Before: stale temporaries of `out` are cleaned and `need_bytes` (if
     known) is checked against the free space. On any failure the temporary is removed, `out` is left as it
     was, and a full disk or a read-only/forbidden path becomes a one-line UserError."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     clean_stale(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:

@@ -311,8 +311,9 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
         return out_dir
     path = save_checkpoint(out_dir, loaded.model, weights, layer_info=info, extra=meta, tokenizer=loaded.tokenizer,
                            embedding=emb)
-    import shutil
-    shutil.rmtree(state_dir, ignore_errors=True)
+    from .quantize.resume_state import BlockState
+
+    BlockState(state_dir, key).clear()  # only the files it wrote: OUT.partial/ may hold a user's own (never rmtree)
     barrier()
     return path
 

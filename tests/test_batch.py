@@ -70,6 +70,7 @@ def test_kill_9_then_rerun_resumes(tmp_path, tiny_llama, text_file):
     ({"jobs": []}, ["non-empty `jobs:`"]),
     ({"jobs": [{"avg_bits": 3}]}, ["needs a `name:`"]),
     ({"jobs": [{"name": "x"}, {"name": "x"}]}, ["must be unique"]),
+    ({"jobs": [{"name": "x" * 300}]}, ["at most 200 characters"]),
     ({"job": [{"name": "x"}]}, ["unknown top-level key 'job'"]),
     ({"defaults": {"nsample": 3}, "jobs": [{"name": "x"}]}, ["defaults has unknown key 'nsample'", "'nsamples'"]),
 ])
@@ -78,6 +79,22 @@ def test_bad_jobs_files_are_one_line(tmp_path, content, words):
     p.write_text(yaml.safe_dump(content))
     one_line_error(invoke("batch", p, "-o", tmp_path / "out", ok=False), *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_unit_that_raises_is_a_failed_row(tmp_path, tiny_llama, text_file, monkeypatch):
+    """Whatever a unit raises before its run (an unwritable folder) is its row, failed, and the batch's exit code
+    says so; before, the worker thread died, the row was missing and the batch exited 0."""
+    import hawqtool.batch as batch
+
+    def broken(unit, gpu, say):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batch, "run_unit", broken)
+    jf = jobs_file(tmp_path, tiny_llama, text_file, [{"name": "a"}])
+    res = invoke("batch", jf, "-o", tmp_path / "out", "-q", ok=False)
+    assert res.exit_code != 0
+    rows = json.loads((tmp_path / "out" / "batch_summary.json").read_text())["jobs"]
+    assert [(r["job"], r["state"]) for r in rows] == [("a", "failed")] and "No space left" in rows[0]["error"]
 
 
 def test_bad_gpus_is_one_line(tmp_path, tiny_llama, text_file):

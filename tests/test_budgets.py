@@ -73,6 +73,30 @@ def test_group_size_choice_spends_bytes_on_sensitive_layers():
     assert plan.options and plan.costs["bytes"] == pytest.approx(plan.total_bytes)
 
 
+def test_avg_bits_is_measured_at_the_smallest_group_size_whatever_the_order():
+    """--avg-bits B allows the bytes of uniform B-bit at the smallest positive group size (README), also when
+    per-channel (-1) or a larger group comes first; one width below B is a one-line error, not a traceback."""
+    g = torch.Generator().manual_seed(0)
+    weights = {f"l{i}": torch.randn(64, 256, generator=g) for i in range(4)}
+    rep = report_for(weights, {"l0": 100.0, "l1": 1.0, "l2": 1.0, "l3": 1.0})
+    ref = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=[32])
+    for order in ([-1, 32, 128], [128, 32], [32, -1]):
+        plan = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=order)
+        assert plan.budget["max_bytes"] == pytest.approx(ref.budget["max_bytes"]), order
+    with pytest.raises(UserError, match="only width is 4"):
+        allocate_bits(rep, lambda: weights, avg_bits=3.5, bit_choices=(4,))
+
+
+def test_a_layer_left_without_options_is_named():
+    """A pin that leaves a layer no option (a 4-bit pin where the only 4-bit ggml type, Q4_K, cannot tile its
+    96-wide rows) names the layer in one line; the solver said only "layer 1"."""
+    g = torch.Generator().manual_seed(0)
+    weights = {"l0": torch.randn(64, 256, generator=g), "l1": torch.randn(64, 96, generator=g)}
+    rep = report_for(weights, {n: 1.0 for n in weights})
+    with pytest.raises(UserError, match="no option is left for l1"):
+        allocate_bits(rep, lambda: weights, avg_bits=8.5, formats=["Q4_K", "Q8_0"], pins={"l1": 4})
+
+
 # ---- BOPs ----
 
 def test_bops_budget_holds_and_fraction_is_of_16x16():

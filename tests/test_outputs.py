@@ -44,6 +44,32 @@ def test_a_folder_of_user_files_is_refused_and_left_intact(plan, tiny_llama, tex
     assert (tmp_path / "file.bin").read_bytes() == b"x"
 
 
+def test_a_users_files_beside_and_named_like_ours_are_kept(plan, tiny_llama, text_file, tmp_path, monkeypatch):
+    """CKPT.partial/ may hold a user's own files: a finished quantize removes only the resume files it wrote.
+    A folder holding a user's summary.json is not a run folder (only its artifacts' contents or the run marker
+    make one), so `run` refuses it. `-o .` names the current folder."""
+    partial = tmp_path / "ck.partial"
+    partial.mkdir()
+    (partial / "mine.txt").write_text("keep")
+    quantize(tiny_llama, plan, text_file, tmp_path / "ck")
+    assert (tmp_path / "ck" / "hawqtool_manifest.json").is_file()
+    assert sorted(p.name for p in partial.iterdir()) == ["mine.txt"]
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "summary.json").write_text('{"my": "results"}')
+    one_line_error(invoke("run", tiny_llama, "--calib", text_file, "-o", proj, ok=False), "--overwrite")
+    assert sorted(p.name for p in proj.iterdir()) == ["summary.json"]
+    from hawqtool.outputs import claim_output, is_own_output
+
+    assert not is_own_output(proj, "run")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert lock_path(".") == tmp_path / ".here.hawqtool-lock"
+    claim_output(".", "run")  # an empty folder is free: no "empty name" error
+    assert (tmp_path / ".here.hawqtool-lock").is_file()
+
+
 def test_overwrite_replaces_a_foreign_folder_only_when_asked(plan, tiny_llama, text_file, tmp_path, caplog):
     mine = tmp_path / "mine"
     mine.mkdir()

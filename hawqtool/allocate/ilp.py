@@ -198,6 +198,11 @@ def solve_allocation(omega: np.ndarray, costs: Mapping[str, np.ndarray], budgets
     for gc in cells:
         vals[gc] = xs[gc].varValue or 0.0
     gchoice = vals.argmax(axis=1)
+    for k, b in bs.items():  # the solver's tolerances apply to scaled rows: check the plan in the budget's own units
+        total = float(gcs[k][np.arange(G), gchoice].sum())
+        if total > b + _tol(b, mins[k]):
+            raise RuntimeError(f"the ILP solver's plan is over the {k} budget ({total:.6g} > {b:.6g}); "
+                               "please report this with the sensitivity file")
     status = "Optimal" if prob.sol_status == pulp.LpSolutionOptimal else "Feasible"
     return _result(om, cs, groups, gchoice, time.perf_counter() - t0, status)
 

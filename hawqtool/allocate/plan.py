@@ -105,6 +105,9 @@ def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> fl
     def at(b: int) -> float:
         if b in size:
             return size[b]
+        if len(size) == 1:  # one width: no other size to interpolate between
+            raise UserError(f"--avg-bits {bits:g} needs the size of uniform {b}-bit layers, but the only width is "
+                            f"{bit_choices[0]}; add widths to --bits, or give --avg-bits {bit_choices[0]} or more")
         per_bit = (size[max(bit_choices)] - size[min(bit_choices)]) / (max(bit_choices) - min(bit_choices))
         return size[min(bit_choices)] + per_bit * (b - min(bit_choices))
 
@@ -264,6 +267,7 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
         cons.mask = _ggml_mask(report, options, nbytes, cons.mask)
         nbytes = np.where(np.isfinite(nbytes), nbytes, 0.0)
         omega = np.where(np.isfinite(omega), omega, 0.0)
+    _check_some_option(report, options, cons)
     costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets)
     if fixed:
         limits["bytes"] -= fixed
@@ -302,6 +306,19 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                    symmetric, *([extra] if extra else []),
                                    *([dataclasses.asdict(embedding)] if embedding is not None else []))
     return plan
+
+
+def _check_some_option(report: SensitivityReport, options: Sequence[Option], cons: Constraints) -> None:
+    """A layer (or tie group) that the pins, allowed widths and the types that fit its rows leave without any
+    option is a one-line UserError naming it (the solver would only say "layer 7")."""
+    if cons.mask is None:
+        return
+    for g in [[i] for i in range(len(report.layers))] + [list(g) for g in cons.groups]:
+        if not cons.mask[g].all(axis=0).any():
+            names = ", ".join(report.layers[i].name for i in g[:3]) + (" ..." if len(g) > 3 else "")
+            kinds = ", ".join(dict.fromkeys(o.label for o in options))
+            raise UserError(f"no option is left for {names}: the pins / allowed widths / ties exclude every one of "
+                            f"{kinds} that fits its rows; relax --pin/--allow/--tie or add options")
 
 
 def _ggml_mask(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,

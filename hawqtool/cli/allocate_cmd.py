@@ -19,7 +19,9 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
 @click.option("--avg-bits", type=positive(), default=None,
               help="Size budget: at most the bytes of uniform B-bit linear layers (the embedding is not counted).")
 @click.option("--max-bytes", type=positive(), default=None,
-              help="Size budget in bytes of the quantized layers, and of the embedding when --embed-bits < 16.")
+              help="Size budget in bytes of the quantized layers (b-bit codes + fp16 scales + b-bit zeros, as bits "
+                   "per linear weight count them; the file's int32 words add row padding, 0.4-2%), and of the "
+                   "embedding when --embed-bits < 16.")
 @click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True, help="Allowed bit widths.")
 @click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True, help="Group size along inputs (-1: per channel).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")

@@ -29,7 +29,8 @@ from ..tensorfile import save_tensors, tensors_nbytes
 
 log = logging.getLogger("hawqtool")
 
-_OWN = re.compile(r"^\.?(block|hidden)_-?\d{4}\.(safetensors|json)(\.tmp)?$")  # every name this module writes
+# every name this module writes, and the parked embedding/head of a streamed model (streaming.Streamer.parked)
+_OWN = re.compile(r"^(\.?(block|hidden)_-?\d{4}\.(safetensors|json)(\.tmp)?|outside-blocks-\d+\.safetensors)$")
 
 
 def _seal(record: dict) -> str:
