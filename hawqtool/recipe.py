@@ -6,6 +6,7 @@ typed values are one-line errors, so a typo never silently falls back to a defau
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def _nested(key: str, value: Any) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"recipe key {key} must be a mapping of {key} options like {{{allowed[0]}: ...}}, got {value!r}")
     for k in value:
-        if k not in allowed:
+        if not isinstance(k, str) or k not in allowed:
             near = difflib.get_close_matches(str(k), list(allowed), n=1)
             raise UserError(f"recipe section {key} has unknown key {k!r}; "
                             + (f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(allowed)}"))
@@ -93,7 +94,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise UserError(f"recipe key bit_choices must be a list of widths 1..8 like [2, 3, 4, 8], got {value!r}")
         return tuple(sorted(set(value)))
     if key == "out":
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"recipe key out must be a folder path (a string), got {value!r}")
         return Path(value)
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan / .inf: no setting takes them
+        raise UserError(f"recipe key {key} must be a finite number, got {value!r}")
     if default is None and key.rsplit(".", 1)[-1] in _NUMBERS:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise UserError(f"recipe key {key} must be a positive number, got {value!r}")
@@ -142,6 +147,9 @@ def check_settings(data: dict, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping of settings, like `avg_bits: 3.0`")
     fields = recipe_fields()
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"{where} has key {odd[0]!r}, which is not a setting name; keys are names like avg_bits")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         near = difflib.get_close_matches(unknown[0], list(fields), n=1)

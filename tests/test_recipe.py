@@ -43,6 +43,13 @@ def test_default_recipe_is_the_default_job():
     ("allocate: {max_byte: 3}\n", "did you mean 'max_bytes'"),
     ("sensitivity: {eigen_iters: 0}\n", "sensitivity.eigen_iters = 0 is not allowed"),
     ("quantize: {float_target: 1}\n", "quantize.float_target must be bool"),
+    ("out: 5\n", "out must be a folder path"),
+    ("out: null\n", "out must be a folder path"),
+    ("1: 2\n", "key 1, which is not a setting name"),
+    ("quantize: {1: 2}\n", "section quantize has unknown key 1"),
+    ("allocate: {max_bytes: .nan}\n", "allocate.max_bytes must be a finite number"),
+    ("allocate: {trace_ucb: .inf}\n", "allocate.trace_ucb must be a finite number"),
+    ("quantize: {first_token_weight: .inf}\n", "first_token_weight must be a finite number"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, fragment):
     p = tmp_path / "r.yaml"
