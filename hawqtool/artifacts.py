@@ -81,6 +81,11 @@ def qerror_key(bits: int, group_size: int, symmetric: bool) -> str:
     return f"{bits}/{group_size}/{'sym' if symmetric else 'asym'}"
 
 
+_OMIT_NONE = {"omit_none": True}  # optional fields left out of the JSON when unset: older files stay the same
+_NOT_SAVED = {"not_saved": True}  # timings of the run that made it: shown, never written (files older than this
+# rule carry them and still load)
+
+
 @dataclass
 class SensitivityReport:
     """Output of the sensitivity stage."""
@@ -90,7 +95,7 @@ class SensitivityReport:
     estimator: str
     settings: dict
     layers: list[LayerSensitivity]
-    seconds: float
+    seconds: float = field(default=0.0, metadata=_NOT_SAVED)  # this run's: not in the file (same inputs, same bytes)
     fingerprint: str = ""
     convergence: dict = field(default_factory=dict)  # stop reason, major-layer rule, unconverged, negative
     kind: str = "sensitivity"
@@ -134,7 +139,6 @@ class EmbeddingPlan:
     in_budget: bool = False  # its bytes came out of a --max-bytes budget (--avg-bits is linear layers only)
 
 
-_OMIT_NONE = {"omit_none": True}  # optional fields left out of the JSON when unset: older files stay the same
 
 
 @dataclass
@@ -150,7 +154,7 @@ class Plan:
     avg_bits: float  # storage bits per weight, scales/zeros included
     total_bytes: float
     predicted_omega: float
-    solve_seconds: float
+    solve_seconds: float = field(default=0.0, metadata=_NOT_SAVED)  # this run's: not in the file
     sensitivity_fingerprint: str = ""
     fingerprint: str = ""
     costs: dict = field(default_factory=dict)  # achieved totals: bytes, bops (per token/image), latency_ms
@@ -174,7 +178,7 @@ def save(obj, path: Path) -> None:
     """Write an artifact dataclass as pretty JSON, atomically."""
     d = dataclasses.asdict(obj)
     for f in dataclasses.fields(obj):
-        if f.metadata.get("omit_none") and d.get(f.name) is None:
+        if f.metadata.get("omit_none") and d.get(f.name) is None or f.metadata.get("not_saved"):
             del d[f.name]
     write_atomic(Path(path), json.dumps(d, indent=1))
 

@@ -184,7 +184,7 @@ def sections(report: SensitivityReport, plan: Plan | None) -> list[Section]:
     settings = ", ".join(f"{k}={v}" for k, v in report.settings.items())
     summary = Section("Summary", [
         f"model: `{report.model}`", f"objective: {report.objective}", f"estimator: {report.estimator}",
-        f"settings: {settings}", f"seconds: {report.seconds:.1f}",
+        f"settings: {settings}",
         f"probes: {probes[-1] if len(probes) == 1 else f'{probes[0]}–{probes[-1]}'} "
         "(one Hessian-vector product per probe, shared by all layers)" if probes else "probes: none",
         f"layers: {len(report.layers)}, parameters: {sum(ls.n_params for ls in report.layers):,}"])

@@ -194,3 +194,20 @@ def test_killed_error_pass_resumes_after_the_last_saved_layer(tmp_path, tiny_lla
     assert len(calls) == len(whole.layers) - 2  # the two saved layers were not measured again
     assert [(l.name, l.qerror) for l in resumed.layers] == [(l.name, l.qerror) for l in whole.layers]
     assert not part.exists() and not Path(str(part) + ".qerror").exists()
+
+
+def test_sensitivity_and_plan_files_are_byte_identical_across_runs(tmp_path, tiny_llama, text_file):
+    """The same inputs give the same bytes for sensitivity.json (and its .md report) and plan.json: the stage
+    timings are shown, not written."""
+    outs = []
+    for k in range(2):
+        d = tmp_path / f"r{k}"
+        d.mkdir()
+        invoke("sensitivity", tiny_llama, "--calib", text_file, "-o", d / "sens.json", "--nsamples", 2,
+               "--seqlen", 32, "--max-probes", 2, "--min-probes", 2, "-q")
+        invoke("allocate", d / "sens.json", "--avg-bits", 3.5, "-o", d / "plan.json", "-q")
+        invoke("report", d / "sens.json", "--plan", d / "plan.json")
+        outs.append({p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix in (".json", ".md")})
+    assert {"sens.json", "plan.json"} <= set(outs[0]) and any(n.endswith(".md") for n in outs[0])
+    assert outs[0] == outs[1]
+    assert "seconds" not in json.loads(outs[0]["sens.json"]) and "solve_seconds" not in json.loads(outs[0]["plan.json"])
