@@ -71,6 +71,8 @@ def read_jobs(path: Path) -> tuple[dict, list[dict]]:
         names.add(name)
         settings = dict(defaults)
         if "recipe" in job:
+            if not isinstance(job["recipe"], str):
+                raise UserError(f"{where} ({name}): recipe must be a path to a YAML recipe, got {job['recipe']!r}")
             recipe = Path(job["recipe"])
             settings.update(load_recipe(recipe if recipe.is_absolute() else p.parent / recipe))
         own = {k_: v for k_, v in job.items() if k_ not in ("name", "recipe")}
@@ -79,6 +81,10 @@ def read_jobs(path: Path) -> tuple[dict, list[dict]]:
         budgets = sweep if isinstance(sweep, list) else [sweep] if sweep is not None else [settings.get("avg_bits")]
         for b in budgets:
             check_settings({"avg_bits": b}, f"{where} ({name})") if b is not None else None
+        folders = [f"bits-{b:g}" for b in budgets if b is not None]
+        if len(set(folders)) < len(folders):  # each budget's run has its own folder, named by the budget
+            raise UserError(f"{where} ({name}): avg_bits lists budgets that name the same folder "
+                            f"({', '.join(folders)}); give each budget once")
         jobs.append({"name": name, "settings": settings, "budgets": budgets, "sweep": isinstance(sweep, list)})
     return defaults, jobs
 

@@ -65,6 +65,9 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str, *, embed_type: str | None
         raise UserError(f"--embed-type applies to --format gguf only; the {fmt} export keeps the embedding as the "
                         "checkpoint stores it: drop --embed-type")
     manifest = read_manifest(ckpt)
+    if manifest.get("task") == "image-classification":  # no config.json: the layouts describe HF models
+        raise UserError(f"{ckpt} holds a timm image classifier, which the {fmt} layout (a Hugging Face model's "
+                        "config and tensors) cannot describe; load it with hawqtool.runtime.load_quantized")
     _refuse_quantized_embedding(manifest, ckpt, fmt)
     ggml = next((n for n, m in manifest["layers"].items() if isinstance(m, dict) and "ggml_type" in m), None)
     if ggml is not None:

@@ -71,6 +71,8 @@ def test_kill_9_then_rerun_resumes(tmp_path, tiny_llama, text_file):
     ({"jobs": [{"avg_bits": 3}]}, ["needs a `name:`"]),
     ({"jobs": [{"name": "x"}, {"name": "x"}]}, ["must be unique"]),
     ({"jobs": [{"name": "x" * 300}]}, ["at most 200 characters"]),
+    ({"jobs": [{"name": "x", "avg_bits": [3, 3.0000001]}]}, ["name the same folder"]),
+    ({"jobs": [{"name": "x", "recipe": 5}]}, ["recipe must be a path"]),
     ({"job": [{"name": "x"}]}, ["unknown top-level key 'job'"]),
     ({"defaults": {"nsample": 3}, "jobs": [{"name": "x"}]}, ["defaults has unknown key 'nsample'", "'nsamples'"]),
 ])

@@ -55,6 +55,14 @@ def test_latency_table_then_latency_budget(sens, tiny_llama, tmp_path):
     assert sweep["chosen"]["costs"]["latency_ms"] == plan["costs"]["latency_ms"]
     r = invoke("allocate", sens, "--latency-table", table, "--max-latency-ms", 1e-9, "-q", "-o", plan_path, code=1)
     assert "use at least --max-latency-ms" in r.output and r.output.count("\n") == 1
+    # the table's path is claimed before measuring: our own table is replaced, a user's file or an input never
+    invoke("bench", tiny_llama, "--latency-table", table, "--bits", "4", "--repeats", 5, "-q")
+    assert all(len(r) == 1 for r in json.loads(table.read_text())["layers"].values())
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    for target in (tmp_path / "notes.json", tiny_llama / "config.json"):
+        before = target.read_bytes()
+        r = invoke("bench", tiny_llama, "--latency-table", target, "--bits", "4", "-q", code=1)
+        assert r.output.count("\n") == 1 and target.read_bytes() == before
 
 
 def test_bench_checkpoint_reports_speed_against_full_precision(tiny_llama, text_file, tmp_path):

@@ -82,6 +82,10 @@ def test_run_scores_an_image_classifier_resumes_and_matches_eval(tiny_cnn, tmp_p
     r = json.loads(invoke("run", recipe, "--avg-bits", 4.0, "--eval-images", 4, "-o", out, "--json").stdout)
     assert not {"sensitivity", "quantize"} & set(r["stage_seconds"])
     assert r["eval_images"] == s["eval_images"] - 4  # re-evaluated on the smaller set, nothing else re-run
+    for fmt in ("gptq", "compressed-tensors"):  # HF layouts cannot describe a timm model: one line, nothing written
+        e = invoke("export", out / "mixed", "--format", fmt, "-o", tmp_path / fmt, code=1)
+        assert "image classifier" in e.output and e.output.count("\n") == 1
+        assert not (tmp_path / fmt).exists()
 
 
 def test_vision_recipe_loads():

@@ -53,7 +53,10 @@ def bench_cmd(target, latency_table, bits, group_sizes, act_bits, pairs, sym, to
         from ..allocate.options import make_options, parse_pairs
         from ..latency import measure_latency_table, save_latency_table
         from ..models import load_model, quantizable_layers, weight_matrix
+        from ..outputs import claim_output
 
+        # before the minutes of measuring: never over a file that is not a latency table of ours, nor an input
+        claim_output(latency_table, "json", inputs=[target])
         loaded = load_model(target, trust_remote_code=trust_remote_code)
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model, include_tied_head=True).items()}
         options = make_options(bits, group_sizes, act_bits,
