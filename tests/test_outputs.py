@@ -102,6 +102,14 @@ def test_outputs_inside_or_above_an_input_are_refused(plan, tiny_llama, text_fil
     invoke("export", ck, "--format", "gptq", "-o", tmp_path / "ex")  # our own export: replaced
     (tmp_path / "other").mkdir()
     one_line_error(invoke("export", ck, "--format", "gptq", "-o", tmp_path / "other", ok=False), "--overwrite")
+    # the calibration text is an input too: --overwrite of the folder holding it is refused, the file kept
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "c.txt").write_text(text_file.read_text())
+    one_line_error(quantize(model_copy, plan, data / "c.txt", data, "--overwrite", ok=False), "input")
+    one_line_error(invoke("sensitivity", model_copy, "--calib", data / "c.txt", "-o", data, "--overwrite", ok=False),
+                   "input")
+    assert sorted(p.name for p in data.iterdir()) == ["c.txt"]
 
 
 def test_json_outputs_refuse_foreign_files_and_folders(plan, tmp_path):

@@ -91,7 +91,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
         from ..errors import UserError
 
         raise UserError("--sweep does not take --formats yet; sweep hawqtool's own formats, or run allocate per budget")
-    claim_output(output, "json", inputs=[sensitivity_file, model], overwrite=overwrite)
+    claim_output(output, "json", inputs=[sensitivity_file, model, latency_table, calib], overwrite=overwrite)
     opts = AllocateOptions(group_sizes=tuple(group_sizes or ()), act_bits=tuple(act_bits), pins=parse_pins(pins),
                            allowed=parse_allowed(allows), ties=tuple(ties), auto_ties=auto_ties, trace_ucb=trace_ucb,
                            max_bytes=max_bytes, pairs=pairs or "", max_bops=max_bops, bops_frac=bops_frac,

@@ -84,7 +84,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     max_memory = parse_memory(max_memory) if max_memory is not None else None
     rank = world()[0]  # under torchrun: data parallel over the calibration windows, rank 0 writes
     if rank == 0:
-        claim_output(output, "checkpoint", inputs=[model, plan_file], overwrite=overwrite)
+        claim_output(output, "checkpoint", inputs=[model, plan_file, calib], overwrite=overwrite)
     rep = Reporter(quiet or as_json or rank != 0)
     plan = artifacts.load(plan_file, "plan")
     loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,

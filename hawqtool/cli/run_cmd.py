@@ -105,7 +105,8 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
     resolve_device(cfg.device)  # a CUDA request without CUDA: one line, before the output folder is claimed
     if cfg.max_memory is not None:
         parse_memory(cfg.max_memory)
-    claim_output(Path(cfg.out), "run", inputs=[cfg.model], overwrite=overwrite)
+    claim_output(Path(cfg.out), "run", inputs=[cfg.model, cfg.calib, cfg.data, getattr(cfg, "latency_table", None)],
+                 overwrite=overwrite)  # --overwrite may replace the folder: never one holding an input
     summary = run_pipeline(cfg, rep)
     if as_json:
         click.echo(json.dumps(summary))

@@ -88,7 +88,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     if rank == 0:  # the other ranks only contribute probes
         from ..outputs import claim_output
 
-        claim_output(output, "json", inputs=[model], overwrite=overwrite)
+        claim_output(output, "json", inputs=[model, calib], overwrite=overwrite)
     rep = Reporter(quiet or as_json)
     loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
                         max_memory=max_memory)
