@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_e2e import SMALL, invoke
+from test_cli_e2e import SMALL, invoke, one_line_error
 
 from hawqtool.checkpoint import sha256_file
 from hawqtool.quantize.resume_state import BlockState
@@ -37,8 +37,9 @@ def plan(tmp_path_factory, tiny_llama) -> Path:
     return path
 
 
-def argv(tiny_llama, plan, text_file, out) -> list[str]:
-    return ["quantize", str(tiny_llama), "--plan", str(plan), "--calib", str(text_file), "-o", str(out), *SMALL, "-q"]
+def argv(tiny_llama, plan, text_file, out, *extra) -> list[str]:
+    return ["quantize", str(tiny_llama), "--plan", str(plan), "--calib", str(text_file), "-o", str(out), *SMALL, "-q",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_safetensors_metadata_order_does_not_change_the_bytes(tmp_path):
         assert torch.equal(f.get_tensor("b"), t["b"]) and torch.equal(f.get_tensor("a"), t["a"])
 
 
-def interrupt_after_block_zero(tiny_llama, plan, text_file, out, monkeypatch) -> Path:
+def interrupt_after_block_zero(tiny_llama, plan, text_file, out, monkeypatch, *extra) -> Path:
     """Run quantize in this process and Ctrl-C it right after block 0 is committed; returns CK.partial."""
     save = BlockState.save
 
@@ -82,18 +83,20 @@ def interrupt_after_block_zero(tiny_llama, plan, text_file, out, monkeypatch) ->
 
     with monkeypatch.context() as m:
         m.setattr(BlockState, "save", save_then_interrupt)
-        assert invoke(*argv(tiny_llama, plan, text_file, out), ok=False).exit_code == 130
+        assert invoke(*argv(tiny_llama, plan, text_file, out, *extra), ok=False).exit_code == 130
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and (partial / "block_0000.json").is_file() and (partial / "hidden_0000.safetensors").is_file()
     return partial
 
 
+@pytest.mark.parametrize("extra", [(), ("--offload",)], ids=["in-memory", "streamed"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_llama, plan, text_file, reference, monkeypatch,
-                                                      caplog):
+                                                      caplog, extra):
+    """Also streamed: its finished blocks' results are read back from CKPT.partial/ (resumed ones included)."""
     out = tmp_path / "ck"
-    partial = interrupt_after_block_zero(tiny_llama, plan, text_file, out, monkeypatch)
+    partial = interrupt_after_block_zero(tiny_llama, plan, text_file, out, monkeypatch, *extra)
     caplog.set_level(logging.INFO, logger="hawqtool")
-    invoke(*argv(tiny_llama, plan, text_file, out))
+    invoke(*argv(tiny_llama, plan, text_file, out, *extra))
     assert "resuming quantization at block 1" in caplog.text and "damaged" not in caplog.text
     assert digests(out) == reference and not partial.exists()
 
@@ -211,3 +214,24 @@ def test_sensitivity_and_plan_files_are_byte_identical_across_runs(tmp_path, tin
     assert {"sens.json", "plan.json"} <= set(outs[0]) and any(n.endswith(".md") for n in outs[0])
     assert outs[0] == outs[1]
     assert "seconds" not in json.loads(outs[0]["sens.json"]) and "solve_seconds" not in json.loads(outs[0]["plan.json"])
+
+
+def test_a_saved_block_damaged_during_a_streamed_run_is_never_used(tmp_path, tiny_llama, plan, text_file, reference,
+                                                                   monkeypatch):
+    """A streamed run reads its finished blocks back from CKPT.partial/ at the end: one damaged meanwhile is a
+    one-line error, no checkpoint is written, and the same command then recomputes it."""
+    out = tmp_path / "ck"
+    save = BlockState.save
+
+    def save_then_damage_block_zero(self, i, *a, **kw):
+        save(self, i, *a, **kw)
+        if i == 1:
+            flip_a_byte(self.folder / "block_0000.safetensors")
+
+    with monkeypatch.context() as m:
+        m.setattr(BlockState, "save", save_then_damage_block_zero)
+        res = invoke(*argv(tiny_llama, plan, text_file, out, "--offload"), ok=False)
+    one_line_error(res, "damaged during the run", "again")
+    assert not out.exists()
+    invoke(*argv(tiny_llama, plan, text_file, out, "--offload"))
+    assert digests(out) == reference

@@ -37,6 +37,10 @@ def either(request, llama3, tmp_path_factory):
     return out
 
 
+def plan_specs_names(plan) -> list[str]:
+    return [lp.name for lp in plan.layers]
+
+
 def _load(path, **kw):
     from hawqtool.models import load_model
 
@@ -68,8 +72,20 @@ def test_max_memory_below_the_weights_streams(llama3):
 
 
 @pytest.mark.parametrize("act_order, tune", [(False, 0), (True, 0), (False, 4), (True, 4)])
-def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_file, act_order, tune):
+def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_file, act_order, tune, monkeypatch):
+    """Streamed and in memory give the same bytes; the streamed run holds no finished block's codes in memory
+    while later blocks run (they are read back from CKPT.partial/ at the end)."""
     from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.quantize import driver
+
+    read_back, seen = driver._read_back, []
+
+    def spy(state, layers, results, dropped):
+        seen.append(sorted(dropped))
+        assert all(results[n].weight is None for n in dropped)
+        read_back(state, layers, results, dropped)
+
+    monkeypatch.setattr(driver, "_read_back", spy)
     from hawqtool.models import quantizable_layers, weight_matrix
     from hawqtool.quantize.driver import QuantizeOptions
     from hawqtool.stages import quantize_stage
@@ -85,6 +101,7 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
     quantize_stage(_load(llama3, offload=True), plan, ids, opts, tmp_path / "streamed")
     digest = {k: hashlib.sha256((tmp_path / k / "model.safetensors").read_bytes()).hexdigest() for k in ("mem", "streamed")}
     assert digest["mem"] == digest["streamed"]
+    assert seen == [sorted(n for n in plan_specs_names(plan) if n.startswith("model.layers."))]  # streamed run only
     manifests = [json.loads((tmp_path / k / "hawqtool_manifest.json").read_text()) for k in ("mem", "streamed")]
     assert manifests[0]["layers"] == manifests[1]["layers"]
     if tune:  # block tuning ran (and moved codes) in both

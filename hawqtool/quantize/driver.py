@@ -34,8 +34,9 @@ from .hessians import collect_hessians, is_conv
 from quant_kernels import PackedWeight
 
 from . import quantizer
-from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes, rtn
+from .quantizer import QuantizedWeight, QuantSpec, rtn
 from .resume_state import BlockState
+from .saved_blocks import dequantize_packed, load_blocks, save_block
 from .tune import DTYPES, LOSSES
 
 log = logging.getLogger("hawqtool")
@@ -215,24 +216,35 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     results: dict[str, LayerResult] = {}
     state = BlockState(state_dir, state_key) if state_dir is not None and len(blocks) else None
     done_blocks, hidden, fp = _resume(state, blocks, layers, results)
+    streamed = streamer_of(model) is not None
+    dropped: set[str] = set()  # streamed: finished blocks' results, saved in the state and read back at the end
+    if streamed and state is not None and size == 1:
+        for n in results:  # the resumed blocks': on disk already
+            results[n].weight = None
+        dropped.update(results)
     chain = {"fp": None if fp is None else my_share(fp, rank, size)}  # the float chain's inputs (this rank's)
     if hidden is not None:
         hidden = my_share(hidden, rank, size)
     prefixes = [_prefix_of(model, b) for b in blocks]
     # blocks after the last one with planned layers need not run (the rest is calibrated on the whole model)
     last = max((i for i, p in enumerate(prefixes) if any(n.startswith(p) for n in specs)), default=-1)
-    streamed = streamer_of(model) is not None
     # a streamed model's layers outside the blocks (an untied head) are calibrated on the last block's outputs
     outside = streamed and any(not any(n.startswith(p) for p in prefixes) for n in specs)
     stop = len(blocks) if outside else last + 1
     box: dict = {}
+
     def commit(i: int, inp) -> None:  # rank 0 keeps the state, with every rank's next inputs in global order
         every_hidden = gather_list([h.cpu() for h in inp.hidden], len(every)) if size > 1 else inp.hidden
         floats = chain["fp"] if uses_float_chain(opts) else None
         if floats is not None and size > 1:
             floats = gather_list([h.cpu() for h in floats], len(every))
         if rank == 0:
-            _save_block(state, i, {n: results[n] for n in results if n.startswith(prefixes[i])}, every_hidden, floats)
+            mine = {n: results[n] for n in results if n.startswith(prefixes[i])}
+            _save_block(state, i, mine, every_hidden, floats)
+            if streamed and size == 1:  # host memory then holds no finished block's codes while the rest run
+                for r in mine.values():
+                    r.weight = None
+                dropped.update(mine)
 
     with contextlib.ExitStack() as stack:
         # a streamed model's embedding and head wait on disk while the blocks run
@@ -249,6 +261,8 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
         for n in rest:  # outside the blocks nothing is tuned: GPTQ's compensated weights are not kept
             results[n].updated = None
+    if dropped:
+        _read_back(state, layers, results, dropped)
     return results
 
 
@@ -335,66 +349,44 @@ def _prefix_of(model: nn.Module, block: nn.Module) -> str:
     raise ValueError("block not found in model")
 
 
-# ---- resume state (resume_state.py: hashed, verified): one record per finished block + the next inputs ----
+# ---- resume state (saved_blocks.py, resume_state.py: hashed, verified): one record per finished block ----
 
 def _save_block(state: BlockState, i: int, res: dict[str, LayerResult], hidden: list[torch.Tensor],
                 floats: list[torch.Tensor] | None = None) -> None:
-    tensors, meta = {}, {}
-    for n, r in res.items():
-        w = r.weight
-        meta[n] = {**r.summary(), "seconds": r.seconds, "spec": r.spec.to_dict()}
-        if isinstance(w, PackedWeight):  # kept packed (streamed model): stored as the checkpoint will hold it
-            from ..checkpoint import packed_tensors
+    save_block(state, i, {n: (r.weight, {**r.summary(), "seconds": r.seconds, "spec": r.spec.to_dict()})
+                          for n, r in res.items()}, hidden, floats)
 
-            tensors.update(packed_tensors(n, w))
-            meta[n].update(packed=True, in_features=w.in_features, out_features=w.out_features)
-            continue
-        if w.grid is not None:  # a ggml layer: its exact block bytes
-            tensors[f"{n}.ggml"] = ggml_bytes(w)
-            continue
-        tensors[f"{n}.q"] = w.q.to(torch.uint8)
-        tensors[f"{n}.scales"] = w.scales
-        tensors[f"{n}.zeros"] = w.zeros.to(torch.uint8)
-        if w.g_idx is not None:
-            tensors[f"{n}.g_idx"] = w.g_idx.to(torch.int32)
-    boundary = {f"h{j}": h for j, h in enumerate(hidden)}
-    boundary.update({f"f{j}": h.cpu() for j, h in enumerate(floats or [])})  # the float chain (--float-target)
-    state.save(i, tensors, boundary, {"layers": meta})
+
+def _result_of(n: str, qw, spec: QuantSpec, m: dict) -> LayerResult:
+    return LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"], m["notes"],
+                       m["seconds"], spec=spec)
 
 
 def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, list | None, list | None]:
     """Re-apply the verified finished blocks of this run; returns (next block, its inputs, its float-chain inputs)."""
     if state is None:
         return 0, None, None
-    done, hidden = state.resume()
+    done, hidden = load_blocks(state, layers)
     if not done:
         return 0, None, None
-    for meta, t in done:
-        for n, m in meta["layers"].items():
-            spec = QuantSpec(**m["spec"])
-            if m.get("packed"):
-                from ..loader import packed_from_tensors
-
-                qw = packed_from_tensors(t, n, {"bits": spec.bits, "group_size": spec.group_size,
-                                                "symmetric": spec.symmetric, "in_features": m["in_features"],
-                                                "out_features": m["out_features"]})
-            elif spec.fmt:
-                qw = ggml_from_bytes(t[f"{n}.ggml"], spec, weight_matrix(layers[n]).shape[1])
-            else:
-                qw = QuantizedWeight(t[f"{n}.q"].to(torch.int32), t[f"{n}.scales"], t[f"{n}.zeros"].to(torch.int32),
-                                     spec, t.get(f"{n}.g_idx"))
-            results[n] = LayerResult(n, qw, m["method"], m["error"], m["rtn_error"], m["damp"], m["retries"],
-                                     m["notes"], m["seconds"], spec=spec)
-            if layers[n].weight.device.type != "meta":  # a streamed block is re-read when it runs again
-                set_weight_matrix(layers[n], (qw.dequantize() if isinstance(qw, QuantizedWeight) else
-                                              _dequantize_packed(qw)).to(layers[n].weight.dtype))
+    for n, qw, spec, m in (layer for block in done for layer in block):
+        results[n] = _result_of(n, qw, spec, m)
+        if layers[n].weight.device.type != "meta":  # a streamed block is re-read when it runs again
+            set_weight_matrix(layers[n], (qw.dequantize() if isinstance(qw, QuantizedWeight) else
+                                          dequantize_packed(qw)).to(layers[n].weight.dtype))
     log.info("resuming quantization at block %d of %d", len(done), len(blocks))
     n = sum(k.startswith("h") for k in hidden)
     floats = [hidden[f"f{j}"] for j in range(n)] if "f0" in hidden else None
     return len(done), [hidden[f"h{j}"] for j in range(n)], floats
 
 
-def _dequantize_packed(pw: PackedWeight) -> torch.Tensor:
-    from quant_kernels import dequantize
-
-    return dequantize(pw, torch.float32)
+def _read_back(state: BlockState, layers: dict, results: dict, dropped: set[str]) -> None:
+    """The results of finished blocks that were dropped from memory once saved (streamed models), read back."""
+    done, _ = load_blocks(state, layers)
+    got = {n: (qw, spec, m) for block in done for n, qw, spec, m in block}
+    missing = sorted(dropped - got.keys())
+    if missing:
+        raise UserError(f"the finished blocks saved in {state.folder} were damaged during the run ({missing[0]} "
+                        "cannot be read back); run the same command again: it recomputes them")
+    for n in dropped:
+        results[n] = _result_of(n, *got[n])
