@@ -15,6 +15,7 @@ mean KL against the full-precision model on the fixed image set `hawqtool eval` 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -305,32 +306,40 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     sizes: dict[str, dict] = {}
     opts = QuantizeOptions(**{"first_token_weight": ftw, **cfg.quantize, "method": cfg.method, "act_order": cfg.act_order})
     results = {}
-    for name, p in (("mixed", plan), ("uniform", uplan if cfg.uniform else None)):
-        if p is None:  # no uniform plan fits (ggml types), or none asked for: every figure None
-            results[name], sizes[name] = {k: None for k in ("ppl", "top1_agreement", "mean_kl", "cosine",
-                                                            "cosine_min")} | {"seconds": 0.0, "quantize_seconds": 0.0}, {}
-            continue
-        ck = out / name
-        qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, opts.fingerprint(),
-                          layer_records(p.layers))
-        qsecs = 0.0  # this run's; the checkpoint records no timings (same inputs, same bytes)
-        if _current(ck, qfp, "checkpoint"):
-            rep.skip(f"quantize {name}")
-        else:
-            fresh = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=dev,
-                                                     dtype=dt, **mem))
-            q0 = time.perf_counter()
-            with rep.bar(f"quantize {name}", len(p.layers)) as adv:
-                timed("quantize", lambda: quantize_stage(fresh, p, calib_ids, opts, ck, data_key=td.calib_key,
-                                                         progress=lambda _n: adv(1)))
-            qsecs = round(time.perf_counter() - q0, 2)
-            del fresh
-        # a checkpoint streams as the model did (--offload, --max-memory); one without a streamed form loads whole
-        stream = wants_streaming(ck, dev, **mem, strict=False)
-        results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt,
-                                                                                         offload=stream)))
-        results[name]["quantize_seconds"] = qsecs
-        sizes[name] = checkpoint_sizes(ck)
+    with contextlib.ExitStack() as stack:
+        st = streamer_of(loaded.model)
+        if st is not None and not (vision or encoder):
+            # the baseline model's embedding and head (1.2 GB for a 3B Llama in fp32) wait on disk while the
+            # checkpoints are made and scored: nothing reads them until the summary
+            park = out / ".hawqtool-parked"  # a fixed name: a killed run's files are overwritten, then removed
+            stack.callback(lambda: park.rmdir() if park.is_dir() and not any(park.iterdir()) else None)
+            stack.enter_context(st.parked(park))
+        for name, p in (("mixed", plan), ("uniform", uplan if cfg.uniform else None)):
+            if p is None:  # no uniform plan fits (ggml types), or none asked for: every figure None
+                results[name], sizes[name] = {k: None for k in ("ppl", "top1_agreement", "mean_kl", "cosine",
+                                                                "cosine_min")} | {"seconds": 0.0, "quantize_seconds": 0.0}, {}
+                continue
+            ck = out / name
+            qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, opts.fingerprint(),
+                              layer_records(p.layers))
+            qsecs = 0.0  # this run's; the checkpoint records no timings (same inputs, same bytes)
+            if _current(ck, qfp, "checkpoint"):
+                rep.skip(f"quantize {name}")
+            else:
+                fresh = timed("load", lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=dev,
+                                                         dtype=dt, **mem))
+                q0 = time.perf_counter()
+                with rep.bar(f"quantize {name}", len(p.layers)) as adv:
+                    timed("quantize", lambda: quantize_stage(fresh, p, calib_ids, opts, ck, data_key=td.calib_key,
+                                                             progress=lambda _n: adv(1)))
+                qsecs = round(time.perf_counter() - q0, 2)
+                del fresh
+            # a checkpoint streams as the model did (--offload, --max-memory); one without a streamed form loads whole
+            stream = wants_streaming(ck, dev, **mem, strict=False)
+            results[name] = timed("eval", lambda: evaluate(name, qfp, lambda: load_quantized(ck, device=dev, dtype=dt,
+                                                                                             offload=stream)))
+            results[name]["quantize_seconds"] = qsecs
+            sizes[name] = checkpoint_sizes(ck)
 
     hist = Counter(lp.ggml_type or str(lp.bits) for lp in plan.layers)
     common = {"uniform_bits": ubits, "uniform_bytes": uplan and uplan.total_bytes, "uniform_avg_bits": uplan and uplan.avg_bits,

@@ -174,8 +174,17 @@ def test_parse_memory():
             parse_memory(bad)
 
 
-def test_run_offload_end_to_end(tmp_path, llama3, text_file):
+def test_run_offload_end_to_end(tmp_path, llama3, text_file, monkeypatch):
     """`run --offload` completes and gives the in-memory run's plan and perplexities."""
+    from hawqtool.streaming import Streamer
+
+    parked, folders = Streamer.parked, []
+
+    def spy(self, folder):
+        folders.append(folder.name)
+        return parked(self, folder)
+
+    monkeypatch.setattr(Streamer, "parked", spy)
     small = ["--calib", text_file, "--data", text_file, "--avg-bits", 3.5, "--nsamples", 4, "--seqlen", 32,
              "--sens-samples", 4, "--sens-seqlen", 32, "--max-probes", 4, "--eval-windows", 3, "--eval-seqlen", 32, "-q"]
     invoke("run", llama3, "-o", tmp_path / "mem", *small)
@@ -186,6 +195,9 @@ def test_run_offload_end_to_end(tmp_path, llama3, text_file):
         json.loads((tmp_path / "streamed" / "plan.json").read_text())["layers"]
     for k in ("baseline_ppl", "mixed_ppl", "uniform_ppl"):
         assert b[k] == pytest.approx(a[k], rel=1e-5), k
+    # the baseline model's embedding and head waited on disk during the quantizes and evaluations, and came back
+    assert ".hawqtool-parked" in folders and not (tmp_path / "streamed" / ".hawqtool-parked").exists()
+    assert b["baseline_file_bits_per_param"] == a["baseline_file_bits_per_param"]
 
 
 def test_offload_bad_memory_is_one_line(tmp_path, llama3, text_file):
