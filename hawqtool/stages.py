@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import LayerSensitivity, Plan, SensitivityReport, files_digest, fingerprint, layer_records
 from .checkpoint import save_checkpoint
-from .device import model_device
+from .device import model_device, model_dtype
 from .streaming import streamer_of
 from .errors import UserError
 from .inputs import batches_of
@@ -29,7 +29,7 @@ def model_digest(loaded: LoadedModel) -> str:
     """Fingerprint of the model's files (or its id when it has no local files), and of its compute dtype when
     that is not float32 (a bfloat16 run measures and quantizes a different model; the device does not count)."""
     digest = files_digest(loaded.files) if loaded.files else loaded.source
-    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(loaded.model)
     return digest if dtype == torch.float32 else f"{digest}:{str(dtype).replace('torch.', '')}"
 
 
@@ -102,8 +102,6 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     if estimator == "fisher" and objective not in FISHER_OBJECTIVES:
         raise UserError(f"estimator 'fisher' supports objectives {', '.join(FISHER_OBJECTIVES)}, not "
                         f"{objective!r} (the empirical Fisher needs per-position gradients); use 'hutchinson'")
-
-    from .device import model_dtype
 
     if model_dtype(loaded.model) == torch.float16:  # per-position gradients are ~1/N of the loss's: below fp16's range
         raise UserError("sensitivity backpropagates without loss scaling, so float16 gradients underflow; use "

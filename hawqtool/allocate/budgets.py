@@ -45,10 +45,9 @@ class Budgets:
 def _size_ref(options: Sequence[Option]) -> list[int]:
     """Columns of the weight-only options at the smallest group size (per channel, -1, only when it is the only
     one): what --avg-bits B is measured against, uniform B-bit at that group size."""
-    weight_only = [o for o in options if o.act_bits == FULL_ACT and o.symmetric is None]
-    groups = sorted({o.group_size for o in weight_only})
-    ref = min((g for g in groups if g > 0), default=groups[0] if groups else None)
-    return [j for j, o in enumerate(options) if o.act_bits == FULL_ACT and o.group_size == ref and o.symmetric is None]
+    weight_only = [j for j, o in enumerate(options) if o.act_bits == FULL_ACT and o.symmetric is None]
+    ref = min((g for g in {options[j].group_size for j in weight_only} if g > 0), default=-1)
+    return [j for j in weight_only if options[j].group_size == ref]
 
 
 def bops_costs(report: SensitivityReport, options: Sequence[Option], profile: Mapping[str, LayerProfile]) -> np.ndarray:

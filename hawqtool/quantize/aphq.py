@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..device import model_device
 from ..models import weight_matrix
 from .quantizer import QuantizedWeight
 
@@ -280,8 +281,7 @@ def reconstruct_block(block: nn.Module, weights: dict[str, QuantizedWeight], act
     minimising the APH-weighted block output error; returns weights, act, loss_before, loss_after, kept."""
     mods = dict(block.named_modules())
     ada = {n: AdaRoundWeight(weight_matrix(mods[n]).float(), q) for n, q in weights.items()}
-    dev = next((p.device for p in block.parameters()), torch.device("cpu"))
-    lsq = {n: LSQAct(*a, device=dev) for n, a in acts.items()}
+    lsq = {n: LSQAct(*a, device=model_device(block)) for n, a in acts.items()}
     handles = [mods[n].register_forward_pre_hook(lambda _m, a, q=q: (q(a[0]), *a[1:])) for n, q in lsq.items()]
 
     def params(hard: bool) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ def collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Blo
         else:
             x = x.detach()
             # XᵀX then weighs the first position first_weight; scaled in fp32 (a bf16 model's inputs would round)
-            x = first_scaled(x.float() if x.is_floating_point() else x, first_weight ** 0.5)
+            x = first_scaled(x.float(), first_weight ** 0.5)
             (step.setdefault(n, HessianAccumulator(acc[n].in_features)) if size > 1 else acc[n]).add_batch(x)
 
     local = len(inputs.hidden) if inputs is not None else len(batches)
