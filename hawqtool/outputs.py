@@ -3,7 +3,7 @@ runs never write one output at once.
 
 `claim_output` is called at the CLI boundary before any work: it refuses a path that holds
 something else than an artifact of the same kind (unless --overwrite), a path inside or above an
-input, and takes a lock beside the output (released on exit; a lock of a dead PID is stale).
+input, and takes a lock beside the output (locks.py: a kernel lock, released when the process exits).
 `replace_dir` re-checks at the moment of the rename. `staged_output` is the one way a folder output is
 written: stale temporaries of dead processes are cleaned first, free space is checked where the size
 is known, the folder is built in OUT.tmp-PID and renamed into place, and on any failure the temporary
@@ -13,7 +13,6 @@ file) and count as our own when their header carries gguf_export's marker key.
 """
 from __future__ import annotations
 
-import atexit
 import errno
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import UserError
+from .locks import release_locks, take_lock
 
 log = logging.getLogger("hawqtool")
 
@@ -36,7 +36,6 @@ JSON_KINDS = ("sensitivity", "plan", "latency-table")
 BATCH_MARKER = ".hawqtool-batch"
 RUN_MARKER = ".hawqtool-run"  # written when a run starts, so a run killed before its first artifact is still ours
 _OVERWRITE: set[str] = set()  # foreign outputs the user let this process replace (--overwrite)
-_HELD: set[str] = set()  # outputs this process holds the lock of
 
 
 def is_own_output(path: Path, kind: str) -> bool:
@@ -103,11 +102,6 @@ def claim_output(out: Path, kind: str, *, inputs: Iterable[Path | str | None] = 
         clean_stale(out)
 
 
-def lock_path(out: Path) -> Path:
-    out = Path(os.path.abspath(out))
-    return out.with_name(f".{out.name}.hawqtool-lock")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -118,58 +112,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def take_lock(out: Path) -> None:
-    """Create the lock file beside `out` with this PID (removed at exit); fail if a live process holds it."""
-    lp = lock_path(out)
-    try:
-        lp.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder of {out}: {e.strerror}; choose a writable -o") from e
-    mine = lp.with_name(f"{lp.name}.{os.getpid()}")  # the PID is written first, then linked into place, so
-    for _ in range(2):                               # a reader never sees an empty lock (and takes it for stale)
-        try:
-            mine.write_text(str(os.getpid()))
-            try:
-                os.link(mine, lp)
-            finally:
-                mine.unlink(missing_ok=True)
-        except FileExistsError:
-            try:
-                pid = int(lp.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid == os.getpid():
-                return
-            if pid and _alive(pid):
-                raise UserError(f"another hawqtool process (PID {pid}) is writing {out}; wait for it to finish "
-                                f"or choose another -o (lock: {lp})")
-            log.warning("removing the stale lock %s of a process that no longer runs (PID %s)", lp, pid or "?")
-            lp.unlink(missing_ok=True)
-            continue
-        except OSError as e:
-            raise UserError(f"cannot write beside {out}: {e.strerror}; choose a writable -o") from e
-        if not _HELD:
-            atexit.register(release_all)
-        _HELD.add(str(out))
-        return
-    raise UserError(f"could not take the lock {lp}; remove it if no hawqtool process is running")
-
-
-def release_lock(out: Path) -> None:
-    """Remove this process's lock on `out` (no-op if it is not ours)."""
-    _HELD.discard(str(out))
-    lp = lock_path(out)
-    try:
-        if int(lp.read_text().strip() or 0) == os.getpid():
-            lp.unlink()
-    except (OSError, ValueError):
-        pass
-
-
 def release_all() -> None:
     """Release every lock this process holds (end of a command, or exit)."""
-    for out in list(_HELD):
-        release_lock(Path(out))
+    release_locks()
     _OVERWRITE.clear()
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_cli_e2e import SMALL, invoke, one_line_error
 
-from hawqtool.outputs import lock_path
+from hawqtool.locks import lock_path
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +123,59 @@ def test_json_outputs_refuse_foreign_files_and_folders(plan, tmp_path):
     invoke("allocate", plan / "sens.json", "--avg-bits", 3, "-o", foreign, "-q")  # a plan replaces a plan
 
 
+def _lock_holder(out):
+    """A process that holds the lock of `out` (as a running hawqtool command does) until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hawqtool.locks import take_lock; "
+                               f"take_lock({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_second_writer_fails_while_the_first_holds_the_lock(plan, tiny_llama, text_file, tmp_path, caplog):
     out = tmp_path / "ck"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = _lock_holder(out)
     try:
-        lock_path(out).write_text(str(holder.pid))
         res = quantize(tiny_llama, plan, text_file, out, ok=False)
         one_line_error(res, f"PID {holder.pid}", str(out))
-        assert not out.exists() and lock_path(out).read_text() == str(holder.pid)
+        assert not out.exists() and lock_path(out).read_text().split()[0] == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()
-    # the holder died without cleaning up: its lock is stale, the next run takes over and removes it
+    # the holder died without cleaning up: the kernel dropped its lock, the next run takes over and removes the file
+    assert lock_path(out).is_file()
     quantize(tiny_llama, plan, text_file, out)
     assert "stale lock" in caplog.text and (out / "hawqtool_manifest.json").is_file()
     assert not lock_path(out).exists()
 
 
-def test_two_concurrent_quantize_runs_one_wins_one_fails(plan, tiny_llama, text_file, tmp_path):
+def test_a_lock_file_names_its_holder_and_a_live_pid_without_the_lock_is_not_a_holder(tmp_path):
+    from hawqtool.errors import UserError
+    from hawqtool.locks import release_lock, take_lock
+
     out = tmp_path / "ck"
+    lock_path(out).write_text(f"{os.getpid()} another-host\n")  # the file alone holds nothing (a crashed run's)
+    take_lock(out)
+    assert lock_path(out).read_text().split()[0] == str(os.getpid())
+    release_lock(out)
+    assert not lock_path(out).exists()
+    holder = _lock_holder(out)
+    try:
+        lock_path(out).write_text(f"{holder.pid} another-host\n")  # what a holder on another machine writes
+        with pytest.raises(UserError, match=f"PID {holder.pid} on host another-host"):
+            take_lock(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_two_concurrent_quantize_runs_one_wins_one_fails(plan, tiny_llama, text_file, tmp_path, stale):
+    out = tmp_path / "ck"
+    if stale:  # both find the lock file of a crashed run: only one may take it over (a PID-only lock let both)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        lock_path(out).write_text(f"{dead.pid}\n")
     cmd = [sys.executable, "-m", "hawqtool", "quantize", str(tiny_llama), "--plan", str(plan / "plan.json"),
            "--calib", str(text_file), "-o", str(out), *SMALL, "-q"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

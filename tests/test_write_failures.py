@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from test_cli_e2e import SMALL, invoke, one_line_error
 
 from hawqtool.errors import UserError
-from hawqtool.outputs import clean_stale, lock_path
+from hawqtool.locks import lock_path
+from hawqtool.outputs import clean_stale
 
 
 @pytest.fixture(scope="module")
