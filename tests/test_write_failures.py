@@ -1,6 +1,5 @@
-"""Nothing half-written is left behind. A full disk (an injected ENOSPC, as the OS and the safetensors
-library report it) or too little free space is exit 1 with one line naming the bytes; the temporary is
-removed, no lock is left and the previous output is intact. Temporaries that killed processes left
+"""Nothing half-written is left behind. A full disk (an injected ENOSPC) or too little free space is exit 1 with
+one line naming the bytes; the temporary is removed, no lock is left and the previous output is intact. Temporaries that killed processes left
 are removed by the next run; a previous output they had swapped aside is put back."""
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from safetensors import SafetensorError
 from test_cli_e2e import SMALL, invoke, one_line_error
 
 from hawqtool.errors import UserError
@@ -48,23 +46,33 @@ def only(folder: Path, *names: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 
-def full_disk_after(nbytes: int, how: str):
-    """A writer that puts `nbytes` of the file on disk and then fails as a full disk does: an OSError
-    (ENOSPC), or the safetensors library's own error text for it."""
-    def save_file(tensors, filename, metadata=None):
+def full_disk_after(nbytes: int):
+    """A save_tensors that puts `nbytes` of the file on disk and then fails as a full disk does (ENOSPC)."""
+    def save_tensors(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * nbytes)
-        if how == "oserror":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    return save_file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    return save_tensors
 
 
-@pytest.mark.parametrize("how", ["oserror", "safetensors"])
-def test_disk_full_while_saving_the_checkpoint(how, tiny_llama, plan, text_file, tmp_path, monkeypatch):
+def disk_fills_after(nbytes: int):
+    """tensorfile's single write, failing as a full disk does once `nbytes` of the file are written."""
+    written = [0]
+
+    def write(f, data):
+        data = memoryview(data).cast("B")
+        room = max(nbytes - written[0], 0)
+        f.write(data[:room])
+        written[0] += min(room, len(data))
+        if len(data) > room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write
+
+
+def test_disk_full_while_saving_the_checkpoint(tiny_llama, plan, text_file, tmp_path, monkeypatch):
     out = tmp_path / "ck"
     quantize(tiny_llama, plan, text_file, out)  # the user's previous output
     before = snapshot(out)
-    monkeypatch.setattr("hawqtool.tensorfile.save_file", full_disk_after(4096, how))
+    monkeypatch.setattr("hawqtool.tensorfile._write", disk_fills_after(4096))
     res = quantize(tiny_llama, plan, text_file, out, ok=False)
     one_line_error(res, "no space left", str(out), "bytes", "free some space")
     assert snapshot(out) == before
@@ -77,8 +85,7 @@ def test_disk_full_at_the_checkpoint_after_the_blocks_were_saved(tiny_llama, pla
     out = tmp_path / "ck"
     quantize(tiny_llama, plan, text_file, out)
     before = snapshot(out)
-    monkeypatch.setattr(checkpoint, "save_tensors", lambda t, path, metadata=None: full_disk_after(1 << 16, "oserror")(
-        t, path, metadata))
+    monkeypatch.setattr(checkpoint, "save_tensors", full_disk_after(1 << 16))
     one_line_error(quantize(tiny_llama, plan, text_file, out, ok=False), "no space left", "bytes")
     assert snapshot(out) == before
     only(tmp_path, "ck", "ck.partial")  # finished blocks are kept for the rerun, the half checkpoint is not
@@ -91,7 +98,7 @@ def test_disk_full_while_exporting(tiny_llama, plan, text_file, tmp_path, monkey
     quantize(tiny_llama, plan, text_file, tmp_path / "ck")
     invoke("export", tmp_path / "ck", "--format", "gptq", "-o", tmp_path / "ex", "-q")
     before = snapshot(tmp_path / "ex")
-    monkeypatch.setattr("hawqtool.tensorfile.save_file", full_disk_after(1 << 12, "safetensors"))
+    monkeypatch.setattr("hawqtool.tensorfile._write", disk_fills_after(1 << 12))
     res = invoke("export", tmp_path / "ck", "--format", "gptq", "-o", tmp_path / "ex", ok=False)
     one_line_error(res, "no space left", str(tmp_path / "ex"))
     assert snapshot(tmp_path / "ex") == before
