@@ -34,7 +34,8 @@ from .integrity import MIB, check_folder, check_listed_names, read_json, sha256_
 from .outputs import staged_output
 from .streaming import streamer_of
 from .quantize.quantizer import QuantizedWeight, ggml_bytes
-from .tensorfile import save_tensors, tensors_nbytes
+from .quantize.saved_blocks import SavedPacked
+from .tensorfile import LazyTensor, save_tensors, tensors_nbytes
 
 MANIFEST = "hawqtool_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -67,13 +68,13 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
     `embedding` (quantize.embedding.EmbeddingResult) stores the input embedding packed, once for it and the
     head tied to it."""
     out_dir = Path(out_dir)
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    state = _state_of(model)
+    tensors: dict[str, torch.Tensor | LazyTensor] = {}
     if embedding is not None:
         tensors.update(packed_tensors(embedding.name, pack_layer(embedding.weight)))
         ptr = state[f"{embedding.name}.weight"].data_ptr()
-        for k in [k for k, v in state.items() if v.data_ptr() == ptr]:  # the table and a head tied to it
-            state.pop(k)
+        for k in [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.data_ptr() == ptr]:
+            state.pop(k)  # the table and a head tied to it
         extra = {**extra, "embedding": embedding.summary()}
     layers_meta = {}
     for name, qw in weights.items():
@@ -87,25 +88,26 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
                                  "symmetric": False, "in_features": in_f, "out_features": out_f, "act_order": False,
                                  **layer_info.get(name, {})}
             continue
-        pw = qw if isinstance(qw, PackedWeight) else pack_layer(qw)
-        tensors.update(packed_tensors(name, pw))
+        if isinstance(qw, SavedPacked):  # left on disk by a streamed run: read while the file is written
+            pw = qw
+            tensors.update(qw.tensors)
+        else:
+            pw = qw if isinstance(qw, PackedWeight) else pack_layer(qw)
+            tensors.update(packed_tensors(name, pw))
         state.pop(f"{name}.weight")
         if f"{name}.bias" in state:
             tensors[f"{name}.bias"] = state.pop(f"{name}.bias")
         layers_meta[name] = {"bits": pw.bits, "group_size": pw.group_size, "symmetric": pw.symmetric,
                              "in_features": pw.in_features, "out_features": pw.out_features,
                              "act_order": pw.g_idx is not None, **layer_info.get(name, {})}
-    streamer = streamer_of(model)
-    for k, v in state.items():  # a streamed model's blocks are on the meta device: their other tensors as stored
-        if v.device.type == "meta":
-            state[k] = streamer.tensor(k).to(v.dtype)
     seen: dict[int, str] = {}
     tied = {}
     for k, v in state.items():
-        if v.data_ptr() in seen:
-            tied[k] = seen[v.data_ptr()]
-            continue
-        seen[v.data_ptr()] = k
+        if isinstance(v, torch.Tensor):
+            if v.data_ptr() in seen:
+                tied[k] = seen[v.data_ptr()]
+                continue
+            seen[v.data_ptr()] = k
         tensors[k] = v
     need = tensors_nbytes(tensors) + MIB  # + config, tokenizer, manifest: about (a full disk is still caught)
     with staged_output(out_dir, "checkpoint", need) as tmp:
@@ -121,6 +123,17 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
                     "layers": layers_meta, "tied": tied, "files": files, **extra}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out_dir
+
+
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor | LazyTensor]:
+    """The model's state dict; a streamed model's block tensors (on the meta device) as LazyTensors read from
+    its weights file when the checkpoint writes them, in the model's dtype."""
+    state: dict = model.state_dict()
+    streamer = streamer_of(model)
+    for k, v in state.items():
+        if v.device.type == "meta":
+            state[k] = LazyTensor(v.dtype, tuple(v.shape), lambda k=k, dtype=v.dtype: streamer.tensor(k).to(dtype))
+    return state
 
 
 def required_files(manifest: dict) -> tuple[str, ...]:

@@ -30,8 +30,9 @@ def text_file(tmp_path_factory, corpus_text) -> Path:
 
 
 def make_tiny_llama(folder: Path, corpus: str, *, vocab: int = 320, hidden: int = 32, layers: int = 2,
-                    seed: int = 0) -> Path:
-    """Save a randomly initialised tiny Llama + a byte-level BPE tokenizer trained on `corpus`."""
+                    seed: int = 0, bias: bool = False) -> Path:
+    """Save a randomly initialised tiny Llama + a byte-level BPE tokenizer trained on `corpus` (bias: every
+    projection has one, as Qwen2's q/k/v do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,8 +46,12 @@ def make_tiny_llama(folder: Path, corpus: str, *, vocab: int = 320, hidden: int 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=0, bos_token_id=0)
+                      tie_word_embeddings=True, eos_token_id=0, bos_token_id=0, attention_bias=bias, mlp_bias=bias)
     model = LlamaForCausalLM(cfg)
+    if bias:  # non-zero, so a bias lost on the way would show
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -77,6 +77,7 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
     while later blocks run (they are read back from CKPT.partial/ at the end)."""
     from hawqtool.allocate.plan import fixed_plan
     from hawqtool.quantize import driver
+    from hawqtool.quantize.saved_blocks import SavedPacked
 
     read_back, seen = driver._read_back, []
 
@@ -84,6 +85,8 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
         seen.append(sorted(dropped))
         assert all(results[n].weight is None for n in dropped)
         read_back(state, layers, results, dropped)
+        # not even read back: the checkpoint writer reads each packed tensor from the saved blocks in turn
+        assert all(isinstance(results[n].weight, SavedPacked) for n in dropped)
 
     monkeypatch.setattr(driver, "_read_back", spy)
     from hawqtool.models import quantizable_layers, weight_matrix
@@ -106,6 +109,35 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
     assert manifests[0]["layers"] == manifests[1]["layers"]
     if tune:  # block tuning ran (and moved codes) in both
         assert any("block tuned" in note for m in manifests for l in m["layers"].values() for note in l["notes"])
+
+
+def test_streamed_quantize_of_layers_with_biases(tmp_path, text_file, corpus_text):
+    """Qwen2-like projections with biases: the streamed checkpoint stores each bias as the in-memory one does."""
+    from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.models import quantizable_layers, weight_matrix
+    from hawqtool.quantize.driver import QuantizeOptions
+    from hawqtool.stages import quantize_stage
+
+    src = make_tiny_llama(tmp_path / "biased", corpus_text, layers=2, seed=5, bias=True)
+    mem = _load(src)
+    ids = _ids(mem, text_file)
+    plan = fixed_plan({n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(mem.model).items()}, 4,
+                      group_size=16)
+    quantize_stage(mem, plan, ids, QuantizeOptions(batch_size=2, tune_iters=0), tmp_path / "mem")
+    quantize_stage(_load(src, offload=True), plan, ids, QuantizeOptions(batch_size=2, tune_iters=0), tmp_path / "str")
+    files = [(tmp_path / k / "model.safetensors").read_bytes() for k in ("mem", "str")]
+    assert files[0] == files[1]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "str" / "model.safetensors"), framework="pt") as f:
+        assert "model.layers.1.self_attn.q_proj.bias" in f.keys()
+        assert float(f.get_tensor("model.layers.1.self_attn.q_proj.bias").abs().sum()) > 0
+    from hawqtool.evaluate import perplexity
+    from hawqtool.runtime import load_quantized
+
+    windows = _ids(mem, text_file, n=3, seqlen=32)
+    whole, streamed = (perplexity(load_quantized(tmp_path / "str", offload=o), windows, batch_size=2) for o in (False, True))
+    assert streamed.nll == pytest.approx(whole.nll, rel=1e-6)
 
 
 def test_streamed_perplexity_equals_in_memory(either, text_file):

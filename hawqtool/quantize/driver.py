@@ -36,7 +36,7 @@ from quant_kernels import PackedWeight
 from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, rtn
 from .resume_state import BlockState
-from .saved_blocks import dequantize_packed, load_blocks, save_block
+from .saved_blocks import dequantize_packed, load_blocks, save_block, saved_layers
 from .tune import DTYPES, LOSSES
 
 log = logging.getLogger("hawqtool")
@@ -381,12 +381,12 @@ def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, lis
 
 
 def _read_back(state: BlockState, layers: dict, results: dict, dropped: set[str]) -> None:
-    """The results of finished blocks that were dropped from memory once saved (streamed models), read back."""
-    done, _ = load_blocks(state, layers)
-    got = {n: (qw, spec, m) for block in done for n, qw, spec, m in block}
+    """The results of finished blocks that were dropped from memory once saved (streamed models): their packed
+    layers as SavedPacked, which the checkpoint writer reads from the saved blocks one tensor at a time."""
+    got = saved_layers(state, layers) or {}
     missing = sorted(dropped - got.keys())
     if missing:
         raise UserError(f"the finished blocks saved in {state.folder} were damaged during the run ({missing[0]} "
                         "cannot be read back); run the same command again: it recomputes them")
     for n in dropped:
-        results[n] = _result_of(n, *got[n])
+        results[n] = _result_of(*got[n])

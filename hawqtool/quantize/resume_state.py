@@ -99,19 +99,24 @@ class BlockState:
             raise Damaged(f"{path.name} does not match its seal")
         return record
 
-    def _tensors(self, path: Path, digest) -> dict[str, torch.Tensor]:
+    def _tensors(self, path: Path, digest, load: bool = True) -> dict[str, torch.Tensor] | Path:
+        """The tensors of a saved file once its sha256 matches (load=False: the verified file's path)."""
         if not path.is_file():
             raise Damaged(f"{path.name} is missing")
         if sha256_file(path) != digest:
             raise Damaged(f"{path.name} does not match its sha256")
+        if not load:
+            return path
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise Damaged(f"{path.name} is unreadable") from e
 
-    def resume(self) -> tuple[list[tuple[dict, dict[str, torch.Tensor]]], dict[str, torch.Tensor] | None]:
+    def resume(self, load: bool = True) -> tuple[list[tuple[dict, dict[str, torch.Tensor] | Path]],
+                                                 dict[str, torch.Tensor] | Path | None]:
         """([(meta, tensors) of each finished block in order], inputs of the next block), or ([], None) to
-        start from block 0. Files of blocks that are not resumed are removed."""
+        start from block 0. Files of blocks that are not resumed are removed. load=False: each block's verified
+        and inputs file instead of their tensors (read later, one at a time)."""
         if not self.folder.is_dir():
             return [], None
         done: list[tuple[dict, dict[str, torch.Tensor]]] = []
@@ -122,10 +127,10 @@ class BlockState:
                 records.append(record)
             for i, record in enumerate(records):
                 done.append((record["meta"], self._tensors(self._path("block", i), record["files"].get(
-                    self._path("block", i).name))))
+                    self._path("block", i).name), load)))
             if records:
                 last = self._path("hidden", len(records) - 1)
-                hidden = self._tensors(last, records[-1]["files"].get(last.name))
+                hidden = self._tensors(last, records[-1]["files"].get(last.name), load)
         except Damaged as e:
             log.warning("the saved state in %s is damaged (%s): it is not used; the blocks are recomputed",
                         self.folder, e)
