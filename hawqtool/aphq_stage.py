@@ -31,6 +31,9 @@ def aphq_stage(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: 
     if any(lp.ggml_type for lp in plan.layers):
         raise UserError("--method aphq learns hawqtool's own grid; a plan in ggml types (--formats) is quantized with "
                         "--method gptq or rtn")
+    if any(lp.scale_bits != 16 for lp in plan.layers):
+        raise UserError("--method aphq learns fp16 group scales; a plan with scale codes (--scale-bits) is quantized "
+                        "with --method gptq or rtn")
     if loaded.task == "image-classification":
         output_fn, loss = (lambda o: o), "kl"
     else:

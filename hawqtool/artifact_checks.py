@@ -69,6 +69,9 @@ def check_plan(plan, path: Path) -> None:
         c.require(isinstance(lp.ggml_type, str) and (not lp.ggml_type or _ggml_ok(lp)), where,
                   f"has ggml_type {lp.ggml_type!r} with bits {lp.bits!r} and group_size {lp.group_size!r} "
                   "(a ggml type such as Q4_K, with its own bits and group size)")
+        c.require(lp.scale_bits == 16 or (_is_int(lp.scale_bits) and 4 <= lp.scale_bits <= 8 and lp.group_size != -1
+                                           and not lp.ggml_type), where,
+                  f"has scale_bits {lp.scale_bits!r} (16 for fp16 scales, or 4..8 scale codes on a grouped layer)")
     if plan.embedding is not None:
         _check_embedding(c, plan.embedding)
     c.require(plan.file is None or isinstance(plan.file, dict), "the plan", f"has file {plan.file!r} (a mapping)")

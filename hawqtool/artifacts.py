@@ -116,11 +116,14 @@ class LayerPlan:
     omega_by_bits: dict[str, float] = field(default_factory=dict)  # by width, or by option label (w4g128a16)
     act_bits: int = 16  # 16: weight-only; 8: W8A8 (dynamic per-token int8 activations)
     ggml_type: str = ""  # a ggml block type (Q4_K, Q4_0, ...) instead of hawqtool's own grid ("")
+    scale_bits: int = 16  # 16: fp16 group scales; 4..8: scale codes with one fp16 step per row (scale_codes.py)
 
 
 def layer_records(layers: list[LayerPlan]) -> list[dict]:
-    """Plan layers as fingerprinted by quantize: ggml_type only when set, so own-grid fingerprints stay as before."""
-    return [{k: v for k, v in asdict(lp).items() if k != "ggml_type" or v} for lp in layers]
+    """Plan layers as fingerprinted by quantize: ggml_type and scale_bits only when set, so the fingerprints of
+    plans without them stay as before."""
+    return [{k: v for k, v in asdict(lp).items() if (k != "ggml_type" or v) and (k != "scale_bits" or v != 16)}
+            for lp in layers]
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Layout of CKPT/:
   model.safetensors     for each quantized layer NAME: NAME.qweight (int32, codes packed
                         along the input dim, quant_kernels layout), NAME.scales (fp16
-                        [out, groups]), NAME.qzeros (int32 packed, asymmetric only),
+                        [out, groups]; or, with scale codes (manifest "scale_bits" k < 16),
+                        NAME.qscales: k-bit codes c packed like qzeros and NAME.scale_step: fp16
+                        [out], scale = fp16(step · c)), NAME.qzeros (int32 packed, asymmetric only),
                         NAME.g_idx (int32 [in], act-order only), NAME.bias; a quantized
                         input embedding EMB the same way (EMB.qweight/.scales/.qzeros, rows =
                         tokens), its tied head then storing nothing of its own; a layer in a
@@ -21,6 +23,7 @@ symmetric layers store no zeros and use zero = 2^(b-1).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +36,7 @@ from .errors import UserError
 from .integrity import MIB, check_folder, check_listed_names, read_json, sha256_file
 from .outputs import staged_output
 from .streaming import streamer_of
-from .quantize.quantizer import QuantizedWeight, ggml_bytes
-from .quantize.saved_blocks import SavedPacked
+from .quantize.quantizer import SCALE_BITS, QuantizedWeight, ggml_bytes
 from .tensorfile import LazyTensor, save_tensors, tensors_nbytes
 
 MANIFEST = "hawqtool_manifest.json"
@@ -61,7 +63,49 @@ def packed_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight | PackedWeight], *,
+@dataclass
+class PackedLayer:
+    """One quantized layer as the checkpoint stores it: its format and its tensors (NAME.qweight, NAME.scales or,
+    with scale codes, NAME.qscales + NAME.scale_step, ...), real ones or LazyTensors read when the file is written."""
+
+    name: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    in_features: int
+    out_features: int
+    tensors: dict[str, torch.Tensor | LazyTensor]
+    scale_bits: int = SCALE_BITS
+
+    @property
+    def g_idx(self) -> torch.Tensor | LazyTensor | None:
+        return self.tensors.get(f"{self.name}.g_idx")
+
+    def meta(self) -> dict:
+        """The manifest's description of the format (what loader.packed_from_tensors reads back)."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "in_features": self.in_features, "out_features": self.out_features, "act_order": self.g_idx is not None,
+                **({"scale_bits": self.scale_bits} if self.scale_bits != SCALE_BITS else {})}
+
+
+def stored_layer(name: str, qw: QuantizedWeight | PackedWeight) -> PackedLayer:
+    """The layer in the checkpoint's form: packed codes and zeros, and fp16 scales or (spec.scale_bits < 16)
+    the packed scale codes with each row's fp16 step."""
+    pw = qw if isinstance(qw, PackedWeight) else pack_layer(qw)
+    tensors = packed_tensors(name, pw)
+    k = qw.spec.scale_bits if isinstance(qw, QuantizedWeight) else SCALE_BITS
+    if k != SCALE_BITS:
+        from quant_kernels import pack
+
+        from .quantize.scale_codes import scale_codes
+
+        del tensors[f"{name}.scales"]
+        tensors[f"{name}.qscales"] = pack(scale_codes(qw.scales, qw.scale_step, k), k)
+        tensors[f"{name}.scale_step"] = qw.scale_step.to(torch.float16)
+    return PackedLayer(name, pw.bits, pw.group_size, pw.symmetric, pw.in_features, pw.out_features, tensors, k)
+
+
+def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, QuantizedWeight | PackedWeight | PackedLayer], *,
                     layer_info: dict[str, dict], extra: dict, tokenizer=None, embedding=None) -> Path:
     """Write CKPT atomically (outputs.staged_output: built in OUT.tmp-PID, renamed over OUT when complete,
     removed on failure). `layer_info` and `extra` must not hold timings: the same inputs give the same bytes.
@@ -88,18 +132,12 @@ def save_checkpoint(out_dir: Path, model: nn.Module, weights: dict[str, Quantize
                                  "symmetric": False, "in_features": in_f, "out_features": out_f, "act_order": False,
                                  **layer_info.get(name, {})}
             continue
-        if isinstance(qw, SavedPacked):  # left on disk by a streamed run: read while the file is written
-            pw = qw
-            tensors.update(qw.tensors)
-        else:
-            pw = qw if isinstance(qw, PackedWeight) else pack_layer(qw)
-            tensors.update(packed_tensors(name, pw))
+        layer = qw if isinstance(qw, PackedLayer) else stored_layer(name, qw)  # PackedLayer: may be on disk still
+        tensors.update(layer.tensors)
         state.pop(f"{name}.weight")
         if f"{name}.bias" in state:
             tensors[f"{name}.bias"] = state.pop(f"{name}.bias")
-        layers_meta[name] = {"bits": pw.bits, "group_size": pw.group_size, "symmetric": pw.symmetric,
-                             "in_features": pw.in_features, "out_features": pw.out_features,
-                             "act_order": pw.g_idx is not None, **layer_info.get(name, {})}
+        layers_meta[name] = {**layer.meta(), **layer_info.get(name, {})}
     seen: dict[int, str] = {}
     tied = {}
     for k, v in state.items():

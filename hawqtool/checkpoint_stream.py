@@ -65,12 +65,16 @@ def header_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def not_streamable(path: Path, manifest: dict) -> str | None:
     """Why the checkpoint at `path` has no streamed form (None: it has one): image classifiers and encoders are
-    scored whole, and layers in ggml types load as dequantized dense Linear layers."""
+    scored whole, layers in ggml types load as dequantized dense Linear layers, and layers with scale codes form
+    their fp16 scales when the whole file is read."""
     if manifest.get("task") == "image-classification":
         return "holds an image classifier, which is loaded whole"
     ggml = [n for n, m in manifest.get("layers", {}).items() if isinstance(m, dict) and "ggml_type" in m]
     if ggml:
         return f"has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear layers"
+    coded = [n for n, m in manifest.get("layers", {}).items() if isinstance(m, dict) and "scale_bits" in m]
+    if coded:  # their fp16 scales are formed from the codes at load, which the block reader does not do yet
+        return f"has layers with scale codes ({coded[0]}), which load whole"
     from transformers import AutoConfig
 
     from .models import model_task

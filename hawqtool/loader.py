@@ -9,6 +9,7 @@ exactly dequantized weight (llama.cpp runs those bytes natively after `export --
 """
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -61,10 +62,12 @@ def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> Pa
     if not isinstance(meta.get("symmetric"), bool):
         raise UserError(f"layer {name} in the checkpoint has symmetric={meta.get('symmetric')!r} (expected true/false);"
                         " re-create it with `hawqtool quantize`")
-    if f"{name}.qweight" not in t or f"{name}.scales" not in t:
+    coded = "scale_bits" in meta
+    if any(k not in t for k in (f"{name}.qweight", f"{name}.qscales" if coded else f"{name}.scales")):
         raise UserError(f"layer {name} in the checkpoint has no packed weight tensors; re-create the checkpoint")
     try:
-        pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=t[f"{name}.scales"], qzeros=t.get(f"{name}.qzeros"),
+        scales = _coded_scales(t, name, meta) if coded else t[f"{name}.scales"]
+        pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=scales, qzeros=t.get(f"{name}.qzeros"),
                           bits=_meta_int(meta, "bits", name), group_size=_meta_int(meta, "group_size", name),
                           in_features=_meta_int(meta, "in_features", name),
                           out_features=_meta_int(meta, "out_features", name),
@@ -73,6 +76,14 @@ def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> Pa
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"layer {name} in the checkpoint is malformed ({e}); re-create it with `hawqtool quantize`") from e
     return pw
+
+
+def _coded_scales(t: dict[str, torch.Tensor], name: str, meta: dict) -> torch.Tensor:
+    """fp16 scales of a layer stored with scale codes (NAME.qscales, NAME.scale_step); ValueError if malformed."""
+    from .quantize.scale_codes import stored_scales
+
+    k, out_f, gs, in_f = (_meta_int(meta, key, name) for key in ("scale_bits", "out_features", "group_size", "in_features"))
+    return stored_scales(t[f"{name}.qscales"], t.get(f"{name}.scale_step"), k, out_f, math.ceil(in_f / gs) if gs > 0 else 0)
 
 
 def ggml_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict):

@@ -138,6 +138,7 @@ class AllocateOptions:
     ties: tuple[str, ...] = ()  # regexes: the layers each matches get one width
     auto_ties: bool = False  # tie layers that read one input (q/k/v, gate/up)
     trace_ucb: float = 0.0  # z > 0: plan on max(Tr, 0) + z·s.e. (noisy near-zero traces buy no 2-bit layer)
+    scale_bits: int = 16  # 4..8: grouped layers store k-bit scale codes and one fp16 step per row (scale_codes.py)
     # budgets besides the size one (allocate/budgets.py), and what they need
     max_bytes: float | None = None  # size budget in bytes of the quantized layers (and of a quantized embedding),
     # instead of `run`'s avg_bits
@@ -161,7 +162,7 @@ class AllocateOptions:
                 or bool(self.pairs))
 
 
-CONSTRAINTS = ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties", "trace_ucb")
+CONSTRAINTS = ("group_sizes", "act_bits", "pins", "allowed", "ties", "auto_ties", "trace_ucb", "scale_bits")
 
 # The stage settings a recipe sets in its nested `sensitivity:` / `quantize:` sections: every field of the options
 # class that is not already a top-level run setting (nsamples, seqlen, probes, bits, method, act_order, ...).

@@ -294,7 +294,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
         ubits = max(b for b in cfg.bit_choices
                     if uniform_bytes(nbytes, list(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
-        uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb)
+        uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb,
+                             scale_bits=aopts.scale_bits)  # the same quantizer as the mixed plan
     if uplan is not None:
         uplan.file = predict_file(loaded.model, uplan)
         artifacts.save(uplan, out / "plan_uniform.json")

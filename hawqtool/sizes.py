@@ -24,14 +24,16 @@ from .errors import UserError
 from .models import weight_matrix
 from .quantize.quantizer import QuantSpec
 
-PACKED_TENSORS = ("qweight", "scales", "qzeros", "g_idx", "ggml")  # a packed (or ggml) layer's tensors besides its bias
+PACKED_TENSORS = ("qweight", "scales", "qscales", "scale_step", "qzeros", "g_idx", "ggml")  # a packed (or ggml) layer's tensors besides its bias
 
 
-def packed_nbytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool, act_order: bool = False) -> int:
-    """Bytes a packed layer stores (checkpoint.packed_tensors): int32 code words per row, fp16 scales, packed
-    int32 zeros (asymmetric), an int32 g_idx (act-order)."""
+def packed_nbytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool, act_order: bool = False,
+                  scale_bits: int = 16) -> int:
+    """Bytes a packed layer stores (checkpoint.stored_layer): int32 code words per row, fp16 scales (or int32 words
+    of scale codes and an fp16 step per row), packed int32 zeros (asymmetric), an int32 g_idx (act-order)."""
     groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
-    n = out_f * n_words(in_f, bits) * 4 + out_f * groups * 2
+    scales = out_f * groups * 2 if scale_bits == 16 else out_f * (n_words(groups, scale_bits) * 4 + 2)
+    n = out_f * n_words(in_f, bits) * 4 + scales
     if not symmetric:
         n += out_f * n_words(groups, bits) * 4
     return n + (in_f * 4 if act_order else 0)
@@ -69,7 +71,7 @@ def predict_file(model: nn.Module, plan: Plan) -> dict:
             o, i = weight_matrix(model.get_submodule(owner)).shape
             params += v.numel()
             nbytes += (QuantSpec.for_ggml(lp.ggml_type).storage_bits(o, i) // 8 if lp.ggml_type
-                       else packed_nbytes(o, i, lp.bits, lp.group_size, lp.symmetric))
+                       else packed_nbytes(o, i, lp.bits, lp.group_size, lp.symmetric, scale_bits=lp.scale_bits))
             continue
         if _identity(v) in seen:
             continue
@@ -119,7 +121,8 @@ def checkpoint_sizes(path) -> dict:
                 params += math.prod(shape)
         linear = {n: packed[n] for n in manifest["layers"]}
         linear_bytes = sum((QuantSpec.for_ggml(m["ggml_type"]) if "ggml_type" in m
-                            else QuantSpec(m["bits"], m["group_size"], m["symmetric"])).storage_bits(*linear[n]) / 8
+                            else QuantSpec(m["bits"], m["group_size"], m["symmetric"], scale_bits=m.get("scale_bits", 16))
+                            ).storage_bits(*linear[n]) / 8
                            for n, m in manifest["layers"].items())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint {path} has a malformed manifest or weights header ({e}); re-create it") from e

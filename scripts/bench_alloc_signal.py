@@ -4,6 +4,7 @@ same way (GPTQ on the searched grid), scored on the validation slice beside unif
     python scripts/bench_alloc_signal.py --avg-bits 3.0 --signals weighted,plain --seeds 0 --append
     python scripts/bench_alloc_signal.py --signals weighted --estimator hutchinson --tune-iters 0 --append
 
+`--scale-bits 6` gives every grouped option 6-bit scale codes (one fp16 step per row) instead of fp16 scales.
 `--estimator` chooses the trace estimator of the one sensitivity report (the default's choice, issue 14: run the
 script once per estimator, same signal and seeds, and compare); `--tune-iters` the quantize stage's tuning steps.
 
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters,
                     help="block tuning steps after GPTQ (0: GPTQ alone, about 10x quicker)")
     ap.add_argument("--nsamples", type=int, default=QuantizeOptions().nsamples, help="calibration windows of 512 tokens")
+    ap.add_argument("--scale-bits", type=int, default=16, help="16: fp16 group scales; 4..8: scale codes")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     report = fill_qerrors(args, sensitivity(args))
@@ -185,13 +187,13 @@ def main() -> None:
             _, ub, ug = (signal.split(":") + [str(int(args.avg_bits)), "128"])[:3] if ":" in signal else \
                 ("", str(int(args.avg_bits)), "128")
             shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(base.model).items()}
-            plan = fixed_plan(shapes, int(ub), group_size=int(ug))
+            plan = fixed_plan(shapes, int(ub), group_size=int(ug), scale_bits=args.scale_bits)
         else:
             n_lin = sum(ls.n_params for ls in report.layers)
             plan = allocate_bits(with_signal(report, signal, weights, args), lambda: weights,
                                  avg_bits=None if args.max_bpw else args.avg_bits,
                                  max_bytes=args.max_bpw * n_lin / 8 if args.max_bpw else None,
-                                 bit_choices=tuple(args.bits), group_sizes=args.group_sizes)
+                                 bit_choices=tuple(args.bits), group_sizes=args.group_sizes, scale_bits=args.scale_bits)
         hist = dict(sorted(Counter(f"{lp.bits}g{lp.group_size}" if len(args.group_sizes) > 1 else lp.bits
                                    for lp in plan.layers).items()))
         ppls = []
@@ -206,7 +208,8 @@ def main() -> None:
     details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
                + (f"budget {args.max_bpw} bits per linear weight" if args.max_bpw else f"budget avg {args.avg_bits} bits (g128 asym)")
                + f"; sensitivity: {report.settings.get('estimator', args.estimator)} estimator, {report.settings.get('objective', 'self-kl')}"
-               + f"; widths {args.bits}, group sizes {args.group_sizes}, asymmetric; GPTQ{' act-order, static groups' if args.act_order else ''} on the searched grid"
+               + f"; widths {args.bits}, group sizes {args.group_sizes}, asymmetric, "
+               + ("fp16 scales" if args.scale_bits == 16 else f"{args.scale_bits}-bit scale codes") + f"; GPTQ{' act-order, static groups' if args.act_order else ''} on the searched grid"
                f" + {args.tune_iters} tuning steps, {args.nsamples}×512 "
                f"calibration tokens (seeds {args.seeds}); scored on the {'validation' if args.slice == 'valid' else 'evaluation'} slice ({fp.tokens} tokens, baseline "
                f"ppl {fp.ppl:.3f}); load: {load_now()}")

@@ -82,7 +82,7 @@ def test_every_run_flag_can_be_set_from_a_recipe():
 
     not_settings = {"model", "overwrite", "as_json", "verbose", "quiet"}
     renamed = {"output": "out", "bits": "bit_choices", "sym": "symmetric", "max_probes": "sens_max_probes"}
-    nested = {"tune_iters": "quantize"}  # run flags that set a field of a nested section
+    nested = {"tune_iters": "quantize", "scale_bits": "allocate"}  # run flags that set a field of a nested section
     from hawqtool.options import NESTED
 
     fields = set(recipe_fields())

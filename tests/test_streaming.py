@@ -77,7 +77,8 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
     while later blocks run (they are read back from CKPT.partial/ at the end)."""
     from hawqtool.allocate.plan import fixed_plan
     from hawqtool.quantize import driver
-    from hawqtool.quantize.saved_blocks import SavedPacked
+    from hawqtool.checkpoint import PackedLayer
+    from hawqtool.tensorfile import LazyTensor
 
     read_back, seen = driver._read_back, []
 
@@ -86,7 +87,8 @@ def test_streamed_quantize_writes_the_same_checkpoint(tmp_path, either, text_fil
         assert all(results[n].weight is None for n in dropped)
         read_back(state, layers, results, dropped)
         # not even read back: the checkpoint writer reads each packed tensor from the saved blocks in turn
-        assert all(isinstance(results[n].weight, SavedPacked) for n in dropped)
+        assert all(isinstance(results[n].weight, PackedLayer) for n in dropped)
+        assert all(isinstance(t, LazyTensor) for n in dropped for t in results[n].weight.tensors.values())
 
     monkeypatch.setattr(driver, "_read_back", spy)
     from hawqtool.models import quantizable_layers, weight_matrix

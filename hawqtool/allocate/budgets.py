@@ -69,8 +69,9 @@ def available_costs(report: SensitivityReport, options: Sequence[Option], nbytes
 
 def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np.ndarray,
                  profile: Mapping[str, LayerProfile] | None, latency: LatencyTable | None,
-                 budgets: Budgets) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Cost tables [L, C] and limits for every budget given."""
+                 budgets: Budgets, ref_bytes: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Cost tables [L, C] and limits for every budget given; `ref_bytes` [L, C]: the bytes --avg-bits is measured
+    against, where they are not the options' own (scale codes: against fp16 scales)."""
     costs, limits = {"bytes": nbytes}, {}
     if budgets.avg_bits is not None and budgets.max_bytes is not None:
         raise UserError("give --avg-bits or --max-bytes, not both (they are the same budget)")
@@ -82,7 +83,8 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
             raise UserError("--avg-bits is measured against weight-only layers; add 16 to --act-bits or use --max-bytes")
         from .plan import uniform_bytes
 
-        limits["bytes"] = uniform_bytes(nbytes[:, ref], [options[j].bits for j in ref], budgets.avg_bits)
+        ref_table = nbytes if ref_bytes is None else ref_bytes
+        limits["bytes"] = uniform_bytes(ref_table[:, ref], [options[j].bits for j in ref], budgets.avg_bits)
     elif budgets.max_bytes is not None:
         limits["bytes"] = budgets.max_bytes
     if budgets.max_bops is not None or budgets.bops_frac is not None:

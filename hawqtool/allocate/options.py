@@ -29,18 +29,20 @@ class Option:
     act_bits: int = FULL_ACT
     symmetric: bool | None = None  # None: the plan's setting; W8A8 weights are symmetric per channel
     fmt: str = ""  # a ggml block type (then bits/group_size are that type's)
+    scale_bits: int = 16  # 4..8: scale codes (quantize/scale_codes.py) on a grouped layer
 
     @property
     def label(self) -> str:
         if self.fmt:
             return self.fmt
         g = "c" if self.group_size == -1 else str(self.group_size)
-        return f"w{self.bits}g{g}a{self.act_bits}"
+        return f"w{self.bits}g{g}a{self.act_bits}" + (f"s{self.scale_bits}" if self.scale_bits != 16 else "")
 
     def spec(self, symmetric: bool) -> QuantSpec:
         if self.fmt:
             return QuantSpec.for_ggml(self.fmt)
-        return QuantSpec(self.bits, self.group_size, symmetric if self.symmetric is None else self.symmetric)
+        return QuantSpec(self.bits, self.group_size, symmetric if self.symmetric is None else self.symmetric,
+                         scale_bits=self.scale_bits)
 
 
 def parse_pairs(text: str | None) -> list[tuple[int, int]]:
@@ -58,9 +60,13 @@ def parse_pairs(text: str | None) -> list[tuple[int, int]]:
 
 
 def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
-                 act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = ()) -> list[Option]:
+                 act_bits: Sequence[int] = (FULL_ACT,), pairs: Sequence[tuple[int, int]] = (),
+                 scale_bits: int = 16) -> list[Option]:
     """Every (width, group size) pair as weight-only options, plus W8A<a> for each activation width a < 16,
-    plus each (weight bits, activation bits) pair at the first group size (dynamic per-token activations)."""
+    plus each (weight bits, activation bits) pair at the first group size (dynamic per-token activations).
+    scale_bits 4..8: the grouped weight-only options store scale codes (per-channel ones keep fp16 scales)."""
+    if scale_bits != 16 and not 4 <= scale_bits <= 8:
+        raise UserError(f"--scale-bits must be 16 (fp16 scales) or 4..8 (scale codes), got {scale_bits}")
     bits = sorted({int(b) for b in bits})
     groups = list(dict.fromkeys(int(g) for g in group_sizes))
     acts = sorted({int(a) for a in act_bits})
@@ -72,7 +78,8 @@ def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
     for g in groups:
         if g == 0 or g < -1:
             raise UserError(f"group sizes must be -1 (per channel) or positive, got {g}")
-    opts = [Option(b, g) for b in bits for g in groups] if FULL_ACT in acts else []
+    opts = [Option(b, g, scale_bits=scale_bits if g != -1 else 16) for b in bits for g in groups] \
+        if FULL_ACT in acts else []
     for a in acts:
         if a < FULL_ACT:  # the runtime's integer kernel: symmetric per-channel int8 weights
             opts.append(Option(8, -1, a, symmetric=True))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..artifacts import EmbeddingPlan, LayerPlan, Plan, SensitivityReport, fingerprint, qerror_key
+from ..artifacts import EmbeddingPlan, LayerPlan, Plan, SensitivityReport, fingerprint
 from ..errors import UserError
 from ..macs import LayerProfile
 from ..quantize.importance import weighted_quant_error
@@ -233,7 +233,7 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                   budgets: Budgets | None = None,
                   profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
                   trace_ucb: float = 0.0, embedding: EmbeddingPlan | None = None,
-                  formats: Sequence[str] = ()) -> Plan:
+                  formats: Sequence[str] = (), scale_bits: int = 16) -> Plan:
     """Solve the ILP under every given budget (plus optional pins/allowed widths/ties) and return the plan.
 
     Options are (bits, group size, activation bits) triples from `make_options`; `trace_ucb` z > 0 uses
@@ -242,7 +242,9 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
     fixed width: its bytes count in a --max-bytes budget (the layers get the rest) but not in --avg-bits,
     which stays "no larger than uniform B-bit linear layers"; plan.avg_bits/total_bytes are linear only.
     `formats` (ggml type names) makes the options those block types instead (each only where its blocks tile
-    a layer's rows); --avg-bits B then means B bits per linear weight, everything stored counted."""
+    a layer's rows); --avg-bits B then means B bits per linear weight, everything stored counted. `scale_bits`
+    4..8: the grouped options store scale codes (cheaper), while --avg-bits B still means the bytes of uniform
+    B-bit with fp16 scales, so one budget means the same bytes with and without them."""
     budgets = budgets or Budgets()
     budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
     budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes
@@ -251,12 +253,12 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
         embedding = dataclasses.replace(embedding, in_budget=True)
         fixed = embedding.storage_bytes
     if formats:
-        if pairs or any(a != FULL_ACT for a in act_bits) or group_sizes:
-            raise UserError("--formats chooses among ggml types, which fix their own group sizes and quantize "
-                            "weights only; drop --group-sizes/--act-bits/--pairs")
+        if pairs or any(a != FULL_ACT for a in act_bits) or group_sizes or scale_bits != 16:
+            raise UserError("--formats chooses among ggml types, which fix their own group sizes and scales and "
+                            "quantize weights only; drop --group-sizes/--act-bits/--pairs/--scale-bits")
         options = ggml_options(formats)
     else:
-        options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
+        options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs, scale_bits)
     if trace_ucb:
         report = ucb_report(report, trace_ucb)
     names = [ls.name for ls in report.layers]
@@ -268,7 +270,11 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
         nbytes = np.where(np.isfinite(nbytes), nbytes, 0.0)
         omega = np.where(np.isfinite(omega), omega, 0.0)
     _check_some_option(report, options, cons)
-    costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets)
+    ref_bytes = None
+    if scale_bits != 16:  # --avg-bits is measured against fp16 scales
+        ref_bytes = np.array([[dataclasses.replace(o, scale_bits=16).spec(symmetric).storage_bits(*ls.shape) / 8
+                               for o in options] for ls in report.layers])
+    costs, limits = cost_tables(report, options, nbytes, profile, latency, budgets, ref_bytes)
     if fixed:
         limits["bytes"] -= fixed
     try:
@@ -276,7 +282,8 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                  ties=cons.groups)
     except InfeasibleBudget as e:
         under = " under these pins/allowed widths/ties" if cons.record else ""
-        raise UserError(infeasible_message(e, budgets, under, nbytes, options, fixed)) from e
+        raise UserError(infeasible_message(e, budgets, under, nbytes if ref_bytes is None else ref_bytes, options,
+                                           fixed)) from e
     n_total = sum(ls.n_params for ls in report.layers)
     one_per_width = len({o.bits for o in options}) == len(options) and not formats
     keys = [str(o.bits) if one_per_width else o.label for o in options]  # Ω per option, as recorded
@@ -289,13 +296,13 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                 n_params=ls.n_params, storage_bytes=float(nbytes[i, j]), omega=float(omega[i, j]),
                                 omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)
                                                if cons.mask is None or cons.mask[i, k]},
-                                act_bits=o.act_bits, ggml_type=o.fmt))
+                                act_bits=o.act_bits, ggml_type=o.fmt, scale_bits=o.spec(symmetric).scale_bits))
     total = float(sum(lp.storage_bytes for lp in layers))
     plan_budget = budget_record(budgets, limits)  # max_bytes: the linear layers' share
     if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
         plan_budget["constraints"] = cons.record
     extra = {}
-    if formats or len(options) != len(bit_choices) or trace_ucb:
+    if formats or len(options) != len(bit_choices) or trace_ucb or scale_bits != 16:
         extra = {"options": [o.label for o in options], "trace_ucb": trace_ucb}
     plan = Plan(model=report.model, budget=plan_budget, bit_choices=sorted({o.bits for o in options}),
                 group_size=group_size if group_sizes is None else int(group_sizes[0]), symmetric=symmetric,
@@ -344,10 +351,11 @@ def ucb_report(report: SensitivityReport, z: float) -> SensitivityReport:
 
 
 def uniform_plan(report: SensitivityReport, weights: WeightSource, bits: int, *,
-                 group_size: int = 128, symmetric: bool = False, embedding: EmbeddingPlan | None = None) -> Plan:
+                 group_size: int = 128, symmetric: bool = False, embedding: EmbeddingPlan | None = None,
+                 scale_bits: int = 16) -> Plan:
     """Every layer at `bits` (the baseline a mixed plan is compared with), the embedding as `embedding` says."""
     return allocate_bits(report, weights, avg_bits=float(bits), bit_choices=(bits,), group_size=group_size,
-                         symmetric=symmetric, embedding=embedding)
+                         symmetric=symmetric, embedding=embedding, scale_bits=scale_bits)
 
 
 def uniform_ggml_plan(report: SensitivityReport, weights: WeightSource, formats: Sequence[str],
@@ -368,21 +376,23 @@ def uniform_ggml_plan(report: SensitivityReport, weights: WeightSource, formats:
 
 
 def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int = 128, symmetric: bool = False,
-               model: str = "") -> Plan:
+               model: str = "", scale_bits: int = 16) -> Plan:
     """Every layer at `bits` without any sensitivity (uniform baselines, benchmarks)."""
-    spec = QuantSpec(bits, group_size, symmetric)
+    spec = QuantSpec(bits, group_size, symmetric, scale_bits=scale_bits)
     layers = [LayerPlan(name=n, bits=bits, group_size=group_size, symmetric=symmetric, n_params=o * i,
-                        storage_bytes=spec.storage_bits(o, i) / 8, omega=float("nan")) for n, (o, i) in shapes.items()]
+                        storage_bytes=spec.storage_bits(o, i) / 8, omega=float("nan"), scale_bits=scale_bits)
+              for n, (o, i) in shapes.items()]
     total = sum(lp.storage_bytes for lp in layers)
     plan = Plan(model=model, budget={"kind": "uniform", "value": bits, "max_bytes": total}, bit_choices=[bits],
                 group_size=group_size, symmetric=symmetric, layers=layers,
                 avg_bits=8 * total / sum(lp.n_params for lp in layers), total_bytes=total,
                 predicted_omega=float("nan"), solve_seconds=0.0)
-    plan.fingerprint = fingerprint("fixed-plan", sorted(shapes.items()), bits, group_size, symmetric)
+    plan.fingerprint = fingerprint("fixed-plan", sorted(shapes.items()), bits, group_size, symmetric,
+                                   *([scale_bits] if scale_bits != 16 else []))
     return plan
 
 
 def plan_specs(plan: Plan) -> dict[str, QuantSpec]:
     """Per-layer quantizer specs of a plan."""
-    return {lp.name: QuantSpec.for_ggml(lp.ggml_type) if lp.ggml_type else QuantSpec(lp.bits, lp.group_size, lp.symmetric)
-            for lp in plan.layers}
+    return {lp.name: QuantSpec.for_ggml(lp.ggml_type) if lp.ggml_type else
+            QuantSpec(lp.bits, lp.group_size, lp.symmetric, scale_bits=lp.scale_bits) for lp in plan.layers}

@@ -43,13 +43,14 @@ def sweep_plans(report: SensitivityReport, weights: WeightSource, bit_choices: S
                 group_sizes: Sequence[int] | None = None, act_bits: Sequence[int] = (FULL_ACT,),
                 pairs: Sequence[tuple[int, int]] = (),
                 profile: Mapping[str, LayerProfile] | None = None, latency: LatencyTable | None = None,
-                extra: Mapping[str, Sequence[float]] | None = None, **constraints: Any) -> dict[str, Any]:
+                extra: Mapping[str, Sequence[float]] | None = None, scale_bits: int = 16,
+                **constraints: Any) -> dict[str, Any]:
     """Pareto frontiers of Ω against bytes, and against BOPs (with a MACs profile) and latency (with a
     table), under the same options, pins/allowed/ties as `allocate_bits`; plus the uniform points.
 
     Each frontier sweeps one axis alone; every point records its totals on all axes. `extra` adds
     solves at given budgets per axis (`extra_budgets` is the bytes shorthand), e.g. the chosen plan's."""
-    options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs)
+    options = make_options(bit_choices, group_sizes or [group_size], act_bits, pairs, scale_bits)
     one_per_width = len({o.bits for o in options}) == len(options)
     keys = [str(o.bits) if one_per_width else o.label for o in options]
     names = [ls.name for ls in report.layers]

@@ -9,7 +9,7 @@ import click
 
 from ._base import overwrite_option, _setup_logging, common, guarded, main
 from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
-                     embed_options, formats_option, positive)
+                     embed_options, formats_option, positive, scale_bits_option)
 from ..options import AllocateOptions as _A, SensitivityOptions as _S
 
 
@@ -37,6 +37,7 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
               help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
 @click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
+@scale_bits_option
 @click.option("--act-bits", type=ACT_BITS, default=",".join(map(str, _A.act_bits)), show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
 @formats_option("Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
                 "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
@@ -58,7 +59,7 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
 @guarded
 def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model, embed_bits, embed_group_size, pins,
              allows, ties, auto_ties,
-             group_sizes, act_bits, formats, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
+             group_sizes, scale_bits, act_bits, formats, pairs, max_bops, bops_frac, latency_table, max_latency_ms, latency_frac, trace_ucb, calib,
              sweep, output, overwrite, as_json, verbose, quiet):
     """Choose bits per layer by an integer program under a size budget.
 
@@ -67,6 +68,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --max-bytes 40e6 --bits 3,4,8 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --pin lm_head=8 --auto-ties --sweep -o plan.json
     hawqtool allocate sens.json --avg-bits 4 --group-sizes 32,64,128 -o plan.json
+    hawqtool allocate sens.json --avg-bits 3 --group-sizes 32,64,128 --scale-bits 6 -o plan.json
     hawqtool allocate sens.json --bops-frac 0.2 --act-bits 8,16 --avg-bits 4.5 -o plan.json
     hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --embed-bits 6 -o plan.json   # embedding/tied head 6-bit per row
@@ -92,7 +94,8 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
 
         raise UserError("--sweep does not take --formats yet; sweep hawqtool's own formats, or run allocate per budget")
     claim_output(output, "json", inputs=[sensitivity_file, model, latency_table, calib], overwrite=overwrite)
-    opts = AllocateOptions(group_sizes=tuple(group_sizes or ()), act_bits=tuple(act_bits), pins=parse_pins(pins),
+    opts = AllocateOptions(group_sizes=tuple(group_sizes or ()), scale_bits=scale_bits, act_bits=tuple(act_bits),
+                           pins=parse_pins(pins),
                            allowed=parse_allowed(allows), ties=tuple(ties), auto_ties=auto_ties, trace_ucb=trace_ucb,
                            max_bytes=max_bytes, pairs=pairs or "", max_bops=max_bops, bops_frac=bops_frac,
                            latency_table=str(latency_table) if latency_table is not None else None,

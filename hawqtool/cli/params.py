@@ -263,3 +263,12 @@ def offload_options(fn):
     return click.option("--offload", is_flag=True,
                         help="Build the model on the meta device and read each block's weights from its safetensors "
                              "files only while the block runs: one block resident at a time.")(fn)
+
+
+def scale_bits_option(f):
+    """--scale-bits: fp16 group scales (16) or k-bit scale codes with one fp16 step per row (4..8)."""
+    return click.option("--scale-bits", type=click.Choice(["16", "8", "7", "6", "5", "4"]), default="16",
+                        show_default=True, callback=lambda _c, _p, v: int(v),
+                        help="Group scales: fp16 (16), or k-bit codes times one fp16 step per row (4..8), which "
+                             "make small groups cheap (with --group-sizes 32,64,128). --avg-bits keeps meaning "
+                             "the bytes of uniform B-bit with fp16 scales.")(f)

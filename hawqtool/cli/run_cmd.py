@@ -9,7 +9,8 @@ import click
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
 from ..options import EvalOptions as _E, QuantizeOptions as _Q, SensitivityOptions as _S
-from .params import BITS, COUNT, TEXT, GroupSize, PathArg, device_options, embed_options, offload_options, formats_option, positive
+from .params import (BITS, COUNT, TEXT, GroupSize, PathArg, device_options, embed_options, offload_options,
+                     formats_option, positive, scale_bits_option)
 
 # recipe keys without a flag of their own, checked like flags
 _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
@@ -22,6 +23,7 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True)
 @click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True)
 @click.option("--sym", is_flag=True)
+@scale_bits_option
 @click.option("--calib", type=TEXT, default="wiki", show_default=True)
 @click.option("--data", type=TEXT, default=_E.data, show_default=True)
 @click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True, help="GPTQ calibration windows.")
@@ -50,7 +52,7 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @overwrite_option
 @common
 @guarded
-def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
+def run(model, output, avg_bits, bits, group_size, sym, scale_bits, calib, data, nsamples, seqlen, sens_samples, sens_seqlen,
         max_probes, eval_windows, eval_seqlen, eval_images, method, act_order, tune_iters, uniform, embed_bits,
         embed_group_size, formats,
         device, dtype, offload, max_memory, seed, trust_remote_code, overwrite, as_json, verbose, quiet):
@@ -93,6 +95,8 @@ def run(model, output, avg_bits, bits, group_size, sym, calib, data, nsamples, s
                 given[key] = _check_recipe_value(ctx, model, key, value, param_of.get(key, key))
     if tune_iters is not None:  # the flag wins over the recipe's quantize section
         given["quantize"] = {**given.get("quantize", {}), "tune_iters": tune_iters}
+    if click.get_current_context().get_parameter_source("scale_bits") != click.core.ParameterSource.DEFAULT:
+        given["allocate"] = {**given.get("allocate", {}), "scale_bits": scale_bits}  # wins over the recipe's
     cfg = RunConfig(**given)
     from ..embedding import check_embed_options
     from ..outputs import claim_output

@@ -170,6 +170,7 @@ def gptq_conv(conv: nn.Module, H: torch.Tensor, spec: QuantSpec | None = None, *
         zeros=torch.cat([r.weight.zeros for r in runs]),
         spec=spec,
         g_idx=runs[0].weight.g_idx if G == 1 else None,
+        scale_step=None if runs[0].weight.scale_step is None else torch.cat([r.weight.scale_step for r in runs]),
     )
     deq = weight.dequantize().reshape(W.shape)
     return ConvGPTQResult(weight, deq, runs)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -31,13 +31,15 @@ from .conv import gptq_conv
 from .gptq import GPTQError, gptq_quantize
 from .float_chain import retarget, tune_results, uses_float_chain
 from .hessians import collect_hessians, is_conv
-from quant_kernels import PackedWeight
 
 from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, rtn
 from .resume_state import BlockState
 from .saved_blocks import dequantize_packed, load_blocks, save_block, saved_layers
 from .tune import DTYPES, LOSSES
+
+if TYPE_CHECKING:
+    from ..checkpoint import PackedLayer
 
 log = logging.getLogger("hawqtool")
 
@@ -53,7 +55,7 @@ class LayerResult:
     """What quantizing one layer produced and cost."""
 
     name: str
-    weight: QuantizedWeight | PackedWeight  # PackedWeight: kept packed (streamed models, `_finish`)
+    weight: QuantizedWeight | PackedLayer  # PackedLayer: kept as the checkpoint stores it (streamed models, `_finish`)
     method: str
     error: float  # mean over calibration tokens of ‖(W−Q)x‖²
     rtn_error: float  # the same for round-to-nearest at the same spec (reference point)
@@ -139,14 +141,19 @@ def quantize_layer(name: str, W: torch.Tensor, H: torch.Tensor | None, spec: Qua
             q = torch.empty(W.shape, dtype=pw.q.dtype, device=pw.q.device)
             scales = torch.empty((W.shape[0], pw.scales.shape[1]), dtype=pw.scales.dtype, device=pw.scales.device)
             zeros = torch.empty((W.shape[0], pw.zeros.shape[1]), dtype=pw.zeros.dtype, device=pw.zeros.device)
+            step = None if pw.scale_step is None else torch.empty(W.shape[0], dtype=pw.scale_step.dtype,
+                                                                  device=pw.scale_step.device)
         q[r:r + rows], scales[r:r + rows], zeros[r:r + rows] = pw.q, pw.scales, pw.zeros
+        if step is not None:
+            step[r:r + rows] = pw.scale_step
         if part.updated is not None:
             if r == 0:
                 updated = torch.empty(W.shape, dtype=part.updated.dtype, device=part.updated.device)
             updated[r:r + rows] = part.updated
         err, rtn_err, secs = err + part.error, rtn_err + part.rtn_error, secs + part.seconds
         del part, pw
-    return LayerResult(name, QuantizedWeight(q, scales, zeros, spec, first.weight.g_idx), first.method, err, rtn_err,
+    return LayerResult(name, QuantizedWeight(q, scales, zeros, spec, first.weight.g_idx, scale_step=step), first.method,
+                       err, rtn_err,
                        damp=first.damp, retries=first.retries, notes=first.notes, seconds=secs,
                        updated=updated if first.updated is not None else None)
 
@@ -336,9 +343,9 @@ def _finish(name: str, layer: nn.Module, res: LayerResult, compact: bool = False
         set_weight_matrix(layer, res.weight.dequantize().to(layer.weight.dtype))
     res.weight = res.weight.to("cpu")
     if compact and res.weight.grid is None:
-        from ..checkpoint import pack_layer
+        from ..checkpoint import stored_layer
 
-        res.weight = pack_layer(res.weight)
+        res.weight = stored_layer(name, res.weight)
     return res
 
 
@@ -382,7 +389,7 @@ def _resume(state: BlockState | None, blocks, layers, results) -> tuple[int, lis
 
 def _read_back(state: BlockState, layers: dict, results: dict, dropped: set[str]) -> None:
     """The results of finished blocks that were dropped from memory once saved (streamed models): their packed
-    layers as SavedPacked, which the checkpoint writer reads from the saved blocks one tensor at a time."""
+    layers as PackedLayers of LazyTensors, which the checkpoint writer reads from the saved blocks one at a time."""
     got = saved_layers(state, layers) or {}
     missing = sorted(dropped - got.keys())
     if missing:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quantizer import QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
+from .quantizer import SCALE_BITS, QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
+from .scale_codes import row_steps, snap
 
 
 class GPTQError(RuntimeError):
@@ -144,8 +145,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
         A, B = (x.to(device=W.device, dtype=dtype) for x in grid.scale_offset())
     elif not grouped:
         scale, zero = qparams(W, spec, search=search, d=dH)
-    elif static_groups:
+    elif static_groups or spec.scale_bits != SCALE_BITS:
         groups = [qparams(W[:, c:c + gw], spec, search=search, d=dH[c:c + gw]) for c in range(0, columns, gw)]
+    step = None
+    if grid is None and grouped and spec.scale_bits != SCALE_BITS:  # scale codes: each row's step from the
+        step = row_steps(torch.stack([sc for sc, _ in groups], dim=1), spec.scale_bits)  # weights as they come
+        if static_groups:
+            groups = [snap(W[:, c:c + gw], dH[c:c + gw], sc, z, step, spec.scale_bits, spec.maxq, spec.symmetric)
+                      for (sc, z), c in zip(groups, range(0, columns, gw))]
 
     perm = None
     if act_order:
@@ -189,6 +196,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
                     tail = W[:, i2:j + gw] - Err1[:, :i] @ Hinv[i1:j, i2:j + gw]
                     cols = torch.cat([cols, tail], dim=1)
                 scale, zero = qparams(cols, spec, search=search, d=dH[j:j + cols.shape[1]])
+                if step is not None:
+                    scale, zero = snap(cols, dH[j:j + cols.shape[1]], scale, zero, step, spec.scale_bits, spec.maxq,
+                                       spec.symmetric)
                 scales.append(scale)
                 zeros.append(zero)
             c = quant_codes(w, scale, zero, spec.maxq)
@@ -224,6 +234,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
         zeros=torch.stack(zeros, dim=1).to(torch.int32),
         spec=spec,
         g_idx=g_idx,
+        scale_step=None if step is None else step.float(),
     )
     return GPTQResult(weight, weight.dequantize(), damp, len(notes), notes, float(Losses.sum() / 2),
                       None if updated is None else updated.float())

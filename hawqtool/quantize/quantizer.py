@@ -15,7 +15,8 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-SCALE_BITS = 16  # scales are stored as float16
+SCALE_BITS = 16  # scales are stored as float16 (unless a spec's scale_bits codes them)
+MIN_SCALE_CODE_BITS = 4  # narrower scale codes leave groups with small scales too few steps
 # Rows per slice where a whole layer's temporaries would be large (a 49152-row head, a 70B MLP): quantizing
 # (driver.quantize_layer), dequantizing and the error table (importance.weighted_quant_error) treat rows
 # independently, so slicing changes the peak memory, not the values; every SmolLM2 layer is one slice.
@@ -31,8 +32,15 @@ class QuantSpec:
     symmetric: bool = False
     clip_search: bool = False  # MSE search over shrunk ranges (GPTQ's `mse` option)
     fmt: str = ""  # a ggml block type ("Q4_K", "Q4_0", ...): its grid and byte layout; "" = hawqtool's own
+    # 16: fp16 group scales; 4..8: two-level scales (scale_codes.py), each group's scale a k-bit code times one
+    # fp16 step per row, which makes small groups cheap (groups of 64 cost 0.14 bits per weight less at 6 bits)
+    scale_bits: int = SCALE_BITS
 
     def __post_init__(self) -> None:
+        if self.scale_bits != SCALE_BITS and not (MIN_SCALE_CODE_BITS <= self.scale_bits <= 8
+                                                  and self.group_size != -1 and not self.fmt):
+            raise ValueError(f"scale_bits must be 16 (fp16 scales) or {MIN_SCALE_CODE_BITS}..8 (scale codes, grouped "
+                             f"layers of hawqtool's own grid), got {self.scale_bits}")
         if self.fmt:
             t = self.ggml
             if (self.bits, self.group_size, self.symmetric) != (t.bits, t.group, False):
@@ -65,7 +73,7 @@ class QuantSpec:
         """The spec's name in sensitivity reports' error tables (artifacts.qerror_key, or the ggml type)."""
         from ..artifacts import qerror_key
 
-        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)
+        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)  # scale codes: the fp16 table
 
     @property
     def maxq(self) -> int:
@@ -78,18 +86,22 @@ class QuantSpec:
         return in_features if self.group_size == -1 else self.group_size
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric); a ggml type's
-        exact block bytes (ValueError where its blocks do not tile the rows)."""
+        """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric); with scale codes,
+        k bits per group and one fp16 step per row; a ggml type's exact block bytes (ValueError where its blocks
+        do not tile the rows)."""
         if self.fmt:
             return self.ggml.storage_bits(out_features, in_features)
         groups = out_features * self.n_groups(in_features)
-        per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
-        return out_features * in_features * self.bits + groups * per_group
+        per_group = self.scale_bits + (0 if self.symmetric else self.bits)
+        steps = out_features * SCALE_BITS if self.scale_bits != SCALE_BITS else 0
+        return out_features * in_features * self.bits + groups * per_group + steps
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.fmt:
             d.pop("fmt")  # hawqtool's own specs keep the dict (and the fingerprints built on it) they always had
+        if self.scale_bits == SCALE_BITS:
+            d.pop("scale_bits")
         return d
 
 
@@ -164,6 +176,7 @@ class QuantizedWeight:
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
     grid: object | None = None  # ggml_grid.GGMLGrid of a ggml spec (scales/zeros then empty)
+    scale_step: torch.Tensor | None = None  # float32 [out] (fp16-exact): the row's step when spec.scale_bits < 16
 
     def group_index(self) -> torch.Tensor:
         in_features = self.q.shape[1]
@@ -179,7 +192,8 @@ class QuantizedWeight:
         if grid is not None:
             grid = replace(grid, fields={k: v.to(device) for k, v in grid.fields.items()})
         return replace(self, q=self.q.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
-                       g_idx=None if self.g_idx is None else self.g_idx.to(device), grid=grid)
+                       g_idx=None if self.g_idx is None else self.g_idx.to(device), grid=grid,
+                       scale_step=None if self.scale_step is None else self.scale_step.to(device))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight scale·(q − zero), formed 8192 rows at a time (the same values; a 49152-row head's
@@ -211,18 +225,22 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
         return ggml_weight(W, spec, search=search, d=d)
     out_f, in_f = W.shape
     gw = spec.group_width(in_f)
-    scales, zeros, codes = [], [], []
-    for start in range(0, in_f, gw):
-        Wg = W[:, start:start + gw]
-        s, z = qparams(Wg, spec, search=search, d=None if d is None else d[start:start + gw])
-        codes.append(quant_codes(Wg, s[:, None], z[:, None], spec.maxq))
-        scales.append(s)
-        zeros.append(z)
+    starts = range(0, in_f, gw)
+    params = [qparams(W[:, c:c + gw], spec, search=search, d=None if d is None else d[c:c + gw]) for c in starts]
+    step = None
+    if spec.scale_bits != SCALE_BITS:  # every group's scale known: the row's step, then each group snapped onto it
+        from .scale_codes import row_steps, snap
+
+        step = row_steps(torch.stack([s for s, _ in params], dim=1), spec.scale_bits)
+        params = [snap(W[:, c:c + gw], None if d is None else d[c:c + gw], s, z, step, spec.scale_bits, spec.maxq,
+                       spec.symmetric) for c, (s, z) in zip(starts, params)]
+    codes = [quant_codes(W[:, c:c + gw], s[:, None], z[:, None], spec.maxq) for c, (s, z) in zip(starts, params)]
     return QuantizedWeight(
         q=torch.cat(codes, dim=1).to(torch.int32),
-        scales=torch.stack(scales, dim=1),
-        zeros=torch.stack(zeros, dim=1).to(torch.int32),
+        scales=torch.stack([s for s, _ in params], dim=1),
+        zeros=torch.stack([z for _, z in params], dim=1).to(torch.int32),
         spec=spec,
+        scale_step=step,
     )
 
 

@@ -116,11 +116,16 @@ class _Tunable:
         return sV, sθ
 
     def final(self) -> QuantizedWeight:
-        """The tuned weight as stored: fp16-exact scales, the integer codes rounded against them."""
+        """The tuned weight as stored: fp16-exact scales (on the scale codes' grid where the spec has them), the
+        integer codes rounded against them."""
         from dataclasses import replace
 
         s = (self.qw.scales * torch.exp(self.theta)).to(torch.float16).to(torch.float32)
         s = torch.where(s == 0, torch.full_like(s, 2**-14), s)
+        if self.qw.scale_step is not None:  # scale codes: the nearest scale the row's step can store
+            from .scale_codes import expand, scale_codes
+
+            s = expand(scale_codes(s, self.qw.scale_step, self.qw.spec.scale_bits), self.qw.scale_step)
         q = torch.empty(self.V.shape, dtype=torch.int32, device=self.V.device)
         for r in self._slices():
             q[r] = torch.clamp(self._codes(s, r), 0, self.qw.spec.maxq)
