@@ -65,16 +65,12 @@ def header_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def not_streamable(path: Path, manifest: dict) -> str | None:
     """Why the checkpoint at `path` has no streamed form (None: it has one): image classifiers and encoders are
-    scored whole, layers in ggml types load as dequantized dense Linear layers, and layers with scale codes form
-    their fp16 scales when the whole file is read."""
+    scored whole, and layers in ggml types load as dequantized dense Linear layers."""
     if manifest.get("task") == "image-classification":
         return "holds an image classifier, which is loaded whole"
     ggml = [n for n, m in manifest.get("layers", {}).items() if isinstance(m, dict) and "ggml_type" in m]
     if ggml:
         return f"has layers in ggml types ({ggml[0]}), which load whole as dequantized Linear layers"
-    coded = [n for n, m in manifest.get("layers", {}).items() if isinstance(m, dict) and "scale_bits" in m]
-    if coded:  # their fp16 scales are formed from the codes at load, which the block reader does not do yet
-        return f"has layers with scale codes ({coded[0]}), which load whole"
     from transformers import AutoConfig
 
     from .models import model_task
@@ -95,14 +91,42 @@ def check_streamable(path: Path, manifest: dict) -> None:
         raise UserError(f"{path} {why}; drop --offload/--max-memory")
 
 
+class CheckpointSource:
+    """A checkpoint's tensors by name for the Streamer (streaming.WeightSource), plus the fp16 `NAME.scales` of layers
+    stored with scale codes, formed from their NAME.qscales and NAME.scale_step when their block is read."""
+
+    def __init__(self, path: Path, manifest: dict):
+        from .streaming import WeightSource
+
+        self.files = WeightSource(path)
+        self.coded = {f"{n}.scales": n for n, m in manifest.get("layers", {}).items()
+                      if isinstance(m, dict) and "scale_bits" in m}
+        self.meta = manifest.get("layers", {})
+
+    def has(self, name: str) -> bool:
+        return name in self.coded or self.files.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.coded:
+            return self.files.get(name)
+        from .loader import packed_scales
+
+        n = self.coded[name]
+        return packed_scales({k: self.files.get(k) for k in (f"{n}.qscales", f"{n}.scale_step") if self.files.has(k)},
+                             n, self.meta[n])
+
+    def total_bytes(self) -> int:
+        return self.files.total_bytes()
+
+
 def attach_streamer(model: nn.Module, emb: dict | None, path: Path, manifest: dict, device: torch.device,
                     dtype: torch.dtype) -> nn.Module:
     """`model` (loader._packed_model built on header_tensors) made a streamed model (streaming.streamer_of finds its
     Streamer): what lies outside the blocks is read now, float parts in `dtype`, packed ones as stored; eval mode."""
-    from .streaming import Streamer, WeightSource
+    from .streaming import Streamer
 
     # float tensors the checkpoint stores once (a tied head) are tied as when it is loaded whole
-    streamer = Streamer(model, WeightSource(path), device, dtype, tie=bool(manifest.get("tied")))
+    streamer = Streamer(model, CheckpointSource(path, manifest), device, dtype, tie=bool(manifest.get("tied")))
     if emb is not None:
         from .loader import share_tied_codes
 

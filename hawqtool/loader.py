@@ -66,7 +66,7 @@ def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> Pa
     if any(k not in t for k in (f"{name}.qweight", f"{name}.qscales" if coded else f"{name}.scales")):
         raise UserError(f"layer {name} in the checkpoint has no packed weight tensors; re-create the checkpoint")
     try:
-        scales = _coded_scales(t, name, meta) if coded else t[f"{name}.scales"]
+        scales = packed_scales(t, name, meta)
         pw = PackedWeight(qweight=t[f"{name}.qweight"], scales=scales, qzeros=t.get(f"{name}.qzeros"),
                           bits=_meta_int(meta, "bits", name), group_size=_meta_int(meta, "group_size", name),
                           in_features=_meta_int(meta, "in_features", name),
@@ -78,10 +78,13 @@ def packed_from_tensors(t: dict[str, torch.Tensor], name: str, meta: dict) -> Pa
     return pw
 
 
-def _coded_scales(t: dict[str, torch.Tensor], name: str, meta: dict) -> torch.Tensor:
-    """fp16 scales of a layer stored with scale codes (NAME.qscales, NAME.scale_step); ValueError if malformed."""
+def packed_scales(t: dict[str, torch.Tensor], name: str, meta: dict) -> torch.Tensor:
+    """The layer's fp16 scales: NAME.scales, or formed from scale codes (NAME.qscales, NAME.scale_step; meta tensors
+    give a meta tensor of their shape); ValueError if malformed."""
     from .quantize.scale_codes import stored_scales
 
+    if "scale_bits" not in meta:
+        return t[f"{name}.scales"]
     k, out_f, gs, in_f = (_meta_int(meta, key, name) for key in ("scale_bits", "out_features", "group_size", "in_features"))
     return stored_scales(t[f"{name}.qscales"], t.get(f"{name}.scale_step"), k, out_f, math.ceil(in_f / gs) if gs > 0 else 0)
 

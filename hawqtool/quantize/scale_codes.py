@@ -76,6 +76,8 @@ def stored_scales(codes: torch.Tensor, step: torch.Tensor | None, scale_bits: in
                          f"{list(codes.shape)}")
     if step is None or step.dtype != torch.float16 or tuple(step.shape) != (out_features,):
         raise ValueError(f"scale_step must be float16 [{out_features}]")
+    if codes.device.type == "meta":  # a streamed checkpoint's skeleton: the shape only (formed when read)
+        return torch.empty(out_features, groups, dtype=torch.float16, device="meta")
     c = unpack(codes, scale_bits, groups)
     if c.numel() and int(c.min()) < 1:
         raise ValueError("a scale code is 0")
