@@ -55,11 +55,21 @@ def plan_table(plan: Plan) -> Table:
     t = Table(title=f"plan: {plan.avg_bits:.3f} bits per linear weight, {plan.total_bytes / 1e6:.2f} MB of linear "
                     f"layers, Ω={plan.predicted_omega:.4g}, solved in {plan.solve_seconds:.2f}s")
     t.add_column("bits", justify="right")
+    formats = sorted({(lp.group_size, lp.scale_bits) for lp in plan.layers if not lp.ggml_type})
+    detailed = len(formats) > 1 or any(k != 16 for _, k in formats)  # group sizes / scale codes are choices too
+    if detailed:
+        t.add_column("groups", justify="right")
+        t.add_column("scales", justify="right")
     t.add_column("layers", justify="right")
     t.add_column("params", justify="right")
     for b in plan.bit_choices:
-        ls = [lp for lp in plan.layers if lp.bits == b]
-        t.add_row(str(b), str(len(ls)), f"{sum(lp.n_params for lp in ls):,}")
+        for g, k in formats if detailed else [(None, None)]:
+            ls = [lp for lp in plan.layers if lp.bits == b and (g is None or (lp.group_size, lp.scale_bits) == (g, k)
+                                                               and not lp.ggml_type)]
+            if detailed and not ls:
+                continue
+            fmt = ["per row" if g == -1 else str(g), "fp16" if k == 16 else f"{k}-bit codes"] if detailed else []
+            t.add_row(str(b), *fmt, str(len(ls)), f"{sum(lp.n_params for lp in ls):,}")
     return t
 
 

@@ -238,3 +238,16 @@ def test_bad_scale_bits_are_one_line(sens, tiny_llama, text_file, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(plan))
     one_line_error(invoke("quantize", tiny_llama, "--plan", tmp_path / "p.json", "--calib", text_file, "-o",
                           tmp_path / "ck", *SMALL, ok=False), "scale_bits")
+
+
+def test_the_plan_table_names_group_sizes_and_scale_codes():
+    from rich.console import Console
+
+    from hawqtool.allocate.plan import fixed_plan
+    from hawqtool.render import plan_table
+
+    console = Console(width=120, record=True)
+    console.print(plan_table(fixed_plan({"a": (8, 64), "b": (8, 64)}, 3, group_size=32, scale_bits=6)))
+    console.print(plan_table(fixed_plan({"a": (8, 64)}, 4, group_size=32)))
+    text = console.export_text()
+    assert "6-bit codes" in text and text.count("groups") == 1  # the plain plan keeps the plain table
