@@ -8,6 +8,8 @@ file system the lock is as good as the file system's own locking (Linux NFS maps
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,6 +42,15 @@ def _holder(fd: int) -> str:
     return f"PID {words[0]}" + (f" on host {host}" if host and host != socket.gethostname() else "")
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path`."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def take_lock(out: Path) -> None:
     """Hold the lock of `out` for this process (released by release_lock or at exit); a one-line UserError if
     another live process holds it."""
@@ -65,19 +76,26 @@ def take_lock(out: Path) -> None:
                             f"or choose another -o (lock: {lp})") from None
         except OSError as e:
             os.close(fd)
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):  # e.g. Lustre mounted without flock
+                log.warning("%s has no file locks (%s): nothing stops a second hawqtool process from writing %s at "
+                            "the same time", lp.parent, e.strerror, out)
+                with contextlib.suppress(OSError):
+                    if lp.stat().st_size == 0:  # the empty file just opened: not left behind
+                        lp.unlink()
+                return
             raise UserError(f"cannot lock {lp}: {e.strerror}; choose -o on a file system with file locks") from e
-        try:  # the holder we waited on may have removed the file after we opened it: lock the file at the path
-            same = os.fstat(fd).st_ino == os.stat(lp).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
+        try:
+            if not _same_file(fd, lp):  # the holder we waited on removed the file after we opened it: retry
+                os.close(fd)
+                continue
+            before = _holder(fd)
+            if before:
+                log.warning("taking over the stale lock %s of a process that no longer holds it (%s)", lp, before)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:  # never keep a lock this process does not record (it would lock itself out)
             os.close(fd)
-            continue
-        before = _holder(fd)
-        if before:
-            log.warning("taking over the stale lock %s of a process that no longer holds it (%s)", lp, before)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            raise UserError(f"cannot write the lock {lp}: {e.strerror}; choose a writable -o") from e
         if not _HELD:
             atexit.register(release_locks)
         _HELD[key] = fd

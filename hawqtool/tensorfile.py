@@ -50,7 +50,7 @@ def safetensors_header(tensors: dict[str, torch.Tensor | LazyTensor], metadata: 
         if t.dtype not in _DTYPES:
             raise ValueError(f"safetensors cannot store {k} of dtype {t.dtype}")
     order = sorted(tensors, key=lambda k: (-_RANK[tensors[k].dtype], k))
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
     offset = 0
     for k in order:
         n = _nbytes(tensors[k])

@@ -186,3 +186,39 @@ def test_two_concurrent_quantize_runs_one_wins_one_fails(plan, tiny_llama, text_
     err = next(e for c, e in results if c == 1)
     assert "another hawqtool process" in err and len(err.strip().splitlines()) == 1
     assert (out / "hawqtool_manifest.json").is_file() and not lock_path(out).exists()
+
+
+def test_a_lock_that_cannot_be_written_is_not_kept(tmp_path, monkeypatch):
+    """A failure after the kernel lock is taken (a full disk writing the PID) releases it: the same process can
+    take it again once the disk has room."""
+    import errno
+
+    from hawqtool import locks
+    from hawqtool.errors import UserError
+
+    out = tmp_path / "ck"
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(locks.os, "pwrite", full)
+    with pytest.raises(UserError, match="No space left"):
+        locks.take_lock(out)
+    monkeypatch.setattr(locks.os, "pwrite", real)
+    locks.take_lock(out)
+    locks.release_lock(out)
+    assert not lock_path(out).exists()
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from hawqtool import locks
+
+    def nolock(fd, how):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(locks.fcntl, "flock", nolock)
+    locks.take_lock(tmp_path / "ck")
+    assert "no file locks" in caplog.text and not lock_path(tmp_path / "ck").exists()

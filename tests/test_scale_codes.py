@@ -30,6 +30,7 @@ def test_the_scales_are_codes_times_one_step_per_row():
     c = scale_codes(scales, step, 6)
     assert int(c.min()) >= 1 and int(c.max()) == 63
     s = expand(c, step)
+    assert (step * 63 >= scales.amax(1)).all()  # the step rounded up: the widest group's scale is reachable
     assert torch.equal(s, s.half().float())  # fp16-exact, as stored
     assert torch.equal(scale_codes(s, step, 6), c)  # codes are recovered exactly from the scales
     # an independent formula: the nearest code's scale, in float64 then rounded to fp16
@@ -153,6 +154,35 @@ def test_allocate_quantize_load_and_export(sens, tiny_llama, text_file, tmp_path
         assert got and all(torch.equal(m.scales, model.get_submodule(n).scales) for n, m in got.items())
 
 
+def test_the_allocator_prices_what_the_codes_add(sens, tiny_llama):
+    """A coded option's Ω is the report's fp16-scale error times what the codes add on the layer's weights: more
+    at 8 bits with 4-bit codes than at 3 bits with 8-bit codes."""
+    from hawqtool import artifacts
+    from hawqtool.allocate.options import Option
+    from hawqtool.allocate.plan import layer_tables
+    from hawqtool.models import load_model
+    from hawqtool.stages import layer_weights
+
+    report = artifacts.load(sens / "sens.json", "sensitivity")
+    w = layer_weights(load_model(str(tiny_llama)))
+    opts = [Option(8, 16), Option(8, 16, scale_bits=4), Option(3, 16), Option(3, 16, scale_bits=8)]
+    omega, nbytes = layer_tables(report, lambda: w, opts, False)
+    assert (nbytes[:, 1] < nbytes[:, 0]).all() and (nbytes[:, 3] <= nbytes[:, 2]).all()  # 32-wide rows: 2 groups
+    r8, r3 = omega[:, 1] / omega[:, 0], omega[:, 3] / omega[:, 2]
+    assert (r8 > 1.05).all() and (abs(r3 - 1) < 0.05).all() and r8.min() > r3.max()
+    # with the report's own (activation-weighted) fp16 figure: that figure times the codes' ratio
+    from hawqtool.quantize.importance import weighted_quant_error
+
+    for ls in report.layers:
+        ls.qerror["8/16/asym"] = 2.0
+    omega2, _ = layer_tables(report, lambda: w, opts[:2], False)
+    ls = report.layers[0]
+    W = w[ls.name]
+    ratio = weighted_quant_error(W, QuantSpec(8, 16, scale_bits=4), None) / weighted_quant_error(W, QuantSpec(8, 16), None)
+    assert omega2[0, 0] == pytest.approx(ls.trace / ls.n_params * 2.0)
+    assert omega2[0, 1] == pytest.approx(ls.trace / ls.n_params * 2.0 * ratio, rel=1e-9)
+
+
 def test_streamed_quantize_gives_the_same_bytes(tiny_llama, text_file, tmp_path):
     from hawqtool.allocate.plan import fixed_plan
     from hawqtool.inputs import calibration_inputs
@@ -225,6 +255,17 @@ def test_a_resumed_block_keeps_its_steps(tmp_path):
     from hawqtool.quantize.saved_blocks import dequantize_packed
 
     assert torch.equal(dequantize_packed(got["b"]), qw.dequantize())
+
+
+def test_options_time_as_fp16_and_need_groups():
+    from hawqtool.allocate.options import Option, make_options
+    from hawqtool.errors import UserError
+
+    o = Option(3, 64, scale_bits=6)
+    assert o.label == "w3g64a16s6" and o.timed_label == "w3g64a16"  # codes run as the fp16 scales they give
+    with pytest.raises(UserError, match="per-channel"):
+        make_options([3, 4], [-1], scale_bits=6)
+    assert {x.scale_bits for x in make_options([3], [-1, 64], scale_bits=6)} == {16, 6}
 
 
 def test_bad_scale_bits_are_one_line(sens, tiny_llama, text_file, tmp_path):

@@ -39,12 +39,12 @@ def _metadata_sorted(raw: bytes) -> bytes:
     return raw[:8] + new + b" " * (n - len(new)) + raw[8 + n:]
 
 
-@pytest.mark.parametrize("metadata", [None, {"format": "hawqtool", "zero_point": "w = s*(q-z)", "a": "é\"\n"}])
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "hawqtool", "zero_point": "w = s*(q-z)", "a": "é\"\n"}])
 def test_the_bytes_equal_the_safetensors_library(tmp_path, metadata):
     t = _every_kind()
     save_tensors(t, tmp_path / "ours.safetensors", metadata)
     save_file({k: v.contiguous() for k, v in t.items()}, tmp_path / "lib.safetensors",
-              metadata=dict(sorted(metadata.items())) if metadata else None)
+              metadata=None if metadata is None else dict(sorted(metadata.items())))
     assert (tmp_path / "ours.safetensors").read_bytes() == _metadata_sorted((tmp_path / "lib.safetensors").read_bytes())
     with safe_open(tmp_path / "ours.safetensors", framework="pt") as f:
         assert set(f.keys()) == set(t) and f.metadata() == metadata

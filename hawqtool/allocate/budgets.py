@@ -63,7 +63,7 @@ def available_costs(report: SensitivityReport, options: Sequence[Option], nbytes
     if profile is not None:
         costs["bops"] = bops_costs(report, options, profile)
     if latency is not None:
-        costs["latency_ms"] = latency.costs([ls.name for ls in report.layers], [o.label for o in options])
+        costs["latency_ms"] = latency.costs([ls.name for ls in report.layers], [o.timed_label for o in options])
     return costs
 
 
@@ -102,7 +102,7 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
         if budgets.max_latency_ms is not None and budgets.latency_frac is not None:
             raise UserError("give --max-latency-ms or --latency-frac, not both")
         names = [ls.name for ls in report.layers]
-        costs["latency_ms"] = latency.costs(names, [o.label for o in options])
+        costs["latency_ms"] = latency.costs(names, [o.timed_label for o in options])
         limits["latency_ms"] = (budgets.max_latency_ms if budgets.max_latency_ms is not None
                                 else budgets.latency_frac * latency.fp32_total(names))
     if not limits:

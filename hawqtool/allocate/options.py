@@ -38,6 +38,11 @@ class Option:
         g = "c" if self.group_size == -1 else str(self.group_size)
         return f"w{self.bits}g{g}a{self.act_bits}" + (f"s{self.scale_bits}" if self.scale_bits != 16 else "")
 
+    @property
+    def timed_label(self) -> str:
+        """The label a latency table times the option under: scale codes run as the fp16 scales they expand to."""
+        return self.label.removesuffix(f"s{self.scale_bits}") if self.scale_bits != 16 else self.label
+
     def spec(self, symmetric: bool) -> QuantSpec:
         if self.fmt:
             return QuantSpec.for_ggml(self.fmt)
@@ -78,6 +83,9 @@ def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
     for g in groups:
         if g == 0 or g < -1:
             raise UserError(f"group sizes must be -1 (per channel) or positive, got {g}")
+    if scale_bits != 16 and all(g == -1 for g in groups):
+        raise UserError("--scale-bits codes group scales, and per-channel layers (-1) have one scale per row: give a "
+                        "group size, or drop --scale-bits")
     opts = [Option(b, g, scale_bits=scale_bits if g != -1 else 16) for b in bits for g in groups] \
         if FULL_ACT in acts else []
     for a in acts:

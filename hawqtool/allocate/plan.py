@@ -51,7 +51,7 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
     `weights()`. Activation term (options with act_bits < 16), a first-order proxy: input noise δx
     acts like a weight error of energy ‖W‖²·E‖δx‖²/E‖x‖² (isotropic inputs), so it adds
     Tr/n·‖W‖²·act_noise_ratio(a, crest), with ‖W‖² and the crest factor from the measured profile.
-    Ω is made non-increasing in bits within each (group size, activation bits, symmetry) family."""
+    Ω is made non-increasing in bits within each (group size, activation bits, symmetry, scales) family."""
     L, C = len(report.layers), len(options)
     omega, nbytes = np.zeros((L, C)), np.zeros((L, C))
     negative = []
@@ -66,12 +66,16 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
                 omega[i, j], nbytes[i, j] = np.inf, np.inf
                 continue
             err = ls.qerror.get(spec.key)
-            if err is None:
+            if err is None or spec.scale_bits != 16:
                 W = weights().get(ls.name)
                 if W is None:
                     raise UserError(f"sensitivity report names layer {ls.name} that the model lacks; "
                                     "re-run `hawqtool sensitivity` on this model")
-                err = weighted_quant_error(W, spec, None)  # the searched grid, equal input weights
+                if err is None:
+                    err = weighted_quant_error(W, spec, None)  # the searched grid, equal input weights
+                else:  # the report's fp16-scale error, times what the scale codes add (equal input weights)
+                    err *= weighted_quant_error(W, spec, None) / max(
+                        weighted_quant_error(W, dataclasses.replace(spec, scale_bits=16), None), 1e-30)
             if opt.act_bits < FULL_ACT:
                 if profile is None or ls.name not in profile:
                     raise UserError("activation bits need the layers' measured input statistics; pass --model "
@@ -83,7 +87,7 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
         log.warning("%d layers have a negative trace estimate, treated as 0: %s", len(negative), ", ".join(negative[:5]))
     families: dict[tuple, list[int]] = {}
     for j, opt in enumerate(options):
-        families.setdefault((opt.group_size, opt.act_bits, opt.symmetric, opt.fmt or None) if not opt.fmt
+        families.setdefault((opt.group_size, opt.act_bits, opt.symmetric, opt.scale_bits) if not opt.fmt
                             else ("ggml", j), []).append(j)
     for cols in families.values():
         cols = sorted(cols, key=lambda j: options[j].bits)

@@ -93,7 +93,7 @@ def chosen_point(plan: Plan, result: dict[str, Any] | None = None) -> dict[str, 
              "budget": plan.budget, "fingerprint": plan.fingerprint, "costs": dict(plan.costs or {})}
     if result is not None and "_costs" in result:
         col = {o.label: j for j, o in enumerate(result["_options"])}
-        js = [col.get(Option(lp.bits, lp.group_size, lp.act_bits).label,
+        js = [col.get(Option(lp.bits, lp.group_size, lp.act_bits, scale_bits=lp.scale_bits).label,
                       col.get(Option(lp.bits, lp.group_size, lp.act_bits, True).label)) for lp in plan.layers]
         if None not in js and len(js) == len(next(iter(result["_costs"].values()))):
             for k, c in result["_costs"].items():

@@ -73,7 +73,8 @@ class QuantSpec:
         """The spec's name in sensitivity reports' error tables (artifacts.qerror_key, or the ggml type)."""
         from ..artifacts import qerror_key
 
-        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)  # scale codes: the fp16 table
+        # scale codes: the fp16 table's key (allocate/plan.layer_tables scales it by what the codes add)
+        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)
 
     @property
     def maxq(self) -> int:

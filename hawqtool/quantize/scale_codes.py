@@ -20,9 +20,14 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_steps(scales: torch.Tensor, scale_bits: int) -> torch.Tensor:
-    """fp16-exact step per row [out] for group scales [out, groups]: the largest scale is the top code."""
+    """fp16-exact step per row [out] for group scales [out, groups]: the top code reaches the largest scale (the
+    step rounded up to the next fp16, so the widest group is never clipped by a step rounded down)."""
     top = 2**scale_bits - 1
-    return _fp16((scales.float().amax(dim=1) / top).clamp(min=MIN_STEP))
+    need = scales.float().amax(dim=1)
+    step = (need / top).clamp(min=MIN_STEP).to(torch.float16)
+    short = step.float() * top < need
+    up = (step.view(torch.int16) + 1).view(torch.float16)  # positive finite fp16: the next bit pattern is the next value
+    return torch.where(short, up, step).float()
 
 
 def scale_codes(scales: torch.Tensor, step: torch.Tensor, scale_bits: int) -> torch.Tensor:
@@ -39,25 +44,26 @@ def expand(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def snap(W: torch.Tensor, d: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor, step: torch.Tensor,
          scale_bits: int, maxq: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One group's (scale, zero) [rows] moved onto the two-level grid: the nearest coded scale, then (asymmetric)
-    the integer zero among z−1, z, z+1 with the least d-weighted error on the group's weights W [rows, cols]."""
-    s = expand(scale_codes(scale[:, None], step, scale_bits), step)[:, 0]
-    if symmetric:
-        return s, zero
+    """One group's (scale, zero) [rows] moved onto the two-level grid: of the codes just below and above the
+    searched scale, and (asymmetric) the integer zeros z−1, z, z+1, the pair with the least d-weighted error on the
+    group's weights W [rows, cols]."""
+    top = 2**scale_bits - 1
     W = W.float()
     w8 = torch.ones(W.shape[1], device=W.device) if d is None else d.float().to(W.device).clamp(min=0)
-    best_z, best_e = zero, None
-    for dz in (0, -1, 1):
-        z = torch.clamp(zero + dz, 0, maxq)
-        q = torch.clamp(torch.round(W / s[:, None]) + z[:, None], 0, maxq)
-        e = (w8[None, :] * (W - s[:, None] * (q - z[:, None])) ** 2).sum(dim=1)
-        if best_e is None:
-            best_e = e
-            continue
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_z = torch.where(better, z, best_z)
-    return s, best_z
+    ratio = scale.float() / step.float()
+    best = None
+    for c in (torch.floor(ratio), torch.ceil(ratio)):
+        s = expand(torch.clamp(c, 1, top)[:, None], step)[:, 0]
+        for dz in ((0,) if symmetric else (0, -1, 1)):
+            z = torch.clamp(zero + dz, 0, maxq)
+            q = torch.clamp(torch.round(W / s[:, None]) + z[:, None], 0, maxq)
+            e = (w8[None, :] * (W - s[:, None] * (q - z[:, None])) ** 2).sum(dim=1)
+            if best is None:
+                best = (e, s, z)
+                continue
+            better = e < best[0]
+            best = (torch.where(better, e, best[0]), torch.where(better, s, best[1]), torch.where(better, z, best[2]))
+    return best[1], best[2]
 
 
 def stored_scales(codes: torch.Tensor, step: torch.Tensor | None, scale_bits: int, out_features: int,
