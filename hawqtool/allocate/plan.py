@@ -23,6 +23,7 @@ from ..artifacts import EmbeddingPlan, LayerPlan, Plan, SensitivityReport, finge
 from ..errors import UserError
 from ..macs import LayerProfile
 from ..quantize.importance import weighted_quant_error
+from ..quantize.scale_codes import added_error
 from ..quantize.quantizer import QuantSpec
 from .ilp import InfeasibleBudget, _groups, solve_allocation
 from .budgets import Budgets, budget_record, cost_tables, infeasible_message
@@ -71,11 +72,8 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
                 if W is None:
                     raise UserError(f"sensitivity report names layer {ls.name} that the model lacks; "
                                     "re-run `hawqtool sensitivity` on this model")
-                if err is None:
-                    err = weighted_quant_error(W, spec, None)  # the searched grid, equal input weights
-                else:  # the report's fp16-scale error, times what the scale codes add (equal input weights)
-                    err *= weighted_quant_error(W, spec, None) / max(
-                        weighted_quant_error(W, dataclasses.replace(spec, scale_bits=16), None), 1e-30)
+                # the searched grid, equal input weights; or the report's fp16-scale error times what codes add
+                err = weighted_quant_error(W, spec, None) if err is None else err * added_error(W, spec)
             if opt.act_bits < FULL_ACT:
                 if profile is None or ls.name not in profile:
                     raise UserError("activation bits need the layers' measured input statistics; pass --model "
@@ -246,9 +244,8 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
     fixed width: its bytes count in a --max-bytes budget (the layers get the rest) but not in --avg-bits,
     which stays "no larger than uniform B-bit linear layers"; plan.avg_bits/total_bytes are linear only.
     `formats` (ggml type names) makes the options those block types instead (each only where its blocks tile
-    a layer's rows); --avg-bits B then means B bits per linear weight, everything stored counted. `scale_bits`
-    4..8: the grouped options store scale codes (cheaper), while --avg-bits B still means the bytes of uniform
-    B-bit with fp16 scales, so one budget means the same bytes with and without them."""
+    a layer's rows); --avg-bits B then means B bits per linear weight, everything stored counted. `scale_bits` 4..8:
+    grouped options store scale codes; --avg-bits B still means uniform B-bit's bytes with fp16 scales."""
     budgets = budgets or Budgets()
     budgets.avg_bits = avg_bits if avg_bits is not None else budgets.avg_bits
     budgets.max_bytes = max_bytes if max_bytes is not None else budgets.max_bytes

@@ -88,3 +88,19 @@ def stored_scales(codes: torch.Tensor, step: torch.Tensor | None, scale_bits: in
     if c.numel() and int(c.min()) < 1:
         raise ValueError("a scale code is 0")
     return expand(c, step).to(torch.float16)
+
+
+RATIO_ROWS = 256  # rows `added_error` measures on (rows are quantized independently: an evenly spaced sample)
+
+
+def added_error(W: torch.Tensor, spec) -> float:
+    """What scale codes add to a layer's error: the error of `spec` over the same spec with fp16 scales, on up to
+    RATIO_ROWS rows of W [out, in], equal input weights (≈ 1 at 2–4 bits with 6-bit codes; several × at 8 bits with
+    4-bit codes). The allocator prices a coded option as the report's fp16-scale error times this."""
+    from dataclasses import replace
+
+    from .importance import weighted_quant_error
+
+    if W.shape[0] > RATIO_ROWS:
+        W = W[torch.linspace(0, W.shape[0] - 1, RATIO_ROWS).long()]
+    return weighted_quant_error(W, spec, None) / max(weighted_quant_error(W, replace(spec, scale_bits=16), None), 1e-30)
