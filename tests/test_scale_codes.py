@@ -105,24 +105,29 @@ def test_allocate_quantize_load_and_export(sens, tiny_llama, text_file, tmp_path
            "-q")
     p16, p6 = (json.loads(p.read_text()) for p in (plan16, plan6))
     assert p6["budget"]["max_bytes"] == pytest.approx(p16["budget"]["max_bytes"])  # --avg-bits: the same bytes
-    assert all(lp["scale_bits"] == 6 for lp in p6["layers"]) and all(lp["scale_bits"] == 16 for lp in p16["layers"])
+    assert all(lp["scale_bits"] == 16 for lp in p16["layers"]) and any(lp["scale_bits"] == 6 for lp in p6["layers"])
     assert p6["total_bytes"] <= p6["budget"]["max_bytes"] * (1 + 1e-9)
     for lp in p6["layers"]:  # each layer's bytes: k-bit codes per group and an fp16 step per row
         o, i = next(ls["shape"] for ls in json.loads((sens / "sens.json").read_text())["layers"] if ls["name"] == lp["name"])
-        spec = QuantSpec(lp["bits"], lp["group_size"], lp["symmetric"], scale_bits=6)
-        assert lp["storage_bytes"] == spec.storage_bits(o, i) / 8
+        spec = QuantSpec(lp["bits"], lp["group_size"], lp["symmetric"], scale_bits=6).for_rows(i)
+        # codes only where they save bytes: more than 16 / (16 - 6) groups per row
+        assert lp["scale_bits"] == (6 if -(-i // lp["group_size"]) * 10 > 16 else 16)
+        assert lp["storage_bytes"] == spec.storage_bits(o, i) / 8 <= QuantSpec(lp["bits"], lp["group_size"]).storage_bits(o, i) / 8
     ck = tmp_path / "ck"
     invoke("quantize", tiny_llama, "--plan", plan6, "--calib", text_file, "-o", ck, *SMALL, "-q")
     manifest = json.loads((ck / "hawqtool_manifest.json").read_text())
     with safe_open(str(ck / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
+        coded = {lp["name"] for lp in p6["layers"] if lp["scale_bits"] == 6}
+        assert coded
         for n, m in manifest["layers"].items():
-            assert m["scale_bits"] == 6 and f"{n}.qscales" in keys and f"{n}.scale_step" in keys
-            assert f"{n}.scales" not in keys
-            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys
-                         if k.rsplit(".", 1)[0] == n and not k.endswith(".bias"))
+            k = 6 if n in coded else 16
+            assert m.get("scale_bits", 16) == k and (f"{n}.qscales" in keys) == (n in coded)
+            assert (f"{n}.scales" not in keys) == (n in coded)
+            stored = sum(f.get_tensor(t).numel() * f.get_tensor(t).element_size() for t in keys
+                         if t.rsplit(".", 1)[0] == n and not t.endswith(".bias"))
             assert stored == packed_nbytes(m["out_features"], m["in_features"], m["bits"], m["group_size"],
-                                           m["symmetric"], m["act_order"], scale_bits=6)
+                                           m["symmetric"], m["act_order"], scale_bits=k)
     sizes = checkpoint_sizes(ck)
     assert sizes["linear_bits_per_weight"] == pytest.approx(p6["avg_bits"], rel=1e-12)
     # the loaded layers' scales are the quantizer's: what the checkpoint's codes and steps give
@@ -140,7 +145,7 @@ def test_allocate_quantize_load_and_export(sens, tiny_llama, text_file, tmp_path
     # the GPTQ-layout export stores fp16 scales: the same dequantized weights
     invoke("export", ck, "--format", "gptq", "-o", tmp_path / "ex", "-q")
     ex = load_file(str(tmp_path / "ex" / "model.safetensors"))
-    name = next(iter(manifest["layers"]))
+    name = sorted(coded)[0]
     assert torch.equal(ex[f"{name}.scales"].T.contiguous(), packed_from_tensors(t, name, manifest["layers"][name]).scales)
     # streamed: each block's scales formed from its codes when the block is read; the whole load's figures
     streamed = json.loads(invoke("eval", ck, "--data", text_file, "--seqlen", 32, "--windows", 2, "--offload",
@@ -255,6 +260,13 @@ def test_a_resumed_block_keeps_its_steps(tmp_path):
     from hawqtool.quantize.saved_blocks import dequantize_packed
 
     assert torch.equal(dequantize_packed(got["b"]), qw.dequantize())
+
+
+def test_codes_only_where_they_save_bytes():
+    assert QuantSpec(3, 64, scale_bits=6).for_rows(64).scale_bits == 16  # one group: 6 + 16 bits > 16
+    assert QuantSpec(3, 64, scale_bits=6).for_rows(128).scale_bits == 6  # two: 2·6 + 16 < 2·16
+    assert QuantSpec(3, 64, scale_bits=8).for_rows(128).scale_bits == 16  # 2·8 + 16 = 2·16: no saving
+    assert QuantSpec(3, 64).for_rows(64).scale_bits == 16
 
 
 def test_options_time_as_fp16_and_need_groups():

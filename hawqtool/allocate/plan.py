@@ -62,7 +62,7 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
             negative.append(ls.name)
             trace = 0.0
         for j, opt in enumerate(options):
-            spec = opt.spec(symmetric)
+            spec = opt.spec(symmetric).for_rows(ls.shape[1])
             if spec.fmt and not spec.ggml.fits(ls.shape[1]):  # the type's blocks do not tile this layer's rows
                 omega[i, j], nbytes[i, j] = np.inf, np.inf
                 continue
@@ -297,7 +297,8 @@ def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits:
                                 n_params=ls.n_params, storage_bytes=float(nbytes[i, j]), omega=float(omega[i, j]),
                                 omega_by_bits={key: float(omega[i, k]) for k, key in enumerate(keys)
                                                if cons.mask is None or cons.mask[i, k]},
-                                act_bits=o.act_bits, ggml_type=o.fmt, scale_bits=o.spec(symmetric).scale_bits))
+                                act_bits=o.act_bits, ggml_type=o.fmt,
+                                scale_bits=o.spec(symmetric).for_rows(ls.shape[1]).scale_bits))
     total = float(sum(lp.storage_bytes for lp in layers))
     plan_budget = budget_record(budgets, limits)  # max_bytes: the linear layers' share
     if cons.record:  # only when constrained, so unconstrained plans keep today's budget and fingerprint
@@ -381,8 +382,8 @@ def fixed_plan(shapes: dict[str, tuple[int, int]], bits: int, *, group_size: int
     """Every layer at `bits` without any sensitivity (uniform baselines, benchmarks)."""
     spec = QuantSpec(bits, group_size, symmetric, scale_bits=scale_bits)
     layers = [LayerPlan(name=n, bits=bits, group_size=group_size, symmetric=symmetric, n_params=o * i,
-                        storage_bytes=spec.storage_bits(o, i) / 8, omega=float("nan"), scale_bits=scale_bits)
-              for n, (o, i) in shapes.items()]
+                        storage_bytes=spec.for_rows(i).storage_bits(o, i) / 8, omega=float("nan"),
+                        scale_bits=spec.for_rows(i).scale_bits) for n, (o, i) in shapes.items()]
     total = sum(lp.storage_bytes for lp in layers)
     plan = Plan(model=model, budget={"kind": "uniform", "value": bits, "max_bytes": total}, bit_choices=[bits],
                 group_size=group_size, symmetric=symmetric, layers=layers,

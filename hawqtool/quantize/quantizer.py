@@ -86,6 +86,16 @@ class QuantSpec:
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def for_rows(self, in_features: int) -> "QuantSpec":
+        """This spec for rows of `in_features`: scale codes only where they save bytes (a row's k-bit codes and
+        fp16 step against its fp16 scales: more than 16 / (16 − k) groups per row), else fp16 scales."""
+        if self.scale_bits != SCALE_BITS and \
+                self.n_groups(in_features) * (SCALE_BITS - self.scale_bits) <= SCALE_BITS:
+            from dataclasses import replace
+
+            return replace(self, scale_bits=SCALE_BITS)
+        return self
+
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Bits to store one layer: packed codes + fp16 scales (+ b-bit zeros if asymmetric); with scale codes,
         k bits per group and one fp16 step per row; a ggml type's exact block bytes (ValueError where its blocks
