@@ -22,6 +22,7 @@ _DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8
            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64",
            torch.int64: "I64", torch.uint64: "U64"}
 _RANK = {d: i for i, d in enumerate(_DTYPES)}
+TORCH_DTYPE = {name: d for d, name in _DTYPES.items()}  # a safetensors header's dtype name -> torch dtype
 
 
 @dataclass(frozen=True)

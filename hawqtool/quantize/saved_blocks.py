@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..models import weight_matrix
-from ..tensorfile import LazyTensor
+from ..tensorfile import TORCH_DTYPE, LazyTensor
 from .quantizer import QuantizedWeight, QuantSpec, ggml_bytes, ggml_from_bytes
 from .resume_state import BlockState
 
@@ -96,13 +96,10 @@ def saved_layers(state: BlockState, layers: dict[str, nn.Module]) -> dict[str, L
             shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
         for n, m in meta["layers"].items():
             spec = QuantSpec(**m["spec"])
-            mine = {k: LazyTensor(_DTYPE[shapes[k][0]], shapes[k][1], _reader(path, k))
+            mine = {k: LazyTensor(TORCH_DTYPE[shapes[k][0]], shapes[k][1], _reader(path, k))
                     for k in shapes if k.rsplit(".", 1)[0] == n}
             out[n] = (n, _packed_layer(n, spec, m, mine), spec, m)
     return out
-
-
-_DTYPE = {"I32": torch.int32, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32, "BF16": torch.bfloat16}
 
 
 def _reader(path: Path, key: str):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .grid import _weighted_err
+
 MIN_STEP = 2.0**-24  # the smallest positive fp16 (subnormal)
 
 
@@ -56,8 +58,7 @@ def snap(W: torch.Tensor, d: torch.Tensor | None, scale: torch.Tensor, zero: tor
         s = expand(torch.clamp(c, 1, top)[:, None], step)[:, 0]
         for dz in ((0,) if symmetric else (0, -1, 1)):
             z = torch.clamp(zero + dz, 0, maxq)
-            q = torch.clamp(torch.round(W / s[:, None]) + z[:, None], 0, maxq)
-            e = (w8[None, :] * (W - s[:, None] * (q - z[:, None])) ** 2).sum(dim=1)
+            e = _weighted_err(W, w8[None, :], s, z, maxq)
             if best is None:
                 best = (e, s, z)
                 continue
