@@ -30,16 +30,23 @@ def world() -> tuple[int, int]:
 
 
 def _shutdown() -> None:
-    """At exit: wait for the other ranks, then tear the process group down (a rank leaving while gloo's threads
-    still run dies with 'terminate called without an active exception')."""
+    """At exit: wait for the other ranks, then tear the process group down, also when that wait fails. A rank
+    leaving while gloo's threads still run dies with 'terminate called without an active exception'; the wait can
+    fail when the peer that finished it first has already closed its connections."""
+    import logging
+
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        return
     try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - another rank failed: torchrun reports that one
-        pass
+        dist.barrier()
+    except Exception as e:  # noqa: BLE001 - a peer gone first, or failed (torchrun reports that one)
+        logging.getLogger(__name__).info("at exit, the barrier failed (%s); tearing down anyway", e)
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).debug("at exit, destroy_process_group failed (%s)", e)
 
 
 def comm_device() -> torch.device:

@@ -32,3 +32,23 @@ def test_two_ranks_match_one_process(tiny_llama, text_file, tmp_path, estimator)
         assert b["trace"] == pytest.approx(a["trace"], rel=1e-6, abs=1e-9)
         assert c["trace"] == pytest.approx(a["trace"], rel=1e-6, abs=1e-9)
         assert b["stderr"] == pytest.approx(a["stderr"], rel=1e-6, abs=1e-9)
+
+
+def test_exit_tears_the_group_down_even_when_the_last_barrier_fails(monkeypatch):
+    """A rank whose exit barrier fails (its peer already closed the connections) must still destroy the process
+    group: left alive, gloo's threads abort the process at exit ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    from hawqtool import distributed
+
+    calls = []
+
+    def barrier():
+        calls.append("barrier")
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed._shutdown()
+    assert calls == ["barrier", "destroy"]
