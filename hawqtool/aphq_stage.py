@@ -32,8 +32,8 @@ def aphq_stage(loaded: LoadedModel, plan: Plan, act: dict[str, int], calib_ids: 
         raise UserError("--method aphq learns hawqtool's own grid; a plan in ggml types (--formats) is quantized with "
                         "--method gptq or rtn")
     if any(lp.scale_bits != 16 for lp in plan.layers):
-        raise UserError("--method aphq learns fp16 group scales; a plan with scale codes (--scale-bits) is quantized "
-                        "with --method gptq or rtn")
+        raise UserError("--method aphq learns fp16 group scales, and this plan has scale codes (allocate's default): "
+                        "make it with `allocate --scale-bits 16`, or quantize with --method gptq or rtn")
     if loaded.task == "image-classification":
         output_fn, loss = (lambda o: o), "kl"
     else:

@@ -77,8 +77,9 @@ class LayerSensitivity:
     eigen_iterations: int = 0
 
 
-def qerror_key(bits: int, group_size: int, symmetric: bool) -> str:
-    return f"{bits}/{group_size}/{'sym' if symmetric else 'asym'}"
+def qerror_key(bits: int, group_size: int, symmetric: bool, scale_bits: int = 16) -> str:
+    """A sensitivity report's error-table key: "3/64/asym", and "3/64/asym/s6" with 6-bit scale codes."""
+    return f"{bits}/{group_size}/{'sym' if symmetric else 'asym'}" + (f"/s{scale_bits}" if scale_bits != 16 else "")
 
 
 _OMIT_NONE = {"omit_none": True}  # optional fields left out of the JSON when unset: older files stay the same

@@ -21,8 +21,14 @@ class SensitivityOptions:
     min_probes: int = 8
     max_probes: int = 32
     bits: tuple[int, ...] = (2, 3, 4, 8)  # widths whose ‖Q(W)−W‖² the report records
-    group_size: int = 128
-    group_sizes: tuple[int, ...] = ()  # several group sizes measured (() = group_size alone)
+    group_size: int = 128  # the one group size measured when group_sizes is ()
+    # The storage formats the report measures, and so the ones the allocator offers by default: each layer's group
+    # size among these, its group scales as 6-bit codes under one fp16 step per row (quantize/scale_codes.py; 16 =
+    # fp16 scales). Chosen by scripts/bench_alloc_signal.py --max-bpw 3.1484 on the validation slice, at the default
+    # run's bytes (benchmarks/RESULTS.md, 2026-12-06 "Scale codes at the default quantizer"): with the default
+    # quantizer 24.91 against 26.29 for g128 with fp16 scales (seed 0); without tuning -9.7/-10.4/-8.6% (3 seeds).
+    group_sizes: tuple[int, ...] = (32, 64, 128)
+    scale_bits: int = 6
     sym: tuple[bool, ...] = (False, True)  # asymmetric and/or symmetric grids measured
     formats: tuple[str, ...] = ()  # ggml types measured too (allocate --formats)
     quantize_head: bool = False  # also measure an output head tied to the embedding (untied first)
@@ -131,14 +137,16 @@ class AllocateOptions:
     """The integer program's choices besides the budget (allocate_bits): which options each layer gets and which
     layers must agree."""
 
-    group_sizes: tuple[int, ...] = ()  # several group sizes as options (() = the run's group_size alone)
+    group_sizes: tuple[int, ...] = ()  # group sizes offered (() = the stage's group_size, or every one the report measured)
     act_bits: tuple[int, ...] = (16,)  # 8 adds W8A8 options
     pins: dict = field(default_factory=dict)  # {layer regex: bits}
     allowed: dict = field(default_factory=dict)  # {layer regex: [bits, ...]}
     ties: tuple[str, ...] = ()  # regexes: the layers each matches get one width
     auto_ties: bool = False  # tie layers that read one input (q/k/v, gate/up)
     trace_ucb: float = 0.0  # z > 0: plan on max(Tr, 0) + z·s.e. (noisy near-zero traces buy no 2-bit layer)
-    scale_bits: int = 16  # 4..8: grouped layers store k-bit scale codes and one fp16 step per row (scale_codes.py)
+    # 4..8: grouped layers store k-bit scale codes and one fp16 step per row (quantize/scale_codes.py), where that
+    # saves bytes; 16: fp16 scales; None: as the report measured them (SensitivityOptions.scale_bits)
+    scale_bits: int | None = None
     # budgets besides the size one (allocate/budgets.py), and what they need
     max_bytes: float | None = None  # size budget in bytes of the quantized layers (and of a quantized embedding),
     # instead of `run`'s avg_bits

@@ -103,6 +103,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise UserError(f"recipe key {key} must be a positive number, got {value!r}")
         return None if value is None else float(value)
+    if key == "group_size":  # null: each layer's chosen among the measured group sizes
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+            raise UserError(f"recipe key group_size must be -1 (per channel), a positive size or null, got {value!r}")
+        return value
+    if key.rsplit(".", 1)[-1] == "scale_bits":  # null: as the sensitivity report measured them
+        if value is not None and (isinstance(value, bool) or value not in (16, 4, 5, 6, 7, 8)):
+            raise UserError(f"recipe key {key} must be 16 (fp16 scales), 4..8 (scale codes) or null, got {value!r}")
+        return value
     if default is None:  # model, latency_table: a string or null
         if value is not None and not isinstance(value, str):
             raise UserError(f"recipe key {key} must be a string, got {value!r}")

@@ -49,7 +49,7 @@ from .options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityO
 from .quantize.driver import first_token_weight_for
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
-from .allocate_stage import allocate_stage, budget_inputs, write_sweep_of
+from .allocate_stage import allocate_stage, budget_inputs, offered_formats, write_sweep_of
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
 from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
                      report_settings)
@@ -70,7 +70,7 @@ class RunConfig:
     data: str = EvalOptions.data
     avg_bits: float = 3.0
     bit_choices: tuple[int, ...] = SensitivityOptions.bits
-    group_size: int = SensitivityOptions.group_size
+    group_size: int | None = None  # one group size for every layer; None: each layer's chosen among the measured ones
     symmetric: bool = False
     nsamples: int = QuantizeOptions.nsamples
     seqlen: int = QuantizeOptions.seqlen
@@ -238,7 +238,12 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     # an encoder has no logits for self-KL: its output is the hidden state (unless the recipe says otherwise)
     objective = {"objective": "output-mse"} if encoder else {}
     # a recipe's `sensitivity:` section (objective, estimator, ...) plus the run's own settings
-    sens_opts = SensitivityOptions(**{**objective, **cfg.sensitivity, "bits": tuple(cfg.bit_choices), "group_size": cfg.group_size,
+    aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
+    # the group sizes the allocator may choose among are the ones measured (ggml types need none of them)
+    groups = {"group_sizes": (), "scale_bits": 16} if fmts else {"scale_bits": aopts.scale_bits or SensitivityOptions.scale_bits, **(
+        {"group_sizes": tuple(aopts.group_sizes)} if aopts.group_sizes else
+        {"group_size": cfg.group_size, "group_sizes": ()} if cfg.group_size is not None else {})}
+    sens_opts = SensitivityOptions(**{**objective, **cfg.sensitivity, "bits": tuple(cfg.bit_choices), **groups,
                                       "sym": (cfg.symmetric,), "formats": tuple(fmts), "target_rel_se": cfg.sens_target,
                                       "min_probes": cfg.sens_min_probes, "max_probes": cfg.sens_max_probes,
                                       "first_token_weight": ftw})
@@ -273,7 +278,6 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         return layer_w
     emb = embedding_plan(loaded.model, cfg.embed_bits, cfg.embed_group_size, cfg.symmetric,
                          [ls.name for ls in report.layers])
-    aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
     ainputs = timed("allocate", lambda: budget_inputs(report, aopts, model=cfg.model, calib=cfg.calib,
                                                       profile_cache=out / "sensitivity.profile.json"))
     plan = timed("allocate", lambda: allocate_stage(
@@ -291,11 +295,14 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         uplan = uniform_ggml_plan(report, weights, fmts, plan.budget["max_bytes"])
         ubits = uplan.layers[0].ggml_type if uplan is not None else None
     else:
-        _, nbytes = omega_table(report, weights, list(cfg.bit_choices), cfg.group_size, cfg.symmetric)
+        # the coarsest group offered: what --avg-bits is measured against (allocate/budgets.py), 128 by default
+        offered, codes = offered_formats(report, aopts, cfg.group_size)
+        ugroup = max((g for g in offered if g > 0), default=-1)
+        _, nbytes = omega_table(report, weights, list(cfg.bit_choices), ugroup, cfg.symmetric)
         ubits = max(b for b in cfg.bit_choices
                     if uniform_bytes(nbytes, list(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
-        uplan = uniform_plan(report, weights, ubits, group_size=cfg.group_size, symmetric=cfg.symmetric, embedding=emb,
-                             scale_bits=aopts.scale_bits)  # the same quantizer as the mixed plan
+        uplan = uniform_plan(report, weights, ubits, group_size=ugroup, symmetric=cfg.symmetric, embedding=emb,
+                             scale_bits=codes if ugroup != -1 else 16)  # the same quantizer as the mixed plan
     if uplan is not None:
         uplan.file = predict_file(loaded.model, uplan)
         artifacts.save(uplan, out / "plan_uniform.json")
@@ -354,7 +361,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                for what, field_ in (("quantize", "quantize_seconds"), ("eval", "seconds"))}
     head = {"model": loaded.source, "task": loaded.task, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
             "offload": streamer_of(loaded.model) is not None,
-            "method": cfg.method, "group_size": cfg.group_size,
+            "method": cfg.method, "group_size": cfg.group_size,  # None: chosen per layer among group_sizes
+            "group_sizes": sorted({lp.group_size for lp in plan.layers if not lp.ggml_type}),
             "symmetric": cfg.symmetric, **({"formats": fmts} if fmts else {})}
     tail = {"sensitivity_probes": max(ls.probes for ls in report.layers), "stage_seconds": secs,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

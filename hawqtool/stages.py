@@ -180,7 +180,8 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     done = qlog.load() if qlog is not None else {}  # a killed run's error pass, layer by layer
     for n, t in traces.items():
         if n not in done:
-            done[n] = _qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n), qerror_sym, tuple(qerror_formats))
+            done[n] = _qerrors(matrix(n), qerror_bits, qerror_groups, imp.get(n), qerror_sym, tuple(qerror_formats),
+                               opts.scale_bits)
             if qlog is not None:
                 qlog.save(done)
         out.append(LayerSensitivity(name=n, shape=list(weight_matrix(layers[n]).shape), n_params=t.n_params,

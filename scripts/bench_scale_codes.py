@@ -4,6 +4,7 @@ per row, quantize/scale_codes.py), relative to fp16 scales at groups of 128. d =
 calibration windows (the calibration slice, no scored text).
 
     python scripts/bench_scale_codes.py --bits 2,3,4 --append
+    python scripts/bench_scale_codes.py --qerror-time --append   # the sensitivity error pass: default vs g128 fp16
 """
 from __future__ import annotations
 
@@ -43,6 +44,31 @@ def error(W: torch.Tensor, d: torch.Tensor, spec: QuantSpec) -> float:
     return float((d[None, :] * (W - rtn(W, spec, search=True, d=d).dequantize()) ** 2).sum())
 
 
+def qerror_time(layers: dict, moments: dict, repeats: int, append: bool) -> None:
+    """Seconds of the sensitivity stage's error pass (`_qerrors`, one grid) over every layer: g128 with fp16 scales
+    (the default before 2026-12-06) against the default (groups of 32/64/128 with 6-bit codes), side by side."""
+    import time
+
+    from hawqtool.sensitivity.settings import _qerrors
+
+    configs = {"g128, fp16 scales": ((128,), 16), "g32/64/128 + 6-bit codes (default)": ((32, 64, 128), 6)}
+    secs = {c: [] for c in configs}
+    for _ in range(repeats):
+        for c, (groups, k) in configs.items():
+            t = time.perf_counter()
+            for n, m in layers.items():
+                _qerrors(weight_matrix(m).float(), (2, 3, 4, 8), groups, moments[n], (False,), (), k)
+            secs[c].append(time.perf_counter() - t)
+    base = statistics.median(secs["g128, fp16 scales"])
+    lines = ["| error pass (asymmetric, widths 2/3/4/8) | seconds, median | runs | × the g128 pass |", "|---|---|---|---|"]
+    lines += [f"| {c} | {statistics.median(s):.1f} | {', '.join(f'{x:.1f}' for x in s)} | "
+              f"{statistics.median(s) / base:.2f} |" for c, s in secs.items()]
+    details = (f"machine: {cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, torch "
+               f"{torch.__version__}; {len(layers)} of SmolLM2-135M's linear layers; {repeats} repeats alternating; load: "
+               f"{load_now()}")
+    record("The sensitivity error pass with the default formats (SmolLM2-135M)", details, lines, append)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -50,11 +76,16 @@ def main() -> None:
     ap.add_argument("--groups", default="64,32")
     ap.add_argument("--scale-bits", default="8,6")
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--qerror-time", action="store_true", help="time the sensitivity error pass instead")
+    ap.add_argument("--layers", type=int, default=None, help="--qerror-time: the first N layers only")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--append", action="store_true")
     a = ap.parse_args()
     loaded = load_model(a.model or str(default_model_path()))
     layers = quantizable_layers(loaded.model)
     moments = input_moments(loaded.model, layers, calibration_windows(loaded.tokenizer, "wiki", a.windows, 512, seed=0))
+    if a.qerror_time:
+        return qerror_time(dict(list(layers.items())[:a.layers]), moments, a.repeats, a.append)
     configs = [(128, 16)] + [(g, k) for g in map(int, a.groups.split(",")) for k in [16, *map(int, a.scale_bits.split(","))]]
     lines = ["| bits | groups | scales | bits per linear weight | Σ error / g128 fp16 | median layer ratio |",
              "|---|---|---|---|---|---|"]

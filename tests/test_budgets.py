@@ -73,14 +73,17 @@ def test_group_size_choice_spends_bytes_on_sensitive_layers():
     assert plan.options and plan.costs["bytes"] == pytest.approx(plan.total_bytes)
 
 
-def test_avg_bits_is_measured_at_the_smallest_group_size_whatever_the_order():
-    """--avg-bits B allows the bytes of uniform B-bit at the smallest positive group size (README), also when
-    per-channel (-1) or a larger group comes first; one width below B is a one-line error, not a traceback."""
+def test_avg_bits_is_measured_at_the_coarsest_group_size_whatever_the_order():
+    """--avg-bits B allows the bytes of uniform B-bit at the coarsest positive group size (README: finer groups are
+    what the budget buys), also when per-channel (-1) or a finer group comes first; one width below B is a one-line
+    error, not a traceback."""
     g = torch.Generator().manual_seed(0)
     weights = {f"l{i}": torch.randn(64, 256, generator=g) for i in range(4)}
     rep = report_for(weights, {"l0": 100.0, "l1": 1.0, "l2": 1.0, "l3": 1.0})
-    ref = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=[32])
-    for order in ([-1, 32, 128], [128, 32], [32, -1]):
+    ref = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=[128])
+    assert ref.budget["max_bytes"] < allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4),
+                                                   group_sizes=[32]).budget["max_bytes"]
+    for order in ([-1, 32, 128], [128, 32], [32, 128, -1]):
         plan = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=order)
         assert plan.budget["max_bytes"] == pytest.approx(ref.budget["max_bytes"]), order
     with pytest.raises(UserError, match="only width is 4"):

@@ -19,21 +19,22 @@ CLI = {("sensitivity", "nsamples"): S.nsamples, ("sensitivity", "seqlen"): S.seq
        ("sensitivity", "batch_size"): S.batch_size, ("sensitivity", "objective"): S.objective,
        ("sensitivity", "estimator"): S.estimator, ("sensitivity", "target"): S.target_rel_se,
        ("sensitivity", "min_probes"): S.min_probes, ("sensitivity", "max_probes"): S.max_probes,
-       ("sensitivity", "bits"): S.bits, ("sensitivity", "group_size"): S.group_size,
+       ("sensitivity", "bits"): S.bits, ("sensitivity", "group_size"): None,  # None: S.group_sizes
        ("quantize", "method"): Q.method, ("quantize", "aphq_iters"): Q.aphq_iters,
        ("quantize", "aphq_mlp_relu"): Q.aphq_mlp_relu, ("quantize", "nsamples"): Q.nsamples,
        ("quantize", "seqlen"): Q.seqlen, ("quantize", "act_order"): Q.act_order, ("quantize", "damp"): Q.percdamp,
        ("quantize", "blocksize"): Q.blocksize, ("quantize", "act_mode"): Q.act_mode,
        ("quantize", "act_calib"): Q.act_calib, ("quantize", "grid"): Q.grid,
        ("eval", "data"): E.data, ("eval", "seqlen"): E.seqlen, ("eval", "max_windows"): E.windows,
-       ("run", "bits"): S.bits, ("run", "group_size"): S.group_size, ("run", "data"): E.data,
+       ("run", "bits"): S.bits, ("run", "group_size"): None, ("run", "data"): E.data,
        ("run", "nsamples"): Q.nsamples, ("run", "seqlen"): Q.seqlen, ("run", "sens_samples"): S.nsamples,
        ("run", "sens_seqlen"): S.seqlen, ("run", "max_probes"): S.max_probes, ("run", "eval_windows"): E.windows,
        ("run", "eval_seqlen"): E.seqlen, ("run", "method"): Q.method, ("run", "act_order"): Q.act_order,
        ("quantize", "float_target"): Q.float_target, ("quantize", "tune_iters"): Q.tune_iters,
        ("quantize", "tune_lr"): Q.tune_lr, ("sensitivity", "eigen_iters"): S.eigen_iters,
-       ("allocate", "bits"): S.bits, ("allocate", "group_size"): S.group_size,
-       ("allocate", "trace_ucb"): AllocateOptions().trace_ucb}
+       ("allocate", "bits"): S.bits, ("allocate", "group_size"): None,  # None: the report's group sizes
+       ("allocate", "trace_ucb"): AllocateOptions().trace_ucb, ("allocate", "scale_bits"): AllocateOptions().scale_bits,
+       ("run", "scale_bits"): AllocateOptions().scale_bits, ("sensitivity", "scale_bits"): S.scale_bits}
 
 
 def _default(cmd: str, name: str):
@@ -41,6 +42,8 @@ def _default(cmd: str, name: str):
     value = param.default
     if name == "bits":  # a list flag: its type parses the shown default
         value = tuple(param.type.convert(value, param, None))
+    if name == "scale_bits" and value is not None:  # a choice of strings, made an int by its callback
+        value = int(value)
     return value
 
 
@@ -54,7 +57,7 @@ def test_run_config_defaults_are_the_options():
     assert (rc.nsamples, rc.seqlen, rc.method, rc.act_order) == (Q.nsamples, Q.seqlen, Q.method, Q.act_order)
     assert (rc.sens_samples, rc.sens_seqlen, rc.sens_max_probes, rc.sens_min_probes, rc.sens_target) == \
         (S.nsamples, S.seqlen, S.max_probes, S.min_probes, S.target_rel_se)
-    assert (tuple(rc.bit_choices), rc.group_size) == (S.bits, S.group_size)
+    assert (tuple(rc.bit_choices), rc.group_size) == (S.bits, None)  # None: chosen among S.group_sizes
     assert (rc.eval_windows, rc.eval_seqlen, rc.data) == (E.windows, E.seqlen, E.data)
 
 
@@ -100,7 +103,8 @@ NOT_SETTINGS = {"model", "output", "overwrite", "as_json", "verbose", "quiet", "
                 "reference"}  # eval --reference: run always compares with its own baseline
 RECIPE_KEY = {
     "sensitivity": {"nsamples": "sens_samples", "seqlen": "sens_seqlen", "target": "sens_target",
-                    "min_probes": "sens_min_probes", "max_probes": "sens_max_probes", "bits": "bit_choices"},
+                    "min_probes": "sens_min_probes", "max_probes": "sens_max_probes", "bits": "bit_choices",
+                    "scale_bits": "allocate.scale_bits"},
     "allocate": {"bits": "bit_choices", "sym": "symmetric", "allows": "allocate.allowed"},
     "quantize": {"damp": "quantize.percdamp"},
     "eval": {"seqlen": "eval_seqlen", "max_windows": "eval_windows"},

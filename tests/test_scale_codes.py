@@ -100,7 +100,8 @@ def test_allocate_quantize_load_and_export(sens, tiny_llama, text_file, tmp_path
     from hawqtool.sizes import checkpoint_sizes, packed_nbytes
 
     plan16, plan6 = tmp_path / "p16.json", tmp_path / "p6.json"
-    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "-o", plan16, "-q")
+    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 16, "-o", plan16,
+           "-q")
     invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 6, "-o", plan6,
            "-q")
     p16, p6 = (json.loads(p.read_text()) for p in (plan16, plan6))
@@ -271,12 +272,10 @@ def test_codes_only_where_they_save_bytes():
 
 def test_options_time_as_fp16_and_need_groups():
     from hawqtool.allocate.options import Option, make_options
-    from hawqtool.errors import UserError
 
     o = Option(3, 64, scale_bits=6)
     assert o.label == "w3g64a16s6" and o.timed_label == "w3g64a16"  # codes run as the fp16 scales they give
-    with pytest.raises(UserError, match="per-channel"):
-        make_options([3, 4], [-1], scale_bits=6)
+    assert {x.scale_bits for x in make_options([3, 4], [-1], scale_bits=6)} == {16}  # one scale per row: fp16
     assert {x.scale_bits for x in make_options([3], [-1, 64], scale_bits=6)} == {16, 6}
 
 
@@ -285,6 +284,10 @@ def test_bad_scale_bits_are_one_line(sens, tiny_llama, text_file, tmp_path):
     one_line_error(res, "--scale-bits")  # a value not offered
     one_line_error(invoke("allocate", sens / "sens.json", "--avg-bits", 4.6, "--formats", "gguf", "--scale-bits", 6,
                           "-o", tmp_path / "p.json", ok=False), "--scale-bits")
+    for cmd in (["allocate", sens / "sens.json", "--avg-bits", 3], ["run", tiny_llama], ["sensitivity", tiny_llama]):
+        # given on the command line where it would change nothing: per-channel layers have one scale per row
+        one_line_error(invoke(*cmd, "--group-size", -1, "--scale-bits", 6, "-o", tmp_path / "x", ok=False),
+                       "per-channel")
     invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--scale-bits", 6, "-o", tmp_path / "p.json", "-q")
     plan = json.loads((tmp_path / "p.json").read_text())  # edited by hand: a width scale codes do not have
     plan["layers"][0]["scale_bits"] = 3

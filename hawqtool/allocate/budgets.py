@@ -43,10 +43,11 @@ class Budgets:
 
 
 def _size_ref(options: Sequence[Option]) -> list[int]:
-    """Columns of the weight-only options at the smallest group size (per channel, -1, only when it is the only
-    one): what --avg-bits B is measured against, uniform B-bit at that group size."""
+    """Columns of the weight-only options at the coarsest group size (per channel, -1, only when it is the only
+    one): what --avg-bits B is measured against, uniform B-bit at that group size, so that offering finer groups
+    (the default 32, 64, 128) leaves the budget "the bytes of uniform B-bit g128" and spends it on them."""
     weight_only = [j for j, o in enumerate(options) if o.act_bits == FULL_ACT and o.symmetric is None]
-    ref = min((g for g in {options[j].group_size for j in weight_only} if g > 0), default=-1)
+    ref = max((g for g in {options[j].group_size for j in weight_only} if g > 0), default=-1)
     return [j for j in weight_only if options[j].group_size == ref]
 
 

@@ -83,9 +83,6 @@ def make_options(bits: Sequence[int], group_sizes: Sequence[int] = (128,),
     for g in groups:
         if g == 0 or g < -1:
             raise UserError(f"group sizes must be -1 (per channel) or positive, got {g}")
-    if scale_bits != 16 and all(g == -1 for g in groups):
-        raise UserError("--scale-bits codes group scales, and per-channel layers (-1) have one scale per row: give a "
-                        "group size, or drop --scale-bits")
     opts = [Option(b, g, scale_bits=scale_bits if g != -1 else 16) for b in bits for g in groups] \
         if FULL_ACT in acts else []
     for a in acts:

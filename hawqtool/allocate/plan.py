@@ -3,8 +3,8 @@
 Ω[l, b] = Tr(H_l)/n_l · ‖Q_b(W_l) − W_l‖² (HAWQ-V2), with Q_b the same searched grid the
 quantize stage uses and ‖·‖² weighted by the layer's input importance where the sensitivity
 report measured it (quantize/importance.py), forced non-increasing in b. A budget `avg_bits = B`
-means "no larger than uniform B-bit at the same group size" (linear between integer
-widths), so plans and their uniform comparison point use one overhead rule; reported
+means "no larger than uniform B-bit at the coarsest group size offered, fp16 scales" (linear between
+integer widths), so plans and their uniform comparison point use one overhead rule; reported
 average bits count the fp16 scales and packed zeros.
 """
 from __future__ import annotations
@@ -67,13 +67,13 @@ def layer_tables(report: SensitivityReport, weights: WeightSource, options: Sequ
                 omega[i, j], nbytes[i, j] = np.inf, np.inf
                 continue
             err = ls.qerror.get(spec.key)
-            if err is None or spec.scale_bits != 16:
+            if err is None:  # not in the report: measured on the weights (the model is loaded for it)
                 W = weights().get(ls.name)
                 if W is None:
                     raise UserError(f"sensitivity report names layer {ls.name} that the model lacks; "
                                     "re-run `hawqtool sensitivity` on this model")
-                # the searched grid, equal input weights; or the report's fp16-scale error times what codes add
-                err = weighted_quant_error(W, spec, None) if err is None else err * added_error(W, spec)
+                fp16 = ls.qerror.get(dataclasses.replace(spec, scale_bits=16).key)  # × what codes add, as sensitivity
+                err = weighted_quant_error(W, spec, None) if fp16 is None else fp16 * added_error(W, spec)
             if opt.act_bits < FULL_ACT:
                 if profile is None or ls.name not in profile:
                     raise UserError("activation bits need the layers' measured input statistics; pass --model "

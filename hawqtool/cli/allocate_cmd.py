@@ -9,7 +9,7 @@ import click
 
 from ._base import overwrite_option, _setup_logging, common, guarded, main
 from .params import (ACT_BITS, ALLOWS, BITS, GROUP_SIZES, NON_NEGATIVE, PAIRS, PINS, TEXT, TIES, GroupSize, PathArg,
-                     embed_options, formats_option, positive, scale_bits_option)
+                     check_scale_bits, embed_options, formats_option, positive, scale_bits_option)
 from ..options import AllocateOptions as _A, SensitivityOptions as _S
 
 
@@ -23,7 +23,9 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
                    "per linear weight count them; the file's int32 words add row padding, 0.4-2%), and of the "
                    "embedding when --embed-bits < 16.")
 @click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True, help="Allowed bit widths.")
-@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True, help="Group size along inputs (-1: per channel).")
+@click.option("--group-size", type=GroupSize(), default=None,
+              help="One group size along inputs for every layer (-1: per channel). Default: each layer's is chosen "
+                   "among those the report measured (sensitivity's default: 32, 64, 128).")
 @click.option("--sym", is_flag=True, help="Symmetric quantization (default asymmetric).")
 @click.option("--model", type=TEXT, default=None,
               help="Model for quantization errors the report lacks, and to predict the whole file's bits per "
@@ -36,8 +38,9 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
 @click.option("--tie", "ties", multiple=True, metavar="PATTERN", callback=TIES,
               help="Equal bits for layers whose names agree once the match is deleted, e.g. '(q|k|v)_proj'.")
 @click.option("--auto-ties", is_flag=True, help="Tie q/k/v and gate/up projections of each block (fused at run time).")
-@click.option("--group-sizes", type=GROUP_SIZES, default=None, help="Make the group size part of the choice, e.g. 32,64,128.")
-@scale_bits_option
+@click.option("--group-sizes", type=GROUP_SIZES, default=None,
+              help="The group sizes each layer chooses among, e.g. 32,64,128 (default: those the report measured).")
+@scale_bits_option(_A.scale_bits, "Default: as the report measured them (sensitivity's default: 6).")
 @click.option("--act-bits", type=ACT_BITS, default=",".join(map(str, _A.act_bits)), show_default=True, help="16 weight-only; '8,16' also offers W8A8 layers.")
 @formats_option("Choose among ggml block types instead (gguf = Q2_K..Q8_0; K-quants only where rows are multiples "
                 "of 256); --avg-bits is then bits per linear weight. Then `export --format gguf`.")
@@ -93,6 +96,7 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
         from ..errors import UserError
 
         raise UserError("--sweep does not take --formats yet; sweep hawqtool's own formats, or run allocate per budget")
+    check_scale_bits(scale_bits, group_sizes or ([group_size] if group_size is not None else None), formats)
     claim_output(output, "json", inputs=[sensitivity_file, model, latency_table, calib], overwrite=overwrite)
     opts = AllocateOptions(group_sizes=tuple(group_sizes or ()), scale_bits=scale_bits, act_bits=tuple(act_bits),
                            pins=parse_pins(pins),

@@ -7,6 +7,7 @@ import click
 
 from ._base import _setup_logging, common, guarded, main
 from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg, device_options
+from ..options import SensitivityOptions as _S
 
 
 @main.command(name="bench")
@@ -14,7 +15,8 @@ from .params import ACT_BITS, BITS, COUNT, GROUP_SIZES, PAIRS, TEXT, PathArg, de
 @click.option("--latency-table", type=PathArg(), default=None,
               help="Write the layer × option → ms table of TARGET (a model) for `allocate --latency-table`.")
 @click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
-@click.option("--group-sizes", type=GROUP_SIZES, default="128", show_default=True, help="Latency table: group sizes to time.")
+@click.option("--group-sizes", type=GROUP_SIZES, default=",".join(map(str, _S.group_sizes)), show_default=True,
+              help="Latency table: group sizes to time.")
 @click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
 @click.option("--pairs", default=None, callback=PAIRS,
               help="Latency table: extra weight:activation pairs, e.g. '4:8'.")

@@ -265,10 +265,27 @@ def offload_options(fn):
                              "files only while the block runs: one block resident at a time.")(fn)
 
 
-def scale_bits_option(f):
-    """--scale-bits: fp16 group scales (16) or k-bit scale codes with one fp16 step per row (4..8)."""
-    return click.option("--scale-bits", type=click.Choice(["16", "8", "7", "6", "5", "4"]), default="16",
-                        show_default=True, callback=lambda _c, _p, v: int(v),
-                        help="Group scales: fp16 (16), or k-bit codes times one fp16 step per row (4..8), which "
-                             "make small groups cheap (with --group-sizes 32,64,128). --avg-bits keeps meaning "
-                             "the bytes of uniform B-bit with fp16 scales.")(f)
+def scale_bits_option(default: int | None, shown: str = ""):
+    """--scale-bits: fp16 group scales (16) or k-bit scale codes with one fp16 step per row (4..8); `shown` says
+    what a None default means."""
+    return click.option("--scale-bits", type=click.Choice(["16", "8", "7", "6", "5", "4"]),
+                        default=None if default is None else str(default), show_default=default is not None,
+                        callback=lambda _c, _p, v: None if v is None else int(v),
+                        help="Group scales: k-bit codes times one fp16 step per row (4..8), which make small groups "
+                             "cheap, or fp16 (16). --avg-bits keeps meaning the bytes of uniform B-bit with fp16 "
+                             f"scales.{' ' + shown if shown else ''}")
+
+
+def check_scale_bits(scale_bits: int | None, group_sizes, formats) -> None:
+    """A --scale-bits given on the command line that would change nothing is an error (one line), not a no-op:
+    ggml types fix their own scales, and per-channel layers have one scale per row."""
+    from ..errors import UserError
+
+    if click.get_current_context().get_parameter_source("scale_bits") == click.core.ParameterSource.DEFAULT \
+            or scale_bits in (None, 16):
+        return
+    if formats:
+        raise UserError("--formats chooses ggml types, which fix their own scales; drop --scale-bits")
+    if group_sizes and all(g == -1 for g in group_sizes):
+        raise UserError("--scale-bits codes group scales, and per-channel layers (-1) have one scale per row: give a "
+                        "group size, or drop --scale-bits")

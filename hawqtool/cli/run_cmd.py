@@ -8,9 +8,9 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..errors import UserError
-from ..options import EvalOptions as _E, QuantizeOptions as _Q, SensitivityOptions as _S
+from ..options import AllocateOptions as _A, EvalOptions as _E, QuantizeOptions as _Q, SensitivityOptions as _S
 from .params import (BITS, COUNT, TEXT, GroupSize, PathArg, device_options, embed_options, offload_options,
-                     formats_option, positive, scale_bits_option)
+                     formats_option, positive, scale_bits_option, check_scale_bits)
 
 # recipe keys without a flag of their own, checked like flags
 _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
@@ -21,9 +21,11 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @click.option("-o", "--output", type=PathArg(), default=Path("out"), show_default=True)
 @click.option("--avg-bits", type=positive(), default=3.0, show_default=True)
 @click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True)
-@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True)
+@click.option("--group-size", type=GroupSize(), default=None,
+              help="One group size for every layer (-1: per channel). Default: each layer's chosen among "
+                   f"{', '.join(map(str, _S.group_sizes))}.")
 @click.option("--sym", is_flag=True)
-@scale_bits_option
+@scale_bits_option(_A.scale_bits, f"Default: {_S.scale_bits}.")
 @click.option("--calib", type=TEXT, default="wiki", show_default=True)
 @click.option("--data", type=TEXT, default=_E.data, show_default=True)
 @click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True, help="GPTQ calibration windows.")
@@ -95,7 +97,8 @@ def run(model, output, avg_bits, bits, group_size, sym, scale_bits, calib, data,
                 given[key] = _check_recipe_value(ctx, model, key, value, param_of.get(key, key))
     if tune_iters is not None:  # the flag wins over the recipe's quantize section
         given["quantize"] = {**given.get("quantize", {}), "tune_iters": tune_iters}
-    if click.get_current_context().get_parameter_source("scale_bits") != click.core.ParameterSource.DEFAULT:
+    check_scale_bits(scale_bits, [group_size] if group_size is not None else None, formats)
+    if scale_bits is not None:
         given["allocate"] = {**given.get("allocate", {}), "scale_bits": scale_bits}  # wins over the recipe's
     cfg = RunConfig(**given)
     from ..embedding import check_embed_options

@@ -9,7 +9,8 @@ import click
 
 from ._base import _setup_logging, calib_options, common, guarded, main, overwrite_option
 from ..options import SensitivityOptions as _S
-from .params import BITS, COUNT, ONLY, TEXT, GroupSize, PathArg, device_options, formats_option, offload_options, positive
+from .params import (BITS, COUNT, ONLY, TEXT, GroupSize, PathArg, check_scale_bits, device_options, formats_option,
+                     offload_options, positive, scale_bits_option)
 
 
 @main.command()
@@ -30,7 +31,10 @@ from .params import BITS, COUNT, ONLY, TEXT, GroupSize, PathArg, device_options,
 @click.option("--max-probes", type=COUNT, default=_S.max_probes, show_default=True)
 @click.option("--max-seconds", type=positive(), default=None, help="Time budget for the probes.")
 @click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True, help="Widths whose quantization error is recorded.")
-@click.option("--group-size", type=GroupSize(), default=_S.group_size, show_default=True)
+@click.option("--group-size", type=GroupSize(), default=None,
+              help="Record the error of this one group size (-1: per channel). Default: "
+                   f"{', '.join(map(str, _S.group_sizes))}, each layer's chosen by `allocate`.")
+@scale_bits_option(_S.scale_bits, "Records the error of each grouped option with codes too (16: not).")
 @formats_option("Also record the error of these ggml block types (for `allocate --formats`).")
 @click.option("--nproc", type=COUNT, default=1, show_default=True,
               help="Processes to spread the probes over (runs itself under torchrun; or launch with torchrun).")
@@ -51,7 +55,7 @@ from .params import BITS, COUNT, ONLY, TEXT, GroupSize, PathArg, device_options,
 @common
 @guarded
 def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, estimator, target, min_probes, max_probes, max_seconds,
-                bits, group_size, formats, nproc, checkpoint_blocks, quantize_head, only, eigen, eigen_iters, device, dtype, offload, max_memory, seed,
+                bits, group_size, scale_bits, formats, nproc, checkpoint_blocks, quantize_head, only, eigen, eigen_iters, device, dtype, offload, max_memory, seed,
                 trust_remote_code, overwrite, as_json, verbose, quiet):
     """Per-layer Hessian trace (Hutchinson) of MODEL on calibration text.
 
@@ -80,6 +84,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     from ..device import resolve_device, resolve_dtype
 
     _setup_logging(verbose)
+    check_scale_bits(scale_bits, [group_size] if group_size is not None else None, None)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from ..streaming import parse_memory
@@ -100,7 +105,8 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
     with rep.probe_bar(max_probes) as cb:
         opts = _S(objective=objective, estimator=estimator, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                   target_rel_se=target, min_probes=min_probes, max_probes=max_probes, bits=tuple(bits),
-                  group_size=group_size, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
+                  **({"group_size": group_size, "group_sizes": ()} if group_size is not None else {}),
+                  scale_bits=scale_bits if group_size != -1 else 16, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
                   checkpoint_blocks=checkpoint_blocks, first_token_weight=first_token_weight_for(loaded),
                   only=only, max_seconds=max_seconds, eigen=eigen, eigen_iters=eigen_iters)
         report = compute_sensitivity(loaded, ids, opts, seed=seed, progress=cb,

@@ -73,8 +73,7 @@ class QuantSpec:
         """The spec's name in sensitivity reports' error tables (artifacts.qerror_key, or the ggml type)."""
         from ..artifacts import qerror_key
 
-        # scale codes: the fp16 table's key (allocate/plan.layer_tables scales it by what the codes add)
-        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric)
+        return self.fmt or qerror_key(self.bits, self.group_size, self.symmetric, self.scale_bits)
 
     @property
     def maxq(self) -> int:

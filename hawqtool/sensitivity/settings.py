@@ -19,7 +19,8 @@ def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
 def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror_groups, n_samples: int,
                          seqlen: int, target_rel_se: float, min_probes: int, max_probes: int, seed: int,
                          estimator: str = "hutchinson", first_token_weight: float = 1.0,
-                         qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = ()) -> dict:
+                         qerror_sym: tuple[bool, ...] = (False, True), qerror_formats: tuple[str, ...] = (),
+                         qerror_scale_bits: int = 16) -> dict:
     """The options a sensitivity report depends on (recorded in it and fingerprinted)."""
     settings = dict(objective=objective, batch_size=batch_size, qerror_bits=list(qerror_bits),
                     qerror_groups=list(qerror_groups), n_samples=n_samples, seqlen=seqlen,
@@ -30,6 +31,8 @@ def sensitivity_settings(*, objective: str, batch_size: int, qerror_bits, qerror
         settings["qerror_sym"] = list(qerror_sym)
     if qerror_formats:  # ggml types measured too (allocate --formats); absent otherwise, as before
         settings["qerror_formats"] = list(qerror_formats)
+    if qerror_scale_bits != 16:  # scale codes measured too; absent otherwise, as before
+        settings["qerror_scale_bits"] = qerror_scale_bits
     if estimator != "hutchinson":  # only then, so existing hutchinson fingerprints stay valid
         settings["estimator"] = estimator
     return settings
@@ -42,7 +45,7 @@ def options_settings(opts, *, n_samples: int, seqlen: int, seed: int) -> dict:
                                 target_rel_se=opts.target_rel_se, min_probes=opts.min_probes,
                                 max_probes=opts.max_probes, seed=seed, estimator=opts.resolved_estimator(),
                                 first_token_weight=opts.first_token_weight, qerror_sym=tuple(opts.sym),
-                                qerror_formats=tuple(opts.formats))
+                                qerror_formats=tuple(opts.formats), qerror_scale_bits=opts.scale_bits)
 
 
 def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
@@ -56,13 +59,23 @@ FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
              d: torch.Tensor | None = None, syms: tuple[bool, ...] = (False, True),
-             formats: tuple[str, ...] = ()) -> dict[str, float]:
+             formats: tuple[str, ...] = (), scale_bits: int = 16) -> dict[str, float]:
     """Importance-weighted ‖Q(W)−W‖² (quantize/importance.py) of the searched grid, per option; for ggml types
-    (`formats`) on the type's own grid, where its blocks tile W's rows."""
+    (`formats`) on the type's own grid, where its blocks tile W's rows. `scale_bits` 4..8: also each grouped
+    option with scale codes (where they save bytes), priced as its fp16 error times what the codes add
+    (scale_codes.added_error), so `allocate` needs no model for them."""
     from ..quantize.importance import weighted_quant_error
+    from ..quantize.scale_codes import added_error
 
     out = {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
            for b in bits for g in groups for sym in syms}
+    if scale_bits != 16:
+        for b in bits:
+            for g in groups:
+                for sym in syms:
+                    spec = QuantSpec(b, g, sym, scale_bits=scale_bits if g != -1 else 16).for_rows(W.shape[1])
+                    if spec.scale_bits != 16:
+                        out[spec.key] = out[qerror_key(b, g, sym)] * added_error(W, spec)
     for f in formats:
         spec = QuantSpec.for_ggml(f)
         if spec.ggml.fits(W.shape[1]):
