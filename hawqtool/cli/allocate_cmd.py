@@ -17,7 +17,8 @@ from ..options import AllocateOptions as _A, SensitivityOptions as _S
 @main.command()
 @click.argument("sensitivity_file", type=PathArg())
 @click.option("--avg-bits", type=positive(), default=None,
-              help="Size budget: at most the bytes of uniform B-bit linear layers (the embedding is not counted).")
+              help="Size budget: at most the bytes of uniform B-bit linear layers at the coarsest group size offered, "
+                   "fp16 scales (the embedding is not counted).")
 @click.option("--max-bytes", type=positive(), default=None,
               help="Size budget in bytes of the quantized layers (b-bit codes + fp16 scales + b-bit zeros, as bits "
                    "per linear weight count them; the file's int32 words add row padding, 0.4-2%), and of the "
@@ -70,8 +71,8 @@ def allocate(sensitivity_file, avg_bits, max_bytes, bits, group_size, sym, model
     hawqtool allocate sens.json --avg-bits 3.0 -o plan.json
     hawqtool allocate sens.json --max-bytes 40e6 --bits 3,4,8 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --pin lm_head=8 --auto-ties --sweep -o plan.json
-    hawqtool allocate sens.json --avg-bits 4 --group-sizes 32,64,128 -o plan.json
-    hawqtool allocate sens.json --avg-bits 3 --group-sizes 32,64,128 --scale-bits 6 -o plan.json
+    hawqtool allocate sens.json --avg-bits 4 --group-sizes 64,128 -o plan.json      # fewer group sizes offered
+    hawqtool allocate sens.json --avg-bits 3 --group-size 128 --scale-bits 16 -o plan.json  # g128, fp16 scales
     hawqtool allocate sens.json --bops-frac 0.2 --act-bits 8,16 --avg-bits 4.5 -o plan.json
     hawqtool allocate sens.json --latency-table lat.json --latency-frac 0.3 -o plan.json
     hawqtool allocate sens.json --avg-bits 3 --embed-bits 6 -o plan.json   # embedding/tied head 6-bit per row
