@@ -67,11 +67,12 @@ def allocate_stage(report: SensitivityReport, weights: Callable[[], dict], opts:
                       latency_frac=opts.latency_frac)
     groups, scale_bits = offered_formats(report, opts, group_size, formats)
     cons = {k: v for k, v in opts.kwargs().items() if k not in ("group_sizes", "scale_bits")}
+    # ggml types fix their groups: allocate_bits refuses group sizes given with them
+    several = (tuple(opts.group_sizes) if formats else groups if len(groups) > 1 else ()) or None
     return allocate_bits(report, weights, avg_bits=avg_bits, max_bytes=opts.max_bytes, bit_choices=bit_choices,
                          group_size=groups[0], symmetric=symmetric, pairs=inputs.pairs, budgets=budgets,
                          profile=inputs.profile, latency=inputs.latency, embedding=embedding, formats=formats,
-                         group_sizes=(tuple(opts.group_sizes) or None) if formats else None if len(groups) == 1 else groups,
-                         scale_bits=scale_bits, **cons)
+                         group_sizes=several, scale_bits=scale_bits, **cons)
 
 
 def write_sweep_of(report: SensitivityReport, weights, plan: Plan, opts: AllocateOptions, inputs: BudgetInputs, *,

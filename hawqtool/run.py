@@ -239,10 +239,17 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     objective = {"objective": "output-mse"} if encoder else {}
     # a recipe's `sensitivity:` section (objective, estimator, ...) plus the run's own settings
     aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
-    # the group sizes the allocator may choose among are the ones measured (ggml types need none of them)
-    groups = {"group_sizes": (), "scale_bits": 16} if fmts else {"scale_bits": aopts.scale_bits or SensitivityOptions.scale_bits, **(
-        {"group_sizes": tuple(aopts.group_sizes)} if aopts.group_sizes else
-        {"group_size": cfg.group_size, "group_sizes": ()} if cfg.group_size is not None else {})}
+    # the report measures the formats the allocator will offer (ggml types need none of hawqtool's own)
+    if fmts:
+        groups = {"group_sizes": (), "scale_bits": 16}
+    elif aopts.group_sizes:
+        groups = {"group_sizes": tuple(aopts.group_sizes)}
+    elif cfg.group_size is not None:
+        groups = {"group_size": cfg.group_size, "group_sizes": ()}
+    else:
+        groups = {}
+    if not fmts and aopts.scale_bits is not None:
+        groups["scale_bits"] = aopts.scale_bits
     sens_opts = SensitivityOptions(**{**objective, **cfg.sensitivity, "bits": tuple(cfg.bit_choices), **groups,
                                       "sym": (cfg.symmetric,), "formats": tuple(fmts), "target_rel_se": cfg.sens_target,
                                       "min_probes": cfg.sens_min_probes, "max_probes": cfg.sens_max_probes,
@@ -302,7 +309,7 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         ubits = max(b for b in cfg.bit_choices
                     if uniform_bytes(nbytes, list(cfg.bit_choices), b) <= plan.budget["max_bytes"] * (1 + 1e-9))
         uplan = uniform_plan(report, weights, ubits, group_size=ugroup, symmetric=cfg.symmetric, embedding=emb,
-                             scale_bits=codes if ugroup != -1 else 16)  # the same quantizer as the mixed plan
+                             scale_bits=codes)  # the same quantizer as the mixed plan
     if uplan is not None:
         uplan.file = predict_file(loaded.model, uplan)
         artifacts.save(uplan, out / "plan_uniform.json")

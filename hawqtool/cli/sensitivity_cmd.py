@@ -106,7 +106,7 @@ def sensitivity(model, calib, output, nsamples, seqlen, batch_size, objective, e
         opts = _S(objective=objective, estimator=estimator, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                   target_rel_se=target, min_probes=min_probes, max_probes=max_probes, bits=tuple(bits),
                   **({"group_size": group_size, "group_sizes": ()} if group_size is not None else {}),
-                  scale_bits=scale_bits if group_size != -1 else 16, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
+                  scale_bits=scale_bits, formats=tuple(parse_formats(formats)), quantize_head=quantize_head,
                   checkpoint_blocks=checkpoint_blocks, first_token_weight=first_token_weight_for(loaded),
                   only=only, max_seconds=max_seconds, eigen=eigen, eigen_iters=eigen_iters)
         report = compute_sensitivity(loaded, ids, opts, seed=seed, progress=cb,

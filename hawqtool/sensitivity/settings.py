@@ -45,7 +45,9 @@ def options_settings(opts, *, n_samples: int, seqlen: int, seed: int) -> dict:
                                 target_rel_se=opts.target_rel_se, min_probes=opts.min_probes,
                                 max_probes=opts.max_probes, seed=seed, estimator=opts.resolved_estimator(),
                                 first_token_weight=opts.first_token_weight, qerror_sym=tuple(opts.sym),
-                                qerror_formats=tuple(opts.formats), qerror_scale_bits=opts.scale_bits)
+                                qerror_formats=tuple(opts.formats),
+                                # per-channel layers have one scale per row: no codes to record
+                                qerror_scale_bits=opts.scale_bits if any(g > 0 for g in opts.groups()) else 16)
 
 
 def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str:
@@ -67,15 +69,14 @@ def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
     from ..quantize.importance import weighted_quant_error
     from ..quantize.scale_codes import added_error
 
-    out = {qerror_key(b, g, sym): weighted_quant_error(W, QuantSpec(b, g, sym), d)
-           for b in bits for g in groups for sym in syms}
-    if scale_bits != 16:
-        for b in bits:
-            for g in groups:
-                for sym in syms:
-                    spec = QuantSpec(b, g, sym, scale_bits=scale_bits if g != -1 else 16).for_rows(W.shape[1])
-                    if spec.scale_bits != 16:
-                        out[spec.key] = out[qerror_key(b, g, sym)] * added_error(W, spec)
+    out = {}
+    for b in bits:
+        for g in groups:
+            for sym in syms:
+                out[qerror_key(b, g, sym)] = fp16 = weighted_quant_error(W, QuantSpec(b, g, sym), d)
+                coded = QuantSpec(b, g, sym, scale_bits=scale_bits if g != -1 else 16).for_rows(W.shape[1])
+                if coded.scale_bits != 16:
+                    out[coded.key] = fp16 * added_error(W, coded)
     for f in formats:
         spec = QuantSpec.for_ggml(f)
         if spec.ggml.fits(W.shape[1]):
