@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .quantizer import SCALE_BITS, QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
+from .groups import group_qparams, snap_groups
 from .scale_codes import row_steps, snap
 
 
@@ -146,13 +147,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     elif not grouped:
         scale, zero = qparams(W, spec, search=search, d=dH)
     elif static_groups or spec.scale_bits != SCALE_BITS:
-        groups = [qparams(W[:, c:c + gw], spec, search=search, d=dH[c:c + gw]) for c in range(0, columns, gw)]
+        gscales, gzeros = group_qparams(W, spec, search=search, d=dH)  # [rows, groups]
     step = None
     if grid is None and grouped and spec.scale_bits != SCALE_BITS:  # scale codes: each row's step from the
-        step = row_steps(torch.stack([sc for sc, _ in groups], dim=1), spec.scale_bits)  # weights as they come
+        step = row_steps(gscales, spec.scale_bits)  # weights as they come
         if static_groups:
-            groups = [snap(W[:, c:c + gw], dH[c:c + gw], sc, z, step, spec.scale_bits, spec.maxq, spec.symmetric)
-                      for (sc, z), c in zip(groups, range(0, columns, gw))]
+            gscales, gzeros = snap_groups(W, dH, gscales, gzeros, step, spec)
 
     perm = None
     if act_order:
@@ -189,7 +189,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
                 Err1[:, i] = err1
                 continue
             if grouped and static_groups:
-                scale, zero = groups[column[j] // gw]
+                scale, zero = gscales[:, column[j] // gw], gzeros[:, column[j] // gw]
             elif grouped and j % gw == 0:
                 cols = W1[:, i:i + gw]
                 if j + gw > i2:  # group spills into later blocks: apply their pending update
@@ -220,7 +220,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     if not grouped:
         scales, zeros = [scale], [zero]
     elif static_groups:
-        scales, zeros = [s for s, _ in groups], [z for _, z in groups]
+        scales, zeros = list(gscales.unbind(1)), list(gzeros.unbind(1))
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)

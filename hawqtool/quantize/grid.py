@@ -39,12 +39,12 @@ def _weighted_err(W: torch.Tensor, d: torch.Tensor, s: torch.Tensor, z: torch.Te
 def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric: bool,
                    start: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale [rows] (fp16-exact) and zero [rows] of one group W [rows, cols] minimising the
-    d-weighted squared error; `start` is the min-max (scale, zero), kept where nothing beats it."""
+    d-weighted squared error; `start` is the min-max (scale, zero), kept where nothing beats it. d: [cols], or
+    [rows, cols] when each row is its own group (groups.py); a row whose weights are all 0 gets equal ones."""
     W = W.float()
     d = torch.ones(W.shape[1], device=W.device) if d is None else d.float().to(W.device).clamp(min=0)
-    if float(d.sum()) == 0:
-        d = torch.ones_like(d)
-    d = d[None, :]
+    d = d[None, :] if d.dim() == 1 else d
+    d = torch.where(d.sum(dim=1, keepdim=True) == 0, torch.ones_like(d), d)
     maxq = 2**bits - 1
     best_s, best_z = start
     best_s, best_z = best_s.float().clone(), best_z.float().clone()

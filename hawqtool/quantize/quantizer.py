@@ -233,25 +233,29 @@ def rtn(W: torch.Tensor, spec: QuantSpec, *, search: bool = False,
     W = W.detach().float()
     if spec.fmt:
         return ggml_weight(W, spec, search=search, d=d)
-    out_f, in_f = W.shape
-    gw = spec.group_width(in_f)
-    starts = range(0, in_f, gw)
-    params = [qparams(W[:, c:c + gw], spec, search=search, d=None if d is None else d[c:c + gw]) for c in starts]
+    from .groups import group_qparams
+
+    scales, zeros = group_qparams(W, spec, search=search, d=d)
+    return on_grid(W, spec, scales, zeros, d)
+
+
+def on_grid(W: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, zeros: torch.Tensor,
+            d: torch.Tensor | None = None) -> QuantizedWeight:
+    """W's [out, in] nearest codes on its groups' (scale, zero) [out, groups]; with scale codes, each group first
+    snapped onto its row's code grid (weighted by d [in])."""
+    from .groups import column_params, snap_groups
+
+    W = W.detach().float()
     step = None
     if spec.scale_bits != SCALE_BITS:  # every group's scale known: the row's step, then each group snapped onto it
-        from .scale_codes import row_steps, snap
+        from .scale_codes import row_steps
 
-        step = row_steps(torch.stack([s for s, _ in params], dim=1), spec.scale_bits)
-        params = [snap(W[:, c:c + gw], None if d is None else d[c:c + gw], s, z, step, spec.scale_bits, spec.maxq,
-                       spec.symmetric) for c, (s, z) in zip(starts, params)]
-    codes = [quant_codes(W[:, c:c + gw], s[:, None], z[:, None], spec.maxq) for c, (s, z) in zip(starts, params)]
-    return QuantizedWeight(
-        q=torch.cat(codes, dim=1).to(torch.int32),
-        scales=torch.stack([s for s, _ in params], dim=1),
-        zeros=torch.stack([z for _, z in params], dim=1).to(torch.int32),
-        spec=spec,
-        scale_step=step,
-    )
+        step = row_steps(scales, spec.scale_bits)
+        scales, zeros = snap_groups(W, d, scales, zeros, step, spec)
+    gw = spec.group_width(W.shape[1])
+    codes = quant_codes(W, column_params(scales, gw, W.shape[1]), column_params(zeros, gw, W.shape[1]), spec.maxq)
+    return QuantizedWeight(q=codes.to(torch.int32), scales=scales.float(), zeros=zeros.to(torch.int32), spec=spec,
+                           scale_step=step)
 
 
 def ggml_weight(W: torch.Tensor, spec: QuantSpec, *, search: bool = True, d: torch.Tensor | None = None,

@@ -48,17 +48,18 @@ def snap(W: torch.Tensor, d: torch.Tensor | None, scale: torch.Tensor, zero: tor
          scale_bits: int, maxq: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One group's (scale, zero) [rows] moved onto the two-level grid: of the codes just below and above the
     searched scale, and (asymmetric) the integer zeros z−1, z, z+1, the pair with the least d-weighted error on the
-    group's weights W [rows, cols]."""
+    group's weights W [rows, cols] (d: [cols], or [rows, cols] when each row is its own group)."""
     top = 2**scale_bits - 1
     W = W.float()
     w8 = torch.ones(W.shape[1], device=W.device) if d is None else d.float().to(W.device).clamp(min=0)
+    w8 = w8[None, :] if w8.dim() == 1 else w8
     ratio = scale.float() / step.float()
     best = None
     for c in (torch.floor(ratio), torch.ceil(ratio)):
         s = expand(torch.clamp(c, 1, top)[:, None], step)[:, 0]
         for dz in ((0,) if symmetric else (0, -1, 1)):
             z = torch.clamp(zero + dz, 0, maxq)
-            e = _weighted_err(W, w8[None, :], s, z, maxq)
+            e = _weighted_err(W, w8, s, z, maxq)
             if best is None:
                 best = (e, s, z)
                 continue
@@ -97,11 +98,19 @@ RATIO_ROWS = 256  # rows `added_error` measures on (rows are quantized independe
 def added_error(W: torch.Tensor, spec) -> float:
     """What scale codes add to a layer's error: the error of `spec` over the same spec with fp16 scales, on up to
     RATIO_ROWS rows of W [out, in], equal input weights (≈ 1 at 2–4 bits with 6-bit codes; several × at 8 bits with
-    4-bit codes). The allocator prices a coded option as the report's fp16-scale error times this."""
+    4-bit codes). The allocator prices a coded option as the report's fp16-scale error times this. One search serves
+    both: the coded grid starts from the fp16 one (quantizer.rtn)."""
     from dataclasses import replace
 
-    from .importance import weighted_quant_error
+    from .groups import group_qparams
+    from .quantizer import on_grid
 
     if W.shape[0] > RATIO_ROWS:
         W = W[torch.linspace(0, W.shape[0] - 1, RATIO_ROWS).long()]
-    return weighted_quant_error(W, spec, None) / max(weighted_quant_error(W, replace(spec, scale_bits=16), None), 1e-30)
+    W = W.detach().float()
+    scales, zeros = group_qparams(W, spec, search=True)
+
+    def err(s) -> float:
+        return float((on_grid(W, s, scales, zeros).dequantize() - W).pow(2).sum(dim=0).sum())
+
+    return err(spec) / max(err(replace(spec, scale_bits=16)), 1e-30)
