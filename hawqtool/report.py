@@ -21,14 +21,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # Figure + savefig needs no pyplot, so no global backend state (Agg)
 
-from .artifacts import Plan, SensitivityReport, qerror_key, write_atomic
+from .artifacts import LayerPlan, Plan, SensitivityReport, qerror_key, write_atomic
 from .errors import UserError
 from .render import SENSITIVITY_COLUMNS, most_sensitive, plan_size_lines, sensitivity_row
 from .sensitivity.hutchinson import relative_se
 
 TOP = 20
 MAX_TICKS = 40
-_QKEY = re.compile(r"^(\d+)/(-?\d+)/(sym|asym)$")
+_QKEY = re.compile(r"^(\d+)/(-?\d+)/(sym|asym)(?:/s(\d+))?$")
 
 
 @dataclass
@@ -100,49 +100,62 @@ def estimate_plot(names: list[str], mean: np.ndarray, stderr: np.ndarray, title:
     return fig
 
 
-def omega_setting(report: SensitivityReport, plan: Plan | None) -> tuple[int, bool, list[int]] | None:
-    """(group size, symmetric, bits) of the qerror entries every layer has: the plan's setting if it has one,
-    else the setting with the most widths."""
-    found: dict[tuple[int, bool], set[int]] = {}
+def _family(group: int, sym: bool, scale_bits: int) -> str:
+    """A format family's short name: "g128 asym", "g32 asym s6" (6-bit scale codes), "per-channel sym"."""
+    return (f"g{group}" if group > 0 else "per-channel") + (" sym" if sym else " asym") + \
+        (f" s{scale_bits}" if scale_bits != 16 else "")
+
+
+def omega_setting(report: SensitivityReport, plan: Plan | None) -> tuple[int, bool, int, list[int]] | None:
+    """(group size, symmetric, scale bits, widths) of the error entries every layer has: the format most of the
+    plan's layers use if every layer has it, else the setting with the most widths."""
+    found: dict[tuple[int, bool, int], set[int]] = {}
     for i, ls in enumerate(report.layers):
-        here: dict[tuple[int, bool], set[int]] = {}
+        here: dict[tuple[int, bool, int], set[int]] = {}
         for key in ls.qerror:
             if m := _QKEY.match(key):
-                here.setdefault((int(m[2]), m[3] == "sym"), set()).add(int(m[1]))
+                here.setdefault((int(m[2]), m[3] == "sym", int(m[4] or 16)), set()).add(int(m[1]))
         found = here if i == 0 else {k: v & here[k] for k, v in found.items() if k in here}
     found = {k: v for k, v in found.items() if v}
     if not found:
         return None
-    if plan is not None and (plan.group_size, plan.symmetric) in found:
-        key = (plan.group_size, plan.symmetric)
-    else:
-        key = max(found, key=lambda k: len(found[k]))
-    return key[0], key[1], sorted(found[key])
+    used = Counter((lp.group_size, lp.symmetric, lp.scale_bits) for lp in plan.layers if not lp.ggml_type) \
+        if plan is not None else Counter()
+    key = next((k for k, _ in used.most_common() if k in found), None) or max(found, key=lambda k: len(found[k]))
+    return key[0], key[1], key[2], sorted(found[key])
 
 
 def omega_plot(report: SensitivityReport, plan: Plan | None) -> Figure | None:
-    """Ω = max(Tr, 0)/n · ‖Q_b(W)−W‖² per bit width per layer, from the report's own measured qerror."""
+    """Ω = max(Tr, 0)/n · ‖Q_b(W)−W‖² per bit width per layer at one format (the one most of the plan's layers
+    use), from the report's own measured errors; the plan's choices marked at their own formats."""
     setting = omega_setting(report, plan)
     if setting is None:
         return None
-    group, sym, bits = setting
+    group, sym, sbits, bits = setting
     names = [ls.name for ls in report.layers]
     # raw Ω as measured, not omega_table's post-processed copy: the plot should show the data the ILP starts from
-    omega = np.array([[max(ls.trace, 0.0) / ls.n_params * ls.qerror[qerror_key(b, group, sym)] for b in bits]
+    omega = np.array([[max(ls.trace, 0.0) / ls.n_params * ls.qerror[qerror_key(b, group, sym, sbits)] for b in bits]
                       for ls in report.layers])
     fig, ax = _figure(len(names))
     x = np.arange(len(names))
     for j, b in enumerate(bits):
         ax.plot(x, np.where(omega[:, j] > 0, omega[:, j], np.nan), "o-", ms=3, lw=1, label=f"{b}-bit")
-    if plan is not None and (plan.group_size, plan.symmetric) == (group, sym):
-        chosen = {lp.name: lp.omega for lp in plan.layers}
-        ax.plot(x, [chosen.get(n, np.nan) or np.nan for n in names], "ks", ms=7, mfc="none", label="plan's choice")
+    if plan is not None:  # each layer's chosen Ω, one marker per format the plan uses
+        where = {n: i for i, n in enumerate(names)}
+        fams: dict[str, list[LayerPlan]] = {}
+        for lp in plan.layers:
+            if lp.name in where and lp.omega:
+                fams.setdefault(lp.ggml_type or _family(lp.group_size, lp.symmetric, lp.scale_bits), []).append(lp)
+        for (fam, lps), marker in zip(sorted(fams.items()), "sDv^<>ph*"):
+            label = "plan's choice" + (f" ({fam})" if len(fams) > 1 else "")
+            ax.plot([where[lp.name] for lp in lps], [lp.omega for lp in lps], marker, color="k", ms=7, mfc="none",
+                    ls="none", label=label)
     zero = np.flatnonzero((omega <= 0).all(axis=1))
     if zero.size:  # a log axis cannot show Ω = 0: mark those layers along the bottom edge
         ax.plot(zero, np.full(zero.size, 0.03), "x", color="tab:red", ms=8, transform=ax.get_xaxis_transform(),
                 label=f"trace ≤ 0 → Ω = 0 ({zero.size})")
     ax.set_yscale("log")
-    ax.set_title(f"Ω = max(Tr, 0)/n · ‖Q_b(W)−W‖² per bit width (group {group}, {'sym' if sym else 'asym'})")
+    ax.set_title(f"Ω = max(Tr, 0)/n · ‖Q_b(W)−W‖² per bit width ({_family(group, sym, sbits)})")
     ax.set_ylabel("Ω (predicted perturbation)")
     ax.legend(fontsize=8, ncol=min(len(bits) + 2, 6))
     _layer_axis(ax, names)

@@ -115,3 +115,30 @@ def test_cli_report_bad_input_is_one_line(tmp_path, content):
     assert res.exit_code == 1, (res.exit_code, res.output)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output
+
+
+def test_omega_plot_follows_a_multi_format_plan():
+    """A plan over groups 32/128 with 6-bit scale codes: the Ω lines are at the format most of its layers use
+    (g32 with codes, not the first key found), and every layer's choice is marked at its own format."""
+    from hawqtool.report import omega_plot, omega_setting
+
+    report = synthetic_report()
+    for ls in report.layers:
+        for b in (2, 3, 4, 8):
+            for g, f in ((32, 0.5), (128, 1.0)):
+                ls.qerror[qerror_key(b, g, False, 6)] = f * 1.01 * ls.n_params * 4.0 ** -b
+    plan = synthetic_plan(report)
+    for i, lp in enumerate(plan.layers):
+        lp.group_size, lp.scale_bits = (128, 6) if i % 3 == 0 else (32, 6)
+        lp.omega = max(report.layers[i].trace, 0) / lp.n_params * \
+            report.layers[i].qerror[qerror_key(lp.bits, lp.group_size, False, 6)]
+    assert omega_setting(report, plan) == (32, False, 6, [2, 3, 4, 8])
+    assert omega_setting(report, None)[:3] in {(128, False, 16), (32, False, 6), (128, False, 6)}
+    ax = omega_plot(report, plan).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "plan's choice (g32 asym s6)" in labels and "plan's choice (g128 asym s6)" in labels
+    assert "g32 asym s6" in ax.get_title()
+    marked = {lab: line for line, lab in zip(*ax.get_legend_handles_labels())}
+    positive = [i for i, ls in enumerate(report.layers) if ls.trace > 0]
+    assert len(marked["plan's choice (g32 asym s6)"].get_xdata()) + \
+        len(marked["plan's choice (g128 asym s6)"].get_xdata()) == len(positive)
