@@ -23,9 +23,9 @@ def _codes(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torc
     return torch.clamp(torch.round(W / s[:, None]) + z[:, None], 0, maxq)
 
 
-def _ls_scale(W: torch.Tensor, d: torch.Tensor, c: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """argmin_s Σ d (w − s c)² per row for fixed integer offsets c = q − z (fallback where Σ d c² = 0)."""
-    num = (d * W * c).sum(dim=1)
+def _ls_scale(dW: torch.Tensor, d: torch.Tensor, c: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """argmin_s Σ d (w − s c)² per row for fixed integer offsets c = q − z (fallback where Σ d c² = 0); dW = d·W."""
+    num = (dW * c).sum(dim=1)
     den = (d * c * c).sum(dim=1)
     s = torch.where(den > 0, num / den.clamp(min=1e-30), fallback)
     return torch.where(s > 0, s, fallback)
@@ -59,11 +59,13 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
     else:
         span = (wmax - wmin).clamp(min=1e-12)
         steps = torch.linspace(max(maxq - 1, 0.5), 1.75 * maxq + 1, N_CANDIDATES, device="cpu").tolist()
+    dW = d * W  # loop-invariant sums of the fits below, formed once
+    sw, sx = d.sum(dim=1), dW.sum(dim=1)
     for t in steps:
         if symmetric:
             s0 = amax / t
             c = _codes(W, s0, z, maxq) - z[:, None]
-            s = _fp16(_ls_scale(W, d, c, s0))
+            s = _fp16(_ls_scale(dW, d, c, s0))
             zc = z
         else:
             # codes from a range of `t` steps centred on the data, then a joint weighted LS fit of
@@ -71,8 +73,8 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
             s0 = span / t
             m0 = (wmin + wmax) / 2 - s0 * maxq / 2
             L = torch.clamp(torch.round((W - m0[:, None]) / s0[:, None]), 0, maxq)
-            sw, sl, sll = d.sum(dim=1), (d * L).sum(dim=1), (d * L * L).sum(dim=1)
-            sx, slx = (d * W).sum(dim=1), (d * L * W).sum(dim=1)
+            dL = d * L
+            sl, sll, slx = dL.sum(dim=1), (dL * L).sum(dim=1), (dL * W).sum(dim=1)
             det = sw * sll - sl * sl
             ok = det > 1e-12 * sw * sll.clamp(min=1e-30)
             s1 = torch.where(ok, (sw * slx - sl * sx) / det.clamp(min=1e-30), s0)
@@ -81,7 +83,7 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
             zc = torch.clamp(torch.round(-m1 / s1), 0, maxq)
             s1 = _fp16(s1)
             c = _codes(W, s1, zc, maxq) - zc[:, None]
-            s = _fp16(_ls_scale(W, d, c, s1))
+            s = _fp16(_ls_scale(dW, d, c, s1))
         e = _weighted_err(W, d, s, zc, maxq)
         better = e < best_e
         best_e = torch.where(better, e, best_e)
