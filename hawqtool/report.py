@@ -213,6 +213,10 @@ def sections(report: SensitivityReport, plan: Plan | None) -> list[Section]:
         summary.lines.append(f"plan: {plan.avg_bits:.3f} bits per linear weight, {plan.total_bytes / 1e6:.2f} MB of "
                              f"linear layers, predicted Ω {plan.predicted_omega:.4g}; layers per width: "
                              + ", ".join(f"{b}-bit {hist[b]}" for b in plan.bit_choices))
+        per = Counter((lp.bits, lp.ggml_type or "", lp.group_size, lp.symmetric, lp.scale_bits) for lp in plan.layers)
+        if len({k[1:] for k in per}) > 1:  # several group sizes, scale formats or types: say which widths use which
+            summary.lines.append("layers per format: " + ", ".join(
+                f"{b}-bit {t or _family(g, sym, sb)} {n}" for (b, t, g, sym, sb), n in sorted(per.items())))
         summary.lines += plan_size_lines(plan)
     rel = {ls.name: relative_se(ls.trace, ls.stderr) for ls in report.layers}
     top = Section(f"Most sensitive layers (top {min(TOP, len(report.layers))} by trace per parameter)",

@@ -142,3 +142,10 @@ def test_omega_plot_follows_a_multi_format_plan():
     positive = [i for i, ls in enumerate(report.layers) if ls.trace > 0]
     assert len(marked["plan's choice (g32 asym s6)"].get_xdata()) + \
         len(marked["plan's choice (g128 asym s6)"].get_xdata()) == len(positive)
+    from hawqtool.report import sections
+
+    summary = "\n".join(sections(report, plan)[0].lines)
+    # layers i % 4 give the width, i % 3 == 0 the g128 ones: 0, 4, 8 are 2-bit; 3 is 8-bit; 6 is 3-bit; 9 is 4-bit
+    assert ("layers per format: 2-bit g32 asym s6 2, 2-bit g128 asym s6 1, 3-bit g32 asym s6 2, 3-bit g128 asym s6 1, "
+            "4-bit g32 asym s6 2, 4-bit g128 asym s6 1, 8-bit g32 asym s6 2, 8-bit g128 asym s6 1") in summary
+    assert "layers per format" not in "\n".join(sections(report, synthetic_plan(report))[0].lines)  # one format
