@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quantizer import SCALE_BITS, QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
 from .groups import group_qparams, snap_groups
+from .quantizer import SCALE_BITS, QuantizedWeight, QuantSpec, ggml_weight, qparams, quant_codes
 from .scale_codes import row_steps, snap
 
 
