@@ -30,9 +30,10 @@ def world() -> tuple[int, int]:
 
 
 def _shutdown() -> None:
-    """At exit: wait for the other ranks, then tear the process group down, also when that wait fails. A rank
-    leaving while gloo's threads still run dies with 'terminate called without an active exception'; the wait can
-    fail when the peer that finished it first has already closed its connections."""
+    """At exit: wait until every rank is here, then tear the process group down. The wait goes through torchrun's
+    key-value store, not gloo: a gloo barrier let the first rank out close its sockets while a peer was still
+    finishing the same barrier, which then failed, and that rank could abort in teardown ('terminate called without
+    an active exception', twice in CI). Past this wait no rank has a gloo operation left."""
     import logging
 
     import torch.distributed as dist
@@ -40,13 +41,26 @@ def _shutdown() -> None:
     if not dist.is_initialized():
         return
     try:
-        dist.barrier()
+        all_arrived("exit")
     except Exception as e:  # noqa: BLE001 - a peer gone first, or failed (torchrun reports that one)
-        logging.getLogger(__name__).info("at exit, the barrier failed (%s); tearing down anyway", e)
+        logging.getLogger(__name__).info("at exit, waiting for the other ranks failed (%s); tearing down anyway", e)
     try:
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001
         logging.getLogger(__name__).debug("at exit, destroy_process_group failed (%s)", e)
+
+
+def all_arrived(name: str) -> None:
+    """Block until every rank has called all_arrived(name), counting in the process group's store (a counter and a
+    flag the last arrival sets; keyed by torchrun's restart count so a restarted job starts from zero)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, size = _get_default_store(), dist.get_world_size()
+    key = f"hawqtool/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if store.add(key, 1) == size:
+        store.set(f"{key}/all", "1")
+    store.wait([f"{key}/all"])
 
 
 def comm_device() -> torch.device:

@@ -12,7 +12,9 @@ import pytest
 
 from cli_helpers import invoke
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# PYTHONFAULTHANDLER: a rank that aborts prints where (its Python stack), shown from the head of stderr below
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+       "PYTHONFAULTHANDLER": "1"}
 
 
 def hawqtool(*args, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -20,7 +22,8 @@ def hawqtool(*args, ranks: int = 1) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-m", "hawqtool"] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "hawqtool"]
     res = subprocess.run(launch + [str(a) for a in args], capture_output=True, text=True, env=ENV, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    err = res.stderr if len(res.stderr) <= 6000 else f"{res.stderr[:3000]}\n[...]\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, err
     return res
 
 

@@ -34,21 +34,51 @@ def test_two_ranks_match_one_process(tiny_llama, text_file, tmp_path, estimator)
         assert b["stderr"] == pytest.approx(a["stderr"], rel=1e-6, abs=1e-9)
 
 
-def test_exit_tears_the_group_down_even_when_the_last_barrier_fails(monkeypatch):
-    """A rank whose exit barrier fails (its peer already closed the connections) must still destroy the process
-    group: left alive, gloo's threads abort the process at exit ('terminate called without an active exception')."""
+def test_exit_tears_the_group_down_even_when_the_wait_fails(monkeypatch):
+    """A rank whose exit wait fails (its peer gone) must still destroy the process group: left alive, gloo's
+    threads abort the process at exit ('terminate called without an active exception'). The wait is the store's,
+    never a gloo barrier (one rank closing its sockets while a peer finishes that barrier was the abort's cause)."""
     import torch.distributed as dist
 
     from hawqtool import distributed
 
     calls = []
 
-    def barrier():
-        calls.append("barrier")
+    def arrived(name):
+        calls.append(f"wait {name}")
         raise RuntimeError("Connection closed by peer")
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(distributed, "all_arrived", arrived)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("gloo barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
     distributed._shutdown()
-    assert calls == ["barrier", "destroy"]
+    assert calls == ["wait exit", "destroy"]
+
+
+LATE_RANK = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+from hawqtool.distributed import all_arrived, gather_list, world
+rank, size = world()
+assert gather_list([rank], 2) == [0, 1]
+if rank == 1:
+    time.sleep(2.0)
+t0 = time.monotonic()
+all_arrived("test")
+print(f"rank {{rank}} waited {{time.monotonic() - t0:.2f}}", flush=True)
+"""
+
+
+def test_ranks_wait_in_the_store_for_the_last_one_and_exit_cleanly(tmp_path):
+    """all_arrived holds the early rank until the late one arrives; both then leave through the exit path (the same
+    wait, then the teardown) with status 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "late.py").write_text(LATE_RANK.format(root=root))
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=1",
+             str(tmp_path / "late.py")], tmp_path)
+    waited = {int(w.split()[1]): float(w.split()[-1]) for w in r.stdout.split("\n") if "waited" in w}
+    assert waited.keys() == {0, 1}, r.stdout
+    assert waited[0] >= 1.5 and waited[1] < 1.0, waited
