@@ -50,6 +50,26 @@ def _shutdown() -> None:
         logging.getLogger(__name__).debug("at exit, destroy_process_group failed (%s)", e)
 
 
+def end_rank(code: int | str | None) -> None:
+    """End a torchrun rank whose command has finished with exit `code` (no-op without a process group): the exit
+    functions run now (the ranks' wait and the group's teardown, lock release, log flush), then the process ends
+    without the interpreter's teardown, whose C++ destructors can still meet gloo threads and abort a finished run.
+    Every output is complete before this (written atomically, files closed)."""
+    import atexit
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for `--help`)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): print it, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code or 0)
+
+
 def all_arrived(name: str) -> None:
     """Block until every rank has called all_arrived(name), counting in the process group's store (a counter and a
     flag the last arrival sets; keyed by torchrun's restart count so a restarted job starts from zero)."""

@@ -82,3 +82,15 @@ def test_ranks_wait_in_the_store_for_the_last_one_and_exit_cleanly(tmp_path):
     waited = {int(w.split()[1]): float(w.split()[-1]) for w in r.stdout.split("\n") if "waited" in w}
     assert waited.keys() == {0, 1}, r.stdout
     assert waited[0] >= 1.5 and waited[1] < 1.0, waited
+
+
+def test_a_user_error_under_torchrun_ends_every_rank_with_status_1(tiny_llama, tmp_path):
+    """The CLI ends torchrun ranks through distributed.end_rank (exit functions, then os._exit): the command's
+    own status must survive that, here a bad input's 1 on both ranks, reported once each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "hawqtool", "eval", str(tiny_llama), "--data", str(tmp_path / "missing.txt"), "--windows", "4",
+                        "--seqlen", "16"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("error: data file") == 2, r.stderr[-3000:]
+    assert "exitcode: 1" in r.stderr and "SIGABRT" not in r.stderr

@@ -135,6 +135,16 @@ class HawqtoolGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
+            self._standalone(args, prog_name, complete_var, **extra)
+        except SystemExit as e:
+            from ..distributed import end_rank
+
+            end_rank(e.code)  # under torchrun: ends the process here (see end_rank)
+            raise
+
+    def _standalone(self, args, prog_name, complete_var, **extra):
+        """Run the command; every outcome leaves through sys.exit with this CLI's exit code."""
+        try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.ctx.get_help())
