@@ -66,8 +66,10 @@ class Reporter:
         self.say(f"[dim]{stage}: artifact is current, skipped[/dim]")
 
     def say(self, msg: str) -> None:
+        """One message line, never wrapped at the console's width (a path broken over two lines cannot be
+        copied or found in a log)."""
         if not self.quiet:
-            self.console.print(msg)
+            self.console.print(msg, soft_wrap=True)
 
 
 def is_tty() -> bool:
