@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml setup.py hawqtool-torchvision.pth
 demo: setup
 	$(VENV)/bin/hawqtool run --avg-bits 3.0 -o $(OUT)
 
+# two workers (CI has 2 cores); a file's tests stay on one worker, so module fixtures (the real model) load once;
+# files go out in collection order (tests/conftest.py starts the longest first)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

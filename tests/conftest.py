@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # tiny models: one thread is faster and immune to a busy neighbour
 
+# The longest test files (about 5 minutes each on 2 cores, `--durations`): started first, so that under `make test`'s
+# two workers (--dist loadfile) neither is left running alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_quality_tuning.py", "test_quality_smollm2.py", "test_vision_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its order
+
 
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
@@ -120,3 +129,22 @@ def own_fashion_file(tmp_path_factory, monkeypatch) -> Path:
     path = folder / "t10k-images-idx3-ubyte.gz"
     monkeypatch.setenv("HAWQTOOL_FASHION_MNIST", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M, 16×512 calibration tokens, 4×512 validation-slice tokens, its weights to restore,
+    and a cache of results the module's tests share (tests/quality_helpers.py)."""
+    import copy
+
+    from hawqtool.data import VALID_FRACTION, calibration_windows, eval_windows
+    from hawqtool.models import load_model
+
+    # real model: both cores (conftest sets one for the tiny ones), unless a second pytest worker has the other
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    loaded = load_model(None)
+    calib = calibration_windows(loaded.tokenizer, "wiki", 16, 512, seed=0)
+    windows = eval_windows(loaded.tokenizer, "wiki", 512, 4, fraction=VALID_FRACTION)
+    state = copy.deepcopy(loaded.model.state_dict())
+    yield loaded, calib, windows, state, {}
+    torch.set_num_threads(1)

@@ -1,0 +1,14 @@
+"""Block tuning's quality guard on the real embedded SmolLM2-135M (setup in quality_helpers.py)."""
+from __future__ import annotations
+
+from hawqtool.allocate.plan import fixed_plan, plan_specs
+from quality_helpers import ppl_after, subset, uniform_ppl
+
+
+def test_block_tuning_beats_gptq(smollm2):
+    """Block tuning on top of GPTQ must not lose on the real model. Here (10 of 30 blocks, 16 calibration windows,
+    10 steps a block, 4 scored windows) measured when written: GPTQ 23.603 -> tuned 23.404; the gain compounds over
+    blocks, so the full model gains far more (32.89 -> 27.99 on the validation slice, benchmarks/RESULTS.md)."""
+    specs = plan_specs(fixed_plan(subset(smollm2[0].model), 3))
+    tuned, gptq = ppl_after(smollm2, specs, "gptq", tune_iters=10), uniform_ppl(smollm2, False, "gptq")
+    assert tuned < gptq, (tuned, gptq)
