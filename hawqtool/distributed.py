@@ -54,7 +54,8 @@ def end_rank(code: int | str | None) -> None:
     """End a torchrun rank whose command has finished with exit `code` (no-op without a process group): the exit
     functions run now (the ranks' wait and the group's teardown, lock release, log flush), then the process ends
     without the interpreter's teardown, whose C++ destructors can still meet gloo threads and abort a finished run.
-    Every output is complete before this (written atomically, files closed)."""
+    A failed rank does not wait for the others (they may be blocked in a collective that needs it: torchrun stops
+    them when it sees the failure). Every output is complete before this (written atomically, files closed)."""
     import atexit
     import sys
 
@@ -64,6 +65,8 @@ def end_rank(code: int | str | None) -> None:
     if code is not None and not isinstance(code, int):  # sys.exit("message"): print it, status 1, as Python does
         print(code, file=sys.stderr)
         code = 1
+    if code:
+        atexit.unregister(_shutdown)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
