@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--scale-bits", type=int, default=16, help="16: fp16 group scales; 4..8: scale codes")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
+    Path(args.cache).mkdir(parents=True, exist_ok=True)  # also where --sens-file's missing options are cached
     report = fill_qerrors(args, sensitivity(args))
     base = load_model(args.model)
     weights = layer_weights(base)
