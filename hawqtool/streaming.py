@@ -224,7 +224,7 @@ def walk_blocks(model: nn.Module, batches: list[dict], *, start: int = 0, stop: 
                 hidden: list[torch.Tensor] | None = None, host: bool = False, box: dict | None = None,
                 containers: tuple[type, ...] = (nn.ModuleList,), call_kwargs: dict | None = None,
                 after: Callable[[int, object], None] | None = None,
-                park: Path | None = None) -> Iterator[tuple[int, nn.Module, object]]:
+                park: Path | None = None, spill=None) -> Iterator[tuple[int, nn.Module, object]]:
     """The one block engine: run `model` over `batches` block by block. Yields (i, block, inputs) with block i
     resident (streamed models: loaded for the step, dropped after); once the caller hands control back (it may
     have changed the block: GPTQ), the block's outputs become block i+1's inputs (the caller's `inputs.outputs`
@@ -235,27 +235,30 @@ def walk_blocks(model: nn.Module, batches: list[dict], *, start: int = 0, stop: 
     blocks.find_blocks and capture_block_inputs take (timm models: nn.Sequential blocks, no use_cache).
     `after(i, inputs)`: called once block i's outputs are in `inputs.hidden`, before block i+1 starts (where a
     stage commits the block: its resume state needs those outputs). `park` (streamed models): a folder where the
-    parameters outside the blocks wait on disk while the blocks run (Streamer.parked)."""
+    parameters outside the blocks wait on disk while the blocks run (Streamer.parked). `spill` (spill.Spill): where
+    the boundary activations go once they exceed its limit (on disk, mapped back)."""
     from .blocks import capture_block_inputs, find_blocks
 
     _, blocks = find_blocks(model, containers)
     stop = len(blocks) if stop is None else stop
     streamer = streamer_of(model)
     host = host or streamer is not None
+    if spill is None:
+        from .spill import Spill
+
+        spill = Spill()  # no limit: in memory
     inputs = capture_block_inputs(model, blocks[0], batches, call_kwargs)
-    if hidden is not None:
-        inputs.hidden = hidden
-    elif host:
-        inputs.hidden = [h.cpu() for h in inputs.hidden]
+    inputs.hidden = spill.keep(inputs.hidden if hidden is None else hidden, host=host)
     if box is not None:
         box["inputs"] = inputs
     with streamer.parked(park) if streamer is not None and park is not None and start < stop else \
             contextlib.nullcontext():
-        yield from _walk(blocks, streamer, inputs, start, stop, host, after)
+        yield from _walk(blocks, streamer, inputs, start, stop, host, after, spill)
     return inputs
 
 
-def _walk(blocks, streamer, inputs, start: int, stop: int, host: bool, after) -> Iterator[tuple[int, nn.Module, object]]:
+def _walk(blocks, streamer, inputs, start: int, stop: int, host: bool, after,
+          spill) -> Iterator[tuple[int, nn.Module, object]]:
     """walk_blocks' loop over blocks start..stop-1."""
     for i in range(start, stop):
         with streamer.resident(i) if streamer is not None else contextlib.nullcontext(blocks[i]) as block:
@@ -268,7 +271,7 @@ def _walk(blocks, streamer, inputs, start: int, stop: int, host: bool, after) ->
                     out = [block(inputs.hidden[j], *inputs.args[j], **inputs.kwargs[j]) for j in range(len(inputs.hidden))]
                 inputs.tuple_out = bool(out) and isinstance(out[0], (tuple, list))
                 out = [o[0] if inputs.tuple_out else o for o in out]
-            inputs.hidden = [h.cpu() for h in out] if host else out
+            inputs.hidden = spill.keep(out, host=host)
             if after is not None:
                 after(i, inputs)
 

@@ -25,12 +25,14 @@ from ..device import model_device, model_dtype
 from ..distributed import broadcast_from, gather_list, my_share, owners, world
 from ..errors import UserError
 from ..options import QuantizeOptions
+from ..spill import Spill, default_limit
 from ..streaming import streamer_of, walk_blocks
 from ..models import quantizable_layers, set_weight_matrix, weight_matrix
 from .conv import gptq_conv
 from .gptq import GPTQError, gptq_quantize
 from .float_chain import retarget, tune_results, uses_float_chain
 from .hessians import collect_hessians, is_conv
+from .output_error import conv_output_error, output_error
 
 from . import quantizer
 from .quantizer import QuantizedWeight, QuantSpec, rtn
@@ -76,28 +78,6 @@ class LayerResult:
         return dict(bits=s.bits, group_size=s.group_size, symmetric=s.symmetric, method=self.method,
                     error=self.error, rtn_error=self.rtn_error, damp=self.damp, retries=self.retries,
                     notes=self.notes, act_order=self.weight.g_idx is not None, **({"ggml_type": s.fmt} if s.fmt else {}))
-
-
-COLS = 2048  # output_error takes H in float64 column slices of this width (every SmolLM2 layer is one slice)
-
-
-def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """Mean ‖(W−Q)x‖² over the samples behind H = (2/n) Σ x xᵀ, in float64 (H converted a column slice at a time:
-    an 8192-wide H is 537 MB in float64)."""
-    D = (W - Q).double()
-    if H.shape[1] <= COLS:
-        return float(torch.einsum("oi,ij,oj->", D, H.double(), D) / 2)
-    total = 0.0
-    for c in range(0, H.shape[1], COLS):
-        total += float(torch.einsum("oi,ij,oj->", D, H[:, c:c + COLS].double(), D[:, c:c + COLS]))
-    return total / 2
-
-
-def conv_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """output_error for a conv's flattened [out, d] weight with per-group patch Hessians H [groups, d, d]."""
-    G = H.shape[0]
-    Wg, Qg = W.reshape(G, -1, W.shape[1]), Q.reshape(G, -1, W.shape[1])
-    return sum(output_error(Wg[g], Qg[g], H[g]) for g in range(G))
 
 
 def quantize_conv(name: str, conv: nn.Module, H: torch.Tensor, spec: QuantSpec, opts: QuantizeOptions) -> LayerResult:
@@ -198,9 +178,10 @@ def _batches(ids: torch.Tensor, bs: int, device: torch.device | None = None, mod
 
 def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: torch.Tensor,
                    opts: QuantizeOptions, *, state_dir: Path | None = None, state_key: str = "",
-                   progress: Callable[[str], None] | None = None) -> dict[str, LayerResult]:
-    """Quantize every layer in `specs` in place (weights become their dequantized values)
-    and return the per-layer results. Layers outside the repeated blocks go last."""
+                   progress: Callable[[str], None] | None = None, spill: Spill | None = None) -> dict[str, LayerResult]:
+    """Quantize every layer in `specs` in place (weights become their dequantized values) and return the per-layer
+    results. Layers outside the repeated blocks go last. `spill`: the block activations past a memory limit (default:
+    spill.default_limit, to `state_dir`)."""
     for key, allowed in (("grid", ("search", "minmax")), ("tune_loss", LOSSES), ("tune_dtype", tuple(DTYPES))):
         if getattr(opts, key) not in allowed:
             raise ValueError(f"QuantizeOptions.{key} must be one of {', '.join(allowed)}, got {getattr(opts, key)!r}")
@@ -257,10 +238,11 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
         # a streamed model's embedding and head wait on disk while the blocks run
         park = (state_dir if state_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))) \
             if streamed else None
+        spill = stack.enter_context(Spill(state_dir, default_limit())) if spill is None else spill
         engine = walk_blocks(model, batches, start=done_blocks, stop=stop, hidden=hidden, box=box,
-                             after=commit if state is not None else None, park=park) \
+                             after=commit if state is not None else None, park=park, spill=spill) \
             if stop > done_blocks or outside else ()
-        _quantize_blocks(engine, layers, specs, prefixes, opts, results, streamed, progress, chain, len(every))
+        _quantize_blocks(engine, layers, specs, prefixes, opts, results, streamed, progress, chain, len(every), spill)
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
@@ -274,10 +256,10 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
 
 
 def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opts: QuantizeOptions,
-                     results: dict, streamed: bool, progress, chain: dict, n_total: int) -> None:
+                     results: dict, streamed: bool, progress, chain: dict, n_total: int, spill: Spill) -> None:
     """The block loop of quantize_model: each block's layers in true-sequential groups (H collected, the float
     target applied when asked, solved). chain["fp"]: the float chain's inputs of the block (float_target), updated
-    before the block is committed."""
+    before the block is committed (kept as `spill` keeps the engine's)."""
     for i, block, inputs in engine:
         in_block = {n: layers[n] for n in layers if n.startswith(prefixes[i]) and n in specs}
         if not in_block:
@@ -306,7 +288,7 @@ def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opt
                 inputs.outputs = tune_results(block, in_block, results, inputs, fp, opts, i, n_total)
                 for n in in_block:
                     results[n] = _finish(n, in_block[n], results[n], streamed, put=False)
-            chain["fp"] = [h.cpu() for h in fp] if streamed else fp
+            chain["fp"] = spill.keep(fp, host=streamed)
 
 
 def _solve(group: list[str], layers: dict[str, nn.Module], Hs: dict, specs: dict[str, QuantSpec],

@@ -36,7 +36,7 @@ def measured_errors(W: torch.Tensor, H: torch.Tensor, specs: Iterable[QuantSpec]
                     ) -> dict[str, float]:
     """{qerror key: ½·ΔW H ΔWᵀ / mean(diag(H)/2)} for each spec, with ΔW what the quantize stage leaves
     under `opts` (method gptq or rtn, grid, act-order): the same units as weighted_quant_error."""
-    from .driver import output_error
+    from .output_error import output_error
     from .gptq import gptq_quantize
     from .quantizer import rtn
 
