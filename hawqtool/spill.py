@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -40,9 +41,13 @@ class Spill:
         self.parent, self.limit, self.folder = parent, limit, None
 
     def __enter__(self) -> "Spill":
-        """Also removes what a killed run's Spill left in `parent` (its own folders: only spilled files in them)."""
-        for old in Path(self.parent).glob("activations-*") if self.parent is not None else ():
-            if old.is_dir() and not old.is_symlink() and all(f.name.startswith("act-") for f in old.iterdir()):
+        """Also removes what a killed run's Spill left in `parent`: folders of this host's processes that are gone
+        (the ranks of a torchrun job share `parent`: a live one's folder is never touched), holding only spilled
+        files."""
+        for old in Path(self.parent).glob(f"activations-{socket.gethostname()}-*") if self.parent is not None else ():
+            pid = old.name.removeprefix(f"activations-{socket.gethostname()}-").split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink() \
+                    and all(f.name.startswith("act-") for f in old.iterdir()):
                 shutil.rmtree(old, ignore_errors=True)
         return self
 
@@ -64,10 +69,21 @@ class Spill:
         if self.folder is None:
             if self.parent is not None:
                 Path(self.parent).mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="activations-", dir=self.parent))
+            self.folder = Path(tempfile.mkdtemp(prefix=f"activations-{socket.gethostname()}-{os.getpid()}-",
+                                                dir=self.parent))
             log.info("activations (%.2f GiB per block) exceed the %.2f GiB kept in memory: spilled to %s",
                      nbytes(tensors) / 2**30, self.limit / 2**30, self.folder)
         return [mapped(t, self.folder) for t in tensors]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def mapped(t: torch.Tensor, folder: Path) -> torch.Tensor:

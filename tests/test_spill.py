@@ -5,6 +5,8 @@ in memory and streamed, with the float chain of block tuning, and resumed."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,8 @@ def test_spill_keeps_small_lists_in_memory_and_spills_past_the_limit(tmp_path):
         assert all(a is b for a, b in zip(kept, small)) and sp.folder is None  # at the limit: in memory
         big = small + [torch.randn(1, 8)]
         out = sp.keep(big)
-        assert sp.folder is not None and sp.folder.parent == tmp_path and sp.folder.name.startswith("activations-")
+        assert sp.folder is not None and sp.folder.parent == tmp_path
+        assert sp.folder.name.startswith(f"activations-{socket.gethostname()}-{os.getpid()}-")
         assert all(torch.equal(a, b) for a, b in zip(out, big))
         assert len(_maps_under(sp.folder)) >= len(big)
         assert sp.keep(out)[0] is out[0]  # mapped already: not written again
@@ -67,16 +70,22 @@ def test_spill_without_a_limit_and_off_the_host(tmp_path):
 
 
 def test_a_killed_runs_spill_folders_are_removed_and_nothing_else(tmp_path):
-    stale = tmp_path / "activations-old"
-    stale.mkdir()
-    (stale / "act-1.bin").write_bytes(b"x")
-    mine = tmp_path / "activations-mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("a user's file")
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has exited
+    folders = {"stale": f"activations-{host}-{dead}-ab", "live": f"activations-{host}-{os.getpid()}-cd",
+               "other host": f"activations-elsewhere-{dead}-ef", "user's": f"activations-{host}-{dead}-gh"}
+    for key, name in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ("notes.txt" if key == "user's" else "act-1.bin")).write_text("x")
     with Spill(tmp_path, 0):
         pass
-    assert not stale.exists()
-    assert (mine / "notes.txt").read_text() == "a user's file"
+    assert not (tmp_path / folders["stale"]).exists()
+    for key in ("live", "other host", "user's"):  # a rank still running, another machine's, a user's file
+        assert (tmp_path / folders[key]).is_dir(), key
 
 
 def _specs(model):
