@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("hawqtool")
 
-SHARE = 4  # the automatic limit: one list may hold a quarter of the memory available when the stage starts
+SHARE = 8  # the automatic limit: one list may hold an eighth of the memory available when the stage starts
 
 
 def nbytes(tensors: list[torch.Tensor]) -> int:
@@ -26,8 +26,9 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
 
 
 def default_limit() -> int:
-    """Bytes one list of activations may take in memory: a quarter of the host's available memory (the engine
-    holds about three such lists at once: a block's inputs, its float-chain inputs and its outputs)."""
+    """Bytes one list of activations may take in memory: an eighth of the host's available memory. GPTQ with block
+    tuning holds four lists at once (a block's inputs and float-chain inputs, and the two chains' outputs), so the
+    lists kept in memory never take more than half of it."""
     import psutil
 
     return psutil.virtual_memory().available // SHARE
