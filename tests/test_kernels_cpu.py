@@ -10,7 +10,7 @@ import quant_kernels.cpu as cpu_mod
 from quant_kernels import (PackedWeight, dequantize, dequantize_reference, matmul_cpu, matmul_reference,
                            qmatmul)
 
-BITS = [2, 3, 4, 8]
+BITS = [2, 3, 4, 5, 6, 8]  # 5 and 6: the allocator offers them with --bits 2,3,4,5,6,8
 # (in_features, group_size): partial last group (576 / 128 -> 5 groups), odd in with g=32, per-row
 SHAPES = [(576, 128), (200, 32), (96, -1), (33, 32)]
 

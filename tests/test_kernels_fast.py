@@ -38,7 +38,7 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert (y.double() - ref).abs().max().item() <= 2e-5 * scale
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("in_f, group_size", [(576, 128), (100, 32), (90, 20), (64, -1), (37, 16)])
 @pytest.mark.parametrize("act_order", [False, True])
