@@ -2,7 +2,8 @@
 anonymous memory (what the kernel cannot drop under pressure), peak RSS and wall time, and that both give the same
 weights. Each run is a fresh child process; the configurations alternate, `--repeats` times.
 
-    OMP_NUM_THREADS=1 python scripts/bench_spill.py --blocks 4 --nsamples 128 --tune-iters 5 --repeats 3 --append
+    OMP_NUM_THREADS=1 python scripts/bench_spill.py --blocks 2 --nsamples 1024 --seqlen 64 --tune-iters 2 \
+        --repeats 2 --append
 
 The model is the embedded SmolLM2-135M (or --model), quantized 3-bit g128 by GPTQ (+ block tuning, whose float chain
 is a second list of activations) on its first `--blocks` blocks; `--offload` streams it. Peaks are sampled from
@@ -53,7 +54,7 @@ def child(a) -> dict:
                 peak[k] = max(peak[k], v)
 
     loaded = load_model(a.model, offload=a.offload)
-    ids = calibration_windows(loaded.tokenizer, "wiki", a.nsamples, 512, seed=0)
+    ids = calibration_windows(loaded.tokenizer, "wiki", a.nsamples, a.seqlen, seed=0)
     shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
     prefixes = tuple(f"model.layers.{i}." for i in range(a.blocks))
     specs = {n: s for n, s in plan_specs(fixed_plan(shapes, 3)).items() if n.startswith(prefixes)}
@@ -70,7 +71,7 @@ def child(a) -> dict:
     for n in sorted(res):
         h.update(res[n].weight.dequantize().numpy().tobytes())
     hidden = loaded.model.config.hidden_size
-    act = nbytes([torch.empty(a.nsamples, 512, hidden)])
+    act = nbytes([torch.empty(a.nsamples, a.seqlen, hidden)])
     return dict(spill=a.spill, spilled=spilled, wall=wall, anon_gib=peak["RssAnon"] / 2**20,
                 rss_gib=peak["VmRSS"] / 2**20, base_anon_gib=base["RssAnon"] / 2**20, act_gib=act / 2**30,
                 digest=h.hexdigest()[:16])
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per window (short windows: the block's own "
+                    "temporaries, which grow with the window, are small beside the lists of activations)")
     ap.add_argument("--tune-iters", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--offload", action="store_true")
@@ -97,8 +100,8 @@ def main() -> None:
 
         a.model = str(default_model_path())
     argv = [sys.executable, __file__, "--child", "--model", a.model, "--blocks", str(a.blocks), "--nsamples",
-            str(a.nsamples), "--tune-iters", str(a.tune_iters)] + (["--offload"] if a.offload else []) + \
-        (["--spill-dir", a.spill_dir] if a.spill_dir else [])
+            str(a.nsamples), "--seqlen", str(a.seqlen), "--tune-iters", str(a.tune_iters)] + \
+        (["--offload"] if a.offload else []) + (["--spill-dir", a.spill_dir] if a.spill_dir else [])
     runs: dict[bool, list[dict]] = {False: [], True: []}
     for r in range(a.repeats):
         for spill in (False, True):
@@ -110,7 +113,8 @@ def main() -> None:
         raise SystemExit(f"the runs' weights differ: {sorted(digests)}")
     if not all(d["spilled"] for d in runs[True]) or any(d["spilled"] for d in runs[False]):
         raise SystemExit("a spill run kept its activations in memory, or a memory run spilled")
-    med = {s: {k: statistics.median(d[k] for d in rs) for k in ("wall", "anon_gib", "rss_gib")} for s, rs in runs.items()}
+    med = {s: {k: statistics.median(d[k] for d in rs) for k in ("wall", "anon_gib", "rss_gib")}
+           for s, rs in runs.items()}
     act = runs[False][0]["act_gib"]
     lines = ["| activations | peak anonymous memory (GiB) | peak RSS (GiB) | wall (s) | runs (anon GiB) |",
              "|---|---|---|---|---|"]
@@ -118,7 +122,7 @@ def main() -> None:
         lines.append(f"| {label} | {med[s]['anon_gib']:.2f} | {med[s]['rss_gib']:.2f} | {med[s]['wall']:.0f} | "
                      + ", ".join(f"{d['anon_gib']:.2f}" for d in runs[s]) + " |")
     details = (f"machine: {cpu_name()} ({platform.machine()}); model {a.model}{' streamed' if a.offload else ''}, "
-               f"blocks 0..{a.blocks - 1} 3-bit g128 GPTQ + {a.tune_iters} tuning steps, {a.nsamples} × 512 "
+               f"blocks 0..{a.blocks - 1} 3-bit g128 GPTQ + {a.tune_iters} tuning steps, {a.nsamples} × {a.seqlen} "
                f"calibration tokens: {act:.2f} GiB per list of block activations; medians of {a.repeats} runs each "
                f"(alternating); every run's weights equal (sha256 {digests.pop()}); load: {load_now()}")
     record("Block activations spilled to disk against in memory (quantize stage)", details, lines, a.append)
