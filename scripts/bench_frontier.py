@@ -2,6 +2,7 @@
 
     python scripts/bench_frontier.py --sens out/sensitivity.json --avg-bits 2.5,3,3.5,4 --uniform 2,3,4
     python scripts/bench_frontier.py --sens S.json --seeds 0,1,2 --quantize-args '--tune-iters 0 --nsamples 32'
+    python scripts/bench_frontier.py --sens S.json --uniform 2g32,3g128,3g32,4g128,4g32   # one format per point
 
 Every point goes through the public CLI (`hawqtool allocate`, `quantize`, `eval`), so the
 figures are what a user gets. Each mixed point is compared with the uniform curve
@@ -97,6 +98,15 @@ def point(work: Path, name: str, sens: Path, alloc_args: list[str], model: str |
     return res
 
 
+def uniform_alloc_args(token: str) -> list[str]:
+    """`allocate` options of one uniform point: "3" = every layer 3 bits at the report's group sizes within the
+    3-bit budget (the old curve); "3g32" = every layer exactly 3 bits in groups of 32 (one format, whatever its bytes)."""
+    bits, _, group = token.partition("g")
+    if not group:
+        return ["--bits", bits, "--avg-bits", bits]
+    return ["--bits", bits, "--group-sizes", group, "--max-bytes", "1e15"]
+
+
 def median_point(pts: list[dict]) -> dict:
     """One configuration's point with the median score over its seeds (bytes do not depend on the seed)."""
     return {**pts[0], "ppl": statistics.median(p["ppl"] for p in pts)}
@@ -142,7 +152,8 @@ def main() -> None:
     ap.add_argument("--fisher-sens", type=Path, default=None, help="Sensitivity report from --estimator fisher.")
     ap.add_argument("--model", default=None, help="Model reference (default: the embedded SmolLM2).")
     ap.add_argument("--avg-bits", default="2.5,3,3.5,4")
-    ap.add_argument("--uniform", default="2,3,4")
+    ap.add_argument("--uniform", default="2,3,4", help="uniform points: widths (2,3,4) or one format each "
+                    "(2g32,3g128: every layer that width in groups of that size)")
     ap.add_argument("--variants", default="trace", help="Comma list of trace, fisher, trace-only.")
     ap.add_argument("--workdir", type=Path, default=Path("bench-frontier"))
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -167,7 +178,7 @@ def main() -> None:
         base_cache.write_text(sh(["eval", *model, "--json", "-q", *EVAL_ARGS]))
     base = json.loads(base_cache.read_text())
     baseline = base.get("ppl", 0.0)  # encoders: 1 − cos(fp, fp) = 0
-    uniform = {s: [point(work, f"uniform-{b}", args.sens, ["--bits", b, "--avg-bits", b], args.model, s)
+    uniform = {s: [point(work, f"uniform-{b}", args.sens, uniform_alloc_args(b), args.model, s)
                    for b in args.uniform.split(",")] for s in seeds}
     reports = {"trace": args.sens, "fisher": args.fisher_sens,
                "trace-only": trace_only_report(args.sens, work / "trace_only.sensitivity.json"),
@@ -188,7 +199,7 @@ def main() -> None:
     quant = " ".join(QUANT_ARGS) or "the defaults"
     lines = [f"\n### Measured frontier vs uniform GPTQ — {date.today()}\n",
              f"`{cmd}`  \nmachine: {platform.machine()}, {os.cpu_count()} cores; model {args.model or 'SmolLM2-135M (embedded)'}; "
-             f"`hawqtool quantize` with {quant} (wiki, first 60%; calibration seeds {args.seeds}), group 128 asymmetric; "
+             f"`hawqtool quantize` with {quant} (wiki, first 60%; calibration seeds {args.seeds}); formats: the report's options; "
              f"eval {args.eval_windows}×{args.eval_seqlen} windows (last 20%); "
              f"full precision {label} {baseline:.4g}; score = {label} (lower is better), per seed and median. 'uniform at size' = "
              f"the same seed's uniform log-score interpolated in bytes between neighbouring uniform points; 'beats uniform' "

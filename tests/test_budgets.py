@@ -86,8 +86,12 @@ def test_avg_bits_is_measured_at_the_coarsest_group_size_whatever_the_order():
     for order in ([-1, 32, 128], [128, 32], [32, 128, -1]):
         plan = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=order)
         assert plan.budget["max_bytes"] == pytest.approx(ref.budget["max_bytes"]), order
-    with pytest.raises(UserError, match="only width is 4"):
-        allocate_bits(rep, lambda: weights, avg_bits=3.5, bit_choices=(4,))
+    for avg in (3.5, 8.0):  # below or above the only width: the fixes named must be ones that work
+        with pytest.raises(UserError, match=r"only width is 4; give --avg-bits 4 .*--max-bytes") as err:
+            allocate_bits(rep, lambda: weights, avg_bits=avg, bit_choices=(4,))
+        assert "or more" not in str(err.value)
+    assert {lp.bits for lp in allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(4,)).layers} == {4}
+    assert {lp.bits for lp in allocate_bits(rep, lambda: weights, max_bytes=1e15, bit_choices=(4,)).layers} == {4}
 
 
 def test_a_layer_left_without_options_is_named():

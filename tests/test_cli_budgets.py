@@ -98,3 +98,21 @@ def test_five_and_six_bit_options_quantize_pack_and_run(sens, tiny_llama, text_f
     assert {lp["name"]: lp["bits"] for lp in plan["layers"]} == {n: m["bits"] for n, m in manifest["layers"].items()}
     res = json.loads(invoke("eval", ckpt, "--data", text_file, "--seqlen", 32, "--windows", 2, "--json").stdout)
     assert 1 < res["ppl"] < 1e4
+
+
+def test_one_format_uniform_points_of_the_frontier_bench(sens, tmp_path):
+    """scripts/bench_frontier.py's `--uniform 3g32` points: `allocate` with the options it passes gives every layer
+    exactly that width and group size, and a plain width keeps the old within-budget meaning."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_frontier.py"
+    spec = importlib.util.spec_from_file_location("bench_frontier", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.uniform_alloc_args("3") == ["--bits", "3", "--avg-bits", "3"]
+    for token, (bits, group) in {"3g32": (3, 32), "2g64": (2, 64), "4g128": (4, 128)}.items():
+        out = tmp_path / f"{token}.json"
+        invoke("allocate", sens, "--group-sizes", "32,64,128", *bench.uniform_alloc_args(token), "-q", "-o", out)
+        layers = json.loads(out.read_text())["layers"]
+        assert {(lp["bits"], lp["group_size"]) for lp in layers} == {(bits, group)}, token
