@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-FISHER_OBJECTIVES = ("self-kl", "output-mse")
+FISHER_OBJECTIVES = ("self-kl", "output-mse", "pooled-cosine")  # the sampled-label Fisher's (sensitivity/fisher.py)
 
 
 @dataclass
 class SensitivityOptions:
     """How per-layer sensitivity is measured (compute_sensitivity)."""
 
-    objective: str = "self-kl"  # self-kl | labels | output-mse
+    objective: str = "self-kl"  # self-kl | labels | output-mse | pooled-cosine
     estimator: str = "auto"  # auto | hutchinson | fisher
     nsamples: int = 8  # calibration windows
     seqlen: int = 256

@@ -74,7 +74,7 @@ def _regex(v) -> bool:
 
 _regex.__doc__ = "a regular expression, e.g. 'mlp|lm_head'"
 
-_NESTED_OK = {"only": _regex, "objective": _choice("self-kl", "labels", "output-mse"), "estimator": _choice("auto", "hutchinson", "fisher"),
+_NESTED_OK = {"only": _regex, "objective": _choice("self-kl", "labels", "output-mse", "pooled-cosine"), "estimator": _choice("auto", "hutchinson", "fisher"),
               "act_mode": _choice("dynamic", "static"), "act_calib": _choice("minmax", "percentile", "mse"),
               "grid": _choice("search", "minmax"), "batch_size": _at_least(1), "blocksize": _at_least(1),
               "percdamp": _at_least(0.0, 1.0), "first_token_weight": _at_least(0.0), "aphq_iters": _at_least(1),

@@ -16,10 +16,10 @@ from .streaming import streamer_of
 from .errors import UserError
 from .inputs import batches_of
 from .models import LoadedModel, quantizable_layers, tied_head_name, untie_head, weight_matrix
-from .options import SensitivityOptions
+from .options import FISHER_OBJECTIVES, SensitivityOptions
 from .quantize.driver import QuantizeOptions, quantize_model
 from .allocate.plan import plan_specs
-from .sensitivity.settings import (ESTIMATORS, FISHER_OBJECTIVES, _qerrors, convergence_summary,  # noqa: F401
+from .sensitivity.settings import (ESTIMATORS, _qerrors, convergence_summary,  # noqa: F401
                                   hvp_for, options_settings, sensitivity_fingerprint)
 
 log = logging.getLogger("hawqtool")
@@ -84,7 +84,7 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     `resume_path`: probes done so far are kept there (for this fingerprint) and reused by a re-run, and so are
     the layers whose ‖Q(W)−W‖² is done (RESUME_PATH.qerror).
     `estimator`: "hutchinson" (Hessian-vector products) or "fisher" (sampled labels, one backward per probe;
-    self-kl / output-mse only). `quantize_head`: also measure an output head tied to the input embedding
+    self-kl / output-mse / pooled-cosine). `quantize_head`: also measure an output head tied to the input embedding
     (untied first, so the embedding stays full precision). `checkpoint_blocks`: activation checkpointing of the
     blocks; for the double-backward and Fisher paths, not the forward-mode GGN one. `first_token_weight`: weight
     of each sequence's first position in the inputs' importance that weights ‖Q(W)−W‖² (quantize's H uses the
@@ -111,14 +111,19 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     if objective == "labels" and loaded.task != "causal-lm":
         raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
                         "--objective output-mse for an encoder")
+    if objective == "pooled-cosine" and loaded.task != "encoder":
+        raise UserError(f"objective 'pooled-cosine' scores an encoder's mean-pooled embedding, and this model is a "
+                        f"{loaded.task}; use --objective self-kl (causal LMs) or output-mse")
     if checkpoint_blocks and estimator != "fisher" and hvp_for(objective) == "ggn":
         raise UserError(f"--checkpoint-blocks works with --objective labels or --estimator fisher; objective "
                         f"{objective!r} uses forward-mode products that checkpointing does not support")
     model = loaded.model
     streamed = streamer_of(model) is not None
-    if streamed and (objective not in FISHER_OBJECTIVES or quantize_head):
+    if streamed and (objective not in FISHER_OBJECTIVES or quantize_head
+                     or (estimator == "hutchinson" and hvp_for(objective) != "ggn")):
         raise UserError("a streamed model (--offload) is measured with objective self-kl or output-mse (--estimator "
-                        "fisher or hutchinson) and without --quantize-head; change those options or load it in memory")
+                        "fisher or hutchinson) or pooled-cosine (--estimator fisher), and without --quantize-head; "
+                        "change those options or load it in memory")
     settings = report_settings(loaded, opts, n_samples=len(calib_ids), seqlen=int(calib_ids.shape[1]), seed=seed)
     if quantize_head:
         untie_head(model)

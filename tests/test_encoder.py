@@ -120,3 +120,34 @@ def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):
                                       "--eval-windows", "6", "--eval-seqlen", "32", "-o", str(out)])
     assert again.exit_code == 0, again.output  # every stage current: the table is printed from the kept results
     assert "cosine" in again.output and f"{s['mixed_cosine']:.4f}" in again.output
+
+
+def test_pooled_cosine_objective_through_the_cli(tiny_bert, tiny_llama, text_file, tmp_path):
+    """`sensitivity --objective pooled-cosine` measures an encoder (traces ≥ 0, recorded as that objective; with
+    its own values, not output-mse's), streamed (--offload) to the in-memory traces; a causal LM, or Hutchinson on a
+    streamed model (no closed-form Gauss-Newton product for it), is refused in one line."""
+    common = ("--calib", text_file, "--nsamples", 4, "--seqlen", 32, "--max-probes", 8, "--group-size", 32, "-q")
+    reports = {}
+    for objective in ("pooled-cosine", "output-mse"):
+        invoke("sensitivity", tiny_bert, *common, "--objective", objective, "-o", tmp_path / f"{objective}.json")
+        reports[objective] = json.loads((tmp_path / f"{objective}.json").read_text())
+    rep = reports["pooled-cosine"]
+    assert rep["objective"] == "pooled-cosine" and rep["estimator"].startswith("fisher")
+    traces = {lay["name"]: lay["trace"] for lay in rep["layers"]}
+    assert all(t >= 0 for t in traces.values()) and sum(traces.values()) > 0
+    assert traces != {lay["name"]: lay["trace"] for lay in reports["output-mse"]["layers"]}
+    for objective, estimator in (("pooled-cosine", "fisher"), ("output-mse", "fisher"), ("output-mse", "hutchinson")):
+        # streamed: the same traces; BERT's pooler is after the blocks and unused by either objective (trace 0)
+        if estimator == "hutchinson":
+            invoke("sensitivity", tiny_bert, *common, "--objective", objective, "--estimator", estimator, "-o",
+                   tmp_path / "mem.json")
+        want = reports[objective] if estimator == "fisher" else json.loads((tmp_path / "mem.json").read_text())
+        invoke("sensitivity", tiny_bert, *common, "--objective", objective, "--estimator", estimator, "--offload",
+               "-o", tmp_path / "st.json")
+        streamed = {lay["name"]: lay["trace"] for lay in json.loads((tmp_path / "st.json").read_text())["layers"]}
+        assert streamed.keys() == {lay["name"] for lay in want["layers"]} and streamed["pooler.dense"] == 0.0
+        assert all(streamed[lay["name"]] == pytest.approx(lay["trace"], rel=1e-4, abs=1e-12) for lay in want["layers"])
+    one_line_error(invoke("sensitivity", tiny_bert, *common, "--objective", "pooled-cosine", "--offload",
+                          "--estimator", "hutchinson", "-o", tmp_path / "h.json", ok=False), "pooled-cosine", "fisher")
+    one_line_error(invoke("sensitivity", tiny_llama, *common, "--objective", "pooled-cosine", "-o",
+                          tmp_path / "lm.json", ok=False), "pooled-cosine", "self-kl")

@@ -239,3 +239,43 @@ def test_label_draws_in_chunks_are_the_one_call_draws(monkeypatch):
     ref = -logp.reshape(-1, 50).gather(-1, y).sum() / 33
     assert torch.equal(whole, chunked)
     assert torch.allclose(chunked, ref)
+
+
+def test_pooled_cosine_is_one_minus_the_cosine_of_mean_pooled_outputs():
+    """The pooled-cosine objective at perturbed weights equals mean over windows of 1 − cos(mean-pooled outputs),
+    computed here directly in float64; masked positions are left out of the mean (= the windows cut there)."""
+    from hawqtool.sensitivity.objectives import get_objective
+
+    model, params, batches = llama_setup()
+    obj = get_objective("pooled-cosine")
+    ids = batches[0]["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[:, 5:] = 0
+    with torch.no_grad():
+        refs = [obj.prepare(model, {"input_ids": ids}), obj.prepare(model, {"input_ids": ids, "attention_mask": mask})]
+        z0 = model_logits(model, {"input_ids": ids}).double()
+        params["v_proj"].add_(0.3 * torch.randn(params["v_proj"].shape, generator=torch.Generator().manual_seed(1)))
+        z1 = model_logits(model, {"input_ids": ids}).double()
+        got = obj.loss(model, {"input_ids": ids}, refs[0])
+        got_masked = obj.loss(model, {"input_ids": ids, "attention_mask": mask}, refs[1])
+    want = (1 - torch.nn.functional.cosine_similarity(z1.mean(1), z0.mean(1), dim=-1)).mean()
+    want_cut = (1 - torch.nn.functional.cosine_similarity(z1[:, :5].mean(1), z0[:, :5].mean(1), dim=-1)).mean()
+    assert float(want) > 1e-4  # the perturbation moved the embedding
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    assert float(got_masked) == pytest.approx(float(want_cut), rel=1e-4)
+
+
+def test_pooled_cosine_fisher_matches_exact_hessian():
+    """The sampled-label Fisher on the pooled embeddings brackets the exact (double-backward) Hessian trace of the
+    pooled-cosine objective at the own point, with and without an attention mask."""
+    model, params, batches = llama_setup()
+    which = ["v_proj", "down_proj"]
+    ids = batches[0]["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[:, 6:] = 0
+    for bs in (batches, [{"input_ids": ids, "attention_mask": mask}]):
+        exact = exact_traces(model, params, bs, "pooled-cosine", which)
+        tr = fisher_traces(model, {n: params[n] for n in which}, bs, "pooled-cosine", target_rel_se=0.0,
+                           min_probes=300, max_probes=300, seed=1)
+        for n, t in exact.items():
+            assert t > 0 and abs(tr[n].mean - t) <= 3 * tr[n].stderr, (n, tr[n].mean, tr[n].stderr, t)

@@ -22,9 +22,12 @@ from .params import (BITS, COUNT, ONLY, TEXT, GroupSize, PathArg, check_scale_bi
 @click.option("--batch-size", type=COUNT, default=_S.batch_size, show_default=True,
               help="Windows per probe. Activation memory scales with it: 1 halves it (SmolLM2 at 512 tokens: "
                    "see benchmarks/RESULTS.md for peak RSS).")
-@click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse"]), default=_S.objective, show_default=True)
+@click.option("--objective", type=click.Choice(["self-kl", "labels", "output-mse", "pooled-cosine"]),
+              default=_S.objective, show_default=True,
+              help="The loss whose Hessian traces rank the layers: self-kl (causal LMs), labels, output-mse (every "
+                   "position's output), pooled-cosine (an encoder's mean-pooled embedding, 1 - cosine).")
 @click.option("--estimator", type=click.Choice(["auto", "hutchinson", "fisher"]), default=_S.estimator, show_default=True,
-              help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse, "
+              help="auto: fisher (sampled-label Fisher, one backward per probe) for self-kl/output-mse/pooled-cosine, "
                    "hutchinson for labels. Fisher measured 8-19x faster at lower error (benchmarks/RESULTS.md).")
 @click.option("--target", type=positive(), default=_S.target_rel_se, show_default=True, help="Stop when every major layer's relative s.e. is below this.")
 @click.option("--min-probes", type=COUNT, default=_S.min_probes, show_default=True)

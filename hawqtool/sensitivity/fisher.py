@@ -15,6 +15,10 @@ so E[N·‖g_l‖²] = (1/N) Σ_t Tr F_t,ll = Tr(H_ll). Samples are ≥ 0 (unlik
 Gaussian on the outputs: sampling ε_t ~ N(0, I) and backpropagating (1/N) Σ_t ε_t·f_t gives the
 same N·‖g_l‖² estimate.
 
+``pooled-cosine``. The same Gaussian Fisher on the B unit-length pooled embeddings e_b instead of the N positions'
+outputs (its Hessian at the own point is (1/B) Σ_b J_bᵀJ_b): ε_b ~ N(0, I), backpropagate (1/B) Σ_b ε_b·e_b, record
+B·‖g_l‖².
+
 ``labels`` is not supported: its empirical Fisher trace is (1/N) Σ_t ‖∇_l log p(y_t)‖² with the true
 labels, which needs one gradient per position; one backward gives only the batch-mean gradient ḡ,
 and N·‖ḡ_l‖² is not that trace (nor the Hessian's). Use `hutchinson_traces(objective="labels")`.
@@ -26,9 +30,9 @@ from torch import nn
 
 from .distributed import probe_seed, round_robin, world
 from .hutchinson import LayerTrace, ProgressFn, _to_device, adaptive_probes, check_probe_args, estimating
-from .objectives import Batch, Objective, get_objective, model_logits, upcast
+from .objectives import Batch, Objective, get_objective, model_logits, pooled_embedding, upcast
 
-SUPPORTED = ("self-kl", "output-mse")
+SUPPORTED = ("self-kl", "output-mse", "pooled-cosine")
 DRAW_CHUNK = 1 << 22  # probabilities per label-draw call (sampled_loss)
 
 
@@ -39,6 +43,15 @@ def scored_mask(batch: Batch, z: torch.Tensor) -> torch.Tensor:
     if m is None or tuple(m.shape) != tuple(z.shape[:-1]):
         return torch.ones(z.shape[:-1], dtype=z.dtype, device=z.device)
     return m.to(device=z.device, dtype=z.dtype)
+
+
+def scored_output(objective: str, z: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the objective scores and its mask: the outputs and scored_mask, or (pooled-cosine) the [B, D] unit-length
+    pooled embeddings with a mask of ones."""
+    if objective == "pooled-cosine":
+        e = pooled_embedding(z, batch)
+        return e, torch.ones(e.shape[:-1], dtype=e.dtype, device=e.device)
+    return z, scored_mask(batch, z)
 
 
 def sampled_loss(objective: str, z: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -53,7 +66,7 @@ def sampled_loss(objective: str, z: torch.Tensor, mask: torch.Tensor, gen: torch
         y = torch.cat([torch.multinomial(r.exp().cpu().double(), 1, generator=gen) for r in rows])
         y = y.to(z.device).view(z.shape[:-1] + (1,))
         return -(logp.gather(-1, y).squeeze(-1) * mask).sum() / n
-    if objective == "output-mse":
+    if objective in ("output-mse", "pooled-cosine"):  # pooled-cosine: z is already scored_output's embedding
         eps = torch.randn(z.shape, generator=gen, dtype=torch.float64, device="cpu").to(device=z.device, dtype=z.dtype)
         return ((z * eps).sum(-1) * mask).sum() / n
     raise ValueError(f"no sampled Fisher for objective {objective!r}")
@@ -69,8 +82,7 @@ def fisher_probe(model: nn.Module, params: list[torch.Tensor], batch: Batch, obj
                  gen: torch.Generator, draws: int = 1) -> list[float]:
     """One probe: one forward, `draws` label draws each with one backward; per layer the mean of N·‖g_l‖²."""
     with torch.enable_grad():
-        z = upcast(model_logits(model, batch))
-        mask = scored_mask(batch, z)
+        z, mask = scored_output(objective, upcast(model_logits(model, batch)), batch)
         n = float(mask.sum().clamp_min(1))
         acc = [0.0] * len(params)
         for d in range(draws):
@@ -95,7 +107,7 @@ def fisher_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], batch
     draws (one backward each, forward graph reused); the probe's sample is their mean, so probes,
     min/max_probes and the standard error count probes, not draws. Major layers hold ≥
     `major_fraction` of all parameters (all layers if none does); at least 2 probes run even
-    under `max_seconds`. self-kl and output-mse only (see the module doc for labels)."""
+    under `max_seconds`. self-kl, output-mse and pooled-cosine (see the module doc for labels)."""
     obj = get_objective(objective)
     if obj.name not in SUPPORTED:
         raise ValueError(f"fisher estimator supports {', '.join(SUPPORTED)}, not {obj.name!r}: the empirical "

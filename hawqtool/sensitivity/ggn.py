@@ -44,6 +44,9 @@ def position_mask(batch: dict, z: torch.Tensor) -> torch.Tensor:
     return m.to(z.dtype)
 
 
+GGN_OBJECTIVES = ("self-kl", "output-mse")  # the objectives output_hessian_product has a closed form for
+
+
 def output_hessian_product(objective: str, z: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """H_out·u where H_out is the objective's Hessian w.r.t. the outputs at the own point.
 

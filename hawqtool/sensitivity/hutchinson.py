@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .distributed import probe_seed, round_robin, world
-from .ggn import ggn_vector_product, math_attention
+from .ggn import GGN_OBJECTIVES, ggn_vector_product, math_attention
 from .objectives import Batch, Objective, get_objective, model_inputs
 from .resume import ProbeLog  # noqa: F401 - the stopping rule resumes from it (and callers import it here)
 
@@ -136,8 +136,8 @@ def hutchinson_traces(model: nn.Module, params: dict[str, torch.nn.Parameter], b
     check_probe_args(params, batches, max_probes)
     if hvp not in ("autograd", "ggn"):
         raise ValueError(f"unknown hvp method {hvp!r}; use 'autograd' or 'ggn'")
-    if hvp == "ggn" and not obj.own_point:
-        raise ValueError(f"hvp='ggn' is exact only for self-kl / output-mse, not {obj.name!r}")
+    if hvp == "ggn" and obj.name not in GGN_OBJECTIVES:
+        raise ValueError(f"hvp='ggn' is exact only for {' / '.join(GGN_OBJECTIVES)}, not {obj.name!r}")
     names = list(params)
     plist = [params[n] for n in names]
     model_names = _model_names(model, plist) if hvp == "ggn" else names

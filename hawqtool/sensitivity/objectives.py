@@ -10,6 +10,10 @@ differentiated twice.
 * ``labels``     cross-entropy against ``batch["labels"]`` (causal LMs: shifted next-token,
                  -100 ignored), computed here from the logits.
 * ``output-mse`` ½ · mean over positions of ‖f(θ) − f(θ_ref)‖² (logits or last_hidden_state).
+* ``pooled-cosine`` mean over windows of 1 − cos(e(θ), e(θ_ref)) = ½‖e(θ) − e(θ_ref)‖², e = the unit-length
+                 mean over (attention-mask) positions of the output: an encoder's sentence embedding, the quantity
+                 its evaluation scores. Errors that average out over positions or only rescale the embedding cost
+                 nothing here, unlike in output-mse. At its own point the Hessian is JₑᵀJₑ/B (Gauss-Newton).
 """
 from __future__ import annotations
 
@@ -110,15 +114,40 @@ def _mse_loss(model: nn.Module, batch: Batch, ref: torch.Tensor) -> torch.Tensor
     return 0.5 * masked_position_mean((z - ref).pow(2).sum(-1), batch)
 
 
+def pooled_embedding(z: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[B, T, D] outputs → [B, D] unit-length means over (attention-mask) positions (sentence-transformers' mean
+    pooling, then normalisation); [B, D] outputs are only normalised."""
+    if z.dim() == 3:
+        mask = batch.get("attention_mask")
+        if mask is None or tuple(mask.shape) != tuple(z.shape[:2]):
+            z = z.mean(dim=1)
+        else:
+            m = mask.to(device=z.device, dtype=z.dtype)[..., None]
+            z = (z * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    return F.normalize(z, dim=-1)
+
+
+def _pooled_prepare(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The unit-length pooled embedding at the current weights (≥ float32, detached)."""
+    return pooled_embedding(upcast(model_logits(model, batch).detach()), batch)
+
+
+def _pooled_loss(model: nn.Module, batch: Batch, ref: torch.Tensor) -> torch.Tensor:
+    """½ ‖e(θ) − e_ref‖² summed over the embedding, mean over windows (= mean of 1 − cos for unit vectors)."""
+    e = pooled_embedding(upcast(model_logits(model, batch)), batch)
+    return 0.5 * (e - ref).pow(2).sum(-1).mean()
+
+
 OBJECTIVES: dict[str, Objective] = {
     "self-kl": Objective("self-kl", _self_kl_prepare, _self_kl_loss, own_point=True),
     "labels": Objective("labels", _labels_prepare, _labels_loss),
     "output-mse": Objective("output-mse", _mse_prepare, _mse_loss, own_point=True),
+    "pooled-cosine": Objective("pooled-cosine", _pooled_prepare, _pooled_loss, own_point=True),
 }
 
 
 def get_objective(objective: str | Objective) -> Objective:
-    """An Objective from its name (self-kl, labels, output-mse) or as given."""
+    """An Objective from its name (self-kl, labels, output-mse, pooled-cosine) or as given."""
     if isinstance(objective, Objective):
         return objective
     try:

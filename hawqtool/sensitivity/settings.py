@@ -6,6 +6,7 @@ import torch
 
 from ..artifacts import LayerSensitivity, fingerprint, qerror_key
 from ..quantize.quantizer import QuantSpec
+from .ggn import GGN_OBJECTIVES
 
 
 def convergence_summary(info: dict, layers: list[LayerSensitivity]) -> dict:
@@ -56,7 +57,6 @@ def sensitivity_fingerprint(model_fp: str, data_key: str, settings: dict) -> str
 
 
 ESTIMATORS = ("hutchinson", "fisher")
-FISHER_OBJECTIVES = ("self-kl", "output-mse")
 
 
 def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
@@ -87,4 +87,4 @@ def _qerrors(W: torch.Tensor, bits: tuple[int, ...], groups: tuple[int, ...],
 def hvp_for(objective: str) -> str:
     """Exact Gauss-Newton products where the objective is measured at the model's own point
     (self-kl, output-mse: identical to the Hessian there, 1.6× cheaper on SmolLM2), autograd otherwise."""
-    return "ggn" if objective in ("self-kl", "output-mse") else "autograd"
+    return "ggn" if objective in GGN_OBJECTIVES else "autograd"

@@ -18,8 +18,8 @@ from torch import nn
 from ..blocks import capture_block_inputs
 from ..streaming import replayed_blocks, streamer_of, tail_of, walk_blocks
 from .distributed import probe_seed, round_robin, world
-from .fisher import SUPPORTED, sampled_loss, scored_mask, squared_norm
-from .ggn import math_attention, output_hessian_product, position_mask
+from .fisher import SUPPORTED, sampled_loss, scored_output, squared_norm
+from .ggn import GGN_OBJECTIVES, math_attention, output_hessian_product, position_mask
 from .hutchinson import LayerTrace, adaptive_probes, check_probe_args, rademacher
 from .objectives import Batch, model_logits, upcast
 
@@ -44,11 +44,12 @@ def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, obje
     with torch.enable_grad():
         with replayed_blocks(model, final, as_tuple):
             z = upcast(model_logits(model, batch))
-        mask = scored_mask(batch, z)
+        z, mask = scored_output(objective, z, batch)
         n = float(mask.sum().clamp_min(1))
-        g, *gh = torch.autograd.grad(sampled_loss(objective, z, mask, gen), [final] + heads)
+        # allow_unused: a layer after the blocks that the scored output does not use (BERT's pooler) gets no gradient
+        g, *gh = torch.autograd.grad(sampled_loss(objective, z, mask, gen), [final] + heads, allow_unused=True)
     for nm, gw in zip(outside, gh):
-        values[nm] = n * squared_norm(gw)
+        values[nm] = 0.0 if gw is None else n * squared_norm(gw)
 
     def sample(i: int, nm: str, gw: torch.Tensor) -> None:
         values[nm] = n * squared_norm(gw)
@@ -121,10 +122,11 @@ def streamed_ggn_probe(model: nn.Module, names: list[str], batch: Batch, objecti
     final = h.detach().requires_grad_(True)
     ws = {k: w.detach().requires_grad_(True) for k, w in heads.items()}
     with torch.enable_grad(), math_attention():
-        g, *gh = torch.autograd.grad(tail(final, ws), [final] + list(ws.values()), grad_outputs=u.to(z.dtype))
+        g, *gh = torch.autograd.grad(tail(final, ws), [final] + list(ws.values()), grad_outputs=u.to(z.dtype),
+                                     allow_unused=True)  # an unused layer after the blocks (BERT's pooler): 0
     values = dict.fromkeys(names, 0.0)
     for nm, hv in zip(outside, gh):
-        values[nm] = float((v_out[nm + ".weight"].double() * hv.double()).sum())
+        values[nm] = 0.0 if hv is None else float((v_out[nm + ".weight"].double() * hv.double()).sum())
     redrawn: dict[int, dict[str, torch.Tensor]] = {}
 
     def sample(i: int, nm: str, hv: torch.Tensor) -> None:
@@ -147,6 +149,9 @@ def streamed_traces(model: nn.Module, params: dict[str, torch.Tensor], batches: 
     "hutchinson": the same Rademacher draws) for a streamed model; probe k reads batch k mod len(batches)."""
     if objective not in SUPPORTED:
         raise ValueError(f"a streamed model's sensitivity needs objective {' or '.join(SUPPORTED)}, not {objective!r}")
+    if estimator == "hutchinson" and objective not in GGN_OBJECTIVES:
+        raise ValueError(f"a streamed model's Hutchinson probe needs objective {' or '.join(GGN_OBJECTIVES)}, not "
+                         f"{objective!r}; use estimator fisher")
     probe_of = {"fisher": streamed_fisher_probe, "hutchinson": streamed_ggn_probe}[estimator]
     check_probe_args(params, batches, adaptive["max_probes"])
     names = list(params)
