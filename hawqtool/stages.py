@@ -111,6 +111,9 @@ def compute_sensitivity(loaded: LoadedModel, calib_ids: torch.Tensor, options: S
     if objective == "labels" and loaded.task != "causal-lm":
         raise UserError("objective 'labels' needs a causal LM (its labels are the next tokens); use "
                         "--objective output-mse for an encoder")
+    if objective == "self-kl" and loaded.task == "encoder":  # its softmax would run over the hidden state
+        raise UserError("an encoder has no logits for objective self-kl; use --objective pooled-cosine (its mean-pooled "
+                        "embedding, what `eval` scores) or output-mse")
     if objective == "pooled-cosine" and loaded.task != "encoder":
         raise UserError(f"objective 'pooled-cosine' scores an encoder's mean-pooled embedding, and this model is a "
                         f"{loaded.task}; use --objective self-kl (causal LMs) or output-mse")

@@ -151,3 +151,7 @@ def test_pooled_cosine_objective_through_the_cli(tiny_bert, tiny_llama, text_fil
                           "--estimator", "hutchinson", "-o", tmp_path / "h.json", ok=False), "pooled-cosine", "fisher")
     one_line_error(invoke("sensitivity", tiny_llama, *common, "--objective", "pooled-cosine", "-o",
                           tmp_path / "lm.json", ok=False), "pooled-cosine", "self-kl")
+    # the default objective (self-kl) would take a softmax over an encoder's hidden state: refused, naming the fix
+    one_line_error(invoke("sensitivity", tiny_bert, *common, "-o", tmp_path / "kl.json", ok=False), "self-kl",
+                   "--objective pooled-cosine")
+    assert not (tmp_path / "kl.json").exists()
