@@ -235,8 +235,10 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
     # the attention-sink weighting is for causal LMs (as `hawqtool quantize`); sensitivity weights its
     # ‖Q(W)−W‖² with the same input importance that quantize's H uses
     ftw = first_token_weight_for(loaded)
-    # an encoder has no logits for self-KL: its output is the hidden state (unless the recipe says otherwise)
-    objective = {"objective": "output-mse"} if encoder else {}
+    # an encoder has no logits for self-KL: its layers are ranked by what its evaluation scores, the cosine of the
+    # mean-pooled embedding (unless the recipe says otherwise). Chosen over output-mse on the validation slice
+    # (scripts/bench_encoder.py with plans from either report, benchmarks/RESULTS.md 2026-12-07)
+    objective = {"objective": "pooled-cosine"} if encoder else {}
     # a recipe's `sensitivity:` section (objective, estimator, ...) plus the run's own settings
     aopts = AllocateOptions(**cfg.allocate)  # a recipe's `allocate:` section
     # the report measures the formats the allocator will offer (ggml types need none of hawqtool's own)

@@ -96,7 +96,7 @@ def test_encoder_pipeline_through_cli(tiny_bert, text_file, tmp_path, caplog):
 
 
 def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):
-    """`run` on an encoder: output-mse sensitivity, no attention-sink weighting, and the mixed and uniform checkpoints
+    """`run` on an encoder: pooled-cosine sensitivity, no attention-sink weighting, and the mixed and uniform checkpoints
     scored by embedding cosine; the run's score equals `hawqtool eval` of its checkpoint on the same windows."""
     out = tmp_path / "o"
     r = CliRunner().invoke(main, ["run", str(tiny_bert), "--calib", str(text_file), "--data", str(text_file),
@@ -108,7 +108,7 @@ def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):
     assert s["task"] == "encoder" and "baseline_ppl" not in s
     assert 0.5 < s["mixed_cosine"] < 1.0 and 0.5 < s["uniform_cosine"] < 1.0
     assert s["mixed_cosine_min"] <= s["mixed_cosine"]
-    assert json.loads((out / "sensitivity.json").read_text())["objective"] == "output-mse"
+    assert json.loads((out / "sensitivity.json").read_text())["objective"] == "pooled-cosine"
     assert json.loads((out / "mixed" / "hawqtool_manifest.json").read_text())["options"]["first_token_weight"] == 1.0
     e = CliRunner().invoke(main, ["eval", str(out / "mixed"), "--data", str(text_file), "--seqlen", "32",
                                   "--windows", "6", "--json"])
