@@ -1,9 +1,6 @@
 """BOPs and latency budgets, combined budgets, group-size and W8A8 options, MAC profiling, latency tables."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -87,7 +84,7 @@ def test_avg_bits_is_measured_at_the_coarsest_group_size_whatever_the_order():
         plan = allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(3, 4), group_sizes=order)
         assert plan.budget["max_bytes"] == pytest.approx(ref.budget["max_bytes"]), order
     for avg in (3.5, 8.0):  # below or above the only width: the fixes named must be ones that work
-        with pytest.raises(UserError, match=r"only width is 4; give --avg-bits 4 .*--max-bytes") as err:
+        with pytest.raises(UserError, match=r"only width is 4; give --avg-bits 4, .*--max-bytes") as err:
             allocate_bits(rep, lambda: weights, avg_bits=avg, bit_choices=(4,))
         assert "or more" not in str(err.value)
     assert {lp.bits for lp in allocate_bits(rep, lambda: weights, avg_bits=4.0, bit_choices=(4,)).layers} == {4}

@@ -108,9 +108,8 @@ def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> fl
         if b in size:
             return size[b]
         if len(size) == 1:  # one width: no other size to interpolate between
-            raise UserError(f"--avg-bits {bits:g} needs the size of uniform {b}-bit layers, but the only width is "
-                            f"{bit_choices[0]}; give --avg-bits {bit_choices[0]} (every layer at that width), add "
-                            "widths to --bits, or give the budget in bytes (--max-bytes)")
+            raise UserError(f"--avg-bits {bits:g} needs uniform {b}-bit layers' size, but the only width is {bit_choices[0]}; "
+                            f"give --avg-bits {bit_choices[0]}, add widths to --bits, or give bytes (--max-bytes)")
         per_bit = (size[max(bit_choices)] - size[min(bit_choices)]) / (max(bit_choices) - min(bit_choices))
         return size[min(bit_choices)] + per_bit * (b - min(bit_choices))
 
