@@ -35,10 +35,8 @@ class ScaledLinear(nn.Module):
     def __init__(self, c: QuantLinear):
         super().__init__()
         self.register_buffer("W0", c.dequantized_weight().float().clone())
-        gi = c.pw.g_idx
-        g = gi.long() if gi is not None and gi.numel() else torch.arange(c.in_features) // c.group_size
-        self.register_buffer("g", g)
-        self.theta = nn.Parameter(torch.zeros(c.out_features, int(g.max()) + 1))
+        self.register_buffer("g", c.pw.group_index())
+        self.theta = nn.Parameter(torch.zeros(c.out_features, c.pw.n_groups))
         self.bias = nn.Parameter(c.bias.data.float().clone()) if c.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
