@@ -98,10 +98,6 @@ class QuantizeOptions:
     # times over; at weight 1 GPTQ's v_proj loses to RTN on SmolLM2 (benchmarks/RESULTS.md).
     # 64 was chosen on the validation slice (60-80% of the text), not on the eval slice.
     first_token_weight: float = 64.0
-    # Weight of each calibration window's mean (over its positions) in H and in the tuning loss, against the
-    # deviations from it: x_t -> (x_t - x̄) + √w·x̄, so Σ x xᵀ = within-window scatter + w·T·x̄x̄ᵀ (1 = GPTQ's H).
-    # A mean-pooled embedding sees a layer's error through its window mean: w > 1 aims GPTQ and tuning at it.
-    window_mean_weight: float = 1.0
     aphq_iters: int = 1000  # APHQ: optimisation steps per block
     aphq_mlp_relu: bool = True  # APHQ: GELU -> clamped ReLU with fc1/fc2 refit (MLP reconstruction)
     # Calibration windows (the CLI's; quantize_model takes the windows themselves). 128 (AutoRound's default count)
@@ -115,8 +111,6 @@ class QuantizeOptions:
         fp = {k: v for k, v in asdict(self).items() if k not in ("nsamples", "seqlen")}
         if not self.float_target:  # added later: checkpoints made without them keep their fingerprint
             del fp["float_target"]
-        if self.window_mean_weight == 1.0:  # added later: checkpoints made without it keep their fingerprint
-            del fp["window_mean_weight"]
         if self.tune_dtype == "float32":  # added later: checkpoints made before it keep their fingerprint
             del fp["tune_dtype"]
         if not self.tune_iters:

@@ -83,8 +83,7 @@ def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Mo
     if args.frame_calib:  # as the scored windows (and real inputs) are: [CLS] … [SEP]
         calib = with_special_tokens(calib, loaded.tokenizer)
     ftw = first_token_weight_for(loaded) if args.first_token_weight is None else args.first_token_weight
-    opts = QuantizeOptions(method=method, act_order=act_order, first_token_weight=ftw, tune_iters=args.tune_iters,
-                           window_mean_weight=args.window_mean_weight)
+    opts = QuantizeOptions(method=method, act_order=act_order, first_token_weight=ftw, tune_iters=args.tune_iters)
     t0 = time.perf_counter()
     if args.checkpoint:
         from hawqtool.runtime import load_quantized
@@ -107,7 +106,7 @@ def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Mo
     return dict(config=cfg, slice=args.slice, seed=seed, bits=bits, bits_gidx=gidx, cos=cos, quant_s=qs,
                 eval_s=time.perf_counter() - t0, widths=widths, groups=groups, checkpoint=args.checkpoint,
                 nsamples=args.nsamples, seqlen=args.seqlen, framed=args.frame_calib, windows=args.windows,
-                first_token_weight=ftw, tune_iters=args.tune_iters, window_mean_weight=args.window_mean_weight,
+                first_token_weight=ftw, tune_iters=args.tune_iters,
                 command="python scripts/bench_encoder.py " + shlex.join(sys.argv[1:]))
 
 
@@ -128,8 +127,6 @@ def main() -> None:
     ap.add_argument("--first-token-weight", type=float, default=None,
                     help="weight of each calibration window's first position in H (default: quantize's for an "
                          "encoder, 1; with --frame-calib that position is [CLS])")
-    ap.add_argument("--window-mean-weight", type=float, default=QuantizeOptions().window_mean_weight,
-                    help="each calibration window's mean weighted so in GPTQ's H and the tuning loss")
     ap.add_argument("--tune-iters", type=int, default=QuantizeOptions().tune_iters, help="block tuning steps (0 = off)")
     ap.add_argument("--eval-seqlen", default="128,512", help="scored window lengths, comma-separated")
     ap.add_argument("--windows", type=int, default=40, help="windows scored per length (`hawqtool eval` default)")

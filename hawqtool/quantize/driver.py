@@ -246,8 +246,7 @@ def quantize_model(model: nn.Module, specs: dict[str, QuantSpec], calib_ids: tor
     rest = {n: layers[n] for n in specs if n not in results}
     if rest:
         Hs = collect_hessians(model, rest, None, early_stop=False, batches=batches, first_weight=opts.first_token_weight,
-                              final=box.get("inputs") if streamed else None, n_total=len(every),
-                              mean_weight=opts.window_mean_weight)
+                              final=box.get("inputs") if streamed else None, n_total=len(every))
         _solve(list(rest), layers, Hs, specs, opts, results, streamed, progress)
         for n in rest:  # outside the blocks nothing is tuned: GPTQ's compensated weights are not kept
             results[n].updated = None
@@ -277,8 +276,7 @@ def _quantize_blocks(engine, layers: dict, specs: dict, prefixes: list[str], opt
         for group in groups:
             # H is collected for RTN too: it gives the per-layer output error in the manifest.
             Hs = collect_hessians(block, {n: in_block[n] for n in group}, inputs, early_stop=True,
-                                  first_weight=opts.first_token_weight, n_total=n_total,
-                                  mean_weight=opts.window_mean_weight)
+                                  first_weight=opts.first_token_weight, n_total=n_total)
             if opts.float_target:
                 retarget({n: in_block[n] for n in group}, Hs, block, inputs, floats, opts)
             _solve(group, layers, Hs, specs, opts, results, streamed and not tune, progress)

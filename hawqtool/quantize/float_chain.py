@@ -27,8 +27,7 @@ def retarget(group: dict[str, nn.Module], Hs: dict, block: nn.Module, inputs: Bl
     outputs (hessians.float_target), which GPTQ then quantizes."""
     if any(is_conv(m) for m in group.values()):
         raise UserError("--float-target supports Linear and Conv1D layers; quantize convolutional models without it")
-    Ds = collect_cross(block, floats[0], group, inputs, floats[1], first_weight=opts.first_token_weight,
-                       mean_weight=opts.window_mean_weight)
+    Ds = collect_cross(block, floats[0], group, inputs, floats[1], first_weight=opts.first_token_weight)
     for n, m in group.items():
         W = weight_matrix(m)
         set_weight_matrix(m, float_target(W.float(), Ds[n], Hs[n]._sum, opts.percdamp).to(W.dtype))
@@ -44,8 +43,7 @@ def tune_results(block: nn.Module, in_block: dict[str, nn.Module], results: dict
     res = tune_block(block, in_block, {n: results[n].weight for n in in_block},
                      {n: results[n].updated for n in in_block}, inputs, targets, iters=opts.tune_iters,
                      lr=opts.tune_lr or None, scale_lr=opts.tune_scale_lr, loss=opts.tune_loss,
-                     first_weight=opts.first_token_weight, seed=i, n_total=n_total, dtype=opts.tune_dtype,
-                     mean_weight=opts.window_mean_weight)
+                     first_weight=opts.first_token_weight, seed=i, n_total=n_total, dtype=opts.tune_dtype)
     for n in in_block:
         results[n].updated = None  # GPTQ's compensated weights are needed no more
     if not res.tuned:

@@ -37,16 +37,6 @@ def first_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.cat([x[:, :1] * factor, x[:, 1:]], dim=1)
 
 
-def mean_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x [batch, positions, features] with each sequence's mean over its positions weighted `factor` in xᵀx:
-    (x − x̄) + √factor·x̄, so Σ_t x'x'ᵀ = Σ_t (x_t − x̄)(x_t − x̄)ᵀ + factor·T·x̄x̄ᵀ (the cross terms vanish);
-    x itself when factor is 1 or x has no sequence dimension."""
-    if factor == 1.0 or x.dim() != 3:
-        return x
-    m = x.mean(dim=1, keepdim=True)
-    return x + (factor ** 0.5 - 1.0) * m
-
-
 def _accumulators(group: dict[str, nn.Module]) -> dict[str, HessianAccumulator | ConvHessianAccumulator]:
     from ..models import weight_matrix
 
@@ -56,12 +46,11 @@ def _accumulators(group: dict[str, nn.Module]) -> dict[str, HessianAccumulator |
 
 def collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs | None, *,
                      early_stop: bool, batches: list[dict] | None = None, first_weight: float = 1.0,
-                     final: BlockInputs | None = None, n_total: int | None = None,
-                     mean_weight: float = 1.0) -> dict[str, HessianAccumulator]:
+                     final: BlockInputs | None = None, n_total: int | None = None) -> dict[str, HessianAccumulator]:
     """Accumulate H for each layer of `group` while running `module`: a block over `inputs` (stopping once the
     group has run, with `early_stop`), or the model over `batches` (`final`: a streamed model's last block
     outputs, so only what follows the blocks runs). `n_total`: the number of batches over all ranks (this
-    rank's are its strided share). `mean_weight`: each window's mean weighted so in H (mean_scaled)."""
+    rank's are its strided share)."""
     rank, size = world()
     if size > 1 and any(is_conv(m) for m in group.values()):
         raise UserError("data-parallel quantize supports Linear and Conv1D layers; quantize convolutional models "
@@ -84,7 +73,7 @@ def collect_hessians(module: nn.Module, group: dict[str, nn.Module], inputs: Blo
         else:
             x = x.detach()
             # XᵀX then weighs the first position first_weight; scaled in fp32 (a bf16 model's inputs would round)
-            x = mean_scaled(first_scaled(x.float(), first_weight ** 0.5), mean_weight)
+            x = first_scaled(x.float(), first_weight ** 0.5)
             (step.setdefault(n, HessianAccumulator(acc[n].in_features)) if size > 1 else acc[n]).add_batch(x)
 
     local = len(inputs.hidden) if inputs is not None else len(batches)
@@ -154,12 +143,10 @@ class _nullctx:
 
 
 def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.Module], inputs: BlockInputs,
-                  float_inputs: BlockInputs, *, first_weight: float = 1.0,
-                  mean_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                  float_inputs: BlockInputs, *, first_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """D = Σ_t w_t (x_fp,t − x_t) x_tᵀ [in, in] (float64) for each layer of `group`: x_t its input in the block
     being quantized (on the quantized chain's inputs), x_fp,t the same layer's input in `float_block` (the block
-    before quantization) on the float model's inputs; w_t the first-token weight, as in H (and each window's mean
-    weighted `mean_weight` in both factors, as H weighs it). Layers reading one
+    before quantization) on the float model's inputs; w_t the first-token weight, as in H. Layers reading one
     tensor (q/k/v) share their D."""
     names = list(group)
     inner = {id(m): n for n, m in block.named_modules()}  # a group layer's name inside the block
@@ -189,12 +176,9 @@ def collect_cross(block: nn.Module, float_block: nn.Module, group: dict[str, nn.
                     x, xf = got["q"][n], got["f"][n]
                     key = (x.data_ptr(), xf.data_ptr(), tuple(x.shape))
                     if key not in done:
-                        d, w = xf.float() - x.float(), x.float()
-                        if mean_weight == 1.0:
-                            w = first_scaled(w, first_weight)
-                        else:  # as H weighs x: both factors scaled by √(first weight), then each window's mean
-                            d, w = (mean_scaled(first_scaled(t, first_weight ** 0.5), mean_weight) for t in (d, w))
-                        d, w = d.reshape(-1, x.shape[-1]), w.reshape(-1, x.shape[-1])
+                        x2 = x.reshape(-1, x.shape[-1]).float()
+                        d = (xf.reshape(-1, x.shape[-1]).float() - x2)
+                        w = first_scaled(x.float(), first_weight).reshape(-1, x.shape[-1])
                         done[key] = (d.t() @ w).double()
                     D[n] = D[n] + done[key] if n in D else done[key].clone()
                 got["q"].clear()

@@ -25,7 +25,7 @@ from torch import nn
 from ..blocks import BlockInputs, run_block
 from ..distributed import broadcast_tensors, gather_list, world
 from ..models import set_weight_matrix
-from .hessians import is_conv, mean_scaled
+from .hessians import is_conv
 from .quantizer import QuantizedWeight
 
 THETA_MAX = 0.5  # the scales move within e^±0.5
@@ -148,16 +148,15 @@ DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tensor], j: int,
-                relative: bool, first: float = 1.0, keep: list | None = None, mean: float = 1.0) -> torch.Tensor:
+                relative: bool, first: float = 1.0, keep: list | None = None) -> torch.Tensor:
     """Σ over batch j's tokens of ‖ŷ_t − y_t‖² (relative: each divided by ‖y_t‖², so a token with massive
     activations, the attention sink, counts as much as any other; first ≠ 1: each window's first position
-    weighted `first`, as GPTQ's H weighs it; mean ≠ 1: each window's mean error weighted `mean` against the
-    deviations from it, hessians.mean_scaled). keep: the block's output ŷ is appended to it."""
+    weighted `first`, as GPTQ's H weighs it). keep: the block's output ŷ is appended to it."""
     out = run_block(block, inputs, j)
     if keep is not None:
         keep.append(out)
     y = targets[j].to(out.device).float()
-    err = mean_scaled(out.float() - y, mean).pow(2).sum(-1)
+    err = (out.float() - y).pow(2).sum(-1)
     if relative:
         err = err / y.pow(2).sum(-1).clamp_min(1e-30)
     if first != 1.0 and err.dim() > 1:
@@ -165,19 +164,17 @@ def _block_loss(block: nn.Module, inputs: BlockInputs, targets: list[torch.Tenso
     return err.sum()
 
 
-def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 1.0, keep: list | None = None,
-           mean: float = 1.0) -> float:
+def _total(block, inputs, targets, relative: bool, n_total: int, first: float = 1.0, keep: list | None = None) -> float:
     """The loss summed over every calibration batch in global order (data parallel: each rank's share gathered
     first, so the sum is the one process's to the last bit); keep: this rank's block outputs are appended."""
     with torch.no_grad():
-        mine = [float(_block_loss(block, inputs, targets, j, relative, first, keep, mean))
-                for j in range(len(inputs.hidden))]
+        mine = [float(_block_loss(block, inputs, targets, j, relative, first, keep)) for j in range(len(inputs.hidden))]
     return sum(gather_list(mine, n_total))
 
 
 def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tunable], inputs: BlockInputs,
              targets: list[torch.Tensor], iters: int, lr: float, scale_lr: float, relative: bool, seed: int,
-             n_total: int, first: float = 1.0, amp: torch.dtype | None = None, mean: float = 1.0) -> None:
+             n_total: int, first: float = 1.0, amp: torch.dtype | None = None) -> None:
     """SignRound's steps on the tunables' V (and θ), from their current values; the layers hold Ŵ throughout.
     amp: each step's forward under autocast to this dtype (its backward follows; ∂L/∂Ŵ lands in float32).
     Data parallel: every rank walks the same batch order; each step's gradient signs come from the rank holding
@@ -214,7 +211,7 @@ def _descend(block: nn.Module, layers: dict[str, nn.Module], tun: dict[str, _Tun
                 try:
                     with torch.enable_grad():
                         with torch.autocast(ws[0].device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                            step_loss = _block_loss(block, inputs, targets, g // size, relative, first, mean=mean)
+                            step_loss = _block_loss(block, inputs, targets, g // size, relative, first)
                         step_loss.backward()
                 finally:
                     for h in hooks:
@@ -238,15 +235,14 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
                updated: dict[str, torch.Tensor | None], inputs: BlockInputs, targets: list[torch.Tensor], *,
                iters: int, lr: float | None = None, scale_lr: float = 1.0, loss: str = "mse",
                first_weight: float = 1.0, seed: int = 0, n_total: int | None = None,
-               dtype: str = "float32", mean_weight: float = 1.0) -> TuneResult:
+               dtype: str = "float32") -> TuneResult:
     """Tune the quantized `weights` of `layers` (global name → module inside `block`), GPTQ's compensated weights
     `updated`, so the block's outputs on `inputs` (the quantized chain's) approach `targets` (the float block's on
     the float chain's); see the module docstring. Layers without compensated weights (ggml formats, RTN) are left
     as they are; the tuned layers hold the returned weights afterwards. loss: "mse" (AutoRound's), "relative"
     (each token's error relative to its target's norm) or "weighted" (mse, each window's first position weighted
     `first_weight`, as GPTQ's H). dtype: the descent's autocast dtype (DTYPES); the before/after losses that decide
-    are float32 whatever it is. mean_weight: each window's mean error weighted so in every loss (as in GPTQ's H,
-    hessians.mean_scaled). A block whose error rose keeps GPTQ's codes.
+    are float32 whatever it is. A block whose error rose keeps GPTQ's codes.
     Memory: the layers' own weight tensors carry Ŵ and, one layer at a time, ∂L/∂Ŵ, of which only the signs in V
     (int8) are kept; beyond U the tuner holds V (plain autograd through Ŵ(V) held about five more copies).
     Data parallel: n_total batches, this rank holding its strided share (see _descend)."""
@@ -268,9 +264,8 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
                        scales=scale_lr != 0) for n in names}
     for n, t in tun.items():
         t.write(layers[n])
-    before = _total(block, inputs, targets, relative, n_total, first, mean=mean_weight)
-    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total, first, DTYPES[dtype],
-             mean_weight)
+    before = _total(block, inputs, targets, relative, n_total, first)
+    _descend(block, layers, tun, inputs, targets, iters, lr, scale_lr, relative, seed, n_total, first, DTYPES[dtype])
     tuned = {}
     for n in list(tun):  # each layer's V is released as its codes are formed; the block takes the stored weights
         t = tun.pop(n)
@@ -279,7 +274,7 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Module], weights: dict[str
         _write_rows(layers[n], t.transposed, t._slices(), lambda r: qw.dequantize_rows(r, g))
         del t
     outs: list[torch.Tensor] = []
-    after = _total(block, inputs, targets, relative, n_total, first, keep=outs, mean=mean_weight)
+    after = _total(block, inputs, targets, relative, n_total, first, keep=outs)
     kept = not after < before
     out = dict(weights)
     moved, total = 0, 0
