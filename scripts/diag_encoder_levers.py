@@ -10,8 +10,8 @@ decompose: on the validation slice, the per-token and the pooled relative error 
 pooled error would be if token errors were independent, and the share of the pooled error common to every window.
 bias: each Linear's bias moved by its mean output error against fp32 (float chain vs quantized chain, calibration
 windows of seed 0, framed), layer by layer in forward order; scored on the validation slice.
-codebook / rotation: round-to-nearest error of the fp32 weights at 4 bits in groups of 32 (asymmetric, clipping
-searched), against one 16-level codebook per layer fitted by Lloyd's algorithm to the group-normalised weights
+codebook / rotation: round-to-nearest error of the fp32 weights at 4 bits in groups of 32 on the quantizer's searched
+grid (asymmetric, fp16 scales; unweighted for codebook, weighted by diag(H) for rotation), against one 16-level codebook per layer fitted by Lloyd's algorithm to the group-normalised weights
 (codebook; unweighted), or with a per-head 32 × 32 Hadamard rotation folded into v/q/k's rows and o's columns
 (rotation; tr(ΔW H ΔWᵀ), H from 16 calibration windows): an exact change of basis, so any gain would be free.
 """
@@ -27,6 +27,8 @@ from bench_encoder import default_model
 from diag_encoder_e2e import ScaledLinear, dequantized, score
 from hawqtool.data import VALID_FRACTION, calibration_windows, eval_windows, with_special_tokens
 from hawqtool.models import load_model, quantizable_layers, weight_matrix
+from hawqtool.quantize import quantizer
+from hawqtool.quantize.quantizer import QuantSpec
 
 G, LEVELS = 32, 16
 
@@ -79,21 +81,9 @@ def bias_correct(ref, q, calib: torch.Tensor, valid: torch.Tensor, only: list[st
     print(f"| {len(names)} ({', '.join(only) or 'all but the pooler'}) | {score(ref, q, valid)} |")
 
 
-def rtn(W: torch.Tensor) -> torch.Tensor:
-    """Asymmetric 4-bit groups of 32, each group's clipping searched (16 shrink factors) for the least error."""
-    g = W.reshape(-1, G)
-    best, out = None, None
-    for s in torch.linspace(0.7, 1.0, 16):
-        lo, hi = g.min(1, keepdim=True).values * s, g.max(1, keepdim=True).values * s
-        sc = (hi - lo).clamp_min(1e-12) / (LEVELS - 1)
-        qg = ((g - lo) / sc).round().clamp(0, LEVELS - 1) * sc + lo
-        e = (qg - g).pow(2).sum(1)
-        if best is None:
-            best, out = e, qg.clone()
-        else:
-            better = e < best
-            best, out[better] = torch.where(better, e, best), qg[better]
-    return out.reshape(W.shape)
+def rtn(W: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """4-bit asymmetric groups of 32 on the quantizer's own searched grid (d-weighted; fp16 scales), dequantized."""
+    return quantizer.rtn(W.float(), QuantSpec(4, G, scale_bits=16), search=True, d=d).dequantize().double()
 
 
 def codebook(W: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -158,8 +148,8 @@ def weights_only(model, tok, which: str) -> None:
         else:  # q/k/v write the heads: rows rotate (q·k and the attention-weighted v are unchanged, then o undoes it)
             Wr, Hr = R.t() @ W, H
         a = tot.setdefault(kind(n), [0.0, 0.0])
-        a[0] += err(rtn(Wr) - Wr, Hr)
-        a[1] += err(rtn(W) - W, H)
+        a[0] += err(rtn(Wr, Hr.diagonal()) - Wr, Hr)
+        a[1] += err(rtn(W, H.diagonal()) - W, H)
     print("| kind | rotated / plain tr(ΔW H ΔWᵀ) |\n|---|---|")
     for k, (r, p) in tot.items():
         print(f"| {k} | {r / p:.3f} |")
