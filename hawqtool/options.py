@@ -4,6 +4,7 @@ CLI can read them without importing torch (fast --help)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 FISHER_OBJECTIVES = ("self-kl", "output-mse", "pooled-cosine")  # the sampled-label Fisher's (sensitivity/fisher.py)
 
@@ -104,6 +105,11 @@ class QuantizeOptions:
     # was chosen by scripts/bench_grid.py --nsamples on the validation slice (benchmarks/RESULTS.md, 2026-12-05
     # 21:16): uniform 3-bit g128 with 50 tuning steps 27.72 at 32 windows -> 26.46 at 128, the quantize ~1.4x longer.
     nsamples: int = 128
+    # An encoder's (the CLI's and `run`'s default when no count is given: quantize.driver.nsamples_for): 512 windows
+    # lowered 1 - cosine of the pooled embedding on every calibration seed, by 5.2% at 512 tokens and 10.6% at 128
+    # (medians of 3 seeds), for 1.5-2x the quantize time: scripts/bench_encoder.py --nsamples on the validation slice
+    # (benchmarks/RESULTS.md, 2026-12-07). A class constant, not a field: the windows themselves are the input.
+    encoder_nsamples: ClassVar[int] = 512
     seqlen: int = 512
 
     def fingerprint(self) -> dict:

@@ -107,6 +107,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
             raise UserError(f"recipe key group_size must be -1 (per channel), a positive size or null, got {value!r}")
         return value
+    if key == "nsamples":  # null: the model's default (quantize.driver.nsamples_for)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"recipe key nsamples must be int (calibration windows, at least 1) or null, got {value!r}")
+        return value
     if key.rsplit(".", 1)[-1] == "scale_bits":  # null: as the sensitivity report measured them
         if value is not None and (isinstance(value, bool) or value not in (16, 4, 5, 6, 7, 8)):
             raise UserError(f"recipe key {key} must be 16 (fp16 scales), 4..8 (scale codes) or null, got {value!r}")

@@ -22,7 +22,7 @@ import logging
 import resource
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ import torch
 from . import artifacts
 from .allocate.options import parse_formats
 from .allocate.plan import omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
-from .artifacts import fingerprint, layer_records, write_atomic
+from .artifacts import fingerprint, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .checkpoint_stream import wants_streaming
 from .data import calibration_windows, data_fingerprint, eval_windows, with_special_tokens
@@ -46,13 +46,13 @@ from .models import LoadedModel, load_model, quantizable_layers
 from .hooks import Hooks, Silent
 from .report import write_sensitivity_report
 from .options import AllocateOptions, EvalOptions, QuantizeOptions, SensitivityOptions
-from .quantize.driver import first_token_weight_for
+from .quantize.driver import first_token_weight_for, nsamples_for
 from .runtime import load_quantized
 from .sizes import checkpoint_sizes, model_sizes, predict_file
 from .allocate_stage import allocate_stage, budget_inputs, offered_formats, write_sweep_of
 from .evaluate_stage import EVAL_IMAGES, EVAL_IMAGE_SEED, vision_eval_images
-from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_stage, sensitivity_fingerprint,
-                     report_settings)
+from .stages import (compute_sensitivity, layer_weights, model_digest, quantize_fingerprint, quantize_stage,
+                     report_settings, sensitivity_fingerprint)
 
 log = logging.getLogger("hawqtool")
 VISION = "image-classification"
@@ -72,7 +72,7 @@ class RunConfig:
     bit_choices: tuple[int, ...] = SensitivityOptions.bits
     group_size: int | None = None  # one group size for every layer; None: each layer's chosen among the measured ones
     symmetric: bool = False
-    nsamples: int = QuantizeOptions.nsamples
+    nsamples: int | None = None  # GPTQ calibration windows; None: quantize.driver.nsamples_for the model and method
     seqlen: int = QuantizeOptions.seqlen
     sens_samples: int = SensitivityOptions.nsamples
     sens_seqlen: int = SensitivityOptions.seqlen
@@ -216,6 +216,8 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
         raise UserError("--formats (ggml types) is for language models' Linear layers; drop it for image classifiers")
     mdig = timed("load", lambda: model_digest(loaded))
     encoder = loaded.task == ENCODER
+    if cfg.nsamples is None:
+        cfg = replace(cfg, nsamples=nsamples_for(loaded, cfg.method))
     td = timed("data", lambda: (_image_data if vision else _encoder_data if encoder else _text_data)(loaded, cfg))
 
     def evaluate(name: str, model_fp: str, get_model) -> dict:
@@ -337,8 +339,7 @@ def run_pipeline(cfg: RunConfig, rep: Hooks | None = None) -> dict:
                                                                 "cosine_min")} | {"seconds": 0.0, "quantize_seconds": 0.0}, {}
                 continue
             ck = out / name
-            qfp = fingerprint("quantize", mdig, td.calib_key, p.fingerprint, opts.fingerprint(),
-                              layer_records(p.layers))
+            qfp = quantize_fingerprint(mdig, td.calib_key, tuple(calib_ids.shape), p, opts)
             qsecs = 0.0  # this run's; the checkpoint records no timings (same inputs, same bytes)
             if _current(ck, qfp, "checkpoint"):
                 rep.skip(f"quantize {name}")

@@ -256,6 +256,14 @@ def check_plan_matches(plan: Plan, loaded: LoadedModel) -> None:
                         "model's sensitivity report")
 
 
+def quantize_fingerprint(model_fp: str, data_key: str, calib_shape: tuple[int, ...], plan: Plan,
+                         opts: QuantizeOptions) -> str:
+    """What a checkpoint depends on: the model, the calibration data (its source and its shape: windows × length, or
+    the images), the plan and the quantizer's options. `run` compares it to decide whether a checkpoint is current."""
+    return fingerprint("quantize", model_fp, data_key, list(calib_shape), plan.fingerprint, opts.fingerprint(),
+                       layer_records(plan.layers))
+
+
 def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opts: QuantizeOptions,
                    out_dir: Path, *, progress: Callable | None = None, data_key: str = "",
                    extra: dict | None = None) -> Path:
@@ -266,8 +274,7 @@ def quantize_stage(loaded: LoadedModel, plan: Plan, calib_ids: torch.Tensor, opt
     check_plan_matches(plan, loaded)
     out_dir = Path(out_dir)
     state_dir = out_dir.with_name(out_dir.name + ".partial")
-    key = fingerprint("quantize", model_digest(loaded), data_key, plan.fingerprint, opts.fingerprint(),
-                      layer_records(plan.layers))
+    key = quantize_fingerprint(model_digest(loaded), data_key, tuple(calib_ids.shape), plan, opts)
     act = {lp.name: lp.act_bits for lp in plan.layers}
     emb = None
     if plan.embedding is not None:  # first: GPTQ then calibrates the blocks on the quantized lookup

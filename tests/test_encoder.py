@@ -120,6 +120,40 @@ def test_run_on_an_encoder(tiny_bert, text_file, tmp_path):
                                       "--eval-windows", "6", "--eval-seqlen", "32", "-o", str(out)])
     assert again.exit_code == 0, again.output  # every stage current: the table is printed from the kept results
     assert "cosine" in again.output and f"{s['mixed_cosine']:.4f}" in again.output
+    manifest = out / "mixed" / "hawqtool_manifest.json"
+    assert json.loads(manifest.read_text())["calibration"]["samples"] == 4
+    # another calibration count makes the checkpoints stale (they were kept before the count entered the fingerprint)
+    more = CliRunner().invoke(main, ["run", str(tiny_bert), "--calib", str(text_file), "--data", str(text_file),
+                                     "--avg-bits", "4", "--group-size", "32", "--nsamples", "6", "--seqlen", "32",
+                                     "--sens-samples", "4", "--sens-seqlen", "32", "--max-probes", "4",
+                                     "--eval-windows", "6", "--eval-seqlen", "32", "-o", str(out), "--json"])
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.stdout)["calib_samples"] == 6
+    assert json.loads(manifest.read_text())["calibration"]["samples"] == 6
+    assert json.loads((out / "uniform" / "hawqtool_manifest.json").read_text())["calibration"]["samples"] == 6
+
+
+def test_an_encoder_calibrates_on_more_windows_by_default(tiny_bert, tiny_llama, text_file, tmp_path):
+    """Without --nsamples an encoder under GPTQ gets QuantizeOptions.encoder_nsamples windows (`quantize` and `run`),
+    a causal LM (and APHQ) QuantizeOptions.nsamples."""
+    from hawqtool.models import load_model
+    from hawqtool.options import QuantizeOptions
+    from hawqtool.quantize.driver import nsamples_for
+
+    assert QuantizeOptions.encoder_nsamples > QuantizeOptions.nsamples
+    bert, llama = load_model(str(tiny_bert)), load_model(str(tiny_llama))
+    assert nsamples_for(bert) == QuantizeOptions.encoder_nsamples
+    assert nsamples_for(bert, "aphq") == nsamples_for(llama) == QuantizeOptions.nsamples
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", str(tiny_bert), "--calib", str(text_file), "--data", str(text_file),
+                                  "--avg-bits", "4", "--group-size", "32", "--seqlen", "8", "--no-uniform",
+                                  "--sens-samples", "4", "--sens-seqlen", "32", "--max-probes", "4",
+                                  "--eval-windows", "2", "--eval-seqlen", "32", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["calib_samples"] == QuantizeOptions.encoder_nsamples
+    manifest = json.loads((out / "mixed" / "hawqtool_manifest.json").read_text())
+    assert manifest["calibration"] == {**manifest["calibration"], "samples": QuantizeOptions.encoder_nsamples,
+                                       "seqlen": 8}
 
 
 def test_pooled_cosine_objective_through_the_cli(tiny_bert, tiny_llama, text_file, tmp_path):

@@ -21,13 +21,13 @@ CLI = {("sensitivity", "nsamples"): S.nsamples, ("sensitivity", "seqlen"): S.seq
        ("sensitivity", "min_probes"): S.min_probes, ("sensitivity", "max_probes"): S.max_probes,
        ("sensitivity", "bits"): S.bits, ("sensitivity", "group_size"): None,  # None: S.group_sizes
        ("quantize", "method"): Q.method, ("quantize", "aphq_iters"): Q.aphq_iters,
-       ("quantize", "aphq_mlp_relu"): Q.aphq_mlp_relu, ("quantize", "nsamples"): Q.nsamples,
+       ("quantize", "aphq_mlp_relu"): Q.aphq_mlp_relu, ("quantize", "nsamples"): None,  # None: nsamples_for the model
        ("quantize", "seqlen"): Q.seqlen, ("quantize", "act_order"): Q.act_order, ("quantize", "damp"): Q.percdamp,
        ("quantize", "blocksize"): Q.blocksize, ("quantize", "act_mode"): Q.act_mode,
        ("quantize", "act_calib"): Q.act_calib, ("quantize", "grid"): Q.grid,
        ("eval", "data"): E.data, ("eval", "seqlen"): E.seqlen, ("eval", "max_windows"): E.windows,
        ("run", "bits"): S.bits, ("run", "group_size"): None, ("run", "data"): E.data,
-       ("run", "nsamples"): Q.nsamples, ("run", "seqlen"): Q.seqlen, ("run", "sens_samples"): S.nsamples,
+       ("run", "nsamples"): None, ("run", "seqlen"): Q.seqlen, ("run", "sens_samples"): S.nsamples,
        ("run", "sens_seqlen"): S.seqlen, ("run", "max_probes"): S.max_probes, ("run", "eval_windows"): E.windows,
        ("run", "eval_seqlen"): E.seqlen, ("run", "method"): Q.method, ("run", "act_order"): Q.act_order,
        ("quantize", "float_target"): Q.float_target, ("quantize", "tune_iters"): Q.tune_iters,
@@ -54,7 +54,7 @@ def test_cli_defaults_are_the_options(cmd, name):
 
 def test_run_config_defaults_are_the_options():
     rc = RunConfig()
-    assert (rc.nsamples, rc.seqlen, rc.method, rc.act_order) == (Q.nsamples, Q.seqlen, Q.method, Q.act_order)
+    assert (rc.nsamples, rc.seqlen, rc.method, rc.act_order) == (None, Q.seqlen, Q.method, Q.act_order)  # None: per task
     assert (rc.sens_samples, rc.sens_seqlen, rc.sens_max_probes, rc.sens_min_probes, rc.sens_target) == \
         (S.nsamples, S.seqlen, S.max_probes, S.min_probes, S.target_rel_se)
     assert (tuple(rc.bit_choices), rc.group_size) == (S.bits, None)  # None: chosen among S.group_sizes

@@ -27,6 +27,7 @@ def test_default_recipe_is_the_default_job():
     ("bit_choices: [2, 9]\n", "bit_choices"),
     ("act_order: 1\n", "act_order must be bool"),
     ("nsamples: 3.5\n", "nsamples must be int"),
+    ("nsamples: 0\n", "nsamples must be int (calibration windows, at least 1)"),
     ("- a\n- b\n", "must be a mapping"),
     ("avg_bits: [\n", "not valid YAML"),
     ("sensitivity: {objectiv: labels}\n", "did you mean 'objective'"),

@@ -21,7 +21,8 @@ from .params import COUNT, NON_NEGATIVE, TEXT, Finite, PathArg, device_options, 
 @click.option("--aphq-iters", type=COUNT, default=_Q.aphq_iters, show_default=True, help="APHQ: optimisation steps per block.")
 @click.option("--aphq-mlp-relu/--no-aphq-mlp-relu", default=_Q.aphq_mlp_relu, show_default=True,
               help="APHQ: replace each MLP's GELU by a clamped ReLU and refit fc1/fc2 (MLP reconstruction).")
-@click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True)
+@click.option("--nsamples", type=COUNT, default=None,
+              help=f"Calibration windows (default {_Q.nsamples}; {_Q.encoder_nsamples} for an encoder under GPTQ).")
 @click.option("--seqlen", type=COUNT, default=_Q.seqlen, show_default=True)
 @click.option("--act-order", is_flag=True, default=_Q.act_order, help="GPTQ: quantize columns by descending Hessian diagonal.")
 @click.option("--float-target/--no-float-target", default=_Q.float_target, show_default=True,
@@ -68,7 +69,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     from ..inputs import calibration_inputs, calibration_key
     from ..models import load_model
     from ..progress import Reporter
-    from ..quantize.driver import QuantizeOptions, first_token_weight_for
+    from ..quantize.driver import QuantizeOptions, first_token_weight_for, nsamples_for
     from ..stages import check_plan_matches, quantize_stage
 
     from ..device import resolve_device, resolve_dtype
@@ -90,6 +91,7 @@ def quantize(model, plan_file, calib, output, method, aphq_iters, aphq_mlp_relu,
     loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev, dtype=dt, offload=offload,
                         max_memory=max_memory)
     check_plan_matches(plan, loaded)
+    nsamples = nsamples_for(loaded, method) if nsamples is None else nsamples
     ids = calibration_inputs(loaded, calib, nsamples, seqlen, seed=seed)
     opts = QuantizeOptions(method=method, act_order=act_order, percdamp=damp, blocksize=blocksize, act_mode=act_mode,
                            act_calib=act_calib, aphq_iters=aphq_iters, aphq_mlp_relu=aphq_mlp_relu,

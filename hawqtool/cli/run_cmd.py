@@ -28,7 +28,8 @@ _RECIPE_ONLY = {"sens_min_probes": COUNT, "sens_target": positive()}
 @scale_bits_option(_A.scale_bits, f"Default: {_S.scale_bits}.")
 @click.option("--calib", type=TEXT, default="wiki", show_default=True)
 @click.option("--data", type=TEXT, default=_E.data, show_default=True)
-@click.option("--nsamples", type=COUNT, default=_Q.nsamples, show_default=True, help="GPTQ calibration windows.")
+@click.option("--nsamples", type=COUNT, default=None,
+              help=f"GPTQ calibration windows (default {_Q.nsamples}; {_Q.encoder_nsamples} for an encoder).")
 @click.option("--seqlen", type=COUNT, default=_Q.seqlen, show_default=True, help="GPTQ calibration window length.")
 @click.option("--sens-samples", type=COUNT, default=_S.nsamples, show_default=True)
 @click.option("--sens-seqlen", type=COUNT, default=_S.seqlen, show_default=True)

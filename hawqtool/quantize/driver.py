@@ -52,6 +52,14 @@ def first_token_weight_for(loaded) -> float:
     return QuantizeOptions().first_token_weight if getattr(loaded, "task", None) == "causal-lm" else 1.0
 
 
+def nsamples_for(loaded, method: str = QuantizeOptions.method) -> int:
+    """The calibration windows a model gets when no count is given: QuantizeOptions.encoder_nsamples for an encoder
+    under GPTQ (where it was measured: the pooled embedding gains from more windows), QuantizeOptions.nsamples for
+    everything else."""
+    encoder = getattr(loaded, "task", None) == "encoder"
+    return QuantizeOptions.encoder_nsamples if encoder and method == "gptq" else QuantizeOptions.nsamples
+
+
 @dataclass
 class LayerResult:
     """What quantizing one layer produced and cost."""
