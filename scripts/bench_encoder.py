@@ -4,8 +4,9 @@
 plan=/work/exp/minilm/plan_a4.json --slice valid --seeds 0,1,2 [--checkpoint] --log runs.jsonl
     python scripts/bench_encoder.py --log runs.jsonl --report-only --append    # one table of every logged run
 
-Config: `method:bits:group[:act]` (every Linear at that format, asymmetric, on the searched grid; `act`: GPTQ
-with act-order) or `plan=PATH[:act]` (a plan from `hawqtool allocate`, GPTQ). Weights only: activations stay
+Config: `method:bits:group[:act[:static]]` (every Linear at that format, asymmetric, on the searched grid; `act`:
+GPTQ with act-order; `static`: its groups fixed before the sweep, in column order, so no g_idx) or
+`plan=PATH[:act[:static]]` (a plan from `hawqtool allocate`, GPTQ). Weights only: activations stay
 fp32. Calibration is what `hawqtool quantize` gives an encoder: --nsamples windows of --seqlen tokens from the
 first 60% of `wiki` (one seed per run), first-token weight `first_token_weight_for` (1 for encoders). Score:
 hawqtool's encoder score (`evaluate.embedding_fidelity`: mean over windows of the cosine of mean-pooled last
@@ -66,24 +67,27 @@ class CachedReference(nn.Module):
 
 
 def make_plan(loaded: LoadedModel, cfg: str):
-    """(plan, act_order, method) of a config string."""
+    """(plan, act_order, static_groups, method) of a config string."""
     head, _, tail = cfg.partition(":") if cfg.startswith("plan=") else (cfg, "", "")
     if cfg.startswith("plan="):
-        return artifacts.load(Path(head[5:]), "plan"), tail == "act", "gptq"
+        flags = tail.split(":")
+        return artifacts.load(Path(head[5:]), "plan"), "act" in flags, "static" in flags, "gptq"
     parts = cfg.split(":")
     method, bits, group = parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 128
     shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(loaded.model).items()}
-    return fixed_plan(shapes, bits, group_size=group, model=loaded.source), "act" in parts[3:], method
+    plan = fixed_plan(shapes, bits, group_size=group, model=loaded.source)
+    return plan, "act" in parts[3:], "static" in parts[3:], method
 
 
 def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Module, tmp: Path) -> dict:
     loaded = load_model(model_ref)
-    plan, act_order, method = make_plan(loaded, cfg)
+    plan, act_order, static, method = make_plan(loaded, cfg)
     calib = calibration_inputs(loaded, "wiki", args.nsamples, args.seqlen, seed=seed)
     if args.frame_calib:  # as the scored windows (and real inputs) are: [CLS] … [SEP]
         calib = with_special_tokens(calib, loaded.tokenizer)
     ftw = first_token_weight_for(loaded) if args.first_token_weight is None else args.first_token_weight
-    opts = QuantizeOptions(method=method, act_order=act_order, first_token_weight=ftw, tune_iters=args.tune_iters)
+    opts = QuantizeOptions(method=method, act_order=act_order, static_groups=static, first_token_weight=ftw,
+                           tune_iters=args.tune_iters)
     t0 = time.perf_counter()
     if args.checkpoint:
         from hawqtool.runtime import load_quantized
@@ -97,7 +101,9 @@ def run_one(model_ref: str, cfg: str, seed: int, args, windows: dict, ref: nn.Mo
         model, bits = loaded.model, plan.avg_bits
     qs = time.perf_counter() - t0
     n = sum(lp.n_params for lp in plan.layers)
-    gidx = bits + (32 * sum(lp.n_params // lp_out(loaded, lp.name) for lp in plan.layers) / n if act_order else 0.0)
+    # act-order's int32 g_idx per input column, unless the groups stay in column order (static)
+    gidx = bits + (32 * sum(lp.n_params // lp_out(loaded, lp.name) for lp in plan.layers) / n
+                   if act_order and not static else 0.0)
     t0 = time.perf_counter()
     cos = {L: embedding_fidelity(ref, model, w).cosine for L, w in windows.items()}
     widths = "/".join(str(sum(lp.bits == b for lp in plan.layers)) for b in (2, 3, 4, 8))
@@ -120,7 +126,7 @@ def main() -> None:
     ap.add_argument("--configs", default="rtn:4:128,gptq:4:128")
     ap.add_argument("--slice", choices=["valid", "eval"], default="valid")
     ap.add_argument("--seeds", default="0", help="calibration seeds, comma-separated")
-    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (`hawqtool quantize` default)")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (`quantize` gives an encoder 512)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration tokens per window (`quantize` default)")
     ap.add_argument("--frame-calib", action="store_true", help="calibration windows framed [CLS] … [SEP] "
                     "(`hawqtool quantize` does not frame them)")
