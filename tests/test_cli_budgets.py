@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from hawqtool.cli import main
+from hawqtool.options import SensitivityOptions
 
 
 def invoke(*args, code: int = 0):
@@ -43,10 +44,11 @@ def test_bops_and_w8a8_plan_quantizes_and_runs(sens, tiny_llama, text_file, tmp_
 
 def test_latency_table_then_latency_budget(sens, tiny_llama, tmp_path):
     table, plan_path = tmp_path / "lat.json", tmp_path / "plan.json"
-    # the default group sizes are sensitivity's, which allocate offers by default
-    invoke("bench", tiny_llama, "--latency-table", table, "--bits", "2,3,4,8", "--repeats", 5, "-q")
+    # the default widths and group sizes are sensitivity's, which allocate offers by default
+    invoke("bench", tiny_llama, "--latency-table", table, "--repeats", 5, "-q")
     t = json.loads(table.read_text())
-    assert t["kind"] == "latency-table" and all(len(r) == 4 * 3 for r in t["layers"].values()), \
+    n = len(SensitivityOptions.bits) * len(SensitivityOptions.group_sizes)
+    assert t["kind"] == "latency-table" and all(len(r) == n for r in t["layers"].values()), \
         [sorted(r) for r in t["layers"].values()][:2]
     invoke("allocate", sens, "--latency-table", table, "--latency-frac", 100, "--sweep", "-q", "-o", plan_path)
     plan = json.loads(plan_path.read_text())

@@ -27,7 +27,7 @@ def test_mixed_plan_beats_uniform_at_equal_bytes(smollm2):
                                  only=ONLY)
     assert {ls.name for ls in report.layers} == set(shapes)
     weights = layer_weights(loaded)
-    mixed = allocate_bits(report, lambda: weights, avg_bits=3.0)
+    mixed = allocate_bits(report, lambda: weights, avg_bits=3.0, bit_choices=(2, 3, 4, 8))
     assert mixed.total_bytes <= fixed_plan(shapes, 3).total_bytes * (1 + 1e-9)
     assert len({lp.bits for lp in mixed.layers}) > 1
     m, u = ppl_after(smollm2, plan_specs(mixed), "gptq"), uniform_ppl(smollm2, False, "gptq")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..artifacts import EmbeddingPlan, LayerPlan, Plan, SensitivityReport, fingerprint
+from ..options import SensitivityOptions
 from ..errors import UserError
 from ..macs import LayerProfile
 from ..quantize.importance import weighted_quant_error
@@ -227,7 +228,7 @@ def avg_bits_for_bytes(nbytes: np.ndarray, bit_choices: list[int], target: float
 
 
 def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits: float | None = None,
-                  max_bytes: float | None = None, bit_choices: tuple[int, ...] = (2, 3, 4, 8),
+                  max_bytes: float | None = None, bit_choices: tuple[int, ...] = SensitivityOptions.bits,
                   group_size: int = 128, symmetric: bool = False, pins: Mapping[str, int] | None = None,
                   allowed: Mapping[str, Sequence[int]] | None = None, ties: Sequence[str] = (),
                   auto_ties: bool = False, group_sizes: Sequence[int] | None = None,

@@ -14,7 +14,8 @@ from ..options import SensitivityOptions as _S
 @click.argument("target", type=TEXT, required=False)
 @click.option("--latency-table", type=PathArg(), default=None,
               help="Write the layer × option → ms table of TARGET (a model) for `allocate --latency-table`.")
-@click.option("--bits", type=BITS, default="2,3,4,8", show_default=True, help="Latency table: widths to time.")
+@click.option("--bits", type=BITS, default=",".join(map(str, _S.bits)), show_default=True,
+              help="Latency table: widths to time.")
 @click.option("--group-sizes", type=GROUP_SIZES, default=",".join(map(str, _S.group_sizes)), show_default=True,
               help="Latency table: group sizes to time.")
 @click.option("--act-bits", type=ACT_BITS, default="16", show_default=True, help="Latency table: '8,16' also times W8A8.")
