@@ -100,8 +100,12 @@ def _refuse_quantized_embedding(manifest: dict, ckpt: Path, fmt: str) -> None:
                     "(it holds quantized Linear layers only); re-quantize with --embed-bits 16 to export it")
 
 
+GPTQ_BITS = (2, 3, 4, 8)  # the widths GPTQ's int32 packing (and its loaders) take
+
+
 def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:
-    """One-line UserError for the first layer the target format (or its loader) cannot hold."""
+    """One-line UserError naming what the target format (or its loader) cannot hold, and the re-quantization that
+    removes it: for GPTQ every obstacle at once, so one new run suffices."""
     for name, pw in layers.items():
         if fmt == "compressed-tensors":
             if not pw.symmetric:
@@ -110,13 +114,21 @@ def _refuse_unsupported(layers: dict[str, PackedWeight], fmt: str) -> None:
             if pw.g_idx is not None:
                 raise UserError(f"layer {name} uses act-order (g_idx), which the compressed-tensors export does "
                                 "not support; re-quantize without --act-order")
-        elif fmt == "gptq":
-            if pw.bits not in (2, 3, 4, 8):
-                raise UserError(f"layer {name} has {pw.bits} bits; GPTQ supports 2, 3, 4 and 8 bits; "
-                                "re-allocate with --bits 2,3,4,8")
-            if not pw.symmetric and bool((unpack(pw.qzeros, pw.bits, pw.n_groups) == 0).any()):
-                raise UserError(f"layer {name} has a zero point of 0, which GPTQ v1 (stores zero-1) cannot "
-                                "represent; re-quantize with --sym")
+    if fmt != "gptq":
+        return
+    wide = next((n for n, pw in layers.items() if pw.bits not in GPTQ_BITS), None)
+    zero0 = next((n for n, pw in layers.items() if not pw.symmetric
+                  and bool((unpack(pw.qzeros, pw.bits, pw.n_groups) == 0).any())), None)
+    problems, fixes = [], []
+    if wide is not None:
+        problems.append(f"layer {wide} has {layers[wide].bits} bits (GPTQ packs 2, 3, 4 and 8)")
+        fixes.append("--bits 2,3,4,8")
+    if zero0 is not None:
+        problems.append(f"layer {zero0} has a zero point of 0, which GPTQ v1 (stores zero-1) cannot represent")
+        fixes.append("--sym")
+    if problems:
+        raise UserError(f"{'; '.join(problems)}; re-quantize with {' '.join(fixes)} (`run`, or `allocate` then "
+                        "`quantize`)")
 
 
 def _save(folder: Path, tensors: dict[str, torch.Tensor], fmt: str) -> None:

@@ -50,7 +50,9 @@ def test_aphq_checkpoint_with_a_bad_act_fn_is_refused(tiny_bert, text_file, tmp_
                       "--nsamples", "4", "--seqlen", "32", "--max-probes", "8", "-q", "-o", str(sens)]).exit_code == 0
     quantize = ["quantize", str(tiny_bert), "--plan", str(plan), "--calib", str(text_file), "--nsamples", "4",
                 "--seqlen", "32", "--method", "aphq", "--aphq-iters", "5", "--no-aphq-mlp-relu", "-q", "-o", str(ckpt)]
-    assert run(main, ["allocate", str(sens), "--avg-bits", "4", "-q", "-o", str(plan)]).exit_code == 0
+    # groups of 32: output.dense (64 inputs) has two per row, so its scales are stored as codes
+    assert run(main, ["allocate", str(sens), "--avg-bits", "4", "--group-size", "32", "-q", "-o", str(plan)]).exit_code == 0
+    assert any(lp["scale_bits"] != 16 for lp in json.loads(plan.read_text())["layers"])
     r = run(main, quantize)  # allocate's default stores scale codes, which APHQ does not learn: one line, the fix
     assert r.exit_code == 1 and "allocate --scale-bits 16" in r.output and "Traceback" not in r.output
     assert run(main, ["allocate", str(sens), "--avg-bits", "4", "--scale-bits", "16", "-q", "-o", str(plan)]).exit_code == 0

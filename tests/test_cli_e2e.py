@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cli_helpers import invoke, one_line_error
+from hawqtool.options import SensitivityOptions
 
 SMALL = ["--nsamples", "8", "--seqlen", "64"]
 
@@ -30,7 +31,7 @@ def test_stages_write_their_artifacts(staged):
     assert plan["total_bytes"] <= plan["budget"]["max_bytes"] * (1 + 1e-9)
     manifest = json.loads((staged / "ckpt" / "hawqtool_manifest.json").read_text())
     assert set(manifest["layers"]) == {lp["name"] for lp in plan["layers"]}
-    assert {lp["bits"] for lp in plan["layers"]} <= {2, 3, 4, 8}
+    assert {lp["bits"] for lp in plan["layers"]} <= set(SensitivityOptions.bits)  # the widths offered by default
     assert all(m["method"] == "gptq" for m in manifest["layers"].values())
     assert not (staged / "ckpt.partial").exists()
 

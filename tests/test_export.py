@@ -216,5 +216,14 @@ def test_gptq_act_order_and_refusals():
     zeros[3, 2] = 0
     asym = PackedWeight.from_codes(q, torch.rand(32, 4, generator=g) + 0.1, zeros, bits=3, group_size=16,
                                    symmetric=False)
-    with pytest.raises(UserError, match="layer l has a zero point of 0"):
+    with pytest.raises(UserError, match="layer l has a zero point of 0.*re-quantize with --sym \\("):
         _refuse_unsupported({"l": asym}, "gptq")
+    six = PackedWeight.from_codes(torch.randint(0, 64, (32, 64), generator=g), torch.rand(32, 4, generator=g) + 0.1,
+                                  torch.full((32, 4), 31, dtype=torch.int64), bits=6, group_size=16, symmetric=False)
+    with pytest.raises(UserError, match="layer w has 6 bits.*re-quantize with --bits 2,3,4,8 \\("):
+        _refuse_unsupported({"w": six}, "gptq")
+    # both at once: one line names both fixes, so one re-quantization is enough
+    with pytest.raises(UserError, match=r"layer w has 6 bits .*; layer l has a zero point of 0.*"
+                                        r"re-quantize with --bits 2,3,4,8 --sym \("):
+        _refuse_unsupported({"w": six, "l": asym}, "gptq")
+    _refuse_unsupported({"l": pw}, "gptq")  # symmetric 3-bit: nothing to refuse

@@ -100,10 +100,11 @@ def test_allocate_quantize_load_and_export(sens, tiny_llama, text_file, tmp_path
     from hawqtool.sizes import checkpoint_sizes, packed_nbytes
 
     plan16, plan6 = tmp_path / "p16.json", tmp_path / "p6.json"
-    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 16, "-o", plan16,
-           "-q")
-    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 6, "-o", plan6,
-           "-q")
+    gptq = ("--bits", "2,3,4,8")  # the widths the GPTQ export below can pack
+    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 16, *gptq,
+           "-o", plan16, "-q")
+    invoke("allocate", sens / "sens.json", "--avg-bits", 3, "--group-sizes", "16,32", "--scale-bits", 6, *gptq,
+           "-o", plan6, "-q")
     p16, p6 = (json.loads(p.read_text()) for p in (plan16, plan6))
     assert p6["budget"]["max_bytes"] == pytest.approx(p16["budget"]["max_bytes"])  # --avg-bits: the same bytes
     assert all(lp["scale_bits"] == 16 for lp in p16["layers"]) and any(lp["scale_bits"] == 6 for lp in p6["layers"])

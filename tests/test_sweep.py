@@ -83,7 +83,7 @@ def test_cli_sweep_pin_tie_end_to_end(rep, tmp_path):
     (["--pin", "lm_head"], "--pin must look like PATTERN=BITS"),
     (["--pin", "lm_head=9"], "--pin must look like"),
     (["--allow", "mlp=3,x"], "--allow must look like"),
-    (["--pin", "lm_head=5"], "not in --bits"),
+    (["--pin", "lm_head=7"], "not in --bits"),
     (["--pin", r"\.mlp\.=8", "--avg-bits", 3], "at least --avg-bits"),
 ])
 def test_cli_bad_constraints_are_one_line_errors(rep, tmp_path, args, words):
