@@ -30,7 +30,8 @@ import torch
 
 from . import artifacts
 from .allocate.options import parse_formats
-from .allocate.plan import omega_table, uniform_bytes, uniform_ggml_plan, uniform_plan
+from .allocate.budgets import uniform_bytes
+from .allocate.plan import omega_table, uniform_ggml_plan, uniform_plan
 from .artifacts import fingerprint, write_atomic
 from .checkpoint import is_checkpoint, read_manifest
 from .checkpoint_stream import wants_streaming

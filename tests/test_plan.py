@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from hawqtool.allocate.plan import allocate_bits, omega_table, uniform_bytes
+from hawqtool.allocate.budgets import uniform_bytes
+from hawqtool.allocate.plan import allocate_bits, omega_table
 from hawqtool.artifacts import LayerSensitivity, SensitivityReport, qerror_key
 from hawqtool.errors import UserError
 from hawqtool.quantize.importance import weighted_quant_error

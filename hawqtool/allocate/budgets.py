@@ -82,8 +82,6 @@ def cost_tables(report: SensitivityReport, options: Sequence[Option], nbytes: np
         ref = _size_ref(options)
         if not ref:
             raise UserError("--avg-bits is measured against weight-only layers; add 16 to --act-bits or use --max-bytes")
-        from .plan import uniform_bytes
-
         ref_table = nbytes if ref_bytes is None else ref_bytes
         limits["bytes"] = uniform_bytes(ref_table[:, ref], [options[j].bits for j in ref], budgets.avg_bits)
     elif budgets.max_bytes is not None:
@@ -126,8 +124,6 @@ def infeasible_message(e: InfeasibleBudget, budgets: Budgets, under: str, nbytes
             n = limit * 8 / budgets.avg_bits
             least = f"{math.ceil(need * 8 / n * 1000) / 1000:g} ({need:.0f} bytes)"
         elif k == "bytes" and budgets.avg_bits is not None:
-            from .plan import avg_bits_for_bytes
-
             ref = _size_ref(options)
             flag, given = "--avg-bits", f"{budgets.avg_bits:g}"
             least = f"{avg_bits_for_bytes(nbytes[:, ref], [options[j].bits for j in ref], need):g} ({need:.0f} bytes)"
@@ -163,3 +159,33 @@ def budget_record(budgets: Budgets, limits: dict[str, float]) -> dict:
         if getattr(budgets, k) is not None:
             rec[k] = getattr(budgets, k)
     return rec
+
+
+def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> float:
+    """Bytes of uniform `bits` quantization, linear between the neighbouring integer widths."""
+    lo, hi = math.floor(bits), math.ceil(bits)
+    size = {b: float(nbytes[:, j].sum()) for j, b in enumerate(bit_choices)}
+
+    def at(b: int) -> float:
+        if b in size:
+            return size[b]
+        if len(size) == 1:  # one width: no other size to interpolate between
+            raise UserError(f"--avg-bits {bits:g} needs uniform {b}-bit layers' size, but the only width is {bit_choices[0]}; "
+                            f"give --avg-bits {bit_choices[0]}, add widths to --bits, or give bytes (--max-bytes)")
+        per_bit = (size[max(bit_choices)] - size[min(bit_choices)]) / (max(bit_choices) - min(bit_choices))
+        return size[min(bit_choices)] + per_bit * (b - min(bit_choices))
+
+    return at(lo) + (bits - lo) * (at(hi) - at(lo))
+
+
+def avg_bits_for_bytes(nbytes: np.ndarray, bit_choices: list[int], target: float) -> float:
+    """Smallest --avg-bits (3 decimals, rounded up) whose uniform size is >= target bytes, for error hints."""
+    lo_b, hi_b = min(bit_choices), max(bit_choices)
+    if target <= uniform_bytes(nbytes, bit_choices, lo_b):
+        return float(lo_b)
+    for b in range(lo_b, hi_b):
+        lo, hi = uniform_bytes(nbytes, bit_choices, b), uniform_bytes(nbytes, bit_choices, b + 1)
+        if target <= hi:
+            exact = b + (target - lo) / (hi - lo)
+            return math.ceil(exact * 1000 - 1e-6) / 1000
+    return float(hi_b)

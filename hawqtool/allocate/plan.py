@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -98,23 +97,6 @@ def omega_table(report: SensitivityReport, weights: WeightSource, bit_choices: l
                 group_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Ω [L, C] and bytes [L, C] for weight-only widths at one group size (columns in bit_choices order)."""
     return layer_tables(report, weights, [Option(b, group_size) for b in bit_choices], symmetric)
-
-
-def uniform_bytes(nbytes: np.ndarray, bit_choices: list[int], bits: float) -> float:
-    """Bytes of uniform `bits` quantization, linear between the neighbouring integer widths."""
-    lo, hi = math.floor(bits), math.ceil(bits)
-    size = {b: float(nbytes[:, j].sum()) for j, b in enumerate(bit_choices)}
-
-    def at(b: int) -> float:
-        if b in size:
-            return size[b]
-        if len(size) == 1:  # one width: no other size to interpolate between
-            raise UserError(f"--avg-bits {bits:g} needs uniform {b}-bit layers' size, but the only width is {bit_choices[0]}; "
-                            f"give --avg-bits {bit_choices[0]}, add widths to --bits, or give bytes (--max-bytes)")
-        per_bit = (size[max(bit_choices)] - size[min(bit_choices)]) / (max(bit_choices) - min(bit_choices))
-        return size[min(bit_choices)] + per_bit * (b - min(bit_choices))
-
-    return at(lo) + (bits - lo) * (at(hi) - at(lo))
 
 
 AUTO_TIES = (r"(q|k|v)_proj", r"(gate|up)_proj")  # fused at run time by most runtimes (qkv, gate_up)
@@ -212,19 +194,6 @@ def parse_allowed(items: Sequence[str]) -> dict[str, list[int]]:
             raise UserError(f"--allow must look like PATTERN=B1,B2 with widths in 1..8, e.g. 'mlp=3,4', got {item!r}")
         out[pat] = sorted({int(w) for w in widths})
     return out
-
-
-def avg_bits_for_bytes(nbytes: np.ndarray, bit_choices: list[int], target: float) -> float:
-    """Smallest --avg-bits (3 decimals, rounded up) whose uniform size is >= target bytes, for error hints."""
-    lo_b, hi_b = min(bit_choices), max(bit_choices)
-    if target <= uniform_bytes(nbytes, bit_choices, lo_b):
-        return float(lo_b)
-    for b in range(lo_b, hi_b):
-        lo, hi = uniform_bytes(nbytes, bit_choices, b), uniform_bytes(nbytes, bit_choices, b + 1)
-        if target <= hi:
-            exact = b + (target - lo) / (hi - lo)
-            return math.ceil(exact * 1000 - 1e-6) / 1000
-    return float(hi_b)
 
 
 def allocate_bits(report: SensitivityReport, weights: WeightSource, *, avg_bits: float | None = None,
