@@ -99,6 +99,8 @@ class Streamer:
         if i in self.resident_now:
             self.blocks[i].to_empty(device="meta")
             self.resident_now.discard(i)
+            if self.device.type == "cpu":
+                _return_freed_memory()
 
     @contextlib.contextmanager
     def resident(self, i: int) -> Iterator[nn.Module]:
@@ -159,13 +161,15 @@ def _loaded(modules) -> None:
 
 
 def _return_freed_memory() -> None:
-    """glibc raises its mmap threshold after each large free, so later block-sized tensors come from a heap it
-    seldom shrinks and a dropped block's memory stays in RSS; pinning the threshold at 1 MiB returns it (measured
-    on a 3B model: peak RSS of a Fisher probe 4.3 -> 3.5 GB). No-op where the C library is not glibc."""
+    """Give the pages of freed tensors back to the OS (glibc's malloc_trim), so that a dropped block's memory leaves RSS:
+    glibc raises its mmap threshold after each large free and serves later block-sized tensors from a heap it seldom
+    shrinks. Trimming once per dropped block replaces pinning that threshold at 1 MiB, which returned the memory too
+    but made every tensor over 1 MiB a fresh mmap: 2/3 of a streamed run's time went to page faults (RESULTS,
+    2026-12-07). No-op where the C library is not glibc."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
