@@ -39,7 +39,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = Eva
     strided share of the batches; the per-batch sums are gathered and added in batch order (1-rank result)."""
     from .device import model_device
     from .distributed import gather_list, my_share, world
-    from .streaming import streamed_outputs, streamer_of
+    from .streaming import streamed_window_outputs, streamer_of
 
     t0 = time.perf_counter()
     sums: list[tuple[float, int]] = []
@@ -48,19 +48,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = Eva
     rank, size = world()
     every = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     batches = [{"input_ids": w.to(dev)} for w in my_share(every, rank, size)]
-    if streamer_of(model) is not None:  # block by block over all windows, then each window's tail
-        outputs = streamed_outputs(model, batches, use_cache=False)
+    if streamer_of(model) is not None:  # block by block over all windows, then each window's tail on its own
+        outputs = streamed_window_outputs(model, batches, use_cache=False)
     else:
         outputs = ((j, model(**b, use_cache=False)) for j, b in enumerate(batches))
     with torch.no_grad():
-        for j, out in outputs:
-            ids = batches[j]["input_ids"]
-            logits = out.logits
-            del out
-            # window by window: the cross-entropy's float copies and log-softmax are one window's, not the batch's
-            # (4 × 512 × 49152 fp32 logits are 0.4 GB; each full-batch copy was another 0.4 GB)
-            nll = sum(F.cross_entropy(logits[b, :-1].float(), ids[b, 1:], reduction="sum") for b in range(len(ids)))
-            del logits
+        for j, ids, nll in _window_nlls(outputs, batches):
             if not torch.isfinite(nll):
                 raise FloatingPointError(f"non-finite loss in evaluation window {(j * size + rank) * batch_size}; "
                                          "the model produces NaN/inf")
@@ -74,6 +67,24 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = Eva
     nll = total / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(windows),
                             seqlen=windows.shape[1], seconds=time.perf_counter() - t0)
+
+
+def _window_nlls(outputs, batches: list[dict]):
+    """(batch index, its ids, Σ NLL of its windows) from (batch index, output) pairs that hold a whole batch or, in
+    order, one window of it (a streamed model's). The cross-entropy runs window by window either way: its float copies
+    and log-softmax are one window's (4 × 512 × 49152 fp32 logits are 0.4 GB; each full-batch copy was another)."""
+    row, total = 0, 0.0
+    for j, out in outputs:
+        ids = batches[j]["input_ids"]
+        logits = out.logits
+        del out
+        for b in range(len(logits)):
+            total = total + F.cross_entropy(logits[b, :-1].float(), ids[row + b, 1:], reduction="sum")
+        row += len(logits)
+        del logits
+        if row == len(ids):
+            yield j, ids, total
+            row, total = 0, 0.0
 
 
 @dataclass

@@ -315,9 +315,10 @@ def final_hidden(model: nn.Module, batches: list[dict]):
 
 
 @contextlib.contextmanager
-def tail_of(model: nn.Module, final, j: int) -> Iterator[None]:
-    """For one forward of batch j: the blocks replayed from the engine's final outputs `final` (a BlockInputs
-    after the last block), so the model computes only what follows them (streamed models' head, final norm)."""
+def tail_of(model: nn.Module, final, j: int, rows: slice = slice(None)) -> Iterator[None]:
+    """For one forward of batch j (its `rows`): the blocks replayed from the engine's final outputs `final` (a
+    BlockInputs after the last block), so the model computes only what follows them (streamed models' head, final
+    norm)."""
     from .blocks import find_blocks
     from .device import model_device
 
@@ -328,7 +329,7 @@ def tail_of(model: nn.Module, final, j: int) -> Iterator[None]:
                 torch.no_grad():
             out = block(final.hidden[0].to(model_device(model)), *final.args[0], **final.kwargs[0])
         final.tuple_out = isinstance(out, (tuple, list))
-    with replayed_blocks(model, final.hidden[j].to(model_device(model)), final.tuple_out):
+    with replayed_blocks(model, final.hidden[j][rows].to(model_device(model)), final.tuple_out):
         yield
 
 
@@ -339,6 +340,19 @@ def streamed_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> It
     for j, b in enumerate(batches):
         with tail_of(model, inputs, j):
             yield j, model(**b, **call_kwargs)
+
+
+def streamed_window_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> Iterator[tuple[int, object]]:
+    """As streamed_outputs, but what follows the blocks runs one window (row of the batch) at a time: (batch index,
+    the model's output for that window), in order. A head's logits are then one window's (a 4 × 512-token batch's
+    49152-wide logits are 0.4 GB), the memory a streamed model is for."""
+    inputs = final_hidden(model, batches)
+    for j, b in enumerate(batches):
+        size = len(inputs.hidden[j])
+        for w in range(size):
+            one = {k: v[w:w + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v for k, v in b.items()}
+            with tail_of(model, inputs, j, rows=slice(w, w + 1)):
+                yield j, model(**one, **call_kwargs)
 
 
 def too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:

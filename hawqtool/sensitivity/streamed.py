@@ -37,17 +37,10 @@ def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, obje
                 out = block(h, *inputs.args[0], **inputs.kwargs[0])
                 as_tuple = isinstance(out, (tuple, list))
                 h = out[0] if as_tuple else out
-    final = h.detach().requires_grad_(True)
     values = dict.fromkeys(names, 0.0)
     outside = [nm for nm in names if not any(nm.startswith(p) for p in st.prefixes)]  # resident: an untied head
     heads = [model.get_submodule(nm).weight for nm in outside]
-    with torch.enable_grad():
-        with replayed_blocks(model, final, as_tuple):
-            z = upcast(model_logits(model, batch))
-        z, mask = scored_output(objective, z, batch)
-        n = float(mask.sum().clamp_min(1))
-        # allow_unused: a layer after the blocks that the scored output does not use (BERT's pooler) gets no gradient
-        g, *gh = torch.autograd.grad(sampled_loss(objective, z, mask, gen), [final] + heads, allow_unused=True)
+    n, g, gh = _head_gradients(model, batch, h.detach(), as_tuple, objective, gen, heads)
     for nm, gw in zip(outside, gh):
         values[nm] = 0.0 if gw is None else n * squared_norm(gw)
 
@@ -56,6 +49,34 @@ def streamed_fisher_probe(model: nn.Module, names: list[str], batch: Batch, obje
 
     _backward(model, names, stored, inputs, g, as_tuple, sample)
     return [values[nm] for nm in names]
+
+
+def _head_gradients(model: nn.Module, batch: Batch, final: torch.Tensor, as_tuple: bool, objective: str,
+                    gen: torch.Generator, heads: list[torch.Tensor]):
+    """The sampled loss on what follows the blocks, from their output `final`: (N, ∂/∂final, ∂/∂ each head weight).
+    self-kl runs it one window at a time (a batch of 8 × 256 positions' 49152 logits, their log-softmax and its
+    gradient are ~1.2 GB; one window's are an eighth): the labels are the same draws (sampled_loss draws row by row
+    from `gen`), each window's loss is scaled by its share of the positions, so the sums equal the whole-batch ones
+    up to float summation order. Other objectives' outputs are small: the whole batch at once."""
+    size = final.shape[0]
+    windows = [batch] if objective != "self-kl" or size == 1 else [
+        {k: v[w:w + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
+        for w in range(size)]
+    parts, g, gh = [], [], [None] * len(heads)
+    for sub in windows:
+        x = (final if len(windows) == 1 else final[len(g):len(g) + 1]).detach().requires_grad_(True)
+        with torch.enable_grad():
+            with replayed_blocks(model, x, as_tuple):
+                z = upcast(model_logits(model, sub))
+            z, mask = scored_output(objective, z, sub)
+            parts.append(float(mask.sum()))
+            # allow_unused: a layer after the blocks that the scored output does not use (BERT's pooler) gets none
+            gx, *gw = torch.autograd.grad(sampled_loss(objective, z, mask, gen) * mask.sum().clamp_min(1),
+                                          [x] + heads, allow_unused=True)
+        g.append(gx)
+        gh = [a if b is None else b if a is None else a + b for a, b in zip(gh, gw)]
+    n = max(sum(parts), 1.0)
+    return n, torch.cat(g) / n, [None if t is None else t / n for t in gh]
 
 
 def _backward(model: nn.Module, names: list[str], stored: list[torch.Tensor], inputs, g: torch.Tensor,
