@@ -10,7 +10,6 @@ time. `--parallel` runs the two at once (peaks are per process; wall times then 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import cpu_name, load_now, record  # noqa: E402
+from hawqtool.integrity import sha256_file  # noqa: E402
 
 
 def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, float]:
@@ -32,20 +32,12 @@ def finish(proc: subprocess.Popen, t0: float) -> tuple[int, float, int]:
     return os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def outcome(out: Path) -> dict:
     """What a run folder holds that the two runs must agree on."""
     summary = json.loads((out / "summary.json").read_text())
     ppl = {k: v for k, v in summary.items() if "ppl" in k and isinstance(v, (int, float))}
     plan = json.loads((out / "plan.json").read_text())["layers"] if (out / "plan.json").is_file() else None
-    ckpts = {p.parent.name: sha(p) for p in sorted(out.glob("*/model.safetensors"))}
+    ckpts = {p.parent.name: sha256_file(p) for p in sorted(out.glob("*/model.safetensors"))}
     return {"ppl": ppl, "plan": plan, "ckpts": ckpts}
 
 
