@@ -333,26 +333,21 @@ def tail_of(model: nn.Module, final, j: int, rows: slice = slice(None)) -> Itera
         yield
 
 
-def streamed_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> Iterator[tuple[int, object]]:
-    """model(**batch) for each batch of a streamed model, computed block by block (one block resident at a
-    time): (batch index, the model's output)."""
-    inputs = final_hidden(model, batches)
-    for j, b in enumerate(batches):
-        with tail_of(model, inputs, j):
-            yield j, model(**b, **call_kwargs)
+def window_of(batch: dict, w: int, size: int) -> dict:
+    """Window (row) w of a batch of `size` windows: every tensor whose first dimension is the batch sliced to [w:w+1]."""
+    return {k: v[w:w + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
 
 
 def streamed_window_outputs(model: nn.Module, batches: list[dict], **call_kwargs) -> Iterator[tuple[int, object]]:
-    """As streamed_outputs, but what follows the blocks runs one window (row of the batch) at a time: (batch index,
-    the model's output for that window), in order. A head's logits are then one window's (a 4 × 512-token batch's
-    49152-wide logits are 0.4 GB), the memory a streamed model is for."""
+    """model(**batch) for each batch of a streamed model, its blocks run block by block (one resident at a time)
+    over all batches, then what follows them one window (row) at a time: (batch index, that window's output), in
+    order. A head's logits are then one window's (a 4 × 512-token batch's 49152-wide logits are 0.4 GB)."""
     inputs = final_hidden(model, batches)
     for j, b in enumerate(batches):
         size = len(inputs.hidden[j])
         for w in range(size):
-            one = {k: v[w:w + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v for k, v in b.items()}
             with tail_of(model, inputs, j, rows=slice(w, w + 1)):
-                yield j, model(**one, **call_kwargs)
+                yield j, model(**window_of(b, w, size), **call_kwargs)
 
 
 def too_big(source: str, dtype: torch.dtype, dev: torch.device, max_memory: int | None) -> bool:

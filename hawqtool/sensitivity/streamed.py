@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..blocks import capture_block_inputs
-from ..streaming import replayed_blocks, streamer_of, tail_of, walk_blocks
+from ..streaming import replayed_blocks, streamer_of, tail_of, walk_blocks, window_of
 from .distributed import probe_seed, round_robin, world
 from .fisher import SUPPORTED, sampled_loss, scored_output, squared_norm
 from .ggn import GGN_OBJECTIVES, math_attention, output_hessian_product, position_mask
@@ -59,12 +59,11 @@ def _head_gradients(model: nn.Module, batch: Batch, final: torch.Tensor, as_tupl
     from `gen`), each window's loss is scaled by its share of the positions, so the sums equal the whole-batch ones
     up to float summation order. Other objectives' outputs are small: the whole batch at once."""
     size = final.shape[0]
-    windows = [batch] if objective != "self-kl" or size == 1 else [
-        {k: v[w:w + 1] if torch.is_tensor(v) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
-        for w in range(size)]
+    whole = objective != "self-kl" or size == 1
+    windows = [(batch, final)] if whole else [(window_of(batch, w, size), final[w:w + 1]) for w in range(size)]
     parts, g, gh = [], [], [None] * len(heads)
-    for sub in windows:
-        x = (final if len(windows) == 1 else final[len(g):len(g) + 1]).detach().requires_grad_(True)
+    for sub, rows in windows:
+        x = rows.detach().requires_grad_(True)
         with torch.enable_grad():
             with replayed_blocks(model, x, as_tuple):
                 z = upcast(model_logits(model, sub))
