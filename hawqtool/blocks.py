@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 
+# a block's cache arguments, never replayed (transformers >= 5.25 names the cache `cache`)
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+
 class _Stop(Exception):
     """Raised inside a hook to end a forward pass early."""
 
@@ -55,7 +59,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict]
     def pre_hook(_mod, a, kw):
         hidden.append(a[0].detach())
         args.append(tuple(a[1:]))
-        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")})
+        kwargs.append({k: v for k, v in kw.items() if k not in _CACHE_KWARGS})
         raise _Stop
 
     handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)

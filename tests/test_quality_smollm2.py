@@ -1,6 +1,7 @@
 """Quality guards on the real embedded SmolLM2-135M (small settings, a few minutes; setup in quality_helpers.py): on
 the same searched grid GPTQ beats RTN (symmetric and asymmetric), and a mixed plan is no worse than uniform
-quantization at equal bytes beyond the spread of its sensitivity draw. Block tuning's guard is test_quality_tuning.py (apart, so two pytest workers share the work)."""
+quantization at equal bytes beyond the spread of its sensitivity draw. Block tuning's guard is
+test_quality_tuning.py (apart, so two pytest workers share the work)."""
 from __future__ import annotations
 
 import pytest
