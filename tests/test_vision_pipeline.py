@@ -12,6 +12,10 @@ from hawqtool.vision.images import PHOTOS
 
 timm = pytest.importorskip("timm")
 
+# The widths and the one group size these tests allocate with: the error pass over the default menu (6 widths x 3
+# group sizes x 2 grids) was 85% of each sensitivity run here (75 s -> 14 s on one core).
+ERROR_MENU = ("--bits", "4,8", "--group-size", -1)
+
 
 def invoke(*args, code: int = 0):
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -32,7 +36,7 @@ def small_timm(tmp_path_factory):
 def test_sensitivity_and_bops_allocation_on_a_timm_model(small_timm, tmp_path):
     sens, plan = tmp_path / "s.json", tmp_path / "p.json"
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 3,
-           "--max-probes", 3, "-q", "-o", sens)
+           "--max-probes", 3, *ERROR_MENU, "-q", "-o", sens)
     rep = json.loads(sens.read_text())
     names = [l["name"] for l in rep["layers"]]
     assert "conv_stem" in names and any(".conv_dw" in n for n in names)  # convolutions, depthwise included
@@ -63,7 +67,7 @@ def test_quantize_and_eval_a_timm_model(small_timm, tmp_path):
 
     sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
-           "--max-probes", 2, "-q", "-o", sens)
+           "--max-probes", 2, *ERROR_MENU, "-q", "-o", sens)
     invoke("allocate", sens, "--avg-bits", 6, "--bits", "4,8", "--group-size", -1, "--sym", "-q", "-o", plan)
     invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "-q", "-o", ckpt)
     manifest = json.loads((ckpt / "hawqtool_manifest.json").read_text())
@@ -81,7 +85,7 @@ def test_quantize_and_eval_a_timm_model(small_timm, tmp_path):
     assert res["images"] >= len(PHOTOS[0::2])  # at least the evaluation photos (Fashion-MNIST where installed)
     # bf16 (the GPU default): the images take the model's dtype in every stage, as a bf16 conv requires
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
-           "--max-probes", 2, "--dtype", "bfloat16", "-q", "-o", tmp_path / "s16.json")
+           "--max-probes", 2, *ERROR_MENU, "--dtype", "bfloat16", "-q", "-o", tmp_path / "s16.json")
     invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "--dtype", "bfloat16", "-q",
            "-o", tmp_path / "ck16")
     for ck in (ckpt, tmp_path / "ck16"):
@@ -97,7 +101,7 @@ def test_static_activation_ranges_are_calibrated_stored_and_applied(small_timm, 
 
     sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
-           "--max-probes", 2, "-q", "-o", sens)
+           "--max-probes", 2, *ERROR_MENU, "-q", "-o", sens)
     invoke("allocate", sens, "--max-bytes", 1e12, "--bits", 8, "--act-bits", 8, "--pairs", "4:8", "--pin", ".*=4",
            "--group-size", -1, "--calib", "images", "-q", "-o", plan)
     invoke("quantize", small_timm, "--plan", plan, "--calib", "images", "--nsamples", 8, "--method", "rtn",
@@ -164,7 +168,7 @@ def test_w8a8_checkpoint_scales_depthwise_inputs_per_channel_and_pointwise_per_p
 
     sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ck"
     invoke("sensitivity", small_timm, "--calib", "images", "--nsamples", 4, "--batch-size", 4, "--min-probes", 2,
-           "--max-probes", 2, "-q", "-o", sens)
+           "--max-probes", 2, *ERROR_MENU, "-q", "-o", sens)
     invoke("allocate", sens, "--max-bytes", 1e12, "--bits", 8, "--act-bits", 8, "--group-size", -1, "--sym",
            "--calib", "images", "-q", "-o", plan)
     invoke("quantize", small_timm, "--plan", plan, "--method", "rtn", "--calib", "images", "--nsamples", 4, "-q",
