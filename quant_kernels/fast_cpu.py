@@ -77,7 +77,7 @@ def extension():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).with_name("csrc")
-        src = [csrc / "qkernels.cpp", csrc / "int8_act.cpp", csrc / "int8_conv.cpp"]
+        src = [csrc / "qkernels.cpp", csrc / "int8_act.cpp", csrc / "int8_conv.cpp", csrc / "grid_search.cpp"]
         d = _build_dir()
         fresh = not any(d.glob("*.so"))
         if fresh:

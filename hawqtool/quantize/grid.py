@@ -46,6 +46,36 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
     d = d[None, :] if d.dim() == 1 else d
     d = torch.where(d.sum(dim=1, keepdim=True) == 0, torch.ones_like(d), d)
     maxq = 2**bits - 1
+    steps = _steps(maxq, symmetric)
+    ext = _kernel(W)
+    if ext is not None:
+        t = torch.tensor(steps, dtype=torch.float32, device=W.device)
+        return tuple(ext.grid_search(W.contiguous(), d.contiguous(), start[0].float().contiguous(),
+                                     start[1].float().contiguous(), t, maxq, symmetric))
+    return _search_torch(W, d, maxq, symmetric, start, steps)
+
+
+def _steps(maxq: int, symmetric: bool) -> list[float]:
+    """The candidate step counts (float32 values) across a group's range."""
+    if symmetric:
+        half = (maxq + 1) // 2
+        return torch.linspace(max(half - 1, 0.5), 2.0 * half, N_CANDIDATES, device="cpu").tolist()
+    return torch.linspace(max(maxq - 1, 0.5), 1.75 * maxq + 1, N_CANDIDATES, device="cpu").tolist()
+
+
+def _kernel(W: torch.Tensor):
+    """The CPU extension for a CPU tensor (quant_kernels/csrc/grid_search.cpp: the same search fused), else None:
+    other devices, or no extension (quant_kernels warns once why)."""
+    if W.device.type != "cpu":
+        return None
+    from quant_kernels.fast_cpu import extension
+
+    return extension()
+
+
+def _search_torch(W: torch.Tensor, d: torch.Tensor, maxq: int, symmetric: bool,
+                  start: tuple[torch.Tensor, torch.Tensor], steps: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """search_qparams in tensor operations on any device (and the fused kernel's reference)."""
     best_s, best_z = start
     best_s, best_z = best_s.float().clone(), best_z.float().clone()
     best_e = _weighted_err(W, d, best_s, best_z, maxq)
@@ -55,10 +85,8 @@ def search_qparams(W: torch.Tensor, d: torch.Tensor | None, bits: int, symmetric
         half = (maxq + 1) // 2
         amax = torch.maximum(-wmin, wmax).clamp(min=1e-12)
         z = torch.full_like(amax, float(half))
-        steps = torch.linspace(max(half - 1, 0.5), 2.0 * half, N_CANDIDATES, device="cpu").tolist()
     else:
         span = (wmax - wmin).clamp(min=1e-12)
-        steps = torch.linspace(max(maxq - 1, 0.5), 1.75 * maxq + 1, N_CANDIDATES, device="cpu").tolist()
     dW = d * W  # loop-invariant sums of the fits below, formed once
     sw, sx = d.sum(dim=1), dW.sum(dim=1)
     for t in steps:

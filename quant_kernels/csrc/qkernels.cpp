@@ -328,6 +328,8 @@ torch::Tensor gemm_vert_a8(torch::Tensor x, torch::Tensor sx, torch::Tensor w, t
                            c10::optional<torch::Tensor> bias);
 std::tuple<torch::Tensor, torch::Tensor> quant_dynamic(torch::Tensor x, int64_t bits);
 torch::Tensor quant_static(torch::Tensor x, double scale, double zero, int64_t qhi, int64_t offset);
+std::vector<torch::Tensor> grid_search(torch::Tensor W, torch::Tensor d, torch::Tensor start_s, torch::Tensor start_z,
+                                       torch::Tensor steps, int64_t maxq, bool symmetric);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "grouped low-bit GEMV/GEMM for small M (AVX2/FMA)");
@@ -340,6 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_static", &quant_static, "static asymmetric activation codes minus an offset, as int8");
   m.def("linear", &linear, "whole low-bit linear layer: gather, group sums, GEMV/GEMM, bias (AVX2/FMA)");
   m.def("dequant", &dequant, "dequantize a row range to fp32 in kernel column order (AVX2/FMA)");
+  m.def("grid_search", &grid_search, "importance-weighted scale/zero search of each row's group (grid.py), fused");
 }
 
 // The Linear and int8 conv kernels as torch operators (quant_kernels::NAME), so torch.compile can keep a
