@@ -6,6 +6,8 @@ moments GPTQ collects; llama.cpp's importance matrix is the same quantity), over
 step counts, each refined by weighted least squares for s given the rounded codes (the idea
 of llama.cpp's make_qx_quants, written here for our grid: fp16 scale, integer zero). The
 min-max grid is always one candidate, so the weighted error never exceeds min-max's.
+On CPU the search runs fused per group in the quant_kernels extension (csrc/grid_search.cpp); the
+tensor loop here runs elsewhere and is that kernel's reference (tests/test_grid_kernel.py).
 """
 from __future__ import annotations
 
